@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Build Horde's job images: horde/base:latest, then every deploy/images/<name>/Dockerfile on top of it
+# as horde/<name>:latest.
+#
+# The Debian root comes from a registry image when one can be pulled; otherwise a bookworm rootfs is
+# bootstrapped locally with mmdebstrap and imported, so the images build on hosts with no registry.
+#
+# Environment:
+#   HORDE_REBUILD=1        rebuild images that already exist
+#   HORDE_DEBIAN_BASE=ref  use this (local) image as the Debian root and skip the detection below
+#   HORDE_DEBIAN_MIRROR=u  Debian mirror URL for mmdebstrap (default: mmdebstrap's own choice)
+#   HORDE_PULL_TIMEOUT=s   seconds to wait for the registry pull (default 20)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REBUILD="${HORDE_REBUILD:-0}"
+PULL_TIMEOUT="${HORDE_PULL_TIMEOUT:-20}"
+REGISTRY_BASE="debian:bookworm-slim"
+LOCAL_BASE="horde/debian-local:bookworm"
+BASE_IMAGE="horde/base:latest"
+
+say() { printf '[build.sh] %s\n' "$*" >&2; }
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# True when $1 should be (re)built.
+needs_build() {
+    if [[ "$REBUILD" == "1" ]] || ! image_exists "$1"; then
+        return 0
+    fi
+    say "$1 exists, skipping (HORDE_REBUILD=1 to rebuild)"
+    return 1
+}
+
+build_local_rootfs() {
+    if image_exists "$LOCAL_BASE" && [[ "$REBUILD" != "1" ]]; then
+        say "$LOCAL_BASE exists, reusing it"
+        return 0
+    fi
+    command -v mmdebstrap >/dev/null 2>&1 || {
+        say "error: no registry base and mmdebstrap is not installed (apt-get install mmdebstrap)"
+        return 1
+    }
+    local tarball
+    tarball="$(mktemp "${TMPDIR:-/tmp}/horde-rootfs.XXXXXX.tar")"
+    # Stage through a file: piping straight into `docker import` would import a truncated rootfs
+    # if mmdebstrap failed half-way.
+    say "bootstrapping a Debian bookworm rootfs with mmdebstrap (a few minutes)"
+    local mirror=()
+    if [[ -n "${HORDE_DEBIAN_MIRROR:-}" ]]; then
+        mirror=("$HORDE_DEBIAN_MIRROR")
+    fi
+    local rc=0
+    mmdebstrap --quiet --variant=apt --include=python3-minimal,python3 \
+        --aptopt='Acquire::Retries "3"' \
+        bookworm "$tarball" "${mirror[@]}" || rc=$?
+    if [[ $rc -eq 0 ]]; then
+        say "importing rootfs as $LOCAL_BASE"
+        docker import \
+            --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+            --change 'CMD ["/bin/bash"]' \
+            "$tarball" "$LOCAL_BASE" >/dev/null || rc=$?
+    fi
+    rm -f "$tarball"
+    return "$rc"
+}
+
+# Prints the Debian root image to build horde/base on.
+pick_debian_base() {
+    if [[ -n "${HORDE_DEBIAN_BASE:-}" ]]; then
+        echo "$HORDE_DEBIAN_BASE"
+        return 0
+    fi
+    if image_exists "$LOCAL_BASE" && [[ "$REBUILD" != "1" ]]; then
+        echo "$LOCAL_BASE"
+        return 0
+    fi
+    if image_exists "$REGISTRY_BASE"; then
+        echo "$REGISTRY_BASE"
+        return 0
+    fi
+    say "trying to pull $REGISTRY_BASE (timeout ${PULL_TIMEOUT}s)"
+    if timeout "$PULL_TIMEOUT" docker pull --quiet "$REGISTRY_BASE" >/dev/null 2>&1; then
+        echo "$REGISTRY_BASE"
+        return 0
+    fi
+    say "pull failed; falling back to a locally bootstrapped rootfs"
+    build_local_rootfs >&2
+    echo "$LOCAL_BASE"
+}
+
+docker_build() {
+    local tag="$1" context="$2"
+    shift 2
+    say "building $tag from $context"
+    # --pull=false: never contact a registry for a FROM image that is already local.
+    docker build --pull=false --quiet --tag "$tag" "$@" "$context" >/dev/null
+}
+
+command -v docker >/dev/null 2>&1 || { say "error: docker CLI not found"; exit 1; }
+
+if needs_build "$BASE_IMAGE"; then
+    debian_base="$(pick_debian_base)"
+    docker_build "$BASE_IMAGE" "$HERE/base" --build-arg "DEBIAN_BASE=$debian_base"
+fi
+
+for dockerfile in "$HERE"/*/Dockerfile; do
+    dir="$(dirname "$dockerfile")"
+    name="$(basename "$dir")"
+    [[ "$name" == "base" ]] && continue
+    tag="horde/$name:latest"
+    if needs_build "$tag"; then
+        docker_build "$tag" "$dir" --build-arg "BASE=$BASE_IMAGE"
+    fi
+done
+
+say "done"

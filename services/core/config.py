@@ -1,0 +1,210 @@
+"""Configuration: one pydantic-settings class per service, each with its own env prefix.
+
+Sources, strongest first: explicit overrides, environment variables (HORDE_<SERVICE>_..., nested
+with "__"), the TOML file given with --config, then defaults. Unknown keys are errors so that a
+typo in a unit file stops the service instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from services.core.errors import ConfigError
+
+
+class TLSSettings(BaseModel):
+    """TLS for a listener (and for clients dialling peers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # CA bundle used to verify peers; when set on a server, clients must present certificates.
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+
+class AuthSettings(BaseModel):
+    """RPC authentication windows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A signed call is accepted when its timestamp is within this many seconds of our clock.
+    max_clock_skew_s: float = Field(default=30.0, gt=0, le=600)
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service shares."""
+
+    env_prefix: ClassVar[str] = "HORDE_"
+    config_file: ClassVar[Path | None] = None
+
+    model_config = SettingsConfigDict(extra="forbid", env_nested_delimiter="__")
+
+    # host:port to listen on; port 0 picks a free port (tests, `horde dev up`).
+    listen: str = "127.0.0.1:0"
+    # This service's key file (`horde keys new`); hotkeys for validator and miner.
+    key_file: Path | None = None
+    # Alternative to key_file for validator and miner: a btcli wallet's hotkey.
+    wallet_name: str | None = None
+    wallet_hotkey: str | None = None
+    wallet_path: Path = Path("~/.bittensor/wallets")
+    # Where the service keeps its state.
+    state_dir: Path = Path("./state")
+    # SQLAlchemy URL; empty means SQLite (WAL) in state_dir.
+    database_url: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Port for Prometheus metrics on 127.0.0.1 (0 or unset: disabled).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Local roster (the embedded chain adapter); ignored when `chain` is "bittensor".
+    roster_file: Path | None = None
+    chain: Literal["local", "bittensor"] = "local"
+    chain_network: str = "finney"
+    netuid: int = Field(default=12, ge=0)
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    tls: TLSSettings = TLSSettings()
+    auth: AuthSettings = AuthSettings()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port with a port between 0 and 65535")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
+        return tuple(sources)
+
+    def database(self, name: str) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.state_dir / f'{name}.db').resolve()}"
+
+
+class ValidatorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="HORDE_VALIDATOR_")
+
+    # Images clients may run (organic); exact references.
+    allowed_images: list[str] = ["horde/base:latest", "horde/demo-job:latest"]
+    # Images gateways may start as streaming jobs.
+    streaming_whitelist: list[str] = []
+    # Client and gateway Ed25519 identities allowed to call ("ed25519:<hex>").
+    clients: list[str] = []
+    # Miners to use besides the roster's (identity string -> host:port), e.g. the trusted miner.
+    miners: dict[str, str] = {}
+    default_executor_class: str = "cpu-small"
+    # Largest total size of /output returned inline.
+    max_inline_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # Largest total size of inline inputs a client may send.
+    max_inline_input_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    min_miner_stake: float = 0.0
+
+
+class MinerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="HORDE_MINER_")
+
+    # Executor Ed25519 identities allowed to dial in ("ed25519:<hex>").
+    executors: list[str] = []
+    # Validators allowed to call besides those with a permit on the chain (identity strings).
+    validators: list[str] = []
+    min_validator_stake: float = 0.0
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    # An executor silent for this long is considered lost.
+    executor_timeout_s: float = Field(default=15.0, gt=0)
+
+
+class ExecutorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="HORDE_EXECUTOR_")
+
+    # host:port of the miner's ExecutorLinkService to dial.
+    miner_address: str = "127.0.0.1:0"
+    # Identity string of the miner's hotkey (the executor checks whom it dials).
+    miner_identity: str = ""
+    # Executor class; empty means derived from the hardware probe.
+    executor_class: str = ""
+    allowed_images: list[str] = ["horde/base:latest", "horde/demo-job:latest"]
+    # Address the job proxy listens on for streaming jobs, and the address it advertises.
+    proxy_listen: str = "127.0.0.1:0"
+    proxy_advertise_host: str = "127.0.0.1"
+    memory_limit_mb: int = Field(default=1024, gt=0)
+    cpu_limit: float = Field(default=1.0, gt=0)
+    pids_limit: int = Field(default=256, gt=0)
+    output_limit_mb: int = Field(default=64, gt=0)
+    work_dir: Path = Path("./state/executor-work")
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="HORDE_GATEWAY_")
+
+    validator_address: str = "127.0.0.1:0"
+    validator_identity: str = ""
+    # Client identities allowed to open sessions.
+    clients: list[str] = []
+    # Allowed clock difference between client, gateway and job proxy, in seconds.
+    receipt_skew_s: float = Field(default=2.0, gt=0)
+    # Share of request/response pairs stored in full for spot checks.
+    sample_rate: float = Field(default=0.1, ge=0, le=1)
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
+    """Build settings from overrides, env and an optional TOML file; raise ConfigError on any
+    problem with one message naming the field."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+    bound = type(cls.__name__, (cls,), {"config_file": config_file})
+    try:
+        return bound(**overrides)  # type: ignore[no-any-return]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, cls, config_file)) from None
+    except (ValueError, OSError) as exc:
+        # TOML syntax errors surface here (tomllib.TOMLDecodeError is a ValueError).
+        raise ConfigError(f"{config_file}: {exc}") from None
+
+
+def _describe(exc: ValidationError, cls: type[ServiceSettings], config_file: Path | None) -> str:
+    where = f"{config_file}: " if config_file else ""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        env = prefix + field.upper().replace(".", "__")
+        parts.append(f"invalid setting '{field}' (env {env}): {msg}")
+    return where + "; ".join(parts)

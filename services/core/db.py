@@ -1,0 +1,139 @@
+"""Storage: SQLAlchemy's asyncio engine over SQLite (WAL) by default, PostgreSQL by URL.
+
+All tables live in one metadata so one Alembic history covers every service; each service only
+touches its own tables. `open_database` upgrades the schema to head before returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    }
+)
+
+# --- validator -------------------------------------------------------------------------------
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("job_uuid", sa.String(36), primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False, index=True),
+    sa.Column("client", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(20), nullable=False),
+    sa.Column("spec", sa.LargeBinary, nullable=False),
+    sa.Column("state", sa.Integer, nullable=False, index=True),
+    sa.Column("result", sa.LargeBinary, nullable=True),
+    sa.Column("miner_hotkey", sa.String(200), nullable=True),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+    sa.Column("updated_ns", sa.BigInteger, nullable=False),
+)
+
+job_events = sa.Table(
+    "job_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_uuid", sa.String(36), nullable=False, index=True),
+    sa.Column("event", sa.LargeBinary, nullable=False),
+)
+
+job_outputs = sa.Table(
+    "job_outputs",
+    metadata,
+    sa.Column("job_uuid", sa.String(36), primary_key=True),
+    sa.Column("path", sa.String(1024), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+# --- validator and miner: signed lifecycle receipts ---------------------------------------------
+
+lifecycle_receipts = sa.Table(
+    "lifecycle_receipts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_uuid", sa.String(36), nullable=False, index=True),
+    sa.Column("kind", sa.Integer, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("miner_signature", sa.LargeBinary, nullable=False),
+    sa.Column("validator_signature", sa.LargeBinary, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("job_uuid", "kind", name="uq_lifecycle_receipts_job_kind"),
+)
+
+# --- gateway: stream receipts and samples ------------------------------------------------------
+
+stream_receipts = sa.Table(
+    "stream_receipts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_uuid", sa.String(36), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("receipt_json", sa.Text, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("job_uuid", "seq", name="uq_stream_receipts_job_seq"),
+)
+
+samples = sa.Table(
+    "samples",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_uuid", sa.String(36), nullable=False, index=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("sample", sa.LargeBinary, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets readers proceed while a writer commits; busy_timeout rides out short lock waits.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def create_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+asyncpg://" + url.removeprefix("postgresql://")
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+async def upgrade(url: str) -> None:
+    """Run Alembic migrations to head (in a thread: Alembic's env drives its own loop)."""
+    await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
+
+
+async def open_database(url: str) -> AsyncEngine:
+    await upgrade(url)
+    return create_engine(url)

@@ -1,0 +1,339 @@
+"""Server scaffolding shared by every service.
+
+`create_server` builds a grpc.aio server with one middleware interceptor (authentication, logging
+context, one summary line per RPC, errors mapped to status codes), the health and reflection
+services, and a TLS or plaintext port. `serve_until_signal` runs it until SIGTERM/SIGINT and shuts
+down gracefully: health goes NOT_SERVING, in-flight RPCs get a grace period, background tasks are
+cancelled. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.core.auth import PUBLIC_PREFIXES, AuthFailure, Authenticator, client_interceptors
+from services.core.config import TLSSettings
+from services.core.errors import HordeError
+from services.core.identity import Identity, Signer
+
+log = structlog.get_logger("horde.rpc")
+
+_caller: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("caller", default=None)
+
+# Channel options shared by every client and server: keepalive so dead peers are noticed, and
+# message sizes large enough for 1 MiB chunks plus framing.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def current_caller() -> Identity:
+    """The authenticated identity of the RPC being served."""
+    caller = _caller.get()
+    if caller is None:
+        raise RuntimeError("no authenticated caller in this context")
+    return caller
+
+
+class RpcMiddleware(grpc.aio.ServerInterceptor):
+    """Authenticates, binds log context, maps errors to status codes, logs one line per RPC."""
+
+    def __init__(self, authenticator: Authenticator | None, service: str) -> None:
+        self._auth = authenticator
+        self._service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if self._auth is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        return _wrap(handler, method, self)
+
+    async def before(self, method: str, context: grpc.aio.ServicerContext) -> _CallLog:
+        call = _CallLog(method=method, peer=context.peer())
+        structlog.contextvars.bind_contextvars(rpc=method, peer=call.peer, service=self._service)
+        assert self._auth is not None
+        try:
+            caller = await self._auth.authenticate(method, context.invocation_metadata() or ())
+        except AuthFailure as exc:
+            call.code = exc.code
+            call.detail = exc.reason
+            call.done()
+            await context.abort(exc.code, exc.reason)
+            raise AssertionError("unreachable") from None
+        _caller.set(caller)
+        call.caller = str(caller)
+        structlog.contextvars.bind_contextvars(caller=call.caller)
+        return call
+
+    @staticmethod
+    async def on_error(
+        exc: BaseException, call: _CallLog, context: grpc.aio.ServicerContext
+    ) -> None:
+        if isinstance(exc, HordeError):
+            call.code, call.detail = exc.code, exc.message
+            await context.abort(exc.code, exc.message)
+        call.code, call.detail = grpc.StatusCode.INTERNAL, "internal error"
+        log.exception("rpc_internal_error", rpc=call.method, error=repr(exc))
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+
+
+@dataclass
+class _CallLog:
+    method: str
+    peer: str
+    caller: str = ""
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    detail: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    logged: bool = False
+
+    def done(self) -> None:
+        if self.logged:
+            return
+        self.logged = True
+        ms = round((time.perf_counter() - self.started) * 1000, 2)
+        fields = {"rpc": self.method, "code": self.code.name, "ms": ms, "caller": self.caller}
+        if self.code is grpc.StatusCode.OK or self.code is grpc.StatusCode.CANCELLED:
+            log.info("rpc", **fields)
+        else:
+            log.warning("rpc", detail=self.detail, **fields)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, mw: RpcMiddleware) -> grpc.RpcMethodHandler:
+    passthrough = (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)
+
+    if not handler.response_streaming:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = await mw.before(method, context)
+            try:
+                return await inner(request, context)
+            except passthrough as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    call.code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException as exc:
+                await mw.on_error(exc, call, context)
+            finally:
+                call.done()
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if not handler.request_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def streaming_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = await mw.before(method, context)
+        try:
+            result = inner_stream(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:
+                await result
+        except passthrough as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                call.code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException as exc:
+            await mw.on_error(exc, call, context)
+        finally:
+            call.done()
+
+    factory_s = (
+        grpc.unary_stream_rpc_method_handler
+        if not handler.request_streaming
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory_s(
+        streaming_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service to mount: the generated add_*_to_server function and the servicer."""
+
+    full_name: str
+    add: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    service_names: list[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+
+def _read(path: os.PathLike[str] | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
+    if not tls.enabled:
+        return None
+    key, cert = _read(tls.key_file), _read(tls.cert_file)
+    if key is None or cert is None:
+        raise ValueError("TLS needs both cert_file and key_file")
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=_read(tls.ca_file),
+        require_client_auth=tls.require_client_cert,
+    )
+
+
+async def create_server(
+    listen: str,
+    services: Sequence[ServiceRegistration],
+    *,
+    authenticator: Authenticator | None,
+    service_label: str,
+    tls: TLSSettings | None = None,
+) -> RunningServer:
+    """Build, bind and start a server; `listen` may use port 0 (the bound port is returned)."""
+    server = grpc.aio.server(
+        interceptors=[RpcMiddleware(authenticator, service_label)], options=SERVER_OPTIONS
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [s.full_name for s in services]
+    for reg in services:
+        reg.add(reg.servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    creds = server_credentials(tls) if tls is not None else None
+    port = server.add_secure_port(listen, creds) if creds else server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"could not bind {listen}")
+    await server.start()
+    running = RunningServer(server=server, port=port, health=health, service_names=names)
+    await running.set_serving(True)
+    return running
+
+
+def open_channel(
+    target: str,
+    *,
+    signer: Signer | None = None,
+    callee: str | None = None,
+    tls: TLSSettings | None = None,
+    server_name: str | None = None,
+) -> grpc.aio.Channel:
+    """A channel to `target` whose calls are signed for `callee` (when a signer is given)."""
+    interceptors = client_interceptors(signer, callee) if signer and callee else None
+    options = list(CHANNEL_OPTIONS)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    if tls is not None and (tls.ca_file or tls.enabled):
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(tls.ca_file),
+            private_key=_read(tls.key_file) if tls.require_client_cert else None,
+            certificate_chain=_read(tls.cert_file) if tls.require_client_cert else None,
+        )
+        return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+async def serve_until_signal(
+    running: Sequence[RunningServer],
+    *,
+    grace_s: float,
+    background: Sequence[Callable[[], Awaitable[None]]] = (),
+    stop: asyncio.Event | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def _on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("second_signal_exit_now", signal=sig.name)
+            os._exit(130)
+        log.info("shutdown_requested", signal=sig.name)
+        stop.set()
+
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _on_signal, sig)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(fn()) for fn in background]
+            await stop.wait()
+            for srv in running:
+                await srv.set_serving(False)
+            await asyncio.gather(*(srv.server.stop(grace_s) for srv in running))
+            for task in tasks:
+                task.cancel()
+    finally:
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        if on_stop is not None:
+            await on_stop()
+    log.info("shutdown_complete")
