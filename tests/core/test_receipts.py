@@ -92,11 +92,11 @@ def test_round_trip_and_any_field_change_breaks_signature(
     assert again == receipt
     assert again.is_valid()
     flipped = bytes([dout[0] ^ 1]) + dout[1:]
-    tampered = StreamReceipt.from_json_dict({**receipt.to_json_dict(), "output_sha256": flipped.hex()})
-    assert not tampered.is_valid()
-    moved = StreamReceipt.from_json_dict(
-        {**receipt.to_json_dict(), "seq": (seq + 1) % 2**64}
+    tampered = StreamReceipt.from_json_dict(
+        {**receipt.to_json_dict(), "output_sha256": flipped.hex()}
     )
+    assert not tampered.is_valid()
+    moved = StreamReceipt.from_json_dict({**receipt.to_json_dict(), "seq": (seq + 1) % 2**64})
     assert not moved.is_valid()
 
 

@@ -1,0 +1,275 @@
+"""Client side of the CLI: connect to a validator and run, follow, list and cancel jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+
+from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
+from services.cli.dev import DevEnv
+from services.core.identity import Signer, load_key_file
+from services.core.proto_util import reason_name, stage_name, state_name
+from services.core.server import open_channel
+
+CHUNK = 1024 * 1024
+
+
+class CliError(Exception):
+    """A usage or connection problem reported as one line, exit status 2."""
+
+
+@dataclass
+class Target:
+    address: str
+    identity: str
+    signer: Signer
+
+    def channel(self) -> grpc.aio.Channel:
+        return open_channel(self.address, signer=self.signer, callee=self.identity)
+
+
+def validator_target(dev: Path | None, address: str | None, identity: str | None, key: Path | None) -> Target:
+    if dev is not None:
+        try:
+            env = DevEnv.load(dev)
+        except FileNotFoundError as exc:
+            raise CliError(str(exc)) from None
+        return Target(env.address("validator"), env.identity("validator"), load_key_file(env.client_key))
+    if not (address and identity and key):
+        raise CliError("give --dev DIR, or --validator ADDR with --validator-identity ID and --key FILE")
+    return Target(address, identity, load_key_file(key))
+
+
+@dataclass
+class Inline:
+    volume: job_pb2.InputVolume
+    data: bytes
+
+
+def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
+    out: list[Inline | job_pb2.InputVolume] = []
+    for raw in paths:
+        if raw.startswith(("http://", "https://")):
+            url, _, fragment = raw.partition("#")
+            if not fragment.startswith("sha256="):
+                raise CliError(f"--input {raw}: a URL input needs '#sha256=<hex>'")
+            out.append(job_pb2.InputVolume(url=job_pb2.UrlInput(url=url, sha256=fragment[7:])))
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for child in sorted(path.iterdir()):
+                    tar.add(child, arcname=child.name)
+            data = buf.getvalue()
+            volume = job_pb2.InputVolume(
+                inline_archive=job_pb2.InlineArchive(
+                    format=job_pb2.ARCHIVE_FORMAT_TAR,
+                    size_bytes=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
+            )
+        elif path.is_file():
+            data = path.read_bytes()
+            volume = job_pb2.InputVolume(
+                inline_file=job_pb2.InlineFile(
+                    file_name=path.name, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+                )
+            )
+        else:
+            raise CliError(f"--input {raw}: no such file or directory")
+        out.append(Inline(volume, data))
+    return out
+
+
+async def _requests(
+    spec: job_pb2.JobSpec, inline: list[tuple[int, bytes]]
+) -> AsyncIterator[validator_pb2.SubmitJobRequest]:
+    yield validator_pb2.SubmitJobRequest(spec=spec)
+    for index, data in inline:
+        if not data:
+            yield validator_pb2.SubmitJobRequest(
+                input_chunk=job_pb2.InputChunk(volume_index=index, data=b"", last=True)
+            )
+        for offset in range(0, len(data), CHUNK):
+            block = data[offset : offset + CHUNK]
+            yield validator_pb2.SubmitJobRequest(
+                input_chunk=job_pb2.InputChunk(
+                    volume_index=index, data=block, last=offset + len(block) >= len(data)
+                )
+            )
+
+
+def result_json(res: job_pb2.JobResult) -> dict[str, Any]:
+    return {
+        "job_uuid": res.job_uuid,
+        "state": state_name(res.state),
+        "reason": reason_name(res.reason),
+        "stage": stage_name(res.stage),
+        "detail": res.detail,
+        "exit_code": res.exit_code if res.HasField("exit_code") else None,
+        "stdout": res.stdout.data.decode(errors="replace"),
+        "stderr": res.stderr.data.decode(errors="replace"),
+        "stdout_truncated": res.stdout.truncated,
+        "stderr_truncated": res.stderr.truncated,
+        "outputs": [
+            {"path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256} for o in res.outputs
+        ],
+        "stage_seconds": {stage_name(t.stage): round(t.seconds, 3) for t in res.stage_timings},
+        "miner": res.miner_hotkey,
+        "executor": res.executor_id,
+    }
+
+
+def _safe_output_path(root: Path, rel: str) -> Path:
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise CliError(f"refusing output path {rel!r} outside {root}")
+    return target
+
+
+async def run_job(
+    target: Target,
+    spec: job_pb2.JobSpec,
+    inputs: list[Inline | job_pb2.InputVolume],
+    output_dir: Path | None,
+    as_json: bool,
+) -> int:
+    inline: list[tuple[int, bytes]] = []
+    for item in inputs:
+        if isinstance(item, Inline):
+            inline.append((len(spec.inputs), item.data))
+            spec.inputs.append(item.volume)
+        else:
+            spec.inputs.append(item)
+    console = Console(stderr=True)
+    live = console.is_terminal and not as_json
+    final: job_pb2.JobResult | None = None
+    files: dict[str, Any] = {}
+    try:
+        async with target.channel() as channel:
+            stub = validator_pb2_grpc.ValidatorServiceStub(channel)
+            call = stub.SubmitJob(_requests(spec, inline))
+            status = console.status("submitting job...") if live else None
+            if status is not None:
+                status.start()
+            try:
+                async for msg in call:
+                    kind = msg.WhichOneof("payload")
+                    if kind == "event":
+                        ev = msg.event
+                        text = f"{state_name(ev.state)} [{stage_name(ev.stage)}] {ev.message}"
+                        if status is not None:
+                            status.update(f"{ev.job_uuid[:8]} {text}")
+                        elif not as_json:
+                            print(f"{ev.job_uuid} {text}", file=sys.stderr)
+                    elif kind == "output_chunk" and output_dir is not None:
+                        chunk = msg.output_chunk
+                        path = _safe_output_path(output_dir, chunk.path)
+                        if chunk.path not in files:
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                            files[chunk.path] = path.open("wb")
+                        files[chunk.path].write(chunk.data)
+                        if chunk.last:
+                            files.pop(chunk.path).close()
+                    elif kind == "result":
+                        final = msg.result
+            finally:
+                if status is not None:
+                    status.stop()
+    except grpc.aio.AioRpcError as exc:
+        raise CliError(f"validator refused the job: {exc.code().name}: {exc.details()}") from None
+    finally:
+        for fh in files.values():
+            fh.close()
+    if final is None:
+        raise CliError("the validator closed the stream without a result")
+    doc = result_json(final)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print_result(console, doc, output_dir)
+    ok = final.state == common_pb2.JOB_STATE_COMPLETED and doc["exit_code"] == 0
+    return 0 if ok else 1
+
+
+def print_result(console: Console, doc: dict[str, Any], output_dir: Path | None) -> None:
+    out = Console()
+    colour = "green" if doc["state"] == "completed" else "red"
+    line = f"[bold]{doc['job_uuid']}[/bold] [{colour}]{doc['state']}[/{colour}]"
+    if doc["reason"]:
+        line += f" ({doc['reason']} in {doc['stage']}: {doc['detail']})"
+    out.print(line)
+    if doc["exit_code"] is not None:
+        out.print(f"exit code {doc['exit_code']}")
+    if doc["stdout"]:
+        out.print("[bold]stdout[/bold]")
+        out.print(doc["stdout"], markup=False, highlight=False, end="")
+    if doc["stderr"]:
+        out.print("[bold]stderr[/bold]")
+        out.print(doc["stderr"], markup=False, highlight=False, end="")
+    for o in doc["outputs"]:
+        where = f" -> {output_dir / o['path']}" if output_dir else ""
+        out.print(f"output {o['path']} ({o['size_bytes']} bytes, sha256 {o['sha256'][:16]}...){where}")
+    if doc["stage_seconds"]:
+        out.print("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in doc["stage_seconds"].items()))
+
+
+async def job_status(target: Target, job_uuid: str, as_json: bool) -> int:
+    async with target.channel() as channel:
+        stub = validator_pb2_grpc.ValidatorServiceStub(channel)
+        try:
+            resp = await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise CliError(f"{exc.code().name}: {exc.details()}") from None
+    job = resp.job
+    doc = {"job_uuid": job.job_uuid, "state": state_name(job.state), "image": job.spec.image}
+    if job.HasField("result"):
+        doc["result"] = result_json(job.result)
+    print(json.dumps(doc, indent=2) if as_json else f"{job.job_uuid} {doc['state']} {job.spec.image}")
+    return 0
+
+
+async def job_cancel(target: Target, job_uuid: str) -> int:
+    async with target.channel() as channel:
+        stub = validator_pb2_grpc.ValidatorServiceStub(channel)
+        try:
+            resp = await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise CliError(f"{exc.code().name}: {exc.details()}") from None
+    print(f"{job_uuid} {state_name(resp.state)}")
+    return 0
+
+
+async def job_list(target: Target, limit: int, as_json: bool) -> int:
+    async with target.channel() as channel:
+        stub = validator_pb2_grpc.ValidatorServiceStub(channel)
+        try:
+            resp = await stub.ListJobs(validator_pb2.ListJobsRequest(limit=limit), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise CliError(f"{exc.code().name}: {exc.details()}") from None
+    rows = [
+        {
+            "job_uuid": j.job_uuid,
+            "state": state_name(j.state),
+            "image": j.spec.image,
+            "reason": reason_name(j.result.reason),
+        }
+        for j in resp.jobs
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['job_uuid']}  {r['state']:<13} {r['reason']:<20} {r['image']}")
+    return 0

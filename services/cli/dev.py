@@ -1,0 +1,166 @@
+"""`horde dev up`: a whole local network on 127.0.0.1 in one process, for trying Horde out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from services.core.app import ServiceApp
+from services.core.chain import Neuron, write_roster
+from services.core.config import (
+    ExecutorSettings,
+    GatewaySettings,
+    MinerSettings,
+    ValidatorSettings,
+    load_settings,
+)
+from services.core.identity import create_key_file, load_key_file
+from services.executor.app import start_executor
+from services.miner.app import start_miner
+from services.streaming_gateway.app import start_gateway
+from services.validator.app import start_validator
+
+log = structlog.get_logger("horde.dev")
+
+DEFAULT_IMAGES = ["horde/base:latest", "horde/demo-job:latest"]
+ENDPOINTS = "endpoints.json"
+
+
+@dataclass(frozen=True)
+class DevEnv:
+    """What client commands read from `--dev DIR`."""
+
+    state_dir: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, state_dir: Path) -> DevEnv:
+        path = state_dir / ENDPOINTS
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: start a local network with `horde dev up --state-dir {state_dir}`"
+            )
+        return cls(state_dir, json.loads(path.read_text()))
+
+    def address(self, service: str) -> str:
+        return str(self.data["services"][service]["address"])
+
+    def identity(self, service: str) -> str:
+        return str(self.data["services"][service]["identity"])
+
+    @property
+    def client_key(self) -> Path:
+        return Path(self.data["client_key"])
+
+
+def _key(path: Path, kind: str) -> Path:
+    if not path.exists():
+        create_key_file(path, kind)  # type: ignore[arg-type]
+    return path
+
+
+async def dev_up(state_dir: Path, allow_images: list[str], stop: asyncio.Event | None = None) -> None:
+    state_dir = state_dir.resolve()
+    keys = state_dir / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "validator": _key(keys / "validator.json", "hotkey"),
+        "miner": _key(keys / "miner.json", "hotkey"),
+        "executor": _key(keys / "executor.json", "ed25519"),
+        "gateway": _key(keys / "gateway.json", "ed25519"),
+        "client": _key(keys / "client.json", "ed25519"),
+    }
+    signers = {name: load_key_file(path) for name, path in paths.items()}
+    ids = {name: s.identity for name, s in signers.items()}
+    images = list(dict.fromkeys([*DEFAULT_IMAGES, *allow_images]))
+    roster = state_dir / "roster.toml"
+    validator_neuron = Neuron(
+        uid=0, hotkey=ids["validator"].ss58, stake=10_000.0, validator_permit=True
+    )
+    write_roster(roster, [validator_neuron])
+    common: dict[str, Any] = {"state_dir": state_dir, "roster_file": roster, "shutdown_grace_s": 2.0}
+    apps: list[ServiceApp] = []
+    try:
+        miner = await start_miner(
+            load_settings(MinerSettings, executors=[str(ids["executor"])], heartbeat_interval_s=2.0, executor_timeout_s=6.0, **common),
+            signers["miner"],
+        )
+        apps.append(miner)
+        miner.start_background()
+        miner_addr = f"127.0.0.1:{miner.port}"
+        write_roster(
+            roster,
+            [validator_neuron, Neuron(uid=1, hotkey=ids["miner"].ss58, stake=100.0, endpoint=miner_addr)],
+        )
+        executor, agent = await start_executor(
+            load_settings(
+                ExecutorSettings,
+                miner_address=miner_addr,
+                miner_identity=str(ids["miner"]),
+                allowed_images=images,
+                work_dir=state_dir / "executor-work",
+                **common,
+            ),
+            signers["executor"],
+        )
+        apps.append(executor)
+        executor.start_background()
+        validator = await start_validator(
+            load_settings(
+                ValidatorSettings,
+                clients=[str(ids["client"]), str(ids["gateway"])],
+                allowed_images=images,
+                streaming_whitelist=[],
+                **common,
+            ),
+            signers["validator"],
+        )
+        apps.append(validator)
+        validator.start_background()
+        gateway = await start_gateway(
+            load_settings(
+                GatewaySettings,
+                validator_address=f"127.0.0.1:{validator.port}",
+                validator_identity=str(ids["validator"]),
+                clients=[str(ids["client"])],
+                **common,
+            ),
+            signers["gateway"],
+        )
+        apps.append(gateway)
+        gateway.start_background()
+        async with asyncio.timeout(30):
+            await agent.connected.wait()
+        endpoints = {
+            "services": {
+                app.name: {"address": f"127.0.0.1:{app.port}", "identity": app.identity}
+                for app in apps
+            },
+            "client_key": str(paths["client"]),
+            "client_identity": str(ids["client"]),
+            "roster": str(roster),
+            "allowed_images": images,
+            "pid": os.getpid(),
+        }
+        tmp = state_dir / (ENDPOINTS + ".tmp")
+        tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
+        tmp.replace(state_dir / ENDPOINTS)
+        log.info("dev_network_up", state_dir=str(state_dir), **{a.name: a.port for a in apps})
+        print(f"horde dev network up; endpoints in {state_dir / ENDPOINTS} (Ctrl-C to stop)", flush=True)
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        (state_dir / ENDPOINTS).unlink(missing_ok=True)
+        for app in reversed(apps):
+            await app.stop(2.0)
+        log.info("dev_network_down")

@@ -1,0 +1,236 @@
+"""The `horde` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from horde.v1 import job_pb2
+from services import __version__
+from services.core.config import (
+    ExecutorSettings,
+    GatewaySettings,
+    MinerSettings,
+    ServiceSettings,
+    ValidatorSettings,
+    load_settings,
+)
+from services.core.errors import ConfigError
+from services.core.identity import create_key_file
+from services.core.logging import configure_logging
+from services.core.receipts import verify_lines
+
+
+def _serve(kind: str, config: Path | None) -> int:
+    classes: dict[str, type[ServiceSettings]] = {
+        "validator": ValidatorSettings,
+        "miner": MinerSettings,
+        "executor": ExecutorSettings,
+        "gateway": GatewaySettings,
+    }
+    try:
+        settings = load_settings(classes[kind], config)
+    except ConfigError as exc:
+        print(f"horde {kind}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+
+    async def main() -> None:
+        if kind == "validator":
+            from services.validator.app import start_validator
+
+            app = await start_validator(settings)  # type: ignore[arg-type]
+        elif kind == "miner":
+            from services.miner.app import start_miner
+
+            app = await start_miner(settings)  # type: ignore[arg-type]
+        elif kind == "executor":
+            from services.executor.app import start_executor
+
+            app, _agent = await start_executor(settings)  # type: ignore[arg-type]
+        else:
+            from services.streaming_gateway.app import start_gateway
+
+            app = await start_gateway(settings)  # type: ignore[arg-type]
+        await app.serve_forever()
+
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:
+        print(f"horde {kind}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"horde {kind}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    try:
+        signer = create_key_file(
+            args.out, args.kind, key_type=args.key_type, overwrite=args.force
+        )
+    except FileExistsError as exc:
+        print(f"horde keys new: {exc} (use --force to replace it)", file=sys.stderr)
+        return 1
+    print(f"{signer.identity}  {args.out}")
+    if args.kind == "hotkey":
+        print(f"ss58 {signer.identity.ss58}")
+    return 0
+
+
+def _receipts_verify(args: argparse.Namespace) -> int:
+    try:
+        lines = Path(args.file).read_text().splitlines()
+    except OSError as exc:
+        print(f"horde receipts verify: {exc}", file=sys.stderr)
+        return 2
+    checks = verify_lines(lines)
+    bad = [c for c in checks if c.error is not None]
+    for check in bad:
+        print(f"line {check.line}: invalid: {check.error}")
+    good = len(checks) - len(bad)
+    print(f"{good} valid, {len(bad)} invalid", file=sys.stderr)
+    return 1 if bad or not checks else 0
+
+
+def _client_target(args: argparse.Namespace) -> Any:
+    from services.cli.client import validator_target
+
+    return validator_target(args.dev, args.validator, args.validator_identity, args.key)
+
+
+def _job(args: argparse.Namespace) -> int:
+    from services.cli import client
+
+    async def go() -> int:
+        target = _client_target(args)
+        if args.job_cmd == "run":
+            command = list(args.command)
+            if command and command[0] == "--":
+                command = command[1:]
+            env = {}
+            for item in args.env:
+                key, sep, value = item.partition("=")
+                if not sep or not key:
+                    raise client.CliError(f"--env {item!r}: expected KEY=VALUE")
+                env[key] = value
+            spec = job_pb2.JobSpec(
+                image=args.image,
+                command=command,
+                env=env,
+                executor_class=args.job_class or "",
+                output=job_pb2.OutputSpec(stream=job_pb2.StreamOutput()),
+            )
+            if args.timeout:
+                spec.timeouts.execution_s = args.timeout
+            if args.output:
+                args.output.mkdir(parents=True, exist_ok=True)
+            return await client.run_job(
+                target, spec, client.build_inputs(args.input), args.output, args.json
+            )
+        if args.job_cmd == "status":
+            return await client.job_status(target, args.job_uuid, args.json)
+        if args.job_cmd == "cancel":
+            return await client.job_cancel(target, args.job_uuid)
+        return await client.job_list(target, args.limit, args.json)
+
+    try:
+        return asyncio.run(go())
+    except client.CliError as exc:
+        print(f"horde job {args.job_cmd}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dev_up(args: argparse.Namespace) -> int:
+    from services.cli.dev import dev_up
+
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(dev_up(args.state_dir, args.allow_image))
+    except ConfigError as exc:
+        print(f"horde dev up: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
+    p.add_argument("--validator", help="validator host:port")
+    p.add_argument("--validator-identity", help="validator identity (sr25519:<hex> or ed25519:<hex>)")
+    p.add_argument("--key", type=Path, help="client key file (`horde keys new`)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="horde", description="Horde: decentralized compute.")
+    parser.add_argument("--version", action="version", version=f"horde {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    for name in ("validator", "miner", "executor", "gateway"):
+        p = sub.add_parser(name, help=f"the {name} service")
+        s = p.add_subparsers(dest="action", required=True)
+        serve = s.add_parser("serve", help=f"run the {name} until SIGTERM/SIGINT")
+        serve.add_argument("--config", type=Path, help="TOML config file")
+        serve.set_defaults(func=lambda a, n=name: _serve(n, a.config))
+
+    keys = sub.add_parser("keys", help="key files").add_subparsers(dest="action", required=True)
+    new = keys.add_parser("new", help="write a new key file (mode 0600)")
+    new.add_argument("--kind", choices=["ed25519", "hotkey"], default="ed25519",
+                     help="ed25519 for executors, gateways and clients; hotkey for validators and miners")
+    new.add_argument("--key-type", choices=["sr25519", "ed25519"], default="sr25519",
+                     help="signature scheme of a hotkey")
+    new.add_argument("--out", type=Path, required=True, help="where to write the key file")
+    new.add_argument("--force", action="store_true", help="replace an existing file")
+    new.set_defaults(func=_keys_new)
+
+    receipts = sub.add_parser("receipts", help="stream receipts").add_subparsers(dest="action", required=True)
+    verify = receipts.add_parser("verify", help="verify receipts in JSON form, one a line")
+    verify.add_argument("file", type=Path)
+    verify.set_defaults(func=_receipts_verify)
+
+    dev = sub.add_parser("dev", help="local network").add_subparsers(dest="action", required=True)
+    up = dev.add_parser("up", help="start all services on 127.0.0.1 until SIGINT/SIGTERM")
+    up.add_argument("--state-dir", type=Path, required=True)
+    up.add_argument("--allow-image", action="append", default=[], metavar="REF")
+    up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    up.set_defaults(func=_dev_up)
+
+    job = sub.add_parser("job", help="organic jobs").add_subparsers(dest="job_cmd", required=True)
+    run = job.add_parser("run", help="run a job and wait for its result")
+    _add_client_args(run)
+    run.add_argument("--class", dest="job_class", help="executor class")
+    run.add_argument("--input", action="append", default=[], metavar="PATH",
+                     help="file or directory placed under /volume (or URL#sha256=HEX)")
+    run.add_argument("--output", type=Path, help="directory to write /output files into")
+    run.add_argument("--env", action="append", default=[], metavar="K=V")
+    run.add_argument("--timeout", type=int, help="execution time limit in seconds")
+    run.add_argument("image")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    for name, helptext in (("status", "show a job"), ("cancel", "cancel a job")):
+        p = job.add_parser(name, help=helptext)
+        _add_client_args(p)
+        p.add_argument("job_uuid")
+    lst = job.add_parser("list", help="list recent jobs")
+    _add_client_args(lst)
+    lst.add_argument("--limit", type=int, default=20)
+    for p in job.choices.values():
+        p.set_defaults(func=_job)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int | Awaitable[int]] = args.func
+    result = func(args)
+    assert isinstance(result, int)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

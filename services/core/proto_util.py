@@ -1,0 +1,62 @@
+"""Small helpers for building protobuf messages that every service uses."""
+
+from __future__ import annotations
+
+import time
+
+from horde.v1 import common_pb2, job_pb2
+
+TERMINAL_STATES = frozenset(
+    {
+        common_pb2.JOB_STATE_COMPLETED,
+        common_pb2.JOB_STATE_REJECTED,
+        common_pb2.JOB_STATE_FAILED,
+        common_pb2.JOB_STATE_HORDE_FAILED,
+        common_pb2.JOB_STATE_CANCELLED,
+    }
+)
+
+
+def state_name(state: int) -> str:
+    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+
+
+def reason_name(reason: int) -> str:
+    if reason == common_pb2.FAILURE_REASON_UNSPECIFIED:
+        return ""
+    return common_pb2.FailureReason.Name(reason).removeprefix("FAILURE_REASON_").lower()  # type: ignore[arg-type]
+
+
+def stage_name(stage: int) -> str:
+    if stage == common_pb2.STAGE_UNSPECIFIED:
+        return ""
+    return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()  # type: ignore[arg-type]
+
+
+def event(
+    job_uuid: str,
+    state: common_pb2.JobState.ValueType,
+    stage: common_pb2.Stage.ValueType,
+    message: str = "",
+    progress: float = -1.0,
+) -> job_pb2.JobEvent:
+    return job_pb2.JobEvent(
+        job_uuid=job_uuid,
+        state=state,
+        stage=stage,
+        timestamp_ns=time.time_ns(),
+        message=message,
+        progress=progress,
+    )
+
+
+def result(
+    job_uuid: str,
+    state: common_pb2.JobState.ValueType,
+    reason: common_pb2.FailureReason.ValueType = common_pb2.FAILURE_REASON_UNSPECIFIED,
+    stage: common_pb2.Stage.ValueType = common_pb2.STAGE_UNSPECIFIED,
+    detail: str = "",
+) -> job_pb2.JobResult:
+    return job_pb2.JobResult(
+        job_uuid=job_uuid, state=state, reason=reason, stage=stage, detail=detail
+    )

@@ -1,0 +1,140 @@
+"""The executor's link to its miner: dial out, send the manifest, heartbeat, run what comes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from horde.v1 import common_pb2, executor_pb2, executor_pb2_grpc, job_pb2, manifest_pb2
+from services.core.identity import Signer
+from services.core.proto_util import result
+from services.core.server import open_channel
+from services.executor.jobs import JobContext, OrganicJobRunner
+
+log = structlog.get_logger("horde.executor.agent")
+
+
+class ExecutorAgent:
+    def __init__(
+        self,
+        signer: Signer,
+        miner_address: str,
+        miner_identity: str,
+        manifest: manifest_pb2.ExecutorManifest,
+        runner: OrganicJobRunner,
+    ) -> None:
+        self._signer = signer
+        self._address = miner_address
+        self._miner = miner_identity
+        self._manifest = manifest
+        self._runner = runner
+        self._job: asyncio.Task[None] | None = None
+        self._job_uuid = ""
+        self._inputs: asyncio.Queue[job_pb2.InputChunk] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.executor_id = ""
+
+    async def run_forever(self) -> None:
+        """Keep the link up, reconnecting with jittered backoff."""
+        backoff = 0.2
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+                reason = "miner closed the link"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            self.connected.clear()
+            await self._abort_job("link to the miner lost")
+            if time.monotonic() - started > 10:
+                backoff = 0.2
+            log.warning(
+                "link_down", miner=self._address, reason=reason, retry_in_s=round(backoff, 2)
+            )
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 10.0)
+
+    async def _abort_job(self, reason: str) -> None:
+        if self._job is not None and not self._job.done():
+            log.warning("job_aborted", job_uuid=self._job_uuid, reason=reason)
+            self._job.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._job
+        self._job = None
+
+    async def _session(self) -> None:
+        outbox: asyncio.Queue[executor_pb2.ConnectRequest] = asyncio.Queue()
+        outbox.put_nowait(executor_pb2.ConnectRequest(manifest=self._manifest))
+
+        async def requests() -> AsyncIterator[executor_pb2.ConnectRequest]:
+            while True:
+                yield await outbox.get()
+
+        async def send(msg: executor_pb2.ConnectRequest) -> None:
+            outbox.put_nowait(msg)
+
+        async with open_channel(self._address, signer=self._signer, callee=self._miner) as channel:
+            stub = executor_pb2_grpc.ExecutorLinkServiceStub(channel)
+            call = stub.Connect(requests())
+            heartbeat: asyncio.Task[None] | None = None
+            try:
+                async for msg in call:
+                    kind = msg.WhichOneof("payload")
+                    if kind == "accepted":
+                        self.executor_id = msg.accepted.executor_id
+                        interval = msg.accepted.heartbeat_interval_s or 5.0
+                        heartbeat = asyncio.create_task(self._heartbeat(send, interval))
+                        self.connected.set()
+                        log.info("link_up", miner=self._address, executor_id=self.executor_id)
+                    elif kind == "run_job":
+                        await self._start_job(msg.run_job, send)
+                    elif kind == "input_chunk":
+                        self._inputs.put_nowait(msg.input_chunk)
+                    elif kind == "cancel":
+                        if msg.cancel.job_uuid == self._job_uuid:
+                            await self._abort_job(msg.cancel.reason)
+            finally:
+                if heartbeat is not None:
+                    heartbeat.cancel()
+                call.cancel()
+
+    async def _heartbeat(self, send: object, interval: float) -> None:
+        assert callable(send)
+        while True:
+            await send(
+                executor_pb2.ConnectRequest(
+                    heartbeat=executor_pb2.Heartbeat(
+                        timestamp_ns=time.time_ns(), job_uuid=self._job_uuid
+                    )
+                )
+            )
+            await asyncio.sleep(interval)
+
+    async def _start_job(self, start: object, send: object) -> None:
+        from horde.v1 import miner_pb2
+
+        assert isinstance(start, miner_pb2.RunJobStart) and callable(send)
+        if self._job is not None and not self._job.done():
+            await send(
+                executor_pb2.ConnectRequest(
+                    result=result(
+                        start.job_uuid,
+                        common_pb2.JOB_STATE_REJECTED,
+                        common_pb2.FAILURE_REASON_BUSY,
+                        common_pb2.STAGE_RESERVATION,
+                        "executor is already running a job",
+                    )
+                )
+            )
+            return
+        self._inputs = asyncio.Queue()
+        self._job_uuid = start.job_uuid
+        ctx = JobContext(start=start, inputs=self._inputs, send=send)  # type: ignore[arg-type]
+        log.info("job_started", job_uuid=start.job_uuid, image=start.spec.image)
+        self._job = asyncio.create_task(self._runner.run(ctx))

@@ -1,0 +1,81 @@
+"""Start an executor: probe the hardware, sweep leftovers, dial the miner, run jobs."""
+
+from __future__ import annotations
+
+import structlog
+
+from horde.v1 import manifest_pb2
+from services import __version__
+from services.core.app import ServiceApp
+from services.core.auth import Authenticator, StaticPolicy
+from services.core.config import ExecutorSettings
+from services.core.errors import ConfigError
+from services.core.identity import Identity, Signer
+from services.core.runtime import load_signer
+from services.core.server import create_server
+from services.executor.agent import ExecutorAgent
+from services.executor.hardware import executor_class, probe
+from services.executor.jobs import OrganicJobRunner
+from services.executor.sandbox import DockerRuntime, SandboxLimits
+
+log = structlog.get_logger("horde.executor")
+
+
+async def start_executor(
+    settings: ExecutorSettings, signer: Signer | None = None
+) -> tuple[ServiceApp, ExecutorAgent]:
+    signer = signer or load_signer(settings, "executor")
+    if not settings.miner_identity:
+        raise ConfigError("invalid setting 'miner_identity': the miner's identity is required")
+    try:
+        miner = Identity.parse(settings.miner_identity)
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting 'miner_identity': {exc}") from None
+    work_dir = settings.work_dir.resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    hardware = probe(work_dir)
+    klass = executor_class(hardware, settings.executor_class)
+    runtime = DockerRuntime()
+    swept = await runtime.sweep()
+    if swept:
+        log.warning("swept_leftovers", count=swept)
+    limits = SandboxLimits(
+        memory_bytes=settings.memory_limit_mb * 2**20,
+        nano_cpus=int(settings.cpu_limit * 1e9),
+        pids_limit=settings.pids_limit,
+        output_bytes=settings.output_limit_mb * 2**20,
+    )
+    runner = OrganicJobRunner(
+        runtime,
+        set(settings.allowed_images),
+        limits,
+        work_dir,
+        gpus=-1 if hardware.gpus else 0,
+    )
+    manifest = manifest_pb2.ExecutorManifest(
+        executor_class=klass,
+        hardware=hardware.to_proto(),
+        executor_identity=str(signer.identity),
+        version=__version__,
+    )
+    agent = ExecutorAgent(signer, settings.miner_address, str(miner), manifest, runner)
+    # The executor's own listener: health for operators now, the job proxy for streaming jobs.
+    auth = Authenticator(signer.identity, StaticPolicy(set(), "gateway"))
+    server = await create_server(
+        settings.listen, [], authenticator=auth, service_label="executor", tls=settings.tls
+    )
+
+    async def close_all() -> None:
+        await runtime.sweep()
+        await runtime.close()
+
+    app = ServiceApp(
+        name="executor",
+        signer=signer,
+        servers=[server],
+        background=[agent.run_forever],
+        closers=[close_all],
+        grace_s=settings.shutdown_grace_s,
+    )
+    log.info("executor_ready", executor_class=klass, gpus=len(hardware.gpus))
+    return app, agent

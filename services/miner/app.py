@@ -1,0 +1,79 @@
+"""Start a miner: its MinerService for validators and ExecutorLinkService for executors."""
+
+from __future__ import annotations
+
+import asyncio
+
+from horde.v1 import executor_pb2, executor_pb2_grpc, miner_pb2, miner_pb2_grpc
+from services.core.app import ServiceApp
+from services.core.auth import AnyOfPolicy, Authenticator, MethodPolicy, StaticPolicy
+from services.core.config import MinerSettings
+from services.core.db import open_database
+from services.core.identity import Signer
+from services.core.runtime import ChainPolicy, load_signer, open_chain, parse_identities
+from services.core.server import ServiceRegistration, create_server
+from services.miner.link import ExecutorLinkServicer
+from services.miner.pool import ExecutorPool
+from services.miner.service import MinerServicer, ReceiptStore
+
+
+async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> ServiceApp:
+    signer = signer or load_signer(settings, "miner")
+    executors = parse_identities(settings.executors, "executors")
+    validators = parse_identities(settings.validators, "validators")
+    chain = open_chain(settings, signer)
+    engine = await open_database(settings.database("miner"))
+    pool = ExecutorPool()
+    policy = MethodPolicy(
+        [
+            ("/horde.v1.ExecutorLinkService/", StaticPolicy(executors, "enrolled executor")),
+            (
+                "/horde.v1.MinerService/",
+                AnyOfPolicy(
+                    [
+                        StaticPolicy(validators, "configured validator"),
+                        ChainPolicy(chain, True, settings.min_validator_stake),
+                    ]
+                ),
+            ),
+        ]
+    )
+    auth = Authenticator(signer.identity, policy, max_skew_s=settings.auth.max_clock_skew_s)
+    server = await create_server(
+        settings.listen,
+        [
+            ServiceRegistration(
+                miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name,
+                miner_pb2_grpc.add_MinerServiceServicer_to_server,
+                MinerServicer(signer, pool, ReceiptStore(engine)),
+            ),
+            ServiceRegistration(
+                executor_pb2.DESCRIPTOR.services_by_name["ExecutorLinkService"].full_name,
+                executor_pb2_grpc.add_ExecutorLinkServiceServicer_to_server,
+                ExecutorLinkServicer(pool, settings.heartbeat_interval_s),
+            ),
+        ],
+        authenticator=auth,
+        service_label="miner",
+        tls=settings.tls,
+    )
+
+    async def expire_loop() -> None:
+        while True:
+            await asyncio.sleep(min(1.0, settings.executor_timeout_s / 4))
+            pool.expire(settings.executor_timeout_s)
+
+    async def close_all() -> None:
+        for conn in pool.all():
+            pool.unregister(conn, "miner shutting down")
+        await chain.close()
+        await engine.dispose()
+
+    return ServiceApp(
+        name="miner",
+        signer=signer,
+        servers=[server],
+        background=[expire_loop],
+        closers=[close_all],
+        grace_s=settings.shutdown_grace_s,
+    )

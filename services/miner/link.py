@@ -1,0 +1,79 @@
+"""ExecutorLinkService: executors dial in and keep one bidirectional stream open."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from horde.v1 import executor_pb2, executor_pb2_grpc
+from services.core.errors import InvalidArgument
+from services.core.server import current_caller
+from services.miner.pool import ExecutorConn, ExecutorPool
+
+log = structlog.get_logger("horde.miner.link")
+
+
+class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
+    def __init__(self, pool: ExecutorPool, heartbeat_interval_s: float) -> None:
+        self._pool = pool
+        self._heartbeat_s = heartbeat_interval_s
+
+    async def Connect(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[executor_pb2.ConnectRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[executor_pb2.ConnectResponse]:
+        identity = current_caller()
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("payload") != "manifest":
+            raise InvalidArgument("the first message on a link must be the executor's manifest")
+        conn = ExecutorConn(
+            executor_id=self._pool.executor_id_for(identity),
+            identity=identity,
+            manifest=first.manifest,
+        )
+        self._pool.register(conn)
+        reader = asyncio.create_task(self._read(conn, request_iterator))
+        try:
+            yield executor_pb2.ConnectResponse(
+                accepted=executor_pb2.LinkAccepted(
+                    executor_id=conn.executor_id, heartbeat_interval_s=self._heartbeat_s
+                )
+            )
+            while True:
+                msg = await conn.outbox.get()
+                if msg is None:
+                    break
+                yield msg
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._pool.unregister(conn, "link closed")
+
+    async def _read(
+        self, conn: ExecutorConn, requests: AsyncIterator[executor_pb2.ConnectRequest]
+    ) -> None:
+        reason = "executor closed the link"
+        try:
+            async for msg in requests:
+                conn.last_seen = time.monotonic()
+                kind = msg.WhichOneof("payload")
+                if kind == "manifest":
+                    conn.manifest = msg.manifest
+                elif kind == "heartbeat":
+                    continue
+                elif conn.job is not None:
+                    conn.job.inbox.put_nowait(msg)
+                else:
+                    log.warning("message_without_job", executor_id=conn.executor_id, kind=kind)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            reason = f"link broke: {exc}"
+        except asyncio.CancelledError:
+            return
+        conn.close(reason)

@@ -1,0 +1,135 @@
+"""The miner's pool of connected executors: enrolment, reservation, liveness."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from horde.v1 import executor_pb2, manifest_pb2
+from services.core.errors import ResourceExhausted
+from services.core.identity import Identity
+
+log = structlog.get_logger("horde.miner.pool")
+
+
+class ExecutorLost:
+    """Put in a job's inbox when its executor disconnects or stops heartbeating."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+JobMessage = executor_pb2.ConnectRequest | ExecutorLost
+
+
+@dataclass
+class JobChannel:
+    """Messages from the executor about one job."""
+
+    job_uuid: str
+    inbox: asyncio.Queue[JobMessage] = field(default_factory=asyncio.Queue)
+
+
+@dataclass(eq=False)
+class ExecutorConn:
+    """One executor's live link."""
+
+    executor_id: str
+    identity: Identity
+    manifest: manifest_pb2.ExecutorManifest
+    outbox: asyncio.Queue[executor_pb2.ConnectResponse | None] = field(
+        default_factory=asyncio.Queue
+    )
+    last_seen: float = field(default_factory=time.monotonic)
+    job: JobChannel | None = None
+    closed: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def send(self, msg: executor_pb2.ConnectResponse) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(msg)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.outbox.put_nowait(None)
+        if self.job is not None:
+            self.job.inbox.put_nowait(ExecutorLost(reason))
+
+
+class NoExecutorOfClass(ResourceExhausted):
+    pass
+
+
+class AllBusy(ResourceExhausted):
+    pass
+
+
+class ExecutorPool:
+    def __init__(self) -> None:
+        self._conns: dict[str, ExecutorConn] = {}
+
+    def executor_id_for(self, identity: Identity) -> str:
+        # Stable across reconnects and unique per key.
+        return "ex-" + identity.public_key.hex()[:16]
+
+    def register(self, conn: ExecutorConn) -> None:
+        old = self._conns.get(conn.executor_id)
+        if old is not None and old is not conn:
+            old.close("executor reconnected on a new link")
+        self._conns[conn.executor_id] = conn
+        log.info(
+            "executor_connected",
+            executor_id=conn.executor_id,
+            executor_class=conn.manifest.executor_class,
+        )
+
+    def unregister(self, conn: ExecutorConn, reason: str) -> None:
+        conn.close(reason)
+        if self._conns.get(conn.executor_id) is conn:
+            del self._conns[conn.executor_id]
+            log.info("executor_disconnected", executor_id=conn.executor_id, reason=reason)
+
+    def get(self, executor_id: str) -> ExecutorConn | None:
+        return self._conns.get(executor_id)
+
+    def all(self) -> list[ExecutorConn]:
+        return list(self._conns.values())
+
+    def reserve(self, executor_class: str, job_uuid: str) -> tuple[ExecutorConn, JobChannel]:
+        same_class = [c for c in self._conns.values() if c.manifest.executor_class == executor_class]
+        if not same_class:
+            raise NoExecutorOfClass(f"no executor of class {executor_class!r} is connected")
+        for conn in same_class:
+            if not conn.busy and not conn.closed:
+                conn.job = JobChannel(job_uuid)
+                return conn, conn.job
+        raise AllBusy(f"all {len(same_class)} executor(s) of class {executor_class!r} are busy")
+
+    def release(self, conn: ExecutorConn, job: JobChannel) -> None:
+        if conn.job is job:
+            conn.job = None
+
+    def manifests(self) -> list[manifest_pb2.ExecutorManifest]:
+        out = []
+        for conn in self._conns.values():
+            m = manifest_pb2.ExecutorManifest()
+            m.CopyFrom(conn.manifest)
+            m.executor_id = conn.executor_id
+            m.busy = conn.busy
+            m.executor_identity = str(conn.identity)
+            out.append(m)
+        return out
+
+    def expire(self, timeout_s: float) -> None:
+        now = time.monotonic()
+        for conn in list(self._conns.values()):
+            if now - conn.last_seen > timeout_s:
+                self.unregister(conn, f"no heartbeat for {timeout_s:.0f}s")

@@ -1,0 +1,290 @@
+"""MinerService: what validators call. Thin servicer over the executor pool and the receipt store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from horde.v1 import (
+    common_pb2,
+    executor_pb2,
+    manifest_pb2,
+    miner_pb2,
+    miner_pb2_grpc,
+    receipts_pb2,
+)
+from services.core import lifecycle
+from services.core.db import lifecycle_receipts
+from services.core.errors import InvalidArgument
+from services.core.identity import Signer
+from services.core.proto_util import TERMINAL_STATES, result
+from services.core.server import current_caller
+from services.miner.pool import (
+    AllBusy,
+    ExecutorConn,
+    ExecutorLost,
+    ExecutorPool,
+    NoExecutorOfClass,
+)
+
+log = structlog.get_logger("horde.miner")
+
+COUNTERSIGN_WAIT_S = 5.0
+
+
+class ReceiptStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def put(self, receipt: receipts_pb2.LifecycleReceipt) -> None:
+        payload = lifecycle.parse(receipt)
+        values = {
+            "job_uuid": payload.job_uuid,
+            "kind": payload.kind,
+            "payload": receipt.payload,
+            "miner_signature": receipt.miner_signature,
+            "validator_signature": receipt.validator_signature,
+            "created_ns": time.time_ns(),
+        }
+        async with self._engine.begin() as conn:
+            existing = await conn.execute(
+                sa.select(lifecycle_receipts.c.id).where(
+                    lifecycle_receipts.c.job_uuid == payload.job_uuid,
+                    lifecycle_receipts.c.kind == payload.kind,
+                )
+            )
+            row = existing.first()
+            if row is None:
+                await conn.execute(lifecycle_receipts.insert().values(**values))
+            elif receipt.validator_signature:
+                await conn.execute(
+                    lifecycle_receipts.update()
+                    .where(lifecycle_receipts.c.id == row.id)
+                    .values(validator_signature=receipt.validator_signature)
+                )
+
+    async def list(self, cursor: int, limit: int) -> tuple[list[receipts_pb2.LifecycleReceipt], int]:
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(lifecycle_receipts)
+                    .where(lifecycle_receipts.c.id > cursor)
+                    .order_by(lifecycle_receipts.c.id)
+                    .limit(limit)
+                )
+            ).fetchall()
+        out = [
+            receipts_pb2.LifecycleReceipt(
+                payload=r.payload,
+                miner_signature=r.miner_signature,
+                validator_signature=r.validator_signature,
+            )
+            for r in rows
+        ]
+        return out, (rows[-1].id if rows else cursor)
+
+
+class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
+    def __init__(self, signer: Signer, pool: ExecutorPool, receipts: ReceiptStore) -> None:
+        self._signer = signer
+        self._pool = pool
+        self._receipts = receipts
+
+    async def GetManifest(  # noqa: N802
+        self, request: miner_pb2.GetManifestRequest, context: grpc.aio.ServicerContext
+    ) -> miner_pb2.GetManifestResponse:
+        return miner_pb2.GetManifestResponse(
+            manifest=manifest_pb2.MinerManifest(
+                miner_hotkey=str(self._signer.identity),
+                executors=self._pool.manifests(),
+                timestamp_ns=time.time_ns(),
+            )
+        )
+
+    async def ListReceipts(  # noqa: N802
+        self, request: miner_pb2.ListReceiptsRequest, context: grpc.aio.ServicerContext
+    ) -> miner_pb2.ListReceiptsResponse:
+        try:
+            cursor = int(request.cursor or "0")
+        except ValueError:
+            raise InvalidArgument(f"malformed cursor {request.cursor!r}") from None
+        limit = min(request.limit or 100, 1000)
+        receipts, next_cursor = await self._receipts.list(cursor, limit)
+        states = [lifecycle.parse(r).state for r in receipts]
+        return miner_pb2.ListReceiptsResponse(
+            receipts=receipts, next_cursor=str(next_cursor), states=states
+        )
+
+    async def RunJob(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[miner_pb2.RunJobRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[miner_pb2.RunJobResponse]:
+        validator = current_caller()
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("payload") != "start":
+            raise InvalidArgument("the first RunJob message must be `start`")
+        start = first.start
+        job_uuid = start.job_uuid
+        log_ = log.bind(job_uuid=job_uuid, validator=str(validator))
+        executor_class = start.spec.executor_class
+        try:
+            conn, job = self._pool.reserve(executor_class, job_uuid)
+        except (AllBusy, NoExecutorOfClass) as exc:
+            reason = (
+                common_pb2.FAILURE_REASON_BUSY
+                if isinstance(exc, AllBusy)
+                else common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS
+            )
+            log_.info("job_rejected", reason=exc.message)
+            yield miner_pb2.RunJobResponse(
+                result=result(
+                    job_uuid,
+                    common_pb2.JOB_STATE_REJECTED,
+                    reason,
+                    common_pb2.STAGE_RESERVATION,
+                    exc.message,
+                )
+            )
+            return
+        log_ = log_.bind(executor_id=conn.executor_id)
+        log_.info("job_reserved")
+        started_at = time.monotonic()
+        countersigned: asyncio.Queue[receipts_pb2.LifecycleReceipt] = asyncio.Queue()
+        started = self._receipt(start, str(validator), receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_STARTED)
+        await self._receipts.put(started)
+        forwarder = asyncio.create_task(
+            self._forward(request_iterator, conn, job_uuid, countersigned)
+        )
+        done = False
+        try:
+            yield miner_pb2.RunJobResponse(receipt=started)
+            conn.send(executor_pb2.ConnectResponse(run_job=start))
+            while True:
+                msg = await job.inbox.get()
+                if isinstance(msg, ExecutorLost):
+                    res = result(
+                        job_uuid,
+                        common_pb2.JOB_STATE_HORDE_FAILED,
+                        common_pb2.FAILURE_REASON_EXECUTOR_LOST,
+                        common_pb2.STAGE_EXECUTION,
+                        f"executor {conn.executor_id} lost: {msg.reason}",
+                    )
+                else:
+                    kind = msg.WhichOneof("payload")
+                    if kind == "event" and msg.event.job_uuid == job_uuid:
+                        yield miner_pb2.RunJobResponse(event=msg.event)
+                        continue
+                    if kind == "output_chunk":
+                        yield miner_pb2.RunJobResponse(output_chunk=msg.output_chunk)
+                        continue
+                    if kind != "result" or msg.result.job_uuid != job_uuid:
+                        continue
+                    res = msg.result
+                res.miner_hotkey = str(self._signer.identity)
+                res.executor_id = conn.executor_id
+                finished = self._receipt(
+                    start,
+                    str(validator),
+                    receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_FINISHED,
+                    state=res.state,
+                    reason=res.reason,
+                    duration_s=time.monotonic() - started_at,
+                )
+                await self._receipts.put(finished)
+                yield miner_pb2.RunJobResponse(receipt=finished)
+                # Give the validator a moment to countersign before the stream closes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(COUNTERSIGN_WAIT_S):
+                        while True:
+                            signed = await countersigned.get()
+                            if lifecycle.parse(signed).kind == receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_FINISHED:
+                                break
+                done = res.state in TERMINAL_STATES
+                log_.info("job_finished", state=res.state, reason=res.reason)
+                yield miner_pb2.RunJobResponse(result=res)
+                return
+        finally:
+            forwarder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forwarder
+            if not done and not conn.closed:
+                # The validator went away mid-job: stop the work it no longer follows.
+                conn.send(
+                    executor_pb2.ConnectResponse(
+                        cancel=executor_pb2.CancelExecutorJob(
+                            job_uuid=job_uuid, reason="validator disconnected"
+                        )
+                    )
+                )
+            self._pool.release(conn, job)
+
+    def _receipt(
+        self,
+        start: miner_pb2.RunJobStart,
+        validator: str,
+        kind: receipts_pb2.LifecycleReceiptKind.ValueType,
+        *,
+        state: common_pb2.JobState.ValueType = common_pb2.JOB_STATE_UNSPECIFIED,
+        reason: common_pb2.FailureReason.ValueType = common_pb2.FAILURE_REASON_UNSPECIFIED,
+        duration_s: float = 0.0,
+    ) -> receipts_pb2.LifecycleReceipt:
+        payload = receipts_pb2.LifecycleReceiptPayload(
+            kind=kind,
+            job_uuid=start.job_uuid,
+            miner_hotkey=str(self._signer.identity),
+            validator_hotkey=validator,
+            executor_class=start.spec.executor_class,
+            timestamp_ns=time.time_ns(),
+            state=state,
+            reason=reason,
+            duration_s=duration_s,
+            job_kind=start.job_kind or "organic",
+        )
+        return lifecycle.miner_sign(payload, self._signer)
+
+    async def _forward(
+        self,
+        requests: AsyncIterator[miner_pb2.RunJobRequest],
+        conn: ExecutorConn,
+        job_uuid: str,
+        countersigned: asyncio.Queue[receipts_pb2.LifecycleReceipt],
+    ) -> None:
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("payload")
+                if kind == "input_chunk":
+                    conn.send(executor_pb2.ConnectResponse(input_chunk=msg.input_chunk))
+                elif kind == "cancel":
+                    conn.send(
+                        executor_pb2.ConnectResponse(
+                            cancel=executor_pb2.CancelExecutorJob(
+                                job_uuid=job_uuid, reason="cancelled by the validator"
+                            )
+                        )
+                    )
+                elif kind == "countersigned_receipt":
+                    receipt = msg.countersigned_receipt
+                    problem = lifecycle.verify(receipt)
+                    if problem is None:
+                        await self._receipts.put(receipt)
+                        countersigned.put_nowait(receipt)
+                    else:
+                        log.warning("bad_countersignature", job_uuid=job_uuid, problem=problem)
+                elif kind == "extra_data":
+                    conn.send(
+                        executor_pb2.ConnectResponse(
+                            extra_data=executor_pb2.ExecutorExtraData(
+                                job_uuid=job_uuid, data=msg.extra_data
+                            )
+                        )
+                    )
+        except grpc.aio.AioRpcError:
+            return

@@ -1,0 +1,68 @@
+"""Start a validator: the client job API over the miners the chain adapter knows."""
+
+from __future__ import annotations
+
+from horde.v1 import validator_pb2, validator_pb2_grpc
+from services.core.app import ServiceApp
+from services.core.auth import Authenticator, StaticPolicy
+from services.core.config import ValidatorSettings
+from services.core.db import open_database
+from services.core.identity import Signer
+from services.core.runtime import load_signer, open_chain, parse_identities
+from services.core.server import ServiceRegistration, create_server
+from services.validator.jobs import JobManager
+from services.validator.miners import MinerDirectory
+from services.validator.service import ValidatorServicer
+from services.validator.store import JobStore
+
+
+async def start_validator(settings: ValidatorSettings, signer: Signer | None = None) -> ServiceApp:
+    signer = signer or load_signer(settings, "validator")
+    clients = parse_identities(settings.clients, "clients")
+    parse_identities(list(settings.miners), "miners")
+    chain = open_chain(settings, signer)
+    engine = await open_database(settings.database("validator"))
+    store = JobStore(engine)
+    directory = MinerDirectory(signer, chain, settings.miners, settings.tls)
+    manager = JobManager(
+        signer, store, directory, settings.state_dir / "spool", settings.max_inline_output_bytes
+    )
+    await manager.recover()
+    auth = Authenticator(
+        signer.identity,
+        StaticPolicy(clients, "enrolled client"),
+        max_skew_s=settings.auth.max_clock_skew_s,
+    )
+    servicer = ValidatorServicer(
+        manager,
+        store,
+        set(settings.allowed_images),
+        settings.default_executor_class,
+        settings.max_inline_input_bytes,
+    )
+    server = await create_server(
+        settings.listen,
+        [
+            ServiceRegistration(
+                validator_pb2.DESCRIPTOR.services_by_name["ValidatorService"].full_name,
+                validator_pb2_grpc.add_ValidatorServiceServicer_to_server,
+                servicer,
+            )
+        ],
+        authenticator=auth,
+        service_label="validator",
+        tls=settings.tls,
+    )
+
+    async def close_all() -> None:
+        await directory.close()
+        await chain.close()
+        await engine.dispose()
+
+    return ServiceApp(
+        name="validator",
+        signer=signer,
+        servers=[server],
+        closers=[close_all],
+        grace_s=settings.shutdown_grace_s,
+    )

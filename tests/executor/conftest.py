@@ -1,0 +1,136 @@
+"""Fixtures for the executor tests: Docker availability, Horde's job images, a runtime that checks
+it leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiodocker
+import pytest
+
+from services.executor.sandbox import JOB_LABEL, DockerRuntime
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "deploy" / "images" / "build.sh"
+REQUIRED_IMAGES = ("horde/base:latest", "horde/demo-job:latest")
+
+
+def _docker_usable() -> str | None:
+    """None when the Docker CLI and daemon answer, else why not."""
+    if shutil.which("docker") is None:
+        return "docker CLI not found"
+    probe = subprocess.run(
+        ["docker", "version", "--format", "{{.Server.Version}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"Docker daemon not reachable: {probe.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def horde_images() -> tuple[str, ...]:
+    """Make sure Horde's job images exist, building them with deploy/images/build.sh if not.
+
+    Skips when Docker is unavailable, unless HORDE_REQUIRE_DOCKER=1 (CI), which fails instead.
+    """
+    reason = _docker_usable()
+    if reason is not None:
+        if os.environ.get("HORDE_REQUIRE_DOCKER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    missing = subprocess.run(
+        ["docker", "image", "inspect", *REQUIRED_IMAGES],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if missing.returncode != 0:
+        build = subprocess.run(
+            ["bash", str(BUILD_SCRIPT)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        if build.returncode != 0:
+            pytest.fail(f"{BUILD_SCRIPT} failed:\n{build.stdout}\n{build.stderr}")
+    return REQUIRED_IMAGES
+
+
+async def horde_objects(docker: aiodocker.Docker, job_uuids: list[str]) -> list[str]:
+    """Every container, volume and network labelled with one of these job uuids."""
+    found: list[str] = []
+    for job_uuid in job_uuids:
+        label = f"{JOB_LABEL}={job_uuid}"
+        filters = json.dumps({"label": [label]})
+        containers = await docker._query_json(
+            "containers/json", params={"all": "true", "filters": filters}
+        )
+        found += [f"container {c['Names']}" for c in containers]
+        volumes = await docker._query_json("volumes", params={"filters": filters})
+        found += [f"volume {v['Name']}" for v in volumes.get("Volumes") or []]
+        networks = await docker._query_json("networks", params={"filters": filters})
+        found += [f"network {n['Name']}" for n in networks]
+    return found
+
+
+LeftoverFinder = Callable[[list[str]], Awaitable[list[str]]]
+
+
+@pytest.fixture
+def find_leftovers(docker_client: aiodocker.Docker) -> LeftoverFinder:
+    """``await find_leftovers([uuid, ...])``: Horde objects still labelled with those jobs."""
+
+    async def find(job_uuids: list[str]) -> list[str]:
+        return await horde_objects(docker_client, job_uuids)
+
+    return find
+
+
+@pytest.fixture
+def job_uuids() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def new_job_uuid(job_uuids: list[str]) -> Callable[[], str]:
+    """Fresh job uuids, remembered so teardown can check nothing labelled with them remains."""
+
+    def make() -> str:
+        value = str(uuid.uuid4())
+        job_uuids.append(value)
+        return value
+
+    return make
+
+
+@pytest.fixture
+async def docker_client() -> AsyncIterator[aiodocker.Docker]:
+    client = aiodocker.Docker()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def runtime(
+    horde_images: tuple[str, ...], docker_client: aiodocker.Docker, job_uuids: list[str]
+) -> AsyncIterator[DockerRuntime]:
+    rt = DockerRuntime(docker_client)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+        leftovers = await horde_objects(docker_client, job_uuids)
+        assert leftovers == [], f"sandbox left objects behind: {leftovers}"
