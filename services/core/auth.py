@@ -71,12 +71,13 @@ class StaticPolicy:
     """Allow a fixed set of identities (optionally per method prefix)."""
 
     allowed: set[str]
-    label: str = "enrolled"
+    # Who the allowed callers are, for the denial message ("an enrolled client").
+    label: str = "an enrolled caller"
 
     async def deny_reason(self, caller: Identity, method: str) -> str | None:
         if str(caller) in self.allowed or caller.ss58 in self.allowed:
             return None
-        return f"{caller} is not an {self.label} caller"
+        return f"{caller} is not {self.label}"
 
 
 @dataclass

@@ -60,7 +60,7 @@ async def start_executor(
     )
     agent = ExecutorAgent(signer, settings.miner_address, str(miner), manifest, runner)
     # The executor's own listener: health for operators now, the job proxy for streaming jobs.
-    auth = Authenticator(signer.identity, StaticPolicy(set(), "gateway"))
+    auth = Authenticator(signer.identity, StaticPolicy(set(), "a gateway of a running session"))
     server = await create_server(
         settings.listen, [], authenticator=auth, service_label="executor", tls=settings.tls
     )

@@ -26,12 +26,12 @@ async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> 
     pool = ExecutorPool()
     policy = MethodPolicy(
         [
-            ("/horde.v1.ExecutorLinkService/", StaticPolicy(executors, "enrolled executor")),
+            ("/horde.v1.ExecutorLinkService/", StaticPolicy(executors, "an enrolled executor")),
             (
                 "/horde.v1.MinerService/",
                 AnyOfPolicy(
                     [
-                        StaticPolicy(validators, "configured validator"),
+                        StaticPolicy(validators, "a configured validator"),
                         ChainPolicy(chain, True, settings.min_validator_stake),
                     ]
                 ),

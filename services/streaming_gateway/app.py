@@ -43,7 +43,7 @@ async def start_gateway(settings: GatewaySettings, signer: Signer | None = None)
         clients |= parse_identities([settings.validator_identity], "validator_identity")
     auth = Authenticator(
         signer.identity,
-        StaticPolicy(clients, "enrolled client"),
+        StaticPolicy(clients, "an enrolled client"),
         max_skew_s=settings.auth.max_clock_skew_s,
     )
     server = await create_server(

@@ -30,7 +30,7 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
     await manager.recover()
     auth = Authenticator(
         signer.identity,
-        StaticPolicy(clients, "enrolled client"),
+        StaticPolicy(clients, "an enrolled client"),
         max_skew_s=settings.auth.max_clock_skew_s,
     )
     servicer = ValidatorServicer(
