@@ -19,10 +19,17 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from horde.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    miner_pb2,
+    miner_pb2_grpc,
+    validator_pb2,
+    validator_pb2_grpc,
+)
 from rich.console import Console
 from rich.table import Table
 
-from horde.v1 import gateway_pb2, gateway_pb2_grpc, miner_pb2, miner_pb2_grpc, validator_pb2, validator_pb2_grpc
 from services.cli.dev import DevEnv
 from services.core.identity import Ed25519Signer, load_key_file
 from services.core.server import open_channel
@@ -48,7 +55,9 @@ async def auth_tour(env: DevEnv) -> None:
     validator_key = load_key_file(env.state_dir / "keys" / "validator.json")
     table = Table("caller", "callee", "call", "outcome")
 
-    async def attempt(label: str, callee: str, signer: object, identity: str, call: str, fn: object) -> bool:
+    async def attempt(
+        label: str, callee: str, signer: object, identity: str, call: str, fn: object
+    ) -> bool:
         async with open_channel(env.address(callee), signer=signer, callee=identity) as ch:  # type: ignore[arg-type]
             try:
                 detail = await fn(ch)  # type: ignore[operator]
@@ -59,28 +68,68 @@ async def auth_tour(env: DevEnv) -> None:
                 return False
 
     async def manifest(ch: grpc.aio.Channel) -> str:
-        resp = await miner_pb2_grpc.MinerServiceStub(ch).GetManifest(miner_pb2.GetManifestRequest(), timeout=5)
+        resp = await miner_pb2_grpc.MinerServiceStub(ch).GetManifest(
+            miner_pb2.GetManifestRequest(), timeout=5
+        )
         ex = resp.manifest.executors
-        return f"{len(ex)} executor(s) linked: " + ", ".join(f"{e.executor_id} ({e.executor_class})" for e in ex)
+        return f"{len(ex)} executor(s) linked: " + ", ".join(
+            f"{e.executor_id} ({e.executor_class})" for e in ex
+        )
 
     async def list_jobs(ch: grpc.aio.Channel) -> str:
-        resp = await validator_pb2_grpc.ValidatorServiceStub(ch).ListJobs(validator_pb2.ListJobsRequest(), timeout=5)
+        resp = await validator_pb2_grpc.ValidatorServiceStub(ch).ListJobs(
+            validator_pb2.ListJobsRequest(), timeout=5
+        )
         return f"{len(resp.jobs)} job(s)"
 
     async def samples(ch: grpc.aio.Channel) -> str:
-        await gateway_pb2_grpc.GatewayServiceStub(ch).ListSamples(gateway_pb2.ListSamplesRequest(), timeout=5)
+        await gateway_pb2_grpc.GatewayServiceStub(ch).ListSamples(
+            gateway_pb2.ListSamplesRequest(), timeout=5
+        )
         return "samples listed"
 
     ok = [
-        await attempt("validator (hotkey)", "miner", validator_key, env.identity("miner"), "GetManifest", manifest),
-        await attempt("client", "validator", client, env.identity("validator"), "ListJobs", list_jobs),
-        await attempt("validator (hotkey)", "gateway", validator_key, env.identity("gateway"), "ListSamples", samples),
+        await attempt(
+            "validator (hotkey)",
+            "miner",
+            validator_key,
+            env.identity("miner"),
+            "GetManifest",
+            manifest,
+        ),
+        await attempt(
+            "client", "validator", client, env.identity("validator"), "ListJobs", list_jobs
+        ),
+        await attempt(
+            "validator (hotkey)",
+            "gateway",
+            validator_key,
+            env.identity("gateway"),
+            "ListSamples",
+            samples,
+        ),
     ]
     stranger = Ed25519Signer.generate()
     refused = [
-        not await attempt("unknown key", "validator", stranger, env.identity("validator"), "ListJobs", list_jobs),
-        not await attempt("client, signed for the miner", "validator", client, env.identity("miner"), "ListJobs", list_jobs),
-        not await attempt("client (not a validator)", "miner", client, env.identity("miner"), "GetManifest", manifest),
+        not await attempt(
+            "unknown key", "validator", stranger, env.identity("validator"), "ListJobs", list_jobs
+        ),
+        not await attempt(
+            "client, signed for the miner",
+            "validator",
+            client,
+            env.identity("miner"),
+            "ListJobs",
+            list_jobs,
+        ),
+        not await attempt(
+            "client (not a validator)",
+            "miner",
+            client,
+            env.identity("miner"),
+            "GetManifest",
+            manifest,
+        ),
     ]
     console.print(table)
     if not all(ok) or not all(refused):
@@ -93,8 +142,19 @@ def run_job(state_dir: Path, work: Path) -> dict[str, object]:
     (inputs / "greeting.txt").write_text("hello from the horde demo\n")
     (inputs / "numbers.txt").write_text("\n".join(str(i * i) for i in range(10)) + "\n")
     out = work / "outputs"
-    cmd = [HORDE, "job", "run", "--dev", str(state_dir), "--input", str(inputs), "--output", str(out),
-           "--json", "horde/demo-job:latest"]
+    cmd = [
+        HORDE,
+        "job",
+        "run",
+        "--dev",
+        str(state_dir),
+        "--input",
+        str(inputs),
+        "--output",
+        str(out),
+        "--json",
+        "horde/demo-job:latest",
+    ]
     console.print("$ " + " ".join(cmd[1:]).replace(str(work), "$WORK"))
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -122,7 +182,9 @@ def main() -> int:
         step("1. horde dev up: validator, miner, executor and gateway on 127.0.0.1")
         log = (work / "dev.log").open("w")
         proc = subprocess.Popen(
-            [HORDE, "dev", "up", "--state-dir", str(state_dir)], stdout=log, stderr=subprocess.STDOUT
+            [HORDE, "dev", "up", "--state-dir", str(state_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             deadline = time.monotonic() + 60
@@ -155,9 +217,9 @@ def main() -> int:
                 code = -9
             log.close()
             console.print(f"horde dev up exited with status {code}")
-            if code != 0:
-                print((work / "dev.log").read_text()[-3000:])
-                return 1
+        if code != 0:
+            print((work / "dev.log").read_text()[-3000:])
+            return 1
     console.print("[bold green]demo complete[/bold green]")
     return 0
 

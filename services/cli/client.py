@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 from rich.console import Console
 
-from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 from services.cli.dev import DevEnv
 from services.core.identity import Signer, load_key_file
 from services.core.proto_util import reason_name, stage_name, state_name
@@ -38,15 +38,21 @@ class Target:
         return open_channel(self.address, signer=self.signer, callee=self.identity)
 
 
-def validator_target(dev: Path | None, address: str | None, identity: str | None, key: Path | None) -> Target:
+def validator_target(
+    dev: Path | None, address: str | None, identity: str | None, key: Path | None
+) -> Target:
     if dev is not None:
         try:
             env = DevEnv.load(dev)
         except FileNotFoundError as exc:
             raise CliError(str(exc)) from None
-        return Target(env.address("validator"), env.identity("validator"), load_key_file(env.client_key))
+        return Target(
+            env.address("validator"), env.identity("validator"), load_key_file(env.client_key)
+        )
     if not (address and identity and key):
-        raise CliError("give --dev DIR, or --validator ADDR with --validator-identity ID and --key FILE")
+        raise CliError(
+            "give --dev DIR, or --validator ADDR with --validator-identity ID and --key FILE"
+        )
     return Target(address, identity, load_key_file(key))
 
 
@@ -83,7 +89,9 @@ def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
             data = path.read_bytes()
             volume = job_pb2.InputVolume(
                 inline_file=job_pb2.InlineFile(
-                    file_name=path.name, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+                    file_name=path.name,
+                    size_bytes=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
                 )
             )
         else:
@@ -220,7 +228,9 @@ def print_result(console: Console, doc: dict[str, Any], output_dir: Path | None)
         out.print(doc["stderr"], markup=False, highlight=False, end="")
     for o in doc["outputs"]:
         where = f" -> {output_dir / o['path']}" if output_dir else ""
-        out.print(f"output {o['path']} ({o['size_bytes']} bytes, sha256 {o['sha256'][:16]}...){where}")
+        out.print(
+            f"output {o['path']} ({o['size_bytes']} bytes, sha256 {o['sha256'][:16]}...){where}"
+        )
     if doc["stage_seconds"]:
         out.print("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in doc["stage_seconds"].items()))
 
@@ -236,7 +246,9 @@ async def job_status(target: Target, job_uuid: str, as_json: bool) -> int:
     doc = {"job_uuid": job.job_uuid, "state": state_name(job.state), "image": job.spec.image}
     if job.HasField("result"):
         doc["result"] = result_json(job.result)
-    print(json.dumps(doc, indent=2) if as_json else f"{job.job_uuid} {doc['state']} {job.spec.image}")
+    print(
+        json.dumps(doc, indent=2) if as_json else f"{job.job_uuid} {doc['state']} {job.spec.image}"
+    )
     return 0
 
 
@@ -244,7 +256,9 @@ async def job_cancel(target: Target, job_uuid: str) -> int:
     async with target.channel() as channel:
         stub = validator_pb2_grpc.ValidatorServiceStub(channel)
         try:
-            resp = await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30)
+            resp = await stub.CancelJob(
+                validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30
+            )
         except grpc.aio.AioRpcError as exc:
             raise CliError(f"{exc.code().name}: {exc.details()}") from None
     print(f"{job_uuid} {state_name(resp.state)}")

@@ -45,7 +45,8 @@ class DevEnv:
         path = state_dir / ENDPOINTS
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found: start a local network with `horde dev up --state-dir {state_dir}`"
+                f"{path} not found: start a local network with "
+                f"`horde dev up --state-dir {state_dir}`"
             )
         return cls(state_dir, json.loads(path.read_text()))
 
@@ -66,7 +67,9 @@ def _key(path: Path, kind: str) -> Path:
     return path
 
 
-async def dev_up(state_dir: Path, allow_images: list[str], stop: asyncio.Event | None = None) -> None:
+async def dev_up(
+    state_dir: Path, allow_images: list[str], stop: asyncio.Event | None = None
+) -> None:
     state_dir = state_dir.resolve()
     keys = state_dir / "keys"
     keys.mkdir(parents=True, exist_ok=True)
@@ -85,11 +88,21 @@ async def dev_up(state_dir: Path, allow_images: list[str], stop: asyncio.Event |
         uid=0, hotkey=ids["validator"].ss58, stake=10_000.0, validator_permit=True
     )
     write_roster(roster, [validator_neuron])
-    common: dict[str, Any] = {"state_dir": state_dir, "roster_file": roster, "shutdown_grace_s": 2.0}
+    common: dict[str, Any] = {
+        "state_dir": state_dir,
+        "roster_file": roster,
+        "shutdown_grace_s": 2.0,
+    }
     apps: list[ServiceApp] = []
     try:
         miner = await start_miner(
-            load_settings(MinerSettings, executors=[str(ids["executor"])], heartbeat_interval_s=2.0, executor_timeout_s=6.0, **common),
+            load_settings(
+                MinerSettings,
+                executors=[str(ids["executor"])],
+                heartbeat_interval_s=2.0,
+                executor_timeout_s=6.0,
+                **common,
+            ),
             signers["miner"],
         )
         apps.append(miner)
@@ -97,7 +110,10 @@ async def dev_up(state_dir: Path, allow_images: list[str], stop: asyncio.Event |
         miner_addr = f"127.0.0.1:{miner.port}"
         write_roster(
             roster,
-            [validator_neuron, Neuron(uid=1, hotkey=ids["miner"].ss58, stake=100.0, endpoint=miner_addr)],
+            [
+                validator_neuron,
+                Neuron(uid=1, hotkey=ids["miner"].ss58, stake=100.0, endpoint=miner_addr),
+            ],
         )
         executor, agent = await start_executor(
             load_settings(
@@ -153,7 +169,10 @@ async def dev_up(state_dir: Path, allow_images: list[str], stop: asyncio.Event |
         tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
         tmp.replace(state_dir / ENDPOINTS)
         log.info("dev_network_up", state_dir=str(state_dir), **{a.name: a.port for a in apps})
-        print(f"horde dev network up; endpoints in {state_dir / ENDPOINTS} (Ctrl-C to stop)", flush=True)
+        print(
+            f"horde dev network up; endpoints in {state_dir / ENDPOINTS} (Ctrl-C to stop)",
+            flush=True,
+        )
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from horde.v1 import job_pb2
+
 from services import __version__
 from services.core.config import (
     ExecutorSettings,
@@ -71,9 +72,7 @@ def _serve(kind: str, config: Path | None) -> int:
 
 def _keys_new(args: argparse.Namespace) -> int:
     try:
-        signer = create_key_file(
-            args.out, args.kind, key_type=args.key_type, overwrite=args.force
-        )
+        signer = create_key_file(args.out, args.kind, key_type=args.key_type, overwrite=args.force)
     except FileExistsError as exc:
         print(f"horde keys new: {exc} (use --force to replace it)", file=sys.stderr)
         return 1
@@ -161,7 +160,9 @@ def _dev_up(args: argparse.Namespace) -> int:
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
     p.add_argument("--validator", help="validator host:port")
-    p.add_argument("--validator-identity", help="validator identity (sr25519:<hex> or ed25519:<hex>)")
+    p.add_argument(
+        "--validator-identity", help="validator identity (sr25519:<hex> or ed25519:<hex>)"
+    )
     p.add_argument("--key", type=Path, help="client key file (`horde keys new`)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -180,15 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="key files").add_subparsers(dest="action", required=True)
     new = keys.add_parser("new", help="write a new key file (mode 0600)")
-    new.add_argument("--kind", choices=["ed25519", "hotkey"], default="ed25519",
-                     help="ed25519 for executors, gateways and clients; hotkey for validators and miners")
-    new.add_argument("--key-type", choices=["sr25519", "ed25519"], default="sr25519",
-                     help="signature scheme of a hotkey")
+    new.add_argument(
+        "--kind",
+        choices=["ed25519", "hotkey"],
+        default="ed25519",
+        help="ed25519 for executors, gateways and clients; hotkey for validators and miners",
+    )
+    new.add_argument(
+        "--key-type",
+        choices=["sr25519", "ed25519"],
+        default="sr25519",
+        help="signature scheme of a hotkey",
+    )
     new.add_argument("--out", type=Path, required=True, help="where to write the key file")
     new.add_argument("--force", action="store_true", help="replace an existing file")
     new.set_defaults(func=_keys_new)
 
-    receipts = sub.add_parser("receipts", help="stream receipts").add_subparsers(dest="action", required=True)
+    receipts = sub.add_parser("receipts", help="stream receipts").add_subparsers(
+        dest="action", required=True
+    )
     verify = receipts.add_parser("verify", help="verify receipts in JSON form, one a line")
     verify.add_argument("file", type=Path)
     verify.set_defaults(func=_receipts_verify)
@@ -204,8 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = job.add_parser("run", help="run a job and wait for its result")
     _add_client_args(run)
     run.add_argument("--class", dest="job_class", help="executor class")
-    run.add_argument("--input", action="append", default=[], metavar="PATH",
-                     help="file or directory placed under /volume (or URL#sha256=HEX)")
+    run.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="file or directory placed under /volume (or URL#sha256=HEX)",
+    )
     run.add_argument("--output", type=Path, help="directory to write /output files into")
     run.add_argument("--env", action="append", default=[], metavar="K=V")
     run.add_argument("--timeout", type=int, help="execution time limit in seconds")

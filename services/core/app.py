@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -63,7 +64,7 @@ class ServiceApp:
         await serve_until_signal(
             self.servers,
             grace_s=self.grace_s,
-            background=[lambda fn=fn: _guard(self.name, fn) for fn in self.background],
+            background=[functools.partial(_guard, self.name, fn) for fn in self.background],
             stop=stop,
             on_stop=self.close,
         )

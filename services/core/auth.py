@@ -159,7 +159,9 @@ class Authenticator:
         md: dict[str, str] = {}
         for key, value in metadata:
             md[key] = value if isinstance(value, str) else bytes(value).decode(errors="replace")
-        missing = [h for h in (H_CALLER, H_CALLEE, H_TIMESTAMP, H_NONCE, H_SIGNATURE) if h not in md]
+        missing = [
+            h for h in (H_CALLER, H_CALLEE, H_TIMESTAMP, H_NONCE, H_SIGNATURE) if h not in md
+        ]
         if missing:
             raise self._unauth(f"missing authentication metadata: {', '.join(missing)}")
         try:
@@ -167,7 +169,9 @@ class Authenticator:
         except ValueError as exc:
             raise self._unauth(f"malformed caller identity: {exc}") from None
         if md[H_CALLEE] != str(self.me):
-            raise self._unauth(f"call was signed for another callee ({md[H_CALLEE]}), not {self.me}")
+            raise self._unauth(
+                f"call was signed for another callee ({md[H_CALLEE]}), not {self.me}"
+            )
         try:
             ts = int(md[H_TIMESTAMP])
             signature = bytes.fromhex(md[H_SIGNATURE])

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from horde.v1 import receipts_pb2
+
 from services.core.identity import Identity, Signer
 
 DOMAIN = b"horde.lifecycle-receipt.v1\x00"
 CERT_DOMAIN = b"horde.job-certificate.v1\x00"
 
 
-def miner_sign(payload: receipts_pb2.LifecycleReceiptPayload, miner: Signer) -> receipts_pb2.LifecycleReceipt:
+def miner_sign(
+    payload: receipts_pb2.LifecycleReceiptPayload, miner: Signer
+) -> receipts_pb2.LifecycleReceipt:
     raw = payload.SerializeToString(deterministic=True)
     return receipts_pb2.LifecycleReceipt(payload=raw, miner_signature=miner.sign(DOMAIN + raw))
 
 
-def countersign(receipt: receipts_pb2.LifecycleReceipt, validator: Signer) -> receipts_pb2.LifecycleReceipt:
+def countersign(
+    receipt: receipts_pb2.LifecycleReceipt, validator: Signer
+) -> receipts_pb2.LifecycleReceipt:
     out = receipts_pb2.LifecycleReceipt()
     out.CopyFrom(receipt)
     out.validator_signature = validator.sign(DOMAIN + receipt.payload)
@@ -37,6 +42,8 @@ def verify(receipt: receipts_pb2.LifecycleReceipt, *, require_validator: bool = 
         return f"malformed receipt: {exc}"
     if not miner.verify(DOMAIN + receipt.payload, receipt.miner_signature):
         return "miner signature does not verify"
-    if require_validator and not validator.verify(DOMAIN + receipt.payload, receipt.validator_signature):
+    if require_validator and not validator.verify(
+        DOMAIN + receipt.payload, receipt.validator_signature
+    ):
         return "validator signature does not verify"
     return None

@@ -18,7 +18,6 @@ from typing import Any
 
 import nacl.exceptions
 import nacl.signing
-
 from horde.v1 import receipts_pb2
 
 DOMAIN = b"horde.stream-receipt.v1\x00"
@@ -208,7 +207,9 @@ def sign_receipt(
     input_sha256: bytes,
     output_sha256: bytes,
 ) -> StreamReceipt:
-    blob = signed_blob(job_uuid, seq, timestamp_from_ns, timestamp_to_ns, input_sha256, output_sha256)
+    blob = signed_blob(
+        job_uuid, seq, timestamp_from_ns, timestamp_to_ns, input_sha256, output_sha256
+    )
     return StreamReceipt(
         job_uuid=job_uuid,
         seq=seq,

@@ -16,7 +16,7 @@ import inspect
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.core.auth import PUBLIC_PREFIXES, AuthFailure, Authenticator, client_interceptors
+from services.core.auth import PUBLIC_PREFIXES, Authenticator, AuthFailure, client_interceptors
 from services.core.config import TLSSettings
 from services.core.errors import HordeError
 from services.core.identity import Identity, Signer
@@ -164,7 +164,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, mw: RpcMiddleware) -> grp
 
     inner_stream = handler.unary_stream or handler.stream_stream
 
-    async def streaming_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming_response(
+        request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         call = await mw.before(method, context)
         try:
             result = inner_stream(request, context)
@@ -262,7 +264,11 @@ async def create_server(
     for reg in services:
         reg.add(reg.servicer, server)
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     creds = server_credentials(tls) if tls is not None else None
@@ -302,7 +308,7 @@ async def serve_until_signal(
     running: Sequence[RunningServer],
     *,
     grace_s: float,
-    background: Sequence[Callable[[], Awaitable[None]]] = (),
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
     stop: asyncio.Event | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
-
 from horde.v1 import common_pb2, executor_pb2, executor_pb2_grpc, job_pb2, manifest_pb2
+
 from services.core.identity import Signer
 from services.core.proto_util import result
 from services.core.server import open_channel

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import structlog
-
 from horde.v1 import manifest_pb2
+
 from services import __version__
 from services.core.app import ServiceApp
 from services.core.auth import Authenticator, StaticPolicy

@@ -7,6 +7,7 @@ tested with a fake here.
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import shutil
@@ -16,7 +17,6 @@ from types import ModuleType
 from typing import Any
 
 import structlog
-
 from horde.v1 import manifest_pb2
 
 log = structlog.get_logger("horde.executor.hardware")
@@ -61,7 +61,8 @@ def _text(value: Any) -> str:
 def probe_gpus(nvml: ModuleType | Any | None = None) -> tuple[list[Gpu], str, str]:
     """GPUs, driver version and CUDA version; empty when NVML is unavailable."""
     if nvml is None:
-        import pynvml as nvml
+        nvml = importlib.import_module("pynvml")
+    assert nvml is not None
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:

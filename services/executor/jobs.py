@@ -15,8 +15,8 @@ from pathlib import Path
 
 import aiohttp
 import structlog
-
 from horde.v1 import common_pb2, executor_pb2, job_pb2, miner_pb2
+
 from services.core.proto_util import event, result
 from services.executor.archive import ArchiveError, clean_member_name, safe_extract
 from services.executor.sandbox import (
@@ -328,7 +328,8 @@ class OrganicJobRunner:
                     raise failed(
                         common_pb2.FAILURE_REASON_INVALID_INPUT,
                         common_pb2.STAGE_VOLUME_DOWNLOAD,
-                        f"input bytes for volume {chunk.volume_index} arrived while expecting {index}",
+                        f"input bytes for volume {chunk.volume_index} arrived "
+                        f"while expecting {index}",
                     )
                 received += len(chunk.data)
                 if size and received > size:
@@ -385,7 +386,8 @@ class OrganicJobRunner:
             raise failed(
                 common_pb2.FAILURE_REASON_DOWNLOAD_FAILED,
                 stage,
-                f"sha256 of {url.url.split('?', 1)[0]} is {digest.hexdigest()}, expected {url.sha256}",
+                f"sha256 of {url.url.split('?', 1)[0]} is {digest.hexdigest()}, "
+                f"expected {url.sha256}",
             )
 
     def _classify(self, job_uuid: str, out: ContainerResult) -> job_pb2.JobResult:

@@ -49,6 +49,10 @@ log = structlog.get_logger(__name__)
 LABEL = "io.horde.managed"
 JOB_LABEL = "io.horde.job_uuid"
 ROLE_LABEL = "io.horde.role"
+# Which runtime created an object, so that sweep() only touches its own: several executors (or
+# test runs) may share one Docker engine.
+INSTANCE_LABEL = "io.horde.executor"
+DEFAULT_INSTANCE = "default"
 
 DEFAULT_HOLDER_IMAGE = "horde/base:latest"
 OUTPUT_PATH = "/output"
@@ -191,8 +195,8 @@ def output_volume_bytes(limits: SandboxLimits) -> int:
     return -(-(limits.output_bytes + headroom) // _PAGE) * _PAGE
 
 
-def _labels(job_uuid: str, role: str) -> dict[str, str]:
-    return {LABEL: "1", JOB_LABEL: job_uuid, ROLE_LABEL: role}
+def _labels(job_uuid: str, role: str, instance: str) -> dict[str, str]:
+    return {LABEL: "1", JOB_LABEL: job_uuid, ROLE_LABEL: role, INSTANCE_LABEL: instance}
 
 
 def _hardening(limits: SandboxLimits) -> dict[str, Any]:
@@ -216,7 +220,9 @@ def _hardening(limits: SandboxLimits) -> dict[str, Any]:
     }
 
 
-def build_job_config(run: ContainerRun, image_id: str, volume_name: str) -> dict[str, Any]:
+def build_job_config(
+    run: ContainerRun, image_id: str, volume_name: str, instance: str = DEFAULT_INSTANCE
+) -> dict[str, Any]:
     """The container-create body for a job (pure; unit-testable without Docker)."""
     for key, value in run.env.items():
         if not key or "=" in key or "\x00" in key or "\x00" in value:
@@ -260,7 +266,7 @@ def build_job_config(run: ContainerRun, image_id: str, volume_name: str) -> dict
     config: dict[str, Any] = {
         "Image": image_id,
         "Env": [f"{k}={v}" for k, v in run.env.items()],
-        "Labels": _labels(run.job_uuid, "job"),
+        "Labels": _labels(run.job_uuid, "job", instance),
         "Tty": False,
         "OpenStdin": False,
         "AttachStdin": False,
@@ -274,7 +280,9 @@ def build_job_config(run: ContainerRun, image_id: str, volume_name: str) -> dict
     return config
 
 
-def build_holder_config(job_uuid: str, image_id: str, volume_name: str) -> dict[str, Any]:
+def build_holder_config(
+    job_uuid: str, image_id: str, volume_name: str, instance: str = DEFAULT_INSTANCE
+) -> dict[str, Any]:
     limits = SandboxLimits(
         memory_bytes=32 * _MiB, nano_cpus=100_000_000, pids_limit=8, tmp_bytes=_MiB
     )
@@ -286,7 +294,7 @@ def build_holder_config(job_uuid: str, image_id: str, volume_name: str) -> dict[
         "Image": image_id,
         "Entrypoint": ["sleep"],
         "Cmd": ["infinity"],
-        "Labels": _labels(job_uuid, "output-holder"),
+        "Labels": _labels(job_uuid, "output-holder", instance),
         "Tty": False,
         "NetworkDisabled": True,
         "HostConfig": host_config,
@@ -309,14 +317,20 @@ class DockerRuntime:
         holder_image: str = DEFAULT_HOLDER_IMAGE,
         pull_timeout_s: float = 1800.0,
         cleanup_timeout_s: float = 60.0,
+        instance: str = DEFAULT_INSTANCE,
     ) -> None:
         """``allowed_images``: image references (``name`` means ``name:latest``) or a predicate;
-        None allows every image (the caller then enforces its own policy)."""
+        None allows every image (the caller then enforces its own policy).
+
+        ``instance`` labels everything this runtime creates; sweep() removes only that
+        instance's objects. Use a stable id per executor (e.g. its identity) when several
+        executors share a Docker engine."""
         self._docker = docker if docker is not None else aiodocker.Docker()
         self._owns_docker = docker is None
         self._holder_image = holder_image
         self._pull_timeout_s = pull_timeout_s
         self._cleanup_timeout_s = cleanup_timeout_s
+        self._instance = instance
         self._policy: Callable[[str], bool] | None
         if allowed_images is None:
             self._policy = None
@@ -327,6 +341,10 @@ class DockerRuntime:
             self._policy = lambda ref: normalise_image_ref(ref) in allowed
         self._pending: set[asyncio.Task[Any]] = set()
         self._pull_locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def instance(self) -> str:
+        return self._instance
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -408,20 +426,26 @@ class DockerRuntime:
 
     # ----------------------------------------------------------------------------- sweep
 
-    async def sweep(self, job_uuid: str | None = None) -> int:
-        """Remove every container, network and volume carrying the Horde label (or one job's).
+    async def sweep(self, job_uuid: str | None = None, *, all_instances: bool = False) -> int:
+        """Remove every container, network and volume carrying the Horde label.
 
-        Meant for start-up, when no job can be running; returns how many objects were removed.
+        By default only this runtime's instance's objects (``all_instances`` widens it to every
+        Horde object on the engine), and only one job's when ``job_uuid`` is given. Meant for
+        start-up and shutdown, when none of them can be in use; returns how many were removed.
         """
-        label = f"{LABEL}=1" if job_uuid is None else f"{JOB_LABEL}={job_uuid}"
+        labels = [f"{LABEL}=1"]
+        if not all_instances:
+            labels.append(f"{INSTANCE_LABEL}={self._instance}")
+        if job_uuid is not None:
+            labels.append(f"{JOB_LABEL}={job_uuid}")
         removed = 0
         containers = await self._docker.containers.list(
-            all=True, filters=_filters({"label": [label]})
+            all=True, filters=_filters({"label": labels})
         )
         for container in containers:
             if await self._delete_container(container.id):
                 removed += 1
-        networks = await self._docker.networks.list(filters={"label": [label]})
+        networks = await self._docker.networks.list(filters={"label": labels})
         for net in networks:
             try:
                 async with self._docker._query(f"networks/{net['Id']}", method="DELETE"):
@@ -429,9 +453,10 @@ class DockerRuntime:
             except DockerError as exc:
                 if exc.status != 404:
                     raise
-            removed += 1
+            else:
+                removed += 1
         volumes = await self._docker._query_json(
-            "volumes", params={"filters": _filters({"label": [label]})}
+            "volumes", params={"filters": _filters({"label": labels})}
         )
         for vol in volumes.get("Volumes") or []:
             if await self._delete_volume(vol["Name"]):
@@ -448,7 +473,7 @@ class DockerRuntime:
         holder_id = await self.ensure_image(self._holder_image, _internal=True)
         base = f"horde-{_safe_name(run.job_uuid)}-{secrets.token_hex(4)}"
         names = _Names(job=base, holder=f"{base}-holder", volume=f"{base}-output")
-        job_config = build_job_config(run, image_id, names.volume)
+        job_config = build_job_config(run, image_id, names.volume, self._instance)
         inflight: list[asyncio.Task[Any]] = []
         bound = log.bind(job_uuid=run.job_uuid, container=names.job)
         try:
@@ -491,12 +516,12 @@ class DockerRuntime:
                             "o": f"size={vol_bytes},nr_inodes={limits.output_files + 2},"
                             "mode=1777,nosuid,nodev",
                         },
-                        "Labels": _labels(run.job_uuid, "output"),
+                        "Labels": _labels(run.job_uuid, "output", self._instance),
                     }
                 ),
             )
             holder = await self._docker.containers.create(
-                build_holder_config(run.job_uuid, holder_image_id, names.volume),
+                build_holder_config(run.job_uuid, holder_image_id, names.volume, self._instance),
                 name=names.holder,
             )
             await holder.start()
@@ -797,6 +822,8 @@ def _safe_name(value: str) -> str:
 
 __all__ = [
     "DEFAULT_HOLDER_IMAGE",
+    "DEFAULT_INSTANCE",
+    "INSTANCE_LABEL",
     "JOB_LABEL",
     "LABEL",
     "ROLE_LABEL",

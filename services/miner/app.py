@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from horde.v1 import executor_pb2, executor_pb2_grpc, miner_pb2, miner_pb2_grpc
+
 from services.core.app import ServiceApp
 from services.core.auth import AnyOfPolicy, Authenticator, MethodPolicy, StaticPolicy
 from services.core.config import MinerSettings

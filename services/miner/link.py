@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
-
 from horde.v1 import executor_pb2, executor_pb2_grpc
+
 from services.core.errors import InvalidArgument
 from services.core.server import current_caller
 from services.miner.pool import ExecutorConn, ExecutorPool
@@ -23,7 +23,7 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
         self._pool = pool
         self._heartbeat_s = heartbeat_interval_s
 
-    async def Connect(  # noqa: N802 - gRPC method name
+    async def Connect(
         self,
         request_iterator: AsyncIterator[executor_pb2.ConnectRequest],
         context: grpc.aio.ServicerContext,

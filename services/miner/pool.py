@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
-
 from horde.v1 import executor_pb2, manifest_pb2
+
 from services.core.errors import ResourceExhausted
 from services.core.identity import Identity
 
@@ -104,7 +104,9 @@ class ExecutorPool:
         return list(self._conns.values())
 
     def reserve(self, executor_class: str, job_uuid: str) -> tuple[ExecutorConn, JobChannel]:
-        same_class = [c for c in self._conns.values() if c.manifest.executor_class == executor_class]
+        same_class = [
+            c for c in self._conns.values() if c.manifest.executor_class == executor_class
+        ]
         if not same_class:
             raise NoExecutorOfClass(f"no executor of class {executor_class!r} is connected")
         for conn in same_class:

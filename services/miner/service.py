@@ -1,4 +1,4 @@
-"""MinerService: what validators call. Thin servicer over the executor pool and the receipt store."""
+"""MinerService: what validators call; a thin servicer over the executor pool and receipts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator
 import grpc
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from horde.v1 import (
     common_pb2,
     executor_pb2,
@@ -20,9 +18,11 @@ from horde.v1 import (
     miner_pb2_grpc,
     receipts_pb2,
 )
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from services.core import lifecycle
 from services.core.db import lifecycle_receipts
-from services.core.errors import InvalidArgument
+from services.core.errors import HordeError, InvalidArgument
 from services.core.identity import Signer
 from services.core.proto_util import TERMINAL_STATES, result
 from services.core.server import current_caller
@@ -70,7 +70,9 @@ class ReceiptStore:
                     .values(validator_signature=receipt.validator_signature)
                 )
 
-    async def list(self, cursor: int, limit: int) -> tuple[list[receipts_pb2.LifecycleReceipt], int]:
+    async def page(
+        self, cursor: int, limit: int
+    ) -> tuple[list[receipts_pb2.LifecycleReceipt], int]:
         async with self._engine.connect() as conn:
             rows = (
                 await conn.execute(
@@ -97,7 +99,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         self._pool = pool
         self._receipts = receipts
 
-    async def GetManifest(  # noqa: N802
+    async def GetManifest(
         self, request: miner_pb2.GetManifestRequest, context: grpc.aio.ServicerContext
     ) -> miner_pb2.GetManifestResponse:
         return miner_pb2.GetManifestResponse(
@@ -108,7 +110,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
             )
         )
 
-    async def ListReceipts(  # noqa: N802
+    async def ListReceipts(
         self, request: miner_pb2.ListReceiptsRequest, context: grpc.aio.ServicerContext
     ) -> miner_pb2.ListReceiptsResponse:
         try:
@@ -116,13 +118,13 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         except ValueError:
             raise InvalidArgument(f"malformed cursor {request.cursor!r}") from None
         limit = min(request.limit or 100, 1000)
-        receipts, next_cursor = await self._receipts.list(cursor, limit)
+        receipts, next_cursor = await self._receipts.page(cursor, limit)
         states = [lifecycle.parse(r).state for r in receipts]
         return miner_pb2.ListReceiptsResponse(
             receipts=receipts, next_cursor=str(next_cursor), states=states
         )
 
-    async def RunJob(  # noqa: N802
+    async def RunJob(
         self,
         request_iterator: AsyncIterator[miner_pb2.RunJobRequest],
         context: grpc.aio.ServicerContext,
@@ -158,7 +160,9 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         log_.info("job_reserved")
         started_at = time.monotonic()
         countersigned: asyncio.Queue[receipts_pb2.LifecycleReceipt] = asyncio.Queue()
-        started = self._receipt(start, str(validator), receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_STARTED)
+        started = self._receipt(
+            start, str(validator), receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_STARTED
+        )
         await self._receipts.put(started)
         forwarder = asyncio.create_task(
             self._forward(request_iterator, conn, job_uuid, countersigned)
@@ -205,7 +209,10 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                     async with asyncio.timeout(COUNTERSIGN_WAIT_S):
                         while True:
                             signed = await countersigned.get()
-                            if lifecycle.parse(signed).kind == receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_FINISHED:
+                            if (
+                                lifecycle.parse(signed).kind
+                                == receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_FINISHED
+                            ):
                                 break
                 done = res.state in TERMINAL_STATES
                 log_.info("job_finished", state=res.state, reason=res.reason)
@@ -225,6 +232,12 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                     )
                 )
             self._pool.release(conn, job)
+
+    async def RunSyntheticRound(  # noqa: N802
+        self, request: miner_pb2.RunSyntheticRoundRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[miner_pb2.RunSyntheticRoundResponse]:
+        raise _Unimplemented("synthetic rounds are not served by this miner version yet")
+        yield  # pragma: no cover - makes this an async generator
 
     def _receipt(
         self,
@@ -288,3 +301,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                     )
         except grpc.aio.AioRpcError:
             return
+
+
+class _Unimplemented(HordeError):
+    code = grpc.StatusCode.UNIMPLEMENTED

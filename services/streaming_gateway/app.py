@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-
 from horde.v1 import gateway_pb2, gateway_pb2_grpc
+
 from services.core.app import ServiceApp
 from services.core.auth import Authenticator, StaticPolicy
 from services.core.config import GatewaySettings
@@ -22,7 +22,7 @@ class NotYetServed(HordeError):
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    async def Session(  # noqa: N802
+    async def Session(
         self,
         request_iterator: AsyncIterator[gateway_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,
@@ -30,7 +30,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         raise NotYetServed("streaming sessions are not served by this gateway version yet")
         yield  # pragma: no cover - makes this an async generator
 
-    async def ListSamples(  # noqa: N802
+    async def ListSamples(
         self, request: gateway_pb2.ListSamplesRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListSamplesResponse:
         return gateway_pb2.ListSamplesResponse(next_cursor=request.cursor)

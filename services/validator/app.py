@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from horde.v1 import validator_pb2, validator_pb2_grpc
+
 from services.core.app import ServiceApp
 from services.core.auth import Authenticator, StaticPolicy
 from services.core.config import ValidatorSettings

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import structlog
-
 from horde.v1 import common_pb2, job_pb2, miner_pb2
+
 from services.core import lifecycle
 from services.core.identity import Signer
 from services.core.proto_util import TERMINAL_STATES, event, result
@@ -102,17 +102,27 @@ class JobManager:
         return len(stale)
 
     async def submit(
-        self, job_uuid: str, spec: job_pb2.JobSpec, client: str, spool: Path | None, kind: str = "organic"
+        self,
+        job_uuid: str,
+        spec: job_pb2.JobSpec,
+        client: str,
+        spool: Path | None,
+        kind: str = "organic",
     ) -> LiveJob:
         fill_timeouts(spec)
         await self._store.create(job_uuid, client, kind, spec)
         job = LiveJob(job_uuid=job_uuid, spec=spec, client=client, spool=spool)
         self._live[job_uuid] = job
-        await self._publish(job, event(job_uuid, common_pb2.JOB_STATE_ACCEPTED, common_pb2.STAGE_ACCEPT, "job accepted"))
+        await self._publish(
+            job,
+            event(job_uuid, common_pb2.JOB_STATE_ACCEPTED, common_pb2.STAGE_ACCEPT, "job accepted"),
+        )
         job.task = asyncio.create_task(self._run(job))
         return job
 
-    async def reject(self, job_uuid: str, spec: job_pb2.JobSpec, client: str, res: job_pb2.JobResult) -> None:
+    async def reject(
+        self, job_uuid: str, spec: job_pb2.JobSpec, client: str, res: job_pb2.JobResult
+    ) -> None:
         await self._store.create(job_uuid, client, "organic", spec)
         await self._store.finish(res)
 
@@ -213,7 +223,13 @@ class JobManager:
         saw_class = False
         while True:
             if job.cancel.is_set():
-                return result(job.job_uuid, common_pb2.JOB_STATE_CANCELLED, common_pb2.FAILURE_REASON_CANCELLED, stage, "cancelled before an executor was reserved")
+                return result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_CANCELLED,
+                    common_pb2.FAILURE_REASON_CANCELLED,
+                    stage,
+                    "cancelled before an executor was reserved",
+                )
             candidates, any_of_class = await self._directory.candidates(spec.executor_class)
             saw_class = saw_class or any_of_class
             fresh = [m for m in candidates if m not in tried]
@@ -247,7 +263,8 @@ class JobManager:
 
     async def _attempt(self, job: LiveJob, miner: MinerRef) -> job_pb2.JobResult | None:
         """Run the job on one miner; None when the miner was busy (try the next)."""
-        outbox: asyncio.Queue[miner_pb2.RunJobRequest | None] = asyncio.Queue()
+        # Bounded, so a big input streams at the pace the miner takes it.
+        outbox: asyncio.Queue[miner_pb2.RunJobRequest | None] = asyncio.Queue(maxsize=8)
 
         async def requests() -> AsyncIterator[miner_pb2.RunJobRequest]:
             while (msg := await outbox.get()) is not None:
@@ -255,7 +272,9 @@ class JobManager:
 
         outbox.put_nowait(
             miner_pb2.RunJobRequest(
-                start=miner_pb2.RunJobStart(job_uuid=job.job_uuid, spec=job.spec, job_kind="organic")
+                start=miner_pb2.RunJobStart(
+                    job_uuid=job.job_uuid, spec=job.spec, job_kind="organic"
+                )
             )
         )
         call = self._directory.stub(miner).RunJob(requests())
@@ -266,14 +285,16 @@ class JobManager:
             async for msg in call:
                 kind = msg.WhichOneof("payload")
                 if kind == "result":
-                    res = msg.result
+                    res: job_pb2.JobResult = msg.result
                     if res.state == common_pb2.JOB_STATE_REJECTED and res.reason in (
                         common_pb2.FAILURE_REASON_BUSY,
                         common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS,
                     ):
                         log.info("miner_busy", job_uuid=job.job_uuid, miner=miner.identity)
                         return None
-                    if job.cancel.is_set() and res.state not in TERMINAL_STATES - {common_pb2.JOB_STATE_CANCELLED}:
+                    if job.cancel.is_set() and res.state not in TERMINAL_STATES - {
+                        common_pb2.JOB_STATE_CANCELLED
+                    }:
                         res.state = common_pb2.JOB_STATE_CANCELLED
                     return res
                 if kind == "receipt":
@@ -285,7 +306,7 @@ class JobManager:
                         continue
                     signed = lifecycle.countersign(receipt, self._signer)
                     await self._store.put_receipt(signed)
-                    outbox.put_nowait(miner_pb2.RunJobRequest(countersigned_receipt=signed))
+                    await outbox.put(miner_pb2.RunJobRequest(countersigned_receipt=signed))
                     if sender is None:
                         sender = asyncio.create_task(self._send_inputs(job, outbox))
                 elif kind == "event":
@@ -301,7 +322,12 @@ class JobManager:
                 f"miner {miner.identity} closed the job stream without a result",
             )
         except grpc.aio.AioRpcError as exc:
-            log.warning("miner_call_failed", job_uuid=job.job_uuid, miner=miner.identity, code=exc.code().name)
+            log.warning(
+                "miner_call_failed",
+                job_uuid=job.job_uuid,
+                miner=miner.identity,
+                code=exc.code().name,
+            )
             if stage == common_pb2.STAGE_RESERVATION and exc.code() == grpc.StatusCode.UNAVAILABLE:
                 return None
             return result(
@@ -315,14 +341,19 @@ class JobManager:
             canceller.cancel()
             if sender is not None:
                 sender.cancel()
-            outbox.put_nowait(None)
+            with contextlib.suppress(asyncio.QueueFull):
+                outbox.put_nowait(None)
             call.cancel()
 
-    async def _watch_cancel(self, job: LiveJob, outbox: asyncio.Queue[miner_pb2.RunJobRequest | None]) -> None:
+    async def _watch_cancel(
+        self, job: LiveJob, outbox: asyncio.Queue[miner_pb2.RunJobRequest | None]
+    ) -> None:
         await job.cancel.wait()
-        outbox.put_nowait(miner_pb2.RunJobRequest(cancel=True))
+        await outbox.put(miner_pb2.RunJobRequest(cancel=True))
 
-    async def _send_inputs(self, job: LiveJob, outbox: asyncio.Queue[miner_pb2.RunJobRequest | None]) -> None:
+    async def _send_inputs(
+        self, job: LiveJob, outbox: asyncio.Queue[miner_pb2.RunJobRequest | None]
+    ) -> None:
         for index, volume in enumerate(job.spec.inputs):
             if volume.WhichOneof("source") not in ("inline_archive", "inline_file"):
                 continue
@@ -332,16 +363,15 @@ class JobManager:
                 while True:
                     block = fh.read(INPUT_CHUNK)
                     at_end = fh.tell() >= path.stat().st_size
-                    outbox.put_nowait(
+                    await outbox.put(
                         miner_pb2.RunJobRequest(
-                            input_chunk=job_pb2.InputChunk(volume_index=index, data=block, last=at_end or not block)
+                            input_chunk=job_pb2.InputChunk(
+                                volume_index=index, data=block, last=at_end or not block
+                            )
                         )
                     )
                     if at_end or not block:
                         break
-                    # Let the stream drain so a big input does not sit in memory at once.
-                    while outbox.qsize() > 4:
-                        await asyncio.sleep(0.01)
 
     async def _collect(self, job: LiveJob, chunk: job_pb2.OutputChunk) -> None:
         buf = job.outputs.setdefault(chunk.path, bytearray())

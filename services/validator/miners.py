@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import grpc
 import structlog
-
 from horde.v1 import manifest_pb2, miner_pb2, miner_pb2_grpc
+
 from services.core.chain import ChainAdapter
 from services.core.config import TLSSettings
 from services.core.identity import Identity, Signer
@@ -61,7 +61,7 @@ class MinerDirectory:
 
     async def manifest(self, miner: MinerRef) -> manifest_pb2.MinerManifest | None:
         try:
-            resp = await self.stub(miner).GetManifest(
+            resp: miner_pb2.GetManifestResponse = await self.stub(miner).GetManifest(
                 miner_pb2.GetManifestRequest(), timeout=MANIFEST_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:

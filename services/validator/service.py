@@ -10,14 +10,15 @@ from pathlib import Path
 
 import grpc
 import structlog
-
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
+
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.core.proto_util import TERMINAL_STATES, result
 from services.core.server import current_caller
 from services.executor.archive import ArchiveError, clean_member_name
 from services.validator.jobs import JobManager
 from services.validator.store import JobStore, chunks
+from services.validator.streaming import StreamingNotServed
 
 log = structlog.get_logger("horde.validator")
 OUTPUT_CHUNK = 1024 * 1024
@@ -34,7 +35,9 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         where = f"spec.inputs[{index}]"
         source = volume.WhichOneof("source")
         if source is None:
-            raise InvalidArgument(f"{where}: a source (inline_archive, url or inline_file) is required")
+            raise InvalidArgument(
+                f"{where}: a source (inline_archive, url or inline_file) is required"
+            )
         if volume.mount_path:
             try:
                 clean_member_name(volume.mount_path)
@@ -43,7 +46,9 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         if source == "inline_file":
             name = volume.inline_file.file_name
             if not name or "/" in name or name in (".", ".."):
-                raise InvalidArgument(f"{where}.inline_file.file_name: a plain file name is required")
+                raise InvalidArgument(
+                    f"{where}.inline_file.file_name: a plain file name is required"
+                )
         if source == "url":
             if not volume.url.url.startswith(("http://", "https://")):
                 raise InvalidArgument(f"{where}.url.url: must be an http(s) URL")
@@ -55,7 +60,7 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         raise InvalidArgument("spec.output.upload.url: must be an http(s) URL")
 
 
-class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
+class ValidatorServicer(StreamingNotServed, validator_pb2_grpc.ValidatorServiceServicer):
     def __init__(
         self,
         manager: JobManager,
@@ -70,7 +75,7 @@ class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
         self._default_class = default_class
         self._max_input = max_input_bytes
 
-    async def SubmitJob(  # noqa: N802
+    async def SubmitJob(
         self,
         request_iterator: AsyncIterator[validator_pb2.SubmitJobRequest],
         context: grpc.aio.ServicerContext,
@@ -149,15 +154,24 @@ class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
                 msg = await anext(requests, None)
                 if msg is None:
                     missing = ", ".join(str(i) for i in sorted(pending))
-                    raise InvalidArgument(f"the stream ended before the bytes of input(s) {missing}")
+                    raise InvalidArgument(
+                        f"the stream ended before the bytes of input(s) {missing}"
+                    )
                 if msg.WhichOneof("payload") != "input_chunk":
-                    raise InvalidArgument("expected input_chunk messages until every inline input is sent")
+                    raise InvalidArgument(
+                        "expected input_chunk messages until every inline input is sent"
+                    )
                 chunk = msg.input_chunk
                 if chunk.volume_index not in pending:
-                    raise InvalidArgument(f"input_chunk for input {chunk.volume_index}, which is not an open inline input")
+                    raise InvalidArgument(
+                        f"input_chunk for input {chunk.volume_index}, "
+                        "which is not an open inline input"
+                    )
                 total += len(chunk.data)
                 if total > self._max_input:
-                    raise ResourceExhausted(f"inline inputs exceed the validator's cap of {self._max_input} bytes")
+                    raise ResourceExhausted(
+                        f"inline inputs exceed the validator's cap of {self._max_input} bytes"
+                    )
                 files[chunk.volume_index].write(chunk.data)
                 digests[chunk.volume_index].update(chunk.data)
                 sizes[chunk.volume_index] += len(chunk.data)
@@ -165,7 +179,10 @@ class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
                     declared = pending.pop(chunk.volume_index)
                     i = chunk.volume_index
                     if declared.size_bytes and sizes[i] != declared.size_bytes:
-                        raise InvalidArgument(f"spec.inputs[{i}]: got {sizes[i]} bytes, declared {declared.size_bytes}")
+                        raise InvalidArgument(
+                            f"spec.inputs[{i}]: got {sizes[i]} bytes, "
+                            f"declared {declared.size_bytes}"
+                        )
                     if declared.sha256 and digests[i].hexdigest() != declared.sha256.lower():
                         raise InvalidArgument(f"spec.inputs[{i}]: sha256 mismatch")
                     if not declared.size_bytes:
@@ -174,7 +191,7 @@ class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
             for fh in files.values():
                 fh.close()
 
-    async def WatchJob(  # noqa: N802
+    async def WatchJob(
         self, request: validator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.WatchJobResponse]:
         job = self._manager.live(request.job_uuid)
@@ -193,7 +210,7 @@ class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
         if record.state in TERMINAL_STATES:
             yield validator_pb2.WatchJobResponse(result=record.result)
 
-    async def GetJob(  # noqa: N802
+    async def GetJob(
         self, request: validator_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.GetJobResponse:
         record = await self._store.get(request.job_uuid)
@@ -201,7 +218,7 @@ class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
             raise NotFound(f"no job {request.job_uuid}")
         return validator_pb2.GetJobResponse(job=record)
 
-    async def CancelJob(  # noqa: N802
+    async def CancelJob(
         self, request: validator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.CancelJobResponse:
         record = await self._store.get(request.job_uuid)
@@ -212,7 +229,7 @@ class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
         assert record is not None
         return validator_pb2.CancelJobResponse(state=record.state)
 
-    async def ListJobs(  # noqa: N802
+    async def ListJobs(
         self, request: validator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.ListJobsResponse:
         limit = min(request.limit or 50, 500)
@@ -220,12 +237,12 @@ class ValidatorServicer(validator_pb2_grpc.ValidatorServiceServicer):
             cursor = int(request.cursor) if request.cursor else None
         except ValueError:
             raise InvalidArgument(f"malformed cursor {request.cursor!r}") from None
-        records, next_cursor = await self._store.list(limit, cursor, request.state or None)
+        records, next_cursor = await self._store.list_jobs(limit, cursor, request.state or None)
         return validator_pb2.ListJobsResponse(
             jobs=records, next_cursor=str(next_cursor) if next_cursor is not None else ""
         )
 
-    async def DownloadOutputs(  # noqa: N802
+    async def DownloadOutputs(
         self, request: validator_pb2.DownloadOutputsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.DownloadOutputsResponse]:
         record = await self._store.get(request.job_uuid)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import sqlalchemy as sa
+from horde.v1 import common_pb2, job_pb2, receipts_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from horde.v1 import common_pb2, job_pb2, receipts_pb2
 from services.core import lifecycle
 from services.core.db import job_events, job_outputs, jobs, lifecycle_receipts
 from services.core.proto_util import TERMINAL_STATES
@@ -85,7 +86,7 @@ class JobStore:
             row = (await conn.execute(sa.select(jobs).where(jobs.c.job_uuid == job_uuid))).first()
         return _record(row) if row is not None else None
 
-    async def list(
+    async def list_jobs(
         self, limit: int, cursor: int | None, state: int | None
     ) -> tuple[list[job_pb2.JobRecord], int | None]:
         query = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit + 1)
@@ -144,18 +145,17 @@ class JobStore:
             ]
 
 
-def _record(row: sa.Row[object] | object) -> job_pb2.JobRecord:
-    r = row  # a Row with the jobs columns
+def _record(r: Any) -> job_pb2.JobRecord:
     rec = job_pb2.JobRecord(
-        job_uuid=r.job_uuid,  # type: ignore[attr-defined]
-        spec=job_pb2.JobSpec.FromString(r.spec),  # type: ignore[attr-defined]
-        state=r.state,  # type: ignore[attr-defined]
-        created_ns=r.created_ns,  # type: ignore[attr-defined]
-        updated_ns=r.updated_ns,  # type: ignore[attr-defined]
-        client=r.client,  # type: ignore[attr-defined]
+        job_uuid=r.job_uuid,
+        spec=job_pb2.JobSpec.FromString(r.spec),
+        state=r.state,
+        created_ns=r.created_ns,
+        updated_ns=r.updated_ns,
+        client=r.client,
     )
-    if r.result:  # type: ignore[attr-defined]
-        rec.result.CopyFrom(job_pb2.JobResult.FromString(r.result))  # type: ignore[attr-defined]
+    if r.result:
+        rec.result.CopyFrom(job_pb2.JobResult.FromString(r.result))
     return rec
 
 

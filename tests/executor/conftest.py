@@ -127,7 +127,9 @@ async def docker_client() -> AsyncIterator[aiodocker.Docker]:
 async def runtime(
     horde_images: tuple[str, ...], docker_client: aiodocker.Docker, job_uuids: list[str]
 ) -> AsyncIterator[DockerRuntime]:
-    rt = DockerRuntime(docker_client)
+    # A private instance: a concurrent executor or test run sweeping its own leftovers on the
+    # same engine must not remove this test's containers (nor this test theirs).
+    rt = DockerRuntime(docker_client, instance=f"test-{uuid.uuid4().hex[:12]}")
     try:
         yield rt
     finally:

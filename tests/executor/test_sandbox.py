@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.executor.sandbox import (
+    INSTANCE_LABEL,
     JOB_LABEL,
     LABEL,
     CappedBuffer,
@@ -554,27 +555,31 @@ async def test_sweep_removes_labelled_leftovers(
     find_leftovers: Callable[[list[str]], Awaitable[list[str]]],
     docker_client: aiodocker.Docker,
 ) -> None:
-    job_uuid = new_job_uuid()
-    labels = {LABEL: "1", JOB_LABEL: job_uuid}
-    await docker_client.containers.create(
-        {"Image": BASE, "Cmd": ["true"], "Labels": labels}, name=f"horde-leftover-{job_uuid}"
-    )
-    await docker_client._query_json(
-        "volumes/create",
-        method="POST",
-        data=json.dumps({"Name": f"horde-leftover-{job_uuid}", "Labels": labels}),
-    )
-    await docker_client._query_json(
-        "networks/create",
-        method="POST",
-        data=json.dumps({"Name": f"horde-leftover-{job_uuid}", "Internal": True, "Labels": labels}),
-    )
-    assert len(await find_leftovers([job_uuid])) == 3
-    # Scoped to this job so that a concurrent test run on the same engine is not disturbed;
-    # the unscoped start-up sweep uses the same code with the io.horde.managed label.
-    assert await runtime.sweep(job_uuid=job_uuid) == 3
-    assert await find_leftovers([job_uuid]) == []
-    assert await runtime.sweep(job_uuid=job_uuid) == 0
+    ours, theirs = new_job_uuid(), new_job_uuid()
+
+    async def leave_behind(job_uuid: str, instance: str) -> None:
+        labels = {LABEL: "1", JOB_LABEL: job_uuid, INSTANCE_LABEL: instance}
+        name = f"horde-leftover-{job_uuid}"
+        await docker_client.containers.create(
+            {"Image": BASE, "Cmd": ["true"], "Labels": labels}, name=name
+        )
+        for kind, extra in (("volumes", {}), ("networks", {"Internal": True})):
+            await docker_client._query_json(
+                f"{kind}/create",
+                method="POST",
+                data=json.dumps({"Name": name, "Labels": labels, **extra}),
+            )
+
+    await leave_behind(ours, runtime.instance)
+    await leave_behind(theirs, "another-executor")
+    assert len(await find_leftovers([ours, theirs])) == 6
+    # The start-up sweep removes this instance's leftovers and leaves another executor's alone.
+    assert await runtime.sweep() == 3
+    assert await find_leftovers([ours]) == []
+    assert len(await find_leftovers([theirs])) == 3
+    assert await runtime.sweep() == 0
+    assert await runtime.sweep(job_uuid=theirs, all_instances=True) == 3
+    assert await find_leftovers([theirs]) == []
 
 
 async def test_missing_image_that_cannot_be_pulled(runtime: DockerRuntime) -> None:
