@@ -6,7 +6,8 @@
 # bootstrapped locally with mmdebstrap and imported, so the images build on hosts with no registry.
 #
 # Environment:
-#   HORDE_REBUILD=1        rebuild images that already exist
+#   HORDE_REBUILD=1        rebuild the horde/* images even when they exist
+#   HORDE_REBUILD_ROOTFS=1 also bootstrap the local Debian rootfs again (slow)
 #   HORDE_DEBIAN_BASE=ref  use this (local) image as the Debian root and skip the detection below
 #   HORDE_DEBIAN_MIRROR=u  Debian mirror URL for mmdebstrap (default: mmdebstrap's own choice)
 #   HORDE_PULL_TIMEOUT=s   seconds to wait for the registry pull (default 20)
@@ -14,6 +15,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REBUILD="${HORDE_REBUILD:-0}"
+REBUILD_ROOTFS="${HORDE_REBUILD_ROOTFS:-0}"
 PULL_TIMEOUT="${HORDE_PULL_TIMEOUT:-20}"
 REGISTRY_BASE="debian:bookworm-slim"
 LOCAL_BASE="horde/debian-local:bookworm"
@@ -33,7 +35,7 @@ needs_build() {
 }
 
 build_local_rootfs() {
-    if image_exists "$LOCAL_BASE" && [[ "$REBUILD" != "1" ]]; then
+    if image_exists "$LOCAL_BASE" && [[ "$REBUILD_ROOTFS" != "1" ]]; then
         say "$LOCAL_BASE exists, reusing it"
         return 0
     fi
@@ -71,11 +73,11 @@ pick_debian_base() {
         echo "$HORDE_DEBIAN_BASE"
         return 0
     fi
-    if image_exists "$LOCAL_BASE" && [[ "$REBUILD" != "1" ]]; then
+    if image_exists "$LOCAL_BASE" && [[ "$REBUILD_ROOTFS" != "1" ]]; then
         echo "$LOCAL_BASE"
         return 0
     fi
-    if image_exists "$REGISTRY_BASE"; then
+    if image_exists "$REGISTRY_BASE" && [[ "$REBUILD_ROOTFS" != "1" ]]; then
         echo "$REGISTRY_BASE"
         return 0
     fi
@@ -94,7 +96,13 @@ docker_build() {
     shift 2
     say "building $tag from $context"
     # --pull=false: never contact a registry for a FROM image that is already local.
-    docker build --pull=false --quiet --tag "$tag" "$@" "$context" >/dev/null
+    # Output is kept for failures only (the CLI also prints a builder deprecation notice).
+    local output
+    if ! output="$(docker build --pull=false --tag "$tag" "$@" "$context" 2>&1)"; then
+        printf '%s\n' "$output" >&2
+        say "error: building $tag failed"
+        return 1
+    fi
 }
 
 command -v docker >/dev/null 2>&1 || { say "error: docker CLI not found"; exit 1; }

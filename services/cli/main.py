@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Client commands log only warnings, to stderr; `serve` and `dev up` reconfigure.
+    configure_logging("warning")
     func: Callable[[argparse.Namespace], int | Awaitable[int]] = args.func
     result = func(args)
     assert isinstance(result, int)

@@ -60,13 +60,16 @@ class ServiceApp:
                 log.warning("close_failed", service=self.name, error=repr(exc))
 
     async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
-        log.info("service_started", service=self.name, port=self.port, identity=self.identity)
+        def ready() -> None:
+            log.info("service_started", service=self.name, port=self.port, identity=self.identity)
+
         await serve_until_signal(
             self.servers,
             grace_s=self.grace_s,
             background=[functools.partial(_guard, self.name, fn) for fn in self.background],
             stop=stop,
             on_stop=self.close,
+            on_ready=ready,
         )
 
 

@@ -311,6 +311,7 @@ async def serve_until_signal(
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
     stop: asyncio.Event | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
     loop = asyncio.get_running_loop()
@@ -327,6 +328,8 @@ async def serve_until_signal(
     for sig in signals:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, _on_signal, sig)
+    if on_ready is not None:
+        on_ready()  # after the handlers are in place, so a signal from here on is graceful
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(fn()) for fn in background]

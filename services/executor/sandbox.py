@@ -116,6 +116,14 @@ class ContainerRun:
     gpus: int = 0  # 0: no GPU; N > 0: N GPUs; -1: all GPUs
     gpu_device_ids: tuple[str, ...] = ()  # specific GPUs (index or UUID); overrides ``gpus``
 
+    def __post_init__(self) -> None:
+        if not self.job_uuid or not self.image:
+            raise ValueError("ContainerRun needs a job_uuid and an image")
+        if not self.timeout_s > 0:
+            raise ValueError("ContainerRun.timeout_s must be positive")
+        if self.gpus < -1:
+            raise ValueError("ContainerRun.gpus must be -1 (all), 0 or a positive count")
+
 
 @dataclass(frozen=True)
 class ContainerResult:
@@ -470,7 +478,14 @@ class DockerRuntime:
     async def run(self, run: ContainerRun, output_dir: Path) -> ContainerResult:
         """Run one job to completion and extract its /output files into ``output_dir``."""
         image_id = await self.ensure_image(run.image)
-        holder_id = await self.ensure_image(self._holder_image, _internal=True)
+        try:
+            holder_id = await self.ensure_image(self._holder_image, _internal=True)
+        except ImageError as exc:
+            # The executor's own image, not the job's: the network's fault, not the job's.
+            raise SandboxError(
+                f"output holder image {self._holder_image} is unavailable "
+                f"(build it with deploy/images/build.sh): {exc}"
+            ) from exc
         base = f"horde-{_safe_name(run.job_uuid)}-{secrets.token_hex(4)}"
         names = _Names(job=base, holder=f"{base}-holder", volume=f"{base}-output")
         job_config = build_job_config(run, image_id, names.volume, self._instance)
@@ -480,6 +495,10 @@ class DockerRuntime:
             return await self._run(
                 run, output_dir, image_id, holder_id, job_config, names, inflight, bound
             )
+        except DockerError as exc:
+            raise SandboxError(f"docker engine error: {exc.message}") from exc
+        except aiohttp.ClientError as exc:
+            raise SandboxError(f"docker engine unreachable: {exc}") from exc
         finally:
             cleanup = asyncio.ensure_future(self._cleanup(names, inflight, bound))
             self._pending.add(cleanup)
@@ -572,8 +591,11 @@ class DockerRuntime:
                     pids_at_timeout = await self._pids_current(job)
                     bound.info("sandbox.timed_out", pids=pids_at_timeout)
                     await self._kill(job)
-                    async with asyncio.timeout(self._cleanup_timeout_s):
-                        await job.wait()
+                    try:
+                        async with asyncio.timeout(self._cleanup_timeout_s):
+                            await job.wait()
+                    except TimeoutError:
+                        raise SandboxError("container did not stop after SIGKILL") from None
                 duration = time.monotonic() - started
                 # The attach stream ends once the container's pipes close; a straggling
                 # grandchild holding them open must not hold the job hostage.

@@ -1,0 +1,119 @@
+"""The `horde` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.core.identity import load_key_file
+
+HORDE = str(Path(sys.executable).with_name("horde"))
+VECTORS = json.loads(
+    (Path(__file__).parent.parent / "vectors" / "stream-receipt-v1.json").read_text()
+)
+
+
+def horde(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HORDE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_version() -> None:
+    out = horde("--version")
+    assert out.returncode == 0
+    assert out.stdout.startswith("horde ")
+
+
+def test_receipts_verify_accepts_independent_valid_receipts(tmp_path: Path) -> None:
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps(v["receipt"]) + "\n" for v in VECTORS["valid"]))
+    out = horde("receipts", "verify", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{len(VECTORS['valid'])} valid, 0 invalid" in out.stderr
+
+
+def test_receipts_verify_names_each_bad_line(tmp_path: Path) -> None:
+    lines = [json.dumps(VECTORS["valid"][0]["receipt"])]
+    lines += [json.dumps(v["receipt"]) for v in VECTORS["invalid"]]
+    lines.append("{not json")
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = horde("receipts", "verify", str(path))
+    assert out.returncode == 1
+    bad = out.stdout.strip().splitlines()
+    assert len(bad) == len(VECTORS["invalid"]) + 1
+    assert bad[0].startswith("line 2: invalid: signature does not verify")
+    assert bad[-1].startswith(f"line {len(lines)}: invalid: not JSON")
+
+
+def test_receipts_verify_missing_file(tmp_path: Path) -> None:
+    out = horde("receipts", "verify", str(tmp_path / "nope.jsonl"))
+    assert out.returncode == 2
+    assert "nope.jsonl" in out.stderr
+
+
+@pytest.mark.parametrize(("kind", "prefix"), [("ed25519", "ed25519:"), ("hotkey", "sr25519:")])
+def test_keys_new_writes_a_private_key_file(tmp_path: Path, kind: str, prefix: str) -> None:
+    path = tmp_path / "k.json"
+    out = horde("keys", "new", "--kind", kind, "--out", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(prefix)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert str(load_key_file(path).identity) == out.stdout.split()[0]
+    again = horde("keys", "new", "--kind", kind, "--out", str(path))
+    assert again.returncode == 1
+    assert "refusing to overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("service", ["validator", "miner", "executor", "gateway"])
+def test_serve_with_a_bad_config_stops_with_one_clear_message(tmp_path: Path, service: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('listen = "127.0.0.1:notaport"\n')
+    out = horde(service, "serve", "--config", str(config))
+    assert out.returncode == 2
+    assert "invalid setting 'listen'" in out.stderr
+    assert out.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_serve_without_a_key_names_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "nokey.toml"
+    config.write_text(f'state_dir = "{tmp_path}"\n')
+    out = horde("gateway", "serve", "--config", str(config))
+    assert out.returncode == 2
+    assert "key_file" in out.stderr
+
+
+def test_gateway_serve_runs_until_sigterm(tmp_path: Path) -> None:
+    key = tmp_path / "gw.json"
+    assert horde("keys", "new", "--out", str(key)).returncode == 0
+    config = tmp_path / "gw.toml"
+    config.write_text(f'key_file = "{key}"\nstate_dir = "{tmp_path}"\nlisten = "127.0.0.1:0"\n')
+    proc = subprocess.Popen(
+        [HORDE, "gateway", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "service_started" in line:
+            break
+    assert any("service_started" in line for line in lines), "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "shutdown_complete" in rest
+
+
+def test_job_run_without_target_explains_what_to_give() -> None:
+    out = horde("job", "run", "horde/base:latest", "--", "true")
+    assert out.returncode == 2
+    assert "--dev DIR" in out.stderr

@@ -1,0 +1,160 @@
+"""Fixtures for the organic end-to-end tests (the harness itself is in organic_support.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiodocker
+import pytest
+from aiohttp import web
+from horde.v1 import validator_pb2_grpc
+from organic_support import (
+    BUILD_SCRIPT,
+    HORDE_BIN,
+    IMAGES,
+    SESSION_JOBS,
+    HttpServer,
+    Keys,
+    Network,
+    docker_problem,
+    labelled_objects,
+    make_keys,
+    wait_no_job_objects,
+)
+
+from services.executor.sandbox import LABEL
+
+
+@pytest.fixture(scope="session")
+def horde_images() -> list[str]:
+    """Horde's job images, built with deploy/images/build.sh when missing."""
+    problem = docker_problem()
+    if problem is not None:
+        if os.environ.get("HORDE_REQUIRE_DOCKER") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    have = subprocess.run(
+        ["docker", "image", "inspect", *IMAGES], capture_output=True, timeout=30, check=False
+    )
+    if have.returncode != 0:
+        build = subprocess.run(
+            ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=1800, check=False
+        )
+        if build.returncode != 0:
+            pytest.fail(f"{BUILD_SCRIPT} failed:\n{build.stdout}\n{build.stderr}")
+    return IMAGES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers_after_session() -> Iterator[None]:
+    """After the session: nothing labelled io.horde.managed from this session's jobs remains."""
+    yield
+    if docker_problem() is not None:
+        return
+    strict = os.environ.get("HORDE_STRICT_LEFTOVERS") == "1"
+
+    async def check() -> list[tuple[str, str, str]]:
+        async with aiodocker.Docker() as docker:
+            return await labelled_objects(docker, f"{LABEL}=1")
+
+    found = asyncio.run(check())
+    mine = [f for f in found if strict or f[2] in SESSION_JOBS]
+    assert not mine, f"objects labelled {LABEL} remain after the session: {mine}"
+
+
+@pytest.fixture(scope="session")
+def session_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return make_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+async def docker(horde_images: list[str]) -> AsyncIterator[aiodocker.Docker]:
+    client = aiodocker.Docker()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def extra_images() -> list[str]:
+    """Images added to both allow-lists (override in a test module or with parametrize)."""
+    return []
+
+
+@pytest.fixture
+async def bare_net(
+    tmp_path: Path, session_keys: Keys, docker: aiodocker.Docker, extra_images: list[str]
+) -> AsyncIterator[Network]:
+    """Miner and validator, no executor (tests start their own)."""
+    net = Network(tmp_path / "net", session_keys, docker, extra_images)
+    try:
+        await net.start_miner()
+        await net.start_validator()
+        yield net
+    finally:
+        await net.close()
+        try:
+            # While the executor still runs: every job's containers/volumes must be gone.
+            await wait_no_job_objects(docker, net.jobs)
+        finally:
+            await net.stop_executor()
+            if net.validator is not None:
+                await net.validator.stop(1.0)
+            if net.miner is not None:
+                await net.stop_miner()
+
+
+@pytest.fixture
+async def net(bare_net: Network, monkeypatch: pytest.MonkeyPatch) -> Network:
+    """A whole network: miner, an in-process executor connected to it, validator."""
+    await bare_net.start_executor(monkeypatch)
+    return bare_net
+
+
+@pytest.fixture
+def client_stub(net: Network) -> validator_pb2_grpc.ValidatorServiceStub:
+    """The enrolled client's ValidatorService stub."""
+    return net.client()
+
+
+@pytest.fixture
+async def http_server() -> AsyncIterator[HttpServer]:
+    state = HttpServer()
+
+    async def get(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        state.gets.append(name)
+        if name not in state.files:
+            raise web.HTTPNotFound()
+        return web.Response(body=state.files[name], content_type="application/octet-stream")
+
+    async def put(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        state.uploads[name] = await request.read()
+        state.upload_headers[name] = dict(request.headers)
+        state.uploaded.set()
+        return web.Response(status=state.upload_status)
+
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_get("/files/{name}", get)
+    app.router.add_put("/upload/{name}", put)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    state.base = f"http://127.0.0.1:{port}"
+    try:
+        yield state
+    finally:
+        await runner.cleanup()
+
+
+def pytest_report_header() -> str:
+    return f"organic e2e: python {sys.version.split()[0]}, horde cli {HORDE_BIN}"
