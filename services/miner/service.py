@@ -233,7 +233,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                 )
             self._pool.release(conn, job)
 
-    async def RunSyntheticRound(  # noqa: N802
+    async def RunSyntheticRound(
         self, request: miner_pb2.RunSyntheticRoundRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[miner_pb2.RunSyntheticRoundResponse]:
         raise _Unimplemented("synthetic rounds are not served by this miner version yet")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-
 from horde.v1 import validator_pb2
+
 from services.core.errors import HordeError
 
 
@@ -19,25 +19,25 @@ _NOT_YET = "streaming jobs are not served by this validator version yet"
 
 
 class StreamingNotServed:
-    async def StartStreamingJob(  # noqa: N802
+    async def StartStreamingJob(
         self, request: validator_pb2.StartStreamingJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.StartStreamingJobResponse]:
         raise Unimplemented(_NOT_YET)
         yield  # pragma: no cover - makes this an async generator
 
-    async def StopStreamingJob(  # noqa: N802
+    async def StopStreamingJob(
         self, request: validator_pb2.StopStreamingJobRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.StopStreamingJobResponse:
         raise Unimplemented(_NOT_YET)
 
-    async def AddExtraData(  # noqa: N802
+    async def AddExtraData(
         self,
         request_iterator: AsyncIterator[validator_pb2.AddExtraDataRequest],
         context: grpc.aio.ServicerContext,
     ) -> validator_pb2.AddExtraDataResponse:
         raise Unimplemented(_NOT_YET)
 
-    async def ReportBadReceipt(  # noqa: N802
+    async def ReportBadReceipt(
         self, request: validator_pb2.ReportBadReceiptRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.ReportBadReceiptResponse:
         raise Unimplemented(_NOT_YET)
