@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -20,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from horde.v1 import common_pb2, job_pb2, validator_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks import PartResult, median, p90
-from horde.v1 import common_pb2, job_pb2, validator_pb2_grpc
 from services.cli.client import Target, _requests, validator_target
 from services.cli.dev import ENDPOINTS, dev_up
 from services.core.logging import configure_logging
@@ -36,6 +37,8 @@ DOCKER_ARGV = ["docker", "run", "--rm", "--network", "none", IMAGE, *COMMAND]
 TARGET_RATIO = 1.5
 NETWORK_UP_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 180.0
+CLI_RUNS = 3  # the cold-start CLI figures are informational (not in the ratio): a few runs do
+HORDE_CLI = Path(sys.executable).with_name("horde")
 
 progress = Console(stderr=True)
 
@@ -56,6 +59,8 @@ class HordeRun:
 class Samples:
     docker: list[float] = field(default_factory=list)
     horde: list[HordeRun] = field(default_factory=list)
+    cli_job_run: list[float] = field(default_factory=list)  # `horde job run` as a new process
+    cli_import: list[float] = field(default_factory=list)  # just importing the CLI's modules
 
 
 async def docker_once() -> float:
@@ -68,6 +73,21 @@ async def docker_once() -> float:
     if proc.returncode != 0:
         raise BenchError(
             f"`{' '.join(DOCKER_ARGV)}` exited {proc.returncode}: {err.decode(errors='replace')}"
+        )
+    return wall
+
+
+async def timed_process(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(RUN_TIMEOUT_S):
+        _, err = await proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchError(
+            f"`{' '.join(argv)}` exited {proc.returncode}: {err.decode(errors='replace')}"
         )
     return wall
 
@@ -111,7 +131,8 @@ async def horde_once(target: Target) -> HordeRun:
 
 @contextlib.asynccontextmanager
 async def dev_network(log_path: Path | None) -> Any:
-    """`horde dev up` in this process; yields (Target, seconds until endpoints.json appeared)."""
+    """`horde dev up` in this process; yields (Target, seconds until endpoints.json appeared,
+    state dir)."""
     state_dir = Path(tempfile.mkdtemp(prefix="horde-bench-"))
     log_file = (log_path or state_dir / "horde.log").open("w")
     # JSON log lines to a file: the table stays readable and the lines carry timestamps.
@@ -129,7 +150,8 @@ async def dev_network(log_path: Path | None) -> Any:
                         raise BenchError("horde dev up ended before the network was up")
                     await asyncio.sleep(0.05)
         up_s = time.perf_counter() - t0
-        yield validator_target(dev=state_dir, address=None, identity=None, key=None), up_s
+        target = validator_target(dev=state_dir, address=None, identity=None, key=None)
+        yield target, up_s, state_dir
     finally:
         stop.set()
         try:
@@ -156,7 +178,7 @@ async def run(runs: int, log_path: Path | None = None) -> PartResult:
     if shutil.which("docker") is None:
         raise BenchError("the docker CLI is not on PATH")
     samples = Samples()
-    async with dev_network(log_path) as (target, up_s):
+    async with dev_network(log_path) as (target, up_s, state_dir):
         progress.print(f"[dim]organic: local network up in {up_s:.2f}s; warming up[/dim]")
         await docker_once()
         await horde_once(target)
@@ -172,6 +194,18 @@ async def run(runs: int, log_path: Path | None = None) -> PartResult:
                 f"[dim]organic: run {i + 1}/{runs}: docker {samples.docker[-1]:.3f}s,"
                 f" horde {samples.horde[-1].wall_s:.3f}s[/dim]"
             )
+        # Informational, not in the ratio: what a user typing `horde job run` waits for, a fresh
+        # Python process included, and how much of that is importing the CLI's modules.
+        if HORDE_CLI.is_file():
+            argv = [str(HORDE_CLI), "job", "run", "--dev", str(state_dir), IMAGE, "--", *COMMAND]
+            imports = [sys.executable, "-c", "import services.cli.main, services.cli.client"]
+            for i in range(min(runs, CLI_RUNS)):
+                samples.cli_job_run.append(await timed_process(argv))
+                samples.cli_import.append(await timed_process(imports))
+                progress.print(
+                    f"[dim]organic: cli {i + 1}/{min(runs, CLI_RUNS)}: `horde job run`"
+                    f" {samples.cli_job_run[-1]:.3f}s, imports {samples.cli_import[-1]:.3f}s[/dim]"
+                )
     return report(samples, runs, up_s)
 
 
@@ -190,8 +224,20 @@ def report(samples: Samples, runs: int, up_s: float) -> PartResult:
     main.add_row(*_stats_row("horde (submit -> result)", horde))
     verdict = "[green]PASS[/green]" if passed else "[red]MISS[/red]"
     main.add_section()
-    main.add_row("ratio horde/docker", f"{ratio:.2f}", "", "", f"target <= {TARGET_RATIO} {verdict}")
+    main.add_row(
+        "ratio horde/docker", f"{ratio:.2f}", "", "", f"target <= {TARGET_RATIO} {verdict}"
+    )
     main.add_row("overhead (median diff)", f"{overhead:.3f}", "", "", "")
+    if samples.cli_job_run:
+        main.add_section()
+        main.add_row(
+            *_stats_row(
+                "[dim]`horde job run` CLI, new process (not in ratio)[/dim]", samples.cli_job_run
+            )
+        )
+        main.add_row(
+            *_stats_row("[dim]  of which: importing the CLI modules[/dim]", samples.cli_import)
+        )
 
     # Where Horde's time goes: when each event reached the client, and the executor's stages.
     milestones: dict[str, list[float]] = defaultdict(list)
@@ -234,6 +280,10 @@ def report(samples: Samples, runs: int, up_s: float) -> PartResult:
         "horde_milestones_s": milestone_medians,
         "horde_executor_stages_s": stage_medians,
     }
+    if samples.cli_job_run:
+        figures["cli_job_run_s"] = round(median(samples.cli_job_run), 4)
+        figures["cli_import_s"] = round(median(samples.cli_import), 4)
+        figures["cli_runs"] = len(samples.cli_job_run)
     summary = (
         f"organic: horde {horde_med:.3f}s vs docker run {docker_med:.3f}s:"
         f" ratio {ratio:.2f} (target <= {TARGET_RATIO}: {'PASS' if passed else 'MISS'}),"

@@ -1,4 +1,5 @@
-"""`make bench`: run every benchmark part, print a table for each, merge figures into build/bench.json.
+"""`make bench`: run every benchmark part, print a table for each, merge figures into
+build/bench.json.
 
     python -m benchmarks.run [--quick | --runs N] [--part NAME ...] [--out PATH]
 
@@ -79,10 +80,16 @@ async def run_parts(names: list[str], runs: int, build: Path) -> list[PartResult
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description="Run the Horde benchmarks."
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_RUNS} runs per side")
-    parser.add_argument("--runs", type=int, help="runs per side (overrides --quick and $HORDE_BENCH_RUNS)")
-    parser.add_argument("--part", action="append", choices=sorted(PARTS), help="run only this part (repeatable)")
+    parser.add_argument(
+        "--runs", type=int, help="runs per side (overrides --quick and $HORDE_BENCH_RUNS)"
+    )
+    parser.add_argument(
+        "--part", action="append", choices=sorted(PARTS), help="run only this part (repeatable)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="figures file (merged into)")
     args = parser.parse_args(argv)
     runs = run_count(args)

@@ -26,7 +26,7 @@ from services.core.logging import configure_logging
 from services.core.receipts import verify_lines
 
 
-def _serve(kind: str, config: Path | None) -> int:
+def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> int:
     classes: dict[str, type[ServiceSettings]] = {
         "validator": ValidatorSettings,
         "miner": MinerSettings,
@@ -39,6 +39,12 @@ def _serve(kind: str, config: Path | None) -> int:
         print(f"horde {kind}: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if metrics_port is not None:
+        settings.metrics_port = metrics_port
+    if settings.metrics_port:
+        from services.core.metrics import serve_metrics
+
+        serve_metrics(settings.metrics_port)
 
     async def main() -> None:
         if kind == "validator":
@@ -177,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         s = p.add_subparsers(dest="action", required=True)
         serve = s.add_parser("serve", help=f"run the {name} until SIGTERM/SIGINT")
         serve.add_argument("--config", type=Path, help="TOML config file")
-        serve.set_defaults(func=lambda a, n=name: _serve(n, a.config))
+        serve.add_argument(
+            "--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT"
+        )
+        serve.set_defaults(func=lambda a, n=name: _serve(n, a.config, a.metrics_port))
 
     keys = sub.add_parser("keys", help="key files").add_subparsers(dest="action", required=True)
     new = keys.add_parser("new", help="write a new key file (mode 0600)")

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.core import metrics
 from services.core.auth import PUBLIC_PREFIXES, Authenticator, AuthFailure, client_interceptors
 from services.core.config import TLSSettings
 from services.core.errors import HordeError
@@ -82,12 +83,13 @@ class RpcMiddleware(grpc.aio.ServerInterceptor):
         return _wrap(handler, method, self)
 
     async def before(self, method: str, context: grpc.aio.ServicerContext) -> _CallLog:
-        call = _CallLog(method=method, peer=context.peer())
+        call = _CallLog(method=method, peer=context.peer(), service=self._service)
         structlog.contextvars.bind_contextvars(rpc=method, peer=call.peer, service=self._service)
         assert self._auth is not None
         try:
             caller = await self._auth.authenticate(method, context.invocation_metadata() or ())
         except AuthFailure as exc:
+            metrics.AUTH_FAILURES.labels(self._service, exc.code.name).inc()
             call.code = exc.code
             call.detail = exc.reason
             call.done()
@@ -114,6 +116,7 @@ class RpcMiddleware(grpc.aio.ServerInterceptor):
 class _CallLog:
     method: str
     peer: str
+    service: str = ""
     caller: str = ""
     code: grpc.StatusCode = grpc.StatusCode.OK
     detail: str = ""
@@ -124,7 +127,10 @@ class _CallLog:
         if self.logged:
             return
         self.logged = True
-        ms = round((time.perf_counter() - self.started) * 1000, 2)
+        elapsed = time.perf_counter() - self.started
+        ms = round(elapsed * 1000, 2)
+        metrics.RPCS.labels(self.service, self.method, self.code.name).inc()
+        metrics.RPC_SECONDS.labels(self.service, self.method).observe(elapsed)
         fields = {"rpc": self.method, "code": self.code.name, "ms": ms, "caller": self.caller}
         if self.code is grpc.StatusCode.OK or self.code is grpc.StatusCode.CANCELLED:
             log.info("rpc", **fields)

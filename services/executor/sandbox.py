@@ -414,23 +414,32 @@ class DockerRuntime:
 
     async def _pull(self, ref: str, on_progress: ProgressCallback | None) -> None:
         last_sent: dict[str, float] = {}
-        async for event in self._docker.images.pull(ref, stream=True):
-            if "error" in event:
-                detail = event.get("errorDetail", {}).get("message") or event["error"]
-                raise ImageError(f"image {ref} not found locally and could not be pulled: {detail}")
-            if on_progress is None:
-                continue
-            layer = str(event.get("id", ""))
-            status = str(event.get("status", ""))
-            progress = str(event.get("progress", ""))
-            # Byte-level progress arrives many times a second per layer; pass on state
-            # changes always and progress bars at most once a second per layer.
-            now = time.monotonic()
-            if progress and now - last_sent.get(layer, 0.0) < 1.0:
-                continue
-            last_sent[layer] = now
-            line = " ".join(p for p in (f"{layer}:" if layer else "", status, progress) if p)
-            await _maybe_await(on_progress(line))
+        events = self._docker.images.pull(ref, stream=True)
+        try:
+            async for event in events:
+                if "error" in event:
+                    detail = event.get("errorDetail", {}).get("message") or event["error"]
+                    raise ImageError(
+                        f"image {ref} not found locally and could not be pulled: {detail}"
+                    )
+                if on_progress is None:
+                    continue
+                layer = str(event.get("id", ""))
+                status = str(event.get("status", ""))
+                progress = str(event.get("progress", ""))
+                # Byte-level progress arrives many times a second per layer; pass on state
+                # changes always and progress bars at most once a second per layer.
+                now = time.monotonic()
+                if progress and now - last_sent.get(layer, 0.0) < 1.0:
+                    continue
+                last_sent[layer] = now
+                line = " ".join(p for p in (f"{layer}:" if layer else "", status, progress) if p)
+                await _maybe_await(on_progress(line))
+        finally:
+            # Leaving early (an error event) must release the HTTP response now, not at GC.
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     # ----------------------------------------------------------------------------- sweep
 
@@ -566,7 +575,10 @@ class DockerRuntime:
                 try:
                     await job.start()
                 except DockerError as exc:
-                    # Bad command, missing binary, ...: the job's fault, reported as a result.
+                    if exc.status != 400:
+                        # 5xx: the engine's problem (e.g. no GPU driver), not the job's.
+                        raise SandboxError(f"cannot start the container: {exc.message}") from exc
+                    # 400: bad command, missing binary, ...: the job's fault, reported as a result.
                     bound.info("sandbox.start_failed", error=exc.message)
                     return ContainerResult(
                         exit_code=None,

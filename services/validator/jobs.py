@@ -15,9 +15,16 @@ import grpc
 import structlog
 from horde.v1 import common_pb2, job_pb2, miner_pb2
 
-from services.core import lifecycle
+from services.core import lifecycle, metrics
 from services.core.identity import Signer
-from services.core.proto_util import TERMINAL_STATES, event, result
+from services.core.proto_util import (
+    TERMINAL_STATES,
+    event,
+    reason_name,
+    result,
+    stage_name,
+    state_name,
+)
 from services.validator.miners import MinerDirectory, MinerRef
 from services.validator.store import JobStore
 
@@ -166,6 +173,9 @@ class JobManager:
             return
         res.job_uuid = job.job_uuid
         job.result = res
+        metrics.JOBS.labels("organic", state_name(res.state), reason_name(res.reason)).inc()
+        for timing in res.stage_timings:
+            metrics.STAGE_SECONDS.labels(stage_name(timing.stage)).observe(timing.seconds)
         await self._store.finish(res)
         await self._publish(job, res)
         log.info(

@@ -26,6 +26,7 @@ from services.executor.sandbox import (
     DockerRuntime,
     ImageError,
     ImageNotAllowedError,
+    SandboxError,
     SandboxLimits,
     build_job_config,
     normalise_image_ref,
@@ -614,3 +615,80 @@ async def test_allow_list(
             await rt.ensure_image("horde/base")
     finally:
         await rt.close()
+
+
+class _FakeImages:
+    """Just enough of aiodocker's images API to drive ensure_image without a registry."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+        self.present = False
+        self.pulls = 0
+
+    async def inspect(self, ref: str) -> dict[str, Any]:
+        if not self.present:
+            raise aiodocker.DockerError(404, f"No such image: {ref}")
+        return {"Id": "sha256:" + "ab" * 32}
+
+    async def _stream(self) -> AsyncIterator[dict[str, Any]]:
+        self.pulls += 1
+        for event in self.events:
+            yield event
+        self.present = not any("error" in event for event in self.events)
+
+    def pull(self, ref: str, *, stream: bool) -> AsyncIterator[dict[str, Any]]:
+        assert stream
+        return self._stream()
+
+
+class _FakeDocker:
+    def __init__(self, images: _FakeImages) -> None:
+        self.images = images
+
+
+async def test_pull_reports_progress_and_returns_the_id() -> None:
+    images = _FakeImages(
+        [
+            {"status": "Pulling from horde/x", "id": "latest"},
+            {"status": "Downloading", "id": "l1", "progress": "[=>   ] 1MB/9MB"},
+            {"status": "Downloading", "id": "l1", "progress": "[==>  ] 2MB/9MB"},
+            {"status": "Pull complete", "id": "l1"},
+            {"status": "Digest: sha256:00"},
+        ]
+    )
+    rt = DockerRuntime(_FakeDocker(images), allowed_images=["horde/x"])  # type: ignore[arg-type]
+    lines: list[str] = []
+
+    async def progress(line: str) -> None:
+        lines.append(line)
+
+    assert await rt.ensure_image("horde/x", progress) == "sha256:" + "ab" * 32
+    # The second progress bar of the same layer within a second is dropped.
+    assert lines == [
+        "latest: Pulling from horde/x",
+        "l1: Downloading [=>   ] 1MB/9MB",
+        "l1: Pull complete",
+        "Digest: sha256:00",
+    ]
+    assert await rt.ensure_image("horde/x") == "sha256:" + "ab" * 32
+    assert images.pulls == 1
+
+
+async def test_pull_error_event_is_an_image_error() -> None:
+    images = _FakeImages([{"error": "manifest unknown", "errorDetail": {"message": "not found"}}])
+    rt = DockerRuntime(_FakeDocker(images))  # type: ignore[arg-type]
+    with pytest.raises(ImageError, match="horde/y not found locally and could not be pulled"):
+        await rt.ensure_image("horde/y")
+
+
+async def test_gpu_request_without_gpu_support_is_a_sandbox_error(
+    runtime: DockerRuntime, new_job_uuid: Callable[[], str], tmp_path: Path
+) -> None:
+    engine = await runtime.docker.system.info()
+    if "nvidia" in (engine.get("Runtimes") or {}):
+        pytest.skip("this engine has the NVIDIA runtime")
+    with pytest.raises(SandboxError, match="cannot start the container"):
+        await runtime.run(
+            ContainerRun(job_uuid=new_job_uuid(), image=BASE, command=["true"], gpus=-1),
+            tmp_path / "out",
+        )

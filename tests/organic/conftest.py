@@ -88,14 +88,24 @@ def extra_images() -> list[str]:
 
 
 @pytest.fixture
+def validator_only_images() -> list[str]:
+    """Images added to the validator's allow-list only (override with parametrize)."""
+    return []
+
+
+@pytest.fixture
 async def bare_net(
-    tmp_path: Path, session_keys: Keys, docker: aiodocker.Docker, extra_images: list[str]
+    tmp_path: Path,
+    session_keys: Keys,
+    docker: aiodocker.Docker,
+    extra_images: list[str],
+    validator_only_images: list[str],
 ) -> AsyncIterator[Network]:
     """Miner and validator, no executor (tests start their own)."""
     net = Network(tmp_path / "net", session_keys, docker, extra_images)
     try:
         await net.start_miner()
-        await net.start_validator()
+        await net.start_validator([*net.images, *validator_only_images])
         yield net
     finally:
         await net.close()

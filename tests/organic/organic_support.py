@@ -153,9 +153,11 @@ async def wait_no_job_objects(
 class _ScopedRuntime(DockerRuntime):
     """The real runtime, except that the executor's unscoped start-up/shutdown sweep only touches
     jobs of the network that owns it: the Docker daemon is shared with concurrent test runs,
-    whose containers a global sweep would delete mid-job. Scoped sweeps run the same code."""
+    whose containers a global sweep would delete mid-job. Scoped sweeps run the same code.
+    ``sweeps`` records what each unscoped sweep removed."""
 
     owned_jobs: set[str] = set()
+    sweeps: list[int] = []
 
     async def sweep(self, job_uuid: str | None = None) -> int:
         if job_uuid is not None:
@@ -163,6 +165,7 @@ class _ScopedRuntime(DockerRuntime):
         removed = 0
         for owned in sorted(self.owned_jobs):
             removed += await super().sweep(owned)
+        self.sweeps.append(removed)
         return removed
 
 
@@ -333,6 +336,7 @@ class Network:
         self.roster = root / "roster.toml"
         root.mkdir(parents=True, exist_ok=True)
         self.jobs: set[str] = set()
+        self.sweeps: list[int] = []  # objects removed by each start-up/shutdown sweep
         self.miner: ServiceApp | None = None
         self.miner_port = 0
         self.executor: ServiceApp | None = None
@@ -409,7 +413,9 @@ class Network:
         }
 
     async def start_executor(self, monkeypatch: pytest.MonkeyPatch) -> ExecutorAgent:
-        runtime_cls = type("OwnedRuntime", (_ScopedRuntime,), {"owned_jobs": self.jobs})
+        runtime_cls = type(
+            "OwnedRuntime", (_ScopedRuntime,), {"owned_jobs": self.jobs, "sweeps": self.sweeps}
+        )
         monkeypatch.setattr(executor_app, "DockerRuntime", runtime_cls)
         settings = load_settings(ExecutorSettings, **self.executor_settings())
         self.executor, self.agent = await start_executor(settings, self.keys.signers["executor"])
@@ -417,6 +423,20 @@ class Network:
         async with asyncio.timeout(30):
             await self.agent.connected.wait()
         return self.agent
+
+    def executor_config(self, key: str = "executor2") -> Path:
+        """A TOML config for `horde executor serve` dialling this network's miner."""
+        settings = self.executor_settings()
+        settings["key_file"] = self.keys.paths[key]
+        settings["work_dir"] = self.root / f"{key}-work"
+        lines = []
+        for name, value in settings.items():
+            if name == "roster_file":
+                continue
+            lines.append(f"{name} = {json.dumps(str(value) if isinstance(value, Path) else value)}")
+        path = self.root / f"{key}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     async def stop_executor(self) -> None:
         if self.executor is not None:

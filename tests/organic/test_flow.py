@@ -1,28 +1,384 @@
-"""Organic jobs end to end: SubmitJob through validator, miner and executor to Docker and back."""
+"""Organic jobs end to end: a client's SubmitJob through validator, miner and executor to Docker
+and back, over real gRPC with real signatures (DESIGN.md, "Organic", "Job lifecycle")."""
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
+
+import grpc
 import pytest
 from horde.v1 import common_pb2 as S
-from horde.v1 import job_pb2
-from organic_support import DEMO_IMAGE, Network, make_tar, sha256, spec_for
+from horde.v1 import job_pb2, miner_pb2, receipts_pb2, validator_pb2
+from organic_support import (
+    BASE_IMAGE,
+    DEMO_IMAGE,
+    HttpServer,
+    JobRun,
+    Network,
+    make_tar,
+    sha256,
+    spec_for,
+    wait_no_job_objects,
+)
+
+from services.core import lifecycle
+from services.core.identity import Ed25519Signer
 
 pytestmark = pytest.mark.timeout(120)
 
+INPUT_FILES = {"a.txt": b"hello world\n", "sub/b.txt": b"horde\n"}
 
-@pytest.mark.parametrize("x", [1])
-async def test_smoke(net: Network, x: int) -> None:
-    tar = make_tar({"a.txt": b"hello world\n", "sub/b.txt": b"horde\n"})
+
+def demo_outputs(files: dict[str, bytes]) -> dict[str, bytes]:
+    """What horde/demo-job writes for these files under /volume (see deploy/images/demo-job)."""
+    entries = [
+        {"name": name, "size": len(data), "sha256": sha256(data)}
+        for name, data in sorted(files.items())
+    ]
+    summary = json.dumps(
+        {"files": entries, "total_bytes": sum(len(d) for d in files.values())}, indent=2
+    )
+    upper = "".join(files[name].decode() for name in sorted(files)).upper()
+    return {"summary.json": (summary + "\n").encode(), "upper.txt": upper.encode()}
+
+
+def archive_spec(data: bytes, mount_path: str = "") -> job_pb2.JobSpec:
+    return spec_for(
+        DEMO_IMAGE,
+        inputs=[
+            job_pb2.InputVolume(
+                mount_path=mount_path,
+                inline_archive=job_pb2.InlineArchive(
+                    format=job_pb2.ARCHIVE_FORMAT_TAR, size_bytes=len(data), sha256=sha256(data)
+                ),
+            )
+        ],
+    )
+
+
+def assert_completed(run: JobRun) -> job_pb2.JobResult:
+    assert run.result is not None, run.describe()
+    assert run.result.state == S.JOB_STATE_COMPLETED, run.describe()
+    assert run.result.reason == S.FAILURE_REASON_UNSPECIFIED
+    assert run.result.exit_code == 0
+    return run.result
+
+
+def assert_outputs(run: JobRun, expected: dict[str, bytes]) -> None:
+    """The streamed bytes are the expected files, and the result's metadata describes them."""
+    assert run.files() == expected
+    assert run.result is not None
+    meta = {o.path: (o.size_bytes, o.sha256) for o in run.result.outputs}
+    assert meta == {p: (len(d), sha256(d)) for p, d in expected.items()}
+
+
+async def test_inline_archive_happy_path(net: Network) -> None:
+    tar = make_tar(INPUT_FILES)
+    run = await net.run_job(archive_spec(tar), {0: tar})
+
+    res = assert_completed(run)
+    assert_outputs(run, demo_outputs(INPUT_FILES))
+    assert b"summarised 2 file(s), 18 bytes" in res.stdout.data
+    assert res.stderr.data == b""
+    assert res.miner_hotkey == net.keys.identity("miner")
+    assert res.executor_id == net.agent.executor_id != ""
+    timed = {t.stage for t in res.stage_timings}
+    assert {S.STAGE_IMAGE_PULL, S.STAGE_VOLUME_DOWNLOAD, S.STAGE_EXECUTION} <= timed
+
+    # Lifecycle order: every event precedes the result, states never go backwards.
+    assert run.states == [
+        S.JOB_STATE_ACCEPTED,
+        S.JOB_STATE_EXECUTOR_READY,
+        S.JOB_STATE_VOLUMES_READY,
+        S.JOB_STATE_RUNNING,
+    ]
+    assert run.order[-1] == "result" and run.order.count("result") == 1
+    assert all(ev.job_uuid == res.job_uuid for ev in run.events)
+    stamps = [ev.timestamp_ns for ev in run.events]
+    assert stamps == sorted(stamps)
+    # Output chunks are streamed after the container ran and before the result.
+    first_chunk = run.order.index("output_chunk")
+    assert first_chunk > run.order.index("event") and first_chunk < run.order.index("result")
+
+    # Lifecycle receipts at the miner: started and finished, signed by miner and validator.
+    resp = await net.miner_stub().ListReceipts(miner_pb2.ListReceiptsRequest(), timeout=10)
+    mine = [r for r in resp.receipts if lifecycle.parse(r).job_uuid == res.job_uuid]
+    kinds = [lifecycle.parse(r).kind for r in mine]
+    assert kinds == [
+        receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_STARTED,
+        receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_FINISHED,
+    ]
+    for receipt in mine:
+        assert lifecycle.verify(receipt, require_validator=True) is None
+        payload = lifecycle.parse(receipt)
+        assert payload.miner_hotkey == net.keys.identity("miner")
+        assert payload.validator_hotkey == net.keys.identity("validator")
+        assert payload.executor_class == "cpu-small"
+        assert payload.job_kind == "organic"
+        # A tampered payload or a foreign signature must not verify.
+        forged = receipts_pb2.LifecycleReceipt()
+        forged.CopyFrom(receipt)
+        forged.validator_signature = net.keys.signers["client"].sign(
+            lifecycle.DOMAIN + receipt.payload
+        )
+        assert lifecycle.verify(forged) == "validator signature does not verify"
+    finished = lifecycle.parse(mine[1])
+    assert finished.state == S.JOB_STATE_COMPLETED
+    assert finished.duration_s > 0
+    assert list(resp.states)[-1] == S.JOB_STATE_COMPLETED
+    started = lifecycle.parse(mine[0])
+    assert started.timestamp_ns <= finished.timestamp_ns
+
+
+async def test_job_queries_after_completion(net: Network) -> None:
+    tar = make_tar(INPUT_FILES)
+    spec = archive_spec(tar)
+    spec.labels["suite"] = "organic"
+    run = await net.run_job(spec, {0: tar})
+    res = assert_completed(run)
+    stub = net.client()
+
+    got = (await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=res.job_uuid), timeout=10)).job
+    assert got.job_uuid == res.job_uuid
+    assert got.state == S.JOB_STATE_COMPLETED
+    assert got.result == res
+    assert got.client == net.keys.identity("client")
+    assert got.spec.image == DEMO_IMAGE
+    assert got.spec.labels["suite"] == "organic"
+
+    listed = await stub.ListJobs(validator_pb2.ListJobsRequest(limit=10), timeout=10)
+    assert [j.job_uuid for j in listed.jobs] == [res.job_uuid]
+    done = await stub.ListJobs(
+        validator_pb2.ListJobsRequest(state=S.JOB_STATE_COMPLETED), timeout=10
+    )
+    assert [j.job_uuid for j in done.jobs] == [res.job_uuid]
+    failed = await stub.ListJobs(validator_pb2.ListJobsRequest(state=S.JOB_STATE_FAILED))
+    assert list(failed.jobs) == []
+
+    # WatchJob after completion replays the stored events, then the result.
+    watched = JobRun()
+    async for msg in stub.WatchJob(validator_pb2.WatchJobRequest(job_uuid=res.job_uuid)):
+        kind = msg.WhichOneof("payload")
+        watched.order.append(kind)
+        if kind == "event":
+            watched.events.append(msg.event)
+        else:
+            watched.result = msg.result
+    assert watched.order[-1] == "result"
+    assert watched.result == res
+    assert [(e.state, e.stage, e.message) for e in watched.events] == [
+        (e.state, e.stage, e.message) for e in run.events
+    ]
+
+    files: dict[str, bytearray] = {}
+    async for msg in stub.DownloadOutputs(
+        validator_pb2.DownloadOutputsRequest(job_uuid=res.job_uuid)
+    ):
+        files.setdefault(msg.chunk.path, bytearray()).extend(msg.chunk.data)
+    assert {k: bytes(v) for k, v in files.items()} == demo_outputs(INPUT_FILES)
+
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetJob(validator_pb2.GetJobRequest(job_uuid="no-such-job"), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_inline_single_file_under_mount_path(net: Network) -> None:
+    data = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, several input chunks
+    spec = spec_for(
+        BASE_IMAGE,
+        [
+            "python3",
+            "-c",
+            "import hashlib, os, pathlib; p = pathlib.Path('/volume/in/data.bin');"
+            "print(sorted(os.listdir('/volume')), sorted(os.listdir('/volume/in')));"
+            "print(hashlib.sha256(p.read_bytes()).hexdigest());"
+            "pathlib.Path('/output/copy.bin').write_bytes(p.read_bytes())",
+        ],
+        inputs=[
+            job_pb2.InputVolume(
+                mount_path="in",
+                inline_file=job_pb2.InlineFile(
+                    file_name="data.bin", size_bytes=len(data), sha256=sha256(data)
+                ),
+            )
+        ],
+    )
+    run = await net.run_job(spec, {0: data})
+    res = assert_completed(run)
+    lines = res.stdout.data.decode().split("\n")
+    assert lines[0] == "['in'] ['data.bin']"
+    assert lines[1] == sha256(data)
+    assert_outputs(run, {"copy.bin": data})
+
+
+async def test_url_input_downloaded_by_executor(net: Network, http_server: HttpServer) -> None:
+    body = b"fetched over http\n"
+    http_server.files["input.txt"] = body
     spec = spec_for(
         DEMO_IMAGE,
         inputs=[
             job_pb2.InputVolume(
-                inline_archive=job_pb2.InlineArchive(
-                    format=job_pb2.ARCHIVE_FORMAT_TAR, size_bytes=len(tar), sha256=sha256(tar)
-                )
+                url=job_pb2.UrlInput(url=http_server.url("/files/input.txt"), sha256=sha256(body))
             )
         ],
     )
+    run = await net.run_job(spec)
+    assert_completed(run)
+    assert http_server.gets == ["input.txt"]
+    assert_outputs(run, demo_outputs({"input.txt": body}))
+
+
+@pytest.mark.parametrize("problem", ["wrong_sha256", "http_404"])
+async def test_url_input_failures(net: Network, http_server: HttpServer, problem: str) -> None:
+    http_server.files["input.txt"] = b"the real bytes"
+    name = "input.txt" if problem == "wrong_sha256" else "missing.txt"
+    spec = spec_for(
+        DEMO_IMAGE,
+        inputs=[
+            job_pb2.InputVolume(
+                url=job_pb2.UrlInput(url=http_server.url(f"/files/{name}"), sha256="ab" * 32)
+            )
+        ],
+    )
+    run = await net.run_job(spec)
+    res = run.result
+    assert res is not None
+    assert (res.state, res.reason) == (S.JOB_STATE_FAILED, S.FAILURE_REASON_DOWNLOAD_FAILED), (
+        run.describe()
+    )
+    assert res.stage == S.STAGE_VOLUME_DOWNLOAD
+    assert ("expected " + "ab" * 32 if problem == "wrong_sha256" else "HTTP 404") in res.detail
+    assert S.JOB_STATE_RUNNING not in run.states
+    assert http_server.gets == [name]
+
+
+async def test_output_upload_put(net: Network, http_server: HttpServer) -> None:
+    tar = make_tar(INPUT_FILES)
+    spec = archive_spec(tar)
+    url = http_server.url("/upload/out.tar") + "?X-Signature=secret"
+    spec.output.upload.url = url
+    spec.output.upload.method = job_pb2.HTTP_METHOD_PUT
+    spec.output.upload.headers["X-Horde-Test"] = "yes"
     run = await net.run_job(spec, {0: tar})
-    print(run.describe(), [S.JobState.Name(s) for s in run.states], run.files())
-    assert run.result.state == S.JOB_STATE_COMPLETED
+    res = assert_completed(run)
+
+    assert run.chunks == []  # uploaded, not streamed
+    assert res.upload_url == http_server.url("/upload/out.tar")  # the query string is a secret
+    assert http_server.upload_headers["out.tar"]["X-Horde-Test"] == "yes"
+    body = http_server.uploads["out.tar"]
+    with tarfile.open(fileobj=io.BytesIO(body)) as archive:
+        got = {
+            m.name.removeprefix("./"): archive.extractfile(m).read()  # type: ignore[union-attr]
+            for m in archive.getmembers()
+            if m.isfile()
+        }
+    expected = demo_outputs(INPUT_FILES)
+    assert got == expected
+    assert {o.path: o.sha256 for o in res.outputs} == {p: sha256(d) for p, d in expected.items()}
+
+
+async def test_output_upload_refused(net: Network, http_server: HttpServer) -> None:
+    http_server.upload_status = 403
+    spec = spec_for(BASE_IMAGE, ["sh", "-c", "echo x > /output/x"])
+    spec.output.upload.url = http_server.url("/upload/out.tar")
+    run = await net.run_job(spec)
+    res = run.result
+    assert res is not None
+    assert (res.state, res.reason, res.stage) == (
+        S.JOB_STATE_FAILED,
+        S.FAILURE_REASON_UPLOAD_FAILED,
+        S.STAGE_OUTPUT_UPLOAD,
+    ), run.describe()
+    assert "403" in res.detail
+    assert "out.tar" in http_server.uploads
+
+
+async def test_cancel_long_job(net: Network) -> None:
+    job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
+    running = await job.wait_state(S.JOB_STATE_RUNNING)
+    job_uuid = running.job_uuid
+    stub = net.client()
+
+    resp = await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30)
+    assert resp.state == S.JOB_STATE_CANCELLED
+    run = await job.finished(within=30)
+    assert run.result is not None
+    assert (run.result.state, run.result.reason) == (
+        S.JOB_STATE_CANCELLED,
+        S.FAILURE_REASON_CANCELLED,
+    ), run.describe()
+    # The container (and its output volume) is gone well before `sleep 60` would have ended.
+    await wait_no_job_objects(net.docker, [job_uuid], within=20)
+    record = (await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid))).job
+    assert record.state == S.JOB_STATE_CANCELLED
+    # Cancelling a finished job is a no-op that reports its state.
+    again = await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=10)
+    assert again.state == S.JOB_STATE_CANCELLED
+    # The executor is free again: a new job runs.
+    after = await net.run_job(spec_for(BASE_IMAGE, ["true"]))
+    assert_completed(after)
+
+
+def _bad_mount(spec: job_pb2.JobSpec) -> None:
+    spec.inputs.append(
+        job_pb2.InputVolume(
+            mount_path="../x",
+            url=job_pb2.UrlInput(url="http://127.0.0.1:9/x", sha256="00" * 32),
+        )
+    )
+
+
+def _no_image(spec: job_pb2.JobSpec) -> None:
+    spec.image = ""
+
+
+def _bad_url(spec: job_pb2.JobSpec) -> None:
+    spec.inputs.append(
+        job_pb2.InputVolume(url=job_pb2.UrlInput(url="file:///etc/passwd", sha256="00" * 32))
+    )
+
+
+def _bad_upload(spec: job_pb2.JobSpec) -> None:
+    spec.output.upload.url = "ftp://example.com/out.tar"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (_bad_mount, "spec.inputs[0].mount_path"),
+        (_no_image, "spec.image"),
+        (_bad_url, "spec.inputs[0].url.url"),
+        (_bad_upload, "spec.output.upload.url"),
+    ],
+    ids=["mount_path_escape", "missing_image", "non_http_url", "non_http_upload"],
+)
+async def test_invalid_spec_is_invalid_argument(net: Network, mutate: object, field: str) -> None:
+    spec = spec_for(BASE_IMAGE, ["true"])
+    assert callable(mutate)
+    mutate(spec)
+    job = net.start_job(spec)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await job.finished(within=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(field + ":"), err.value.details()
+    assert job.run.events == [] and job.run.result is None
+    listed = await net.client().ListJobs(validator_pb2.ListJobsRequest(), timeout=10)
+    assert list(listed.jobs) == []  # nothing was stored
+
+
+async def test_unknown_client_is_denied(net: Network) -> None:
+    stranger = Ed25519Signer.generate()
+    stub = net.client(signer=stranger)
+    job = net.start_job(spec_for(BASE_IMAGE, ["true"]), stub=stub)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await job.finished(within=30)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert str(stranger.identity) in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as listing:
+        await stub.ListJobs(validator_pb2.ListJobsRequest(), timeout=10)
+    assert listing.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The enrolled client sees that nothing was submitted.
+    listed = await net.client().ListJobs(validator_pb2.ListJobsRequest(), timeout=10)
+    assert list(listed.jobs) == []

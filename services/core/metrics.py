@@ -1,0 +1,41 @@
+"""Prometheus metrics shared by every service (served on 127.0.0.1:--metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+RPCS = Counter(
+    "horde_rpcs_total", "RPCs served, by method and status code", ["service", "method", "code"]
+)
+RPC_SECONDS = Histogram(
+    "horde_rpc_seconds",
+    "Time to serve an RPC (streaming RPCs: the whole stream)",
+    ["service", "method"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 300, 3600),
+)
+AUTH_FAILURES = Counter(
+    "horde_auth_failures_total", "Rejected calls, by status code", ["service", "code"]
+)
+JOBS = Counter(
+    "horde_jobs_total", "Jobs that reached a terminal state", ["kind", "state", "reason"]
+)
+STAGE_SECONDS = Histogram(
+    "horde_job_stage_seconds",
+    "Time jobs spent in each stage",
+    ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
+)
+RECEIPTS = Counter(
+    "horde_stream_receipts_total", "Stream receipts checked, by outcome", ["outcome"]
+)
+GATEWAY_LATENCY = Histogram(
+    "horde_gateway_request_seconds",
+    "Streaming request latency seen by the gateway",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Expose /metrics; port 0 or None disables it."""
+    if port:
+        start_http_server(port, addr=host)

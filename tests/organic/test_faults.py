@@ -1,0 +1,338 @@
+"""Organic jobs that go wrong: the job's own faults, sandbox escapes that must not work, and the
+network's faults (executor killed, miner restarted). Every failure must carry a precise reason."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import tarfile
+import time
+
+import pytest
+from horde.v1 import common_pb2 as S
+from horde.v1 import job_pb2, validator_pb2
+from organic_support import (
+    BASE_IMAGE,
+    DEMO_IMAGE,
+    HORDE_BIN,
+    MEMORY_LIMIT_MB,
+    MISSING_IMAGE,
+    PIDS_LIMIT,
+    JobRun,
+    Network,
+    job_objects,
+    python_job,
+    sha256,
+    spec_for,
+    wait_for,
+    wait_no_job_objects,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def assert_result(
+    run: JobRun,
+    state: int,
+    reason: int,
+    stage: int | None = None,
+) -> job_pb2.JobResult:
+    res = run.result
+    assert res is not None, run.describe()
+    assert (S.JobState.Name(res.state), S.FailureReason.Name(res.reason)) == (
+        S.JobState.Name(state),
+        S.FailureReason.Name(reason),
+    ), run.describe()
+    if stage is not None:
+        assert S.Stage.Name(res.stage) == S.Stage.Name(stage), run.describe()
+    assert res.detail, "a failure must say why"
+    return res
+
+
+# ------------------------------------------------------------------------------ the job's faults
+
+
+async def test_nonzero_exit_captures_stderr(net: Network) -> None:
+    run = await net.run_job(
+        python_job("import sys; print('partial'); sys.stderr.write('boom: bad input\\n'); exit(3)")
+    )
+    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_NONZERO_EXIT, S.STAGE_EXECUTION)
+    assert res.exit_code == 3
+    assert "status 3" in res.detail
+    assert res.stdout.data == b"partial\n"
+    assert res.stderr.data == b"boom: bad input\n"
+    assert res.stderr.total_bytes == len(b"boom: bad input\n") and not res.stderr.truncated
+    assert S.JOB_STATE_RUNNING in run.states
+
+
+async def test_execution_timeout_kills_container(net: Network) -> None:
+    started = time.monotonic()
+    run = await net.run_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=2))
+    elapsed = time.monotonic() - started
+    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_TIMEOUT, S.STAGE_EXECUTION)
+    assert elapsed < 30, f"a 2 s limit took {elapsed:.1f}s to enforce"
+    assert "time limit" in res.detail
+    # The container was removed before the result was sent.
+    assert await job_objects(net.docker, [res.job_uuid]) == []
+
+
+PROBE = """
+import json, os, socket, sys
+results = {}
+for host, port in json.loads(sys.argv[1]):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        results[f"{host}:{port}"] = "connected"
+    except OSError as exc:
+        results[f"{host}:{port}"] = f"failed: {exc}"
+    finally:
+        s.close()
+try:
+    socket.getaddrinfo("example.com", 80)
+    results["dns"] = "resolved"
+except OSError as exc:
+    results["dns"] = f"failed: {exc}"
+results["interfaces"] = sorted(os.listdir("/sys/class/net"))
+print(json.dumps(results))
+"""
+
+
+async def test_job_cannot_reach_host_miner_or_internet(net: Network) -> None:
+    # A listener on every host interface: reachable from any container with a network.
+    connected = asyncio.Event()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        writer.close()
+
+    listener = await asyncio.start_server(on_connect, "0.0.0.0", 0)
+    listen_port = listener.sockets[0].getsockname()[1]
+    bridge = await net.docker.networks.get("bridge")
+    ipam = (await bridge.show()).get("IPAM", {}).get("Config") or [{}]
+    gateway = ipam[0].get("Gateway") or "172.17.0.1"
+    targets = [
+        ("127.0.0.1", net.miner_port),
+        (gateway, net.miner_port),
+        (gateway, listen_port),
+        ("1.1.1.1", 53),
+    ]
+    try:
+        run = await net.run_job(
+            spec_for(BASE_IMAGE, ["python3", "-c", PROBE, json.dumps(targets)], execution_s=30)
+        )
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert run.result is not None and run.result.state == S.JOB_STATE_COMPLETED, run.describe()
+    results = json.loads(run.result.stdout.data)
+    for host, port in targets:
+        assert results[f"{host}:{port}"].startswith("failed"), results
+    assert results["dns"].startswith("failed"), results
+    assert results["interfaces"] == ["lo"], results
+    assert not connected.is_set()
+
+
+async def test_root_filesystem_is_read_only(net: Network) -> None:
+    run = await net.run_job(spec_for(BASE_IMAGE, ["sh", "-c", "touch /x"]))
+    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_NONZERO_EXIT, S.STAGE_EXECUTION)
+    assert res.exit_code != 0
+    assert b"Read-only file system" in res.stderr.data
+
+
+async def test_fork_bomb_hits_pids_limit(net: Network) -> None:
+    code = (
+        "import subprocess\n"
+        "procs = []\n"
+        "while True:\n"
+        "    procs.append(subprocess.Popen(['sleep', '60']))\n"
+    )
+    started = time.monotonic()
+    run = await net.run_job(python_job(code, execution_s=60))
+    elapsed = time.monotonic() - started
+    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_PIDS_LIMIT, S.STAGE_EXECUTION)
+    assert f"limit of {PIDS_LIMIT} processes" in res.detail
+    assert b"Resource temporarily unavailable" in res.stderr.data
+    assert elapsed < 30, f"the fork bomb took {elapsed:.1f}s to end"
+
+
+async def test_memory_hog_is_out_of_memory(net: Network) -> None:
+    code = (
+        "hog = []\n"
+        "for i in range(128):\n"
+        "    hog.append(bytearray(16 * 2**20))\n"
+        "    print(i, flush=True)\n"
+        "print('survived')\n"
+    )
+    run = await net.run_job(python_job(code, execution_s=60))
+    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_OUT_OF_MEMORY, S.STAGE_EXECUTION)
+    assert f"{MEMORY_LIMIT_MB} MiB" in res.detail
+    assert b"survived" not in res.stdout.data
+
+
+def _tar(add: object) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        assert callable(add)
+        add(tar)
+    return buf.getvalue()
+
+
+def _file(tar: tarfile.TarFile, name: str, data: bytes = b"x") -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _link(tar: tarfile.TarFile, name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    tar.addfile(info)
+
+
+UNSAFE_ARCHIVES = {
+    "dotdot_member": lambda t: (_file(t, "ok.txt"), _file(t, "../escape.txt")),
+    "absolute_member": lambda t: _file(t, "/etc/escape.txt"),
+    "symlink_out_absolute": lambda t: _link(t, "passwd", "/etc/passwd"),
+    "symlink_out_relative": lambda t: _link(t, "up", "../../../../etc"),
+    "hardlink_out": lambda t: _link(t, "shadow", "/etc/shadow", tarfile.LNKTYPE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE_ARCHIVES))
+async def test_unsafe_archive_fails_before_any_container(net: Network, case: str) -> None:
+    data = _tar(UNSAFE_ARCHIVES[case])
+    spec = spec_for(
+        DEMO_IMAGE,
+        inputs=[
+            job_pb2.InputVolume(
+                inline_archive=job_pb2.InlineArchive(size_bytes=len(data), sha256=sha256(data))
+            )
+        ],
+    )
+    run = await net.run_job(spec, {0: data})
+    res = assert_result(
+        run, S.JOB_STATE_FAILED, S.FAILURE_REASON_INVALID_INPUT, S.STAGE_VOLUME_DOWNLOAD
+    )
+    assert res.detail.startswith("input 0:"), res.detail
+    assert S.JOB_STATE_RUNNING not in run.states
+    assert S.JOB_STATE_VOLUMES_READY not in run.states
+    assert not res.HasField("exit_code")
+    # Nothing escaped into the executor's work dir (or beyond it).
+    work = net.root / "executor-work"
+    assert not any(p.name in ("escape.txt", "passwd", "up", "shadow") for p in work.rglob("*"))
+    assert not (net.root / "escape.txt").exists()
+
+
+async def test_image_not_on_validator_allow_list_is_rejected(net: Network) -> None:
+    run = await net.run_job(spec_for("horde/not-allowed:latest", ["true"]))
+    res = assert_result(run, S.JOB_STATE_REJECTED, S.FAILURE_REASON_IMAGE_NOT_ALLOWED, S.STAGE_ACCEPT)
+    assert "horde/not-allowed:latest" in res.detail
+    assert run.events == []  # rejected at the door: no lifecycle at all
+    record = (
+        await net.client().GetJob(validator_pb2.GetJobRequest(job_uuid=res.job_uuid), timeout=10)
+    ).job
+    assert record.state == S.JOB_STATE_REJECTED
+
+
+@pytest.mark.parametrize("validator_only_images", [["horde/validator-only:latest"]])
+async def test_image_not_on_executor_allow_list_is_rejected(net: Network) -> None:
+    run = await net.run_job(spec_for("horde/validator-only:latest", ["true"]))
+    res = assert_result(run, S.JOB_STATE_REJECTED, S.FAILURE_REASON_IMAGE_NOT_ALLOWED)
+    assert "executor" in res.detail
+    assert S.JOB_STATE_RUNNING not in run.states
+
+
+@pytest.mark.parametrize("extra_images", [[MISSING_IMAGE]])
+async def test_allowed_but_missing_image_is_image_not_found(net: Network) -> None:
+    run = await net.run_job(spec_for(MISSING_IMAGE, ["true"]))
+    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_IMAGE_NOT_FOUND, S.STAGE_IMAGE_PULL)
+    assert MISSING_IMAGE in res.detail
+    assert S.JOB_STATE_EXECUTOR_READY not in run.states
+    assert S.JOB_STATE_RUNNING not in run.states
+
+
+# ------------------------------------------------------------------------------ the network's faults
+
+
+async def test_executor_killed_mid_job(bare_net: Network, monkeypatch: pytest.MonkeyPatch) -> None:
+    net = bare_net
+    config = net.executor_config("executor2")
+    log_path = net.root / "executor2.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(HORDE_BIN),
+            "executor",
+            "serve",
+            "--config",
+            str(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "HORDE_EXECUTOR_LOG_LEVEL": "info"},
+        )
+    try:
+        await net.wait_executors(1, within=60)
+        job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
+        running = await job.wait_state(S.JOB_STATE_RUNNING)
+        job_uuid = running.job_uuid
+        # The job's container runs (it belongs to the executor we are about to kill).
+        assert await job_objects(net.docker, [job_uuid]), "no container for the running job"
+
+        proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        run = await job.finished(within=20)
+        took = time.monotonic() - killed_at
+        res = assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_EXECUTOR_LOST)
+        assert took < 20, f"executor loss took {took:.1f}s to report"
+        assert res.miner_hotkey == net.keys.identity("miner")
+        record = (await net.client().GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid))).job
+        assert record.state == S.JOB_STATE_HORDE_FAILED
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-2000:]
+
+    # Nobody was left to remove the job's container: it is orphaned...
+    orphans = await job_objects(net.docker, [job_uuid])
+    assert any(o.startswith("container") for o in orphans), orphans
+    # ...until an executor starts on this host: its start-up sweep removes the job container,
+    # the output holder and the output volume.
+    await net.start_executor(monkeypatch)
+    assert net.sweeps[0] == 3, (net.sweeps, orphans)
+    assert await job_objects(net.docker, [job_uuid]) == []
+    # And the network serves jobs again.
+    await net.wait_executors(1)
+    after = await net.run_job(spec_for(BASE_IMAGE, ["true"]))
+    assert after.result is not None and after.result.state == S.JOB_STATE_COMPLETED
+
+
+async def test_miner_restarted_mid_job(net: Network) -> None:
+    job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
+    running = await job.wait_state(S.JOB_STATE_RUNNING)
+    job_uuid = running.job_uuid
+
+    stopped_at = time.monotonic()
+    await net.stop_miner()
+    run = await job.finished(within=30)
+    took = time.monotonic() - stopped_at
+    res = assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_MINER_UNREACHABLE)
+    assert res.stage == S.STAGE_EXECUTION, run.describe()
+    assert took < 20, f"losing the miner took {took:.1f}s to report"
+    # The executor lost its link and stopped the job: its container is removed.
+    await wait_no_job_objects(net.docker, [job_uuid], within=30)
+    assert net.agent is not None
+    await wait_for(lambda: not net.agent.connected.is_set(), 10, "the executor to see the loss")
+
+    # The miner comes back on the same address; the executor reconnects and jobs run again.
+    await net.start_miner()
+    await net.wait_executors(1, within=30)
+    after = await net.run_job(spec_for(BASE_IMAGE, ["true"]))
+    assert after.result is not None, after.describe()
+    assert after.result.state == S.JOB_STATE_COMPLETED, after.describe()
