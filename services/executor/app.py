@@ -35,7 +35,8 @@ async def start_executor(
     work_dir.mkdir(parents=True, exist_ok=True)
     hardware = probe(work_dir)
     klass = executor_class(hardware, settings.executor_class)
-    runtime = DockerRuntime()
+    # One label per executor identity, so executors sharing an engine never sweep each other.
+    runtime = DockerRuntime(instance=signer.identity.public_key.hex()[:16])
     swept = await runtime.sweep()
     if swept:
         log.warning("swept_leftovers", count=swept)

@@ -46,7 +46,7 @@ from services.core.server import open_channel
 from services.executor import app as executor_app
 from services.executor.agent import ExecutorAgent
 from services.executor.app import start_executor
-from services.executor.sandbox import JOB_LABEL, DockerRuntime
+from services.executor.sandbox import JOB_LABEL, ROLE_LABEL, DockerRuntime
 from services.miner.app import start_miner
 from services.validator.app import start_validator
 
@@ -131,6 +131,21 @@ async def wait_for(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def wait_job_container_running(
+    docker: aiodocker.Docker, job_uuid: str, within: float = 30.0
+) -> str:
+    """Wait until the job's own container (not the output holder) is running; its id."""
+    filters = json.dumps({"label": [f"{JOB_LABEL}={job_uuid}", f"{ROLE_LABEL}=job"]})
+
+    async def running() -> str:
+        found = await docker._query_json(
+            "containers/json", params={"filters": filters, "all": "true"}
+        )
+        return next((str(c["Id"]) for c in found if c.get("State") == "running"), "")
+
+    return str(await wait_for(running, within, f"the container of job {job_uuid} to run"))
 
 
 async def wait_no_job_objects(

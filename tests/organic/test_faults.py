@@ -28,6 +28,7 @@ from organic_support import (
     sha256,
     spec_for,
     wait_for,
+    wait_job_container_running,
     wait_no_job_objects,
 )
 
@@ -231,7 +232,9 @@ async def test_unsafe_archive_fails_before_any_container(net: Network, case: str
 
 async def test_image_not_on_validator_allow_list_is_rejected(net: Network) -> None:
     run = await net.run_job(spec_for("horde/not-allowed:latest", ["true"]))
-    res = assert_result(run, S.JOB_STATE_REJECTED, S.FAILURE_REASON_IMAGE_NOT_ALLOWED, S.STAGE_ACCEPT)
+    res = assert_result(
+        run, S.JOB_STATE_REJECTED, S.FAILURE_REASON_IMAGE_NOT_ALLOWED, S.STAGE_ACCEPT
+    )
     assert "horde/not-allowed:latest" in res.detail
     assert run.events == []  # rejected at the door: no lifecycle at all
     record = (
@@ -251,13 +254,15 @@ async def test_image_not_on_executor_allow_list_is_rejected(net: Network) -> Non
 @pytest.mark.parametrize("extra_images", [[MISSING_IMAGE]])
 async def test_allowed_but_missing_image_is_image_not_found(net: Network) -> None:
     run = await net.run_job(spec_for(MISSING_IMAGE, ["true"]))
-    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_IMAGE_NOT_FOUND, S.STAGE_IMAGE_PULL)
+    res = assert_result(
+        run, S.JOB_STATE_FAILED, S.FAILURE_REASON_IMAGE_NOT_FOUND, S.STAGE_IMAGE_PULL
+    )
     assert MISSING_IMAGE in res.detail
     assert S.JOB_STATE_EXECUTOR_READY not in run.states
     assert S.JOB_STATE_RUNNING not in run.states
 
 
-# ------------------------------------------------------------------------------ the network's faults
+# ----------------------------------------------------------------------------- the network's faults
 
 
 async def test_executor_killed_mid_job(bare_net: Network, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,8 +286,8 @@ async def test_executor_killed_mid_job(bare_net: Network, monkeypatch: pytest.Mo
         job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
         running = await job.wait_state(S.JOB_STATE_RUNNING)
         job_uuid = running.job_uuid
-        # The job's container runs (it belongs to the executor we are about to kill).
-        assert await job_objects(net.docker, [job_uuid]), "no container for the running job"
+        # The RUNNING event precedes the container's creation: wait for the container itself.
+        await wait_job_container_running(net.docker, job_uuid)
 
         proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -301,11 +306,11 @@ async def test_executor_killed_mid_job(bare_net: Network, monkeypatch: pytest.Mo
 
     # Nobody was left to remove the job's container: it is orphaned...
     orphans = await job_objects(net.docker, [job_uuid])
-    assert any(o.startswith("container") for o in orphans), orphans
+    assert len(orphans) == 3, orphans  # job container, output holder, output volume
     # ...until an executor starts on this host: its start-up sweep removes the job container,
     # the output holder and the output volume.
     await net.start_executor(monkeypatch)
-    assert net.sweeps[0] == 3, (net.sweeps, orphans)
+    assert net.sweeps == [3], (net.sweeps, orphans)
     assert await job_objects(net.docker, [job_uuid]) == []
     # And the network serves jobs again.
     await net.wait_executors(1)
@@ -317,6 +322,7 @@ async def test_miner_restarted_mid_job(net: Network) -> None:
     job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
     running = await job.wait_state(S.JOB_STATE_RUNNING)
     job_uuid = running.job_uuid
+    await wait_job_container_running(net.docker, job_uuid)
 
     stopped_at = time.monotonic()
     await net.stop_miner()

@@ -20,6 +20,7 @@ from organic_support import (
     make_tar,
     sha256,
     spec_for,
+    wait_job_container_running,
     wait_no_job_objects,
 )
 
@@ -299,6 +300,7 @@ async def test_cancel_long_job(net: Network) -> None:
     job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
     running = await job.wait_state(S.JOB_STATE_RUNNING)
     job_uuid = running.job_uuid
+    await wait_job_container_running(net.docker, job_uuid)
     stub = net.client()
 
     resp = await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30)
