@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from horde.v1 import receipts_pb2
+
 from services.core.identity import Identity, Signer
 
 DOMAIN = b"horde.job-certificate.v1\x00"
