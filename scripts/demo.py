@@ -30,7 +30,7 @@ from horde.v1 import (
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.dev import DevEnv
+from services.cli.devenv import DevEnv
 from services.core.identity import Ed25519Signer, load_key_file
 from services.core.server import open_channel
 

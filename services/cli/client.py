@@ -16,7 +16,7 @@ import grpc
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 from rich.console import Console
 
-from services.cli.dev import DevEnv
+from services.cli.devenv import DevEnv
 from services.core.identity import Signer, load_key_file
 from services.core.proto_util import reason_name, stage_name, state_name
 from services.core.server import open_channel

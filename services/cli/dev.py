@@ -6,12 +6,12 @@ import asyncio
 import json
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from services.cli.devenv import ENDPOINTS
 from services.core.app import ServiceApp
 from services.core.chain import Neuron, write_roster
 from services.core.config import (
@@ -30,35 +30,6 @@ from services.validator.app import start_validator
 log = structlog.get_logger("horde.dev")
 
 DEFAULT_IMAGES = ["horde/base:latest", "horde/demo-job:latest"]
-ENDPOINTS = "endpoints.json"
-
-
-@dataclass(frozen=True)
-class DevEnv:
-    """What client commands read from `--dev DIR`."""
-
-    state_dir: Path
-    data: dict[str, Any]
-
-    @classmethod
-    def load(cls, state_dir: Path) -> DevEnv:
-        path = state_dir / ENDPOINTS
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: start a local network with "
-                f"`horde dev up --state-dir {state_dir}`"
-            )
-        return cls(state_dir, json.loads(path.read_text()))
-
-    def address(self, service: str) -> str:
-        return str(self.data["services"][service]["address"])
-
-    def identity(self, service: str) -> str:
-        return str(self.data["services"][service]["identity"])
-
-    @property
-    def client_key(self) -> Path:
-        return Path(self.data["client_key"])
 
 
 def _key(path: Path, kind: str) -> Path:

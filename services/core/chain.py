@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
 
 import structlog
-from bittensor import BittensorError, Client
-from bittensor.intents.weights import CommitWeights, SetWeights
 
 from services.core.identity import SS58_FORMAT, HotkeySigner, Identity, KeyType
 
@@ -470,6 +468,12 @@ class LocalRoster:
 CommitRevealMode = Literal["auto", "always"]
 
 
+def _sdk_error() -> type[Exception]:
+    from bittensor import BittensorError
+
+    return BittensorError  # type: ignore[no-any-return]
+
+
 class BittensorChain:
     """The Bittensor chain through the ``bittensor`` SDK (v11).
 
@@ -507,6 +511,9 @@ class BittensorChain:
             raise ValueError(f"commit_reveal must be 'auto' or 'always', got {commit_reveal!r}")
         self._netuid = netuid
         self._signer = signer
+        # The SDK is imported here, not at module level: only chain = "bittensor" needs it.
+        from bittensor import Client
+
         self._client = Client(network, substrate=substrate)
         self._network = network
         self._cache_ttl = cache_ttl
@@ -533,7 +540,7 @@ class BittensorChain:
             if not self._connected:
                 try:
                     await self._client.connect()
-                except BittensorError as error:
+                except _sdk_error() as error:
                     raise ChainAdapterError(
                         f"cannot connect to {self._network}: {error}"
                     ) from error
@@ -557,7 +564,7 @@ class BittensorChain:
         client = await self._connected_client()
         try:
             graph = await client.subnets.metagraph(self._netuid, commitments=False)
-        except (BittensorError, OSError, TimeoutError) as error:
+        except (_sdk_error(), OSError, TimeoutError) as error:
             raise ChainAdapterError(f"reading netuid {self._netuid} failed: {error}") from error
         if graph is None:
             raise ChainAdapterError(f"subnet {self._netuid} does not exist on {self._network}")
@@ -616,7 +623,7 @@ class BittensorChain:
                 wait_for_inclusion=True,
                 wait_for_finalization=self._wait_for_finalization,
             )
-        except BittensorError as error:
+        except _sdk_error() as error:
             raise ChainAdapterError(f"set_weights on netuid {self._netuid}: {error}") from error
         if not result.success:
             raise ChainAdapterError(
@@ -638,12 +645,16 @@ class BittensorChain:
         # max-upscale, u16 quantisation), so that logic exists once, in the SDK.
         uid_weights = dict(sorted(by_uid.items()))
         if self._commit_reveal == "always":
+            from bittensor.intents.weights import CommitWeights
+
             return CommitWeights(
                 netuid=self._netuid,
                 weights=uid_weights,  # type: ignore[arg-type]  # SDK accepts a uid mapping
                 mechid=self._mechid,
                 version_key=self._version_key,
             )
+        from bittensor.intents.weights import SetWeights
+
         return SetWeights(
             netuid=self._netuid,
             weights=uid_weights,  # type: ignore[arg-type]

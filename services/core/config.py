@@ -113,8 +113,55 @@ class ServiceSettings(BaseSettings):
         return f"sqlite+aiosqlite:///{(self.state_dir / f'{name}.db').resolve()}"
 
 
+class SyntheticClass(BaseModel):
+    """Difficulty, deadline and pay of one executor class (see services/validator/synthetic.py
+    for how the defaults were calibrated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Candidate secrets per challenge (the executor scans up to this many sha256 hashes).
+    range_size: int = Field(gt=0, le=2**40)
+    # Digests (hidden secrets) per challenge.
+    digests: int = Field(default=8, gt=0, le=64)
+    # Seconds from sending the challenge to a correct answer, by the validator's clock.
+    deadline_s: float = Field(gt=0, le=3600)
+    # Score for one passed executor of this class per round.
+    weight: float = Field(default=1.0, ge=0)
+
+
+def _default_classes() -> dict[str, SyntheticClass]:
+    return {
+        "cpu-small": SyntheticClass(range_size=2_000_000, digests=8, deadline_s=20.0, weight=1.0),
+        "cpu-large": SyntheticClass(range_size=8_000_000, digests=8, deadline_s=20.0, weight=4.0),
+    }
+
+
+class SyntheticSettings(BaseModel):
+    """Synthetic rounds and weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Run rounds in the background (the admin RPC can always run one).
+    enabled: bool = True
+    # Seconds between rounds, each drawn uniformly from interval_s +- jitter_s.
+    interval_s: float = Field(default=600.0, gt=0)
+    jitter_s: float = Field(default=60.0, ge=0)
+    # Seconds between weight settings; scores cover the last epoch.
+    epoch_s: float = Field(default=3600.0, gt=0)
+    # Extra seconds a miner's stream may stay open past the longest class deadline.
+    grace_s: float = Field(default=2.0, ge=0)
+    # Score per completed organic job in the epoch, and per failed one (the miner's fault).
+    organic_completed_weight: float = Field(default=0.1, ge=0)
+    organic_failed_weight: float = Field(default=0.1, ge=0)
+    classes: dict[str, SyntheticClass] = Field(default_factory=_default_classes)
+
+
 class ValidatorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HORDE_VALIDATOR_")
+
+    # Identities allowed to call ValidatorAdminService (`horde validator round|weights`).
+    admins: list[str] = []
+    synthetic: SyntheticSettings = SyntheticSettings()
 
     # Images clients may run (organic); exact references.
     allowed_images: list[str] = ["horde/base:latest", "horde/demo-job:latest"]

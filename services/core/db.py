@@ -58,6 +58,55 @@ job_outputs = sa.Table(
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
+# --- validator: synthetic rounds, scores and penalties -------------------------------------------
+
+synthetic_rounds = sa.Table(
+    "synthetic_rounds",
+    metadata,
+    sa.Column("round", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("started_ns", sa.BigInteger, nullable=False, index=True),
+    sa.Column("finished_ns", sa.BigInteger, nullable=False),
+    sa.Column("miners", sa.Integer, nullable=False),
+    sa.Column("executors", sa.Integer, nullable=False),
+)
+
+synthetic_results = sa.Table(
+    "synthetic_results",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("round", sa.BigInteger, nullable=False, index=True),
+    sa.Column("miner_hotkey", sa.String(200), nullable=False, index=True),
+    sa.Column("executor_id", sa.String(200), nullable=False),
+    sa.Column("executor_class", sa.String(100), nullable=False),
+    sa.Column("challenge_id", sa.String(64), nullable=False),
+    sa.Column("passed", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.String(500), nullable=False),
+    sa.Column("duration_s", sa.Float, nullable=False),
+    sa.Column("executor_duration_s", sa.Float, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False, index=True),
+)
+
+penalties = sa.Table(
+    "penalties",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("miner_hotkey", sa.String(200), nullable=False, index=True),
+    sa.Column("kind", sa.String(50), nullable=False),
+    sa.Column("amount", sa.Float, nullable=False),
+    sa.Column("reason", sa.String(1000), nullable=False),
+    sa.Column("evidence", sa.LargeBinary, nullable=True),
+    sa.Column("created_ns", sa.BigInteger, nullable=False, index=True),
+)
+
+weight_settings = sa.Table(
+    "weight_settings",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("reference", sa.String(200), nullable=False),
+    sa.Column("weights_json", sa.Text, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+)
+
 # --- validator and miner: signed lifecycle receipts ---------------------------------------------
 
 lifecycle_receipts = sa.Table(

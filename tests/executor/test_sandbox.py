@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from services.executor.sandbox import (
     INSTANCE_LABEL,
     JOB_LABEL,
     LABEL,
+    ROLE_LABEL,
     CappedBuffer,
     ContainerRun,
     DockerRuntime,
@@ -692,3 +694,33 @@ async def test_gpu_request_without_gpu_support_is_a_sandbox_error(
             ContainerRun(job_uuid=new_job_uuid(), image=BASE, command=["true"], gpus=-1),
             tmp_path / "out",
         )
+
+
+async def test_background_cleanup_removes_the_job_container_before_returning(
+    horde_images: tuple[str, ...],
+    docker_client: aiodocker.Docker,
+    new_job_uuid: Callable[[], str],
+    find_leftovers: Callable[[list[str]], Awaitable[list[str]]],
+    tmp_path: Path,
+) -> None:
+    """With wait_cleanup=False (the executor's setting) run() returns as soon as the job's own
+    container is gone; the output holder and volume follow in the background."""
+    rt = DockerRuntime(docker_client, instance=f"test-{uuid.uuid4().hex[:12]}", wait_cleanup=False)
+    job_uuid = new_job_uuid()
+    try:
+        result = await rt.run(
+            ContainerRun(job_uuid=job_uuid, image="horde/base", command=["true"], timeout_s=60),
+            tmp_path / "out",
+        )
+        assert result.succeeded and result.output_files == ()
+        jobs = await docker_client._query_json(
+            "containers/json",
+            params={
+                "all": "true",
+                "filters": json.dumps({"label": [f"{JOB_LABEL}={job_uuid}", f"{ROLE_LABEL}=job"]}),
+            },
+        )
+        assert jobs == []
+    finally:
+        await rt.close()  # waits for the background cleanup
+    assert await find_leftovers([job_uuid]) == []

@@ -121,9 +121,9 @@ async def bare_net(
 
 
 @pytest.fixture
-async def net(bare_net: Network, monkeypatch: pytest.MonkeyPatch) -> Network:
+async def net(bare_net: Network) -> Network:
     """A whole network: miner, an in-process executor connected to it, validator."""
-    await bare_net.start_executor(monkeypatch)
+    await bare_net.start_executor()
     return bare_net
 
 

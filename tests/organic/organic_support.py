@@ -4,10 +4,9 @@ stop the executor or run one as a subprocess; job helpers; a local HTTP server's
 
 Leftovers: every job a network runs is remembered; after each test (while its executor is still
 up) and again after the session no container, volume or network labelled with one of those jobs
-may remain. The Docker daemon may be shared with other test runs, so the executors started here
-only sweep their own jobs (see ``_ScopedRuntime``) and the session check only looks at this
-session's jobs, unless HORDE_STRICT_LEFTOVERS=1 asks for a check of every ``io.horde.managed``
-object.
+may remain. The Docker engine may be shared with other test runs (executors only sweep their own
+instance's objects), so the session check only looks at this session's jobs, unless
+HORDE_STRICT_LEFTOVERS=1 asks for a check of every ``io.horde.managed`` object.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from typing import Any
 
 import aiodocker
 import grpc
-import pytest
 from horde.v1 import (
     common_pb2,
     job_pb2,
@@ -43,10 +41,9 @@ from services.core.chain import Neuron, write_roster
 from services.core.config import ExecutorSettings, MinerSettings, ValidatorSettings, load_settings
 from services.core.identity import Signer, create_key_file
 from services.core.server import open_channel
-from services.executor import app as executor_app
 from services.executor.agent import ExecutorAgent
 from services.executor.app import start_executor
-from services.executor.sandbox import JOB_LABEL, ROLE_LABEL, DockerRuntime
+from services.executor.sandbox import JOB_LABEL, ROLE_LABEL
 from services.miner.app import start_miner
 from services.validator.app import start_validator
 
@@ -133,16 +130,20 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def job_containers(docker: aiodocker.Docker, job_uuid: str) -> list[dict[str, Any]]:
+    """The job's own container(s) (role "job"; not the output holder), any state."""
+    filters = json.dumps({"label": [f"{JOB_LABEL}={job_uuid}", f"{ROLE_LABEL}=job"]})
+    found = await docker._query_json("containers/json", params={"filters": filters, "all": "true"})
+    return list(found)
+
+
 async def wait_job_container_running(
     docker: aiodocker.Docker, job_uuid: str, within: float = 30.0
 ) -> str:
     """Wait until the job's own container (not the output holder) is running; its id."""
-    filters = json.dumps({"label": [f"{JOB_LABEL}={job_uuid}", f"{ROLE_LABEL}=job"]})
 
     async def running() -> str:
-        found = await docker._query_json(
-            "containers/json", params={"filters": filters, "all": "true"}
-        )
+        found = await job_containers(docker, job_uuid)
         return next((str(c["Id"]) for c in found if c.get("State") == "running"), "")
 
     return str(await wait_for(running, within, f"the container of job {job_uuid} to run"))
@@ -163,25 +164,6 @@ async def wait_no_job_objects(
         await wait_for(gone, within, "job containers/volumes to be removed", interval=0.2)
     except AssertionError:
         raise AssertionError(f"sandbox objects left behind: {left}") from None
-
-
-class _ScopedRuntime(DockerRuntime):
-    """The real runtime, except that the executor's unscoped start-up/shutdown sweep only touches
-    jobs of the network that owns it: the Docker daemon is shared with concurrent test runs,
-    whose containers a global sweep would delete mid-job. Scoped sweeps run the same code.
-    ``sweeps`` records what each unscoped sweep removed."""
-
-    owned_jobs: set[str] = set()
-    sweeps: list[int] = []
-
-    async def sweep(self, job_uuid: str | None = None) -> int:
-        if job_uuid is not None:
-            return await super().sweep(job_uuid)
-        removed = 0
-        for owned in sorted(self.owned_jobs):
-            removed += await super().sweep(owned)
-        self.sweeps.append(removed)
-        return removed
 
 
 # --------------------------------------------------------------------------------------- jobs
@@ -351,7 +333,6 @@ class Network:
         self.roster = root / "roster.toml"
         root.mkdir(parents=True, exist_ok=True)
         self.jobs: set[str] = set()
-        self.sweeps: list[int] = []  # objects removed by each start-up/shutdown sweep
         self.miner: ServiceApp | None = None
         self.miner_port = 0
         self.executor: ServiceApp | None = None
@@ -427,11 +408,7 @@ class Network:
             **self._common(),
         }
 
-    async def start_executor(self, monkeypatch: pytest.MonkeyPatch) -> ExecutorAgent:
-        runtime_cls = type(
-            "OwnedRuntime", (_ScopedRuntime,), {"owned_jobs": self.jobs, "sweeps": self.sweeps}
-        )
-        monkeypatch.setattr(executor_app, "DockerRuntime", runtime_cls)
+    async def start_executor(self) -> ExecutorAgent:
         settings = load_settings(ExecutorSettings, **self.executor_settings())
         self.executor, self.agent = await start_executor(settings, self.keys.signers["executor"])
         self.executor.start_background()

@@ -83,6 +83,7 @@ class SyntheticAnswer(_message.Message):
     STARTED_NS_FIELD_NUMBER: _builtins.int
     FINISHED_NS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """Id of the challenge answered."""
     started_ns: _builtins.int
@@ -91,6 +92,8 @@ class SyntheticAnswer(_message.Message):
     """Executor clock when work finished, unix ns."""
     error: _builtins.str
     """Error text when the executor could not run the challenge."""
+    backend: _builtins.str
+    """Implementation that solved it: "cpu" or "cuda"."""
     @_builtins.property
     def secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Secrets found, in the order of the challenge's digests."""
@@ -103,10 +106,11 @@ class SyntheticAnswer(_message.Message):
         started_ns: _builtins.int = ...,
         finished_ns: _builtins.int = ...,
         error: _builtins.str = ...,
+        backend: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "error", b"error", "finished_ns", b"finished_ns", "secrets", b"secrets", "started_ns", b"started_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "challenge_id", b"challenge_id", "error", b"error", "finished_ns", b"finished_ns", "secrets", b"secrets", "started_ns", b"started_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -123,6 +127,7 @@ class SyntheticVerdict(_message.Message):
     PASSED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
+    EXECUTOR_DURATION_S_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """Id of the challenge."""
     executor_id: _builtins.str
@@ -133,6 +138,8 @@ class SyntheticVerdict(_message.Message):
     """Why it did not pass ("wrong answer", "late", "missing"...)."""
     duration_s: _builtins.float
     """Seconds the validator measured from send to answer."""
+    executor_duration_s: _builtins.float
+    """Seconds the executor reported (finished_ns - started_ns); 0 without an answer."""
     def __init__(
         self,
         *,
@@ -141,10 +148,11 @@ class SyntheticVerdict(_message.Message):
         passed: _builtins.bool = ...,
         reason: _builtins.str = ...,
         duration_s: _builtins.float = ...,
+        executor_duration_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "duration_s", b"duration_s", "executor_id", b"executor_id", "passed", b"passed", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "duration_s", b"duration_s", "executor_duration_s", b"executor_duration_s", "executor_id", b"executor_id", "passed", b"passed", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
