@@ -223,6 +223,14 @@ class GatewaySettings(ServiceSettings):
     receipt_skew_s: float = Field(default=2.0, gt=0)
     # Share of request/response pairs stored in full for spot checks.
     sample_rate: float = Field(default=0.1, ge=0, le=1)
+    # Session time limit when the client gives none, and the most a client may ask for.
+    session_time_limit_s: int = Field(default=3600, gt=0)
+    max_session_time_limit_s: int = Field(default=86400, gt=0)
+    # How long a job may take to become ready (image pull, service start-up).
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+    # Serve only jobs whose certificate names a miner registered on the chain (checked when a
+    # chain is configured: roster_file, or chain = "bittensor").
+    require_registered_miner: bool = True
 
 
 S = TypeVar("S", bound=ServiceSettings)

@@ -6,16 +6,24 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import structlog
-from horde.v1 import common_pb2, executor_pb2, executor_pb2_grpc, job_pb2, manifest_pb2
+from horde.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    job_pb2,
+    manifest_pb2,
+    synthetic_pb2,
+)
 
 from services.core.identity import Signer
 from services.core.proto_util import result
 from services.core.server import open_channel
 from services.executor.jobs import JobContext, OrganicJobRunner
+from services.executor.synthetic import InProcessSolver, SyntheticSolver, answer
 
 log = structlog.get_logger("horde.executor.agent")
 
@@ -28,8 +36,11 @@ class ExecutorAgent:
         miner_identity: str,
         manifest: manifest_pb2.ExecutorManifest,
         runner: OrganicJobRunner,
+        synthetic: SyntheticSolver | None = None,
     ) -> None:
         self._signer = signer
+        self._synthetic = synthetic or InProcessSolver()
+        self._synthetic_tasks: set[asyncio.Task[None]] = set()
         self._address = miner_address
         self._miner = miner_identity
         self._manifest = manifest
@@ -99,7 +110,11 @@ class ExecutorAgent:
                     elif kind == "cancel":
                         if msg.cancel.job_uuid == self._job_uuid:
                             await self._abort_job(msg.cancel.reason)
+                    elif kind == "synthetic_challenge":
+                        self._start_synthetic(msg.synthetic_challenge, send)
             finally:
+                for task in self._synthetic_tasks:
+                    task.cancel()
                 if heartbeat is not None:
                     heartbeat.cancel()
                 call.cancel()
@@ -138,3 +153,24 @@ class ExecutorAgent:
         ctx = JobContext(start=start, inputs=self._inputs, send=send)  # type: ignore[arg-type]
         log.info("job_started", job_uuid=start.job_uuid, image=start.spec.image)
         self._job = asyncio.create_task(self._runner.run(ctx))
+
+    def _start_synthetic(
+        self,
+        challenge: synthetic_pb2.SyntheticChallenge,
+        send: Callable[[executor_pb2.ConnectRequest], Awaitable[None]],
+    ) -> None:
+        """Solve beside any running job (the validator keeps the clock) and send the answer."""
+
+        async def run() -> None:
+            reply = await answer(self._synthetic, challenge)
+            log.info(
+                "synthetic_answered",
+                challenge_id=challenge.challenge_id,
+                ok=not reply.error,
+                seconds=round((reply.finished_ns - reply.started_ns) / 1e9, 3),
+            )
+            await send(executor_pb2.ConnectRequest(synthetic_answer=reply))
+
+        task = asyncio.create_task(run())
+        self._synthetic_tasks.add(task)
+        task.add_done_callback(self._synthetic_tasks.discard)

@@ -17,6 +17,7 @@ from services.executor.agent import ExecutorAgent
 from services.executor.hardware import executor_class, probe
 from services.executor.jobs import OrganicJobRunner
 from services.executor.sandbox import DockerRuntime, SandboxLimits
+from services.executor.synthetic import DockerSolver
 
 log = structlog.get_logger("horde.executor")
 
@@ -59,7 +60,8 @@ async def start_executor(
         executor_identity=str(signer.identity),
         version=__version__,
     )
-    agent = ExecutorAgent(signer, settings.miner_address, str(miner), manifest, runner)
+    synthetic = DockerSolver(runtime, limits, work_dir, gpus=-1 if hardware.gpus else 0)
+    agent = ExecutorAgent(signer, settings.miner_address, str(miner), manifest, runner, synthetic)
     # The executor's own listener: health for operators now, the job proxy for streaming jobs.
     auth = Authenticator(signer.identity, StaticPolicy(set(), "a gateway of a running session"))
     server = await create_server(

@@ -14,6 +14,7 @@ from horde.v1 import executor_pb2, executor_pb2_grpc
 from services.core.errors import InvalidArgument
 from services.core.server import current_caller
 from services.miner.pool import ExecutorConn, ExecutorPool
+from services.miner.synthetic import SyntheticCollector
 
 log = structlog.get_logger("horde.miner.link")
 
@@ -68,6 +69,8 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
                     conn.manifest = msg.manifest
                 elif kind == "heartbeat":
                     continue
+                elif kind == "synthetic_answer":
+                    SyntheticCollector.for_pool(self._pool).deliver(conn, msg.synthetic_answer)
                 elif conn.job is not None:
                     conn.job.inbox.put_nowait(msg)
                 else:

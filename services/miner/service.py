@@ -33,6 +33,7 @@ from services.miner.pool import (
     ExecutorPool,
     NoExecutorOfClass,
 )
+from services.miner.synthetic import SyntheticCollector
 
 log = structlog.get_logger("horde.miner")
 
@@ -236,8 +237,9 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
     async def RunSyntheticRound(
         self, request: miner_pb2.RunSyntheticRoundRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[miner_pb2.RunSyntheticRoundResponse]:
-        raise _Unimplemented("synthetic rounds are not served by this miner version yet")
-        yield  # pragma: no cover - makes this an async generator
+        collector = SyntheticCollector.for_pool(self._pool)
+        async for resp in collector.run(self._pool, request):
+            yield resp
 
     def _receipt(
         self,

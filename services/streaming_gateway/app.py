@@ -1,64 +1,150 @@
-"""Start a streaming gateway. Sessions are served once the streaming flow lands; until then the
-gateway answers health and authenticates its callers, and Session replies UNIMPLEMENTED."""
+"""Start a streaming gateway: sessions for enrolled clients, samples for its validator."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 import grpc
-from horde.v1 import gateway_pb2, gateway_pb2_grpc
+from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2_grpc
 
 from services.core.app import ServiceApp
-from services.core.auth import Authenticator, StaticPolicy
+from services.core.auth import Authenticator, MethodPolicy, StaticPolicy
+from services.core.chain import ChainAdapter
 from services.core.config import GatewaySettings
-from services.core.errors import HordeError
-from services.core.identity import Signer
-from services.core.runtime import load_signer, parse_identities
-from services.core.server import ServiceRegistration, create_server
+from services.core.db import open_database
+from services.core.errors import ConfigError, InvalidArgument
+from services.core.identity import Identity, Signer
+from services.core.runtime import load_signer, open_chain, parse_identities
+from services.core.server import ServiceRegistration, create_server, current_caller, open_channel
+from services.streaming_gateway.session import GatewayDeps, MinerCheck, Session, SessionConfig
+from services.streaming_gateway.store import GatewayStore, ReceiptWriter, SqlStore
 
-
-class NotYetServed(HordeError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+DEFAULT_SAMPLES = 100
+MAX_SAMPLES = 1000
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    async def Session(
+    def __init__(self, deps: GatewayDeps, store: GatewayStore) -> None:
+        self._deps = deps
+        self._store = store
+
+    # Written with context.write (several tasks answer one session), so not a generator.
+    async def Session(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[gateway_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[gateway_pb2.SessionResponse]:
-        raise NotYetServed("streaming sessions are not served by this gateway version yet")
-        yield  # pragma: no cover - makes this an async generator
+    ) -> None:
+        session = Session(self._deps, str(current_caller()), context.write)
+        await session.run(request_iterator)
 
     async def ListSamples(
         self, request: gateway_pb2.ListSamplesRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListSamplesResponse:
-        return gateway_pb2.ListSamplesResponse(next_cursor=request.cursor)
+        try:
+            after = int(request.cursor) if request.cursor else 0
+        except ValueError:
+            raise InvalidArgument(f"malformed cursor {request.cursor!r}") from None
+        limit = min(request.limit or DEFAULT_SAMPLES, MAX_SAMPLES)
+        rows = await self._store.samples_after(after, limit)
+        reply = gateway_pb2.ListSamplesResponse(next_cursor=str(rows[-1].cursor if rows else after))
+        for row in rows:
+            reply.samples.add().ParseFromString(row.record.sample)
+        return reply
 
 
-async def start_gateway(settings: GatewaySettings, signer: Signer | None = None) -> ServiceApp:
+def chain_miner_check(chain: ChainAdapter) -> MinerCheck:
+    """Serve only miners registered on the chain under the key type they sign with."""
+
+    async def check(miner_hotkey: str) -> str | None:
+        identity = Identity.parse(miner_hotkey)
+        neuron = await chain.neuron(identity.ss58)
+        if neuron is None or neuron.identity != identity:
+            return f"miner {miner_hotkey} is not registered on the subnet"
+        return None
+
+    return check
+
+
+async def start_gateway(
+    settings: GatewaySettings, signer: Signer | None = None, *, store: GatewayStore | None = None
+) -> ServiceApp:
     signer = signer or load_signer(settings, "gateway")
     clients = parse_identities(settings.clients, "clients")
+    # Without a validator the gateway still starts (health, auth) but cannot open sessions.
+    validator = ""
     if settings.validator_identity:
-        clients |= parse_identities([settings.validator_identity], "validator_identity")
+        (validator,) = parse_identities([settings.validator_identity], "validator_identity")
+    if settings.max_session_time_limit_s < settings.session_time_limit_s:
+        raise ConfigError("invalid setting 'max_session_time_limit_s': below session_time_limit_s")
+    chain: ChainAdapter | None = None
+    if settings.require_registered_miner and (
+        settings.chain == "bittensor" or settings.roster_file is not None
+    ):
+        chain = open_chain(settings, signer)
+    if store is None:
+        store = SqlStore(await open_database(settings.database("gateway")))
+    writer = ReceiptWriter(store)
+    writer.start()
+    validator_channel = open_channel(
+        settings.validator_address, signer=signer, callee=validator or None, tls=settings.tls
+    )
+
+    def dial_proxy(endpoint: str, identity: str) -> grpc.aio.Channel:
+        return open_channel(endpoint, signer=signer, callee=identity)
+
+    deps = GatewayDeps(
+        config=SessionConfig(
+            gateway_identity=str(signer.identity),
+            validator_identity=validator,
+            skew_ns=int(settings.receipt_skew_s * 1e9),
+            sample_rate=settings.sample_rate,
+            default_time_limit_s=settings.session_time_limit_s,
+            max_time_limit_s=settings.max_session_time_limit_s,
+            startup_timeout_s=settings.startup_timeout_s,
+        ),
+        validator=validator_pb2_grpc.ValidatorServiceStub(validator_channel),
+        dial_proxy=dial_proxy,
+        writer=writer,
+        miner_check=chain_miner_check(chain) if chain is not None else None,
+    )
     auth = Authenticator(
         signer.identity,
-        StaticPolicy(clients, "an enrolled client"),
+        MethodPolicy(
+            [
+                (f"/{SERVICE}/Session", StaticPolicy(clients, "an enrolled client")),
+                (
+                    f"/{SERVICE}/ListSamples",
+                    StaticPolicy({validator} - {""}, "this gateway's validator"),
+                ),
+            ]
+        ),
         max_skew_s=settings.auth.max_clock_skew_s,
     )
     server = await create_server(
         settings.listen,
         [
             ServiceRegistration(
-                gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+                SERVICE,
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                GatewayServicer(),
+                GatewayServicer(deps, store),
             )
         ],
         authenticator=auth,
         service_label="gateway",
         tls=settings.tls,
     )
+
+    async def close_all() -> None:
+        await writer.close()
+        await validator_channel.close()
+        if chain is not None:
+            await chain.close()
+
     return ServiceApp(
-        name="gateway", signer=signer, servers=[server], grace_s=settings.shutdown_grace_s
+        name="gateway",
+        signer=signer,
+        servers=[server],
+        closers=[close_all],
+        grace_s=settings.shutdown_grace_s,
     )

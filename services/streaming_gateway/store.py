@@ -88,6 +88,7 @@ class SqlStore:
         self._engine = engine
         self._owns = owns_engine
         dialect = engine.dialect.name
+        self._insert_receipts: sa.Insert
         if dialect == "postgresql":
             self._insert_receipts = postgresql.insert(db.stream_receipts).on_conflict_do_nothing(
                 index_elements=["job_uuid", "seq"]
@@ -119,7 +120,12 @@ class SqlStore:
                 await conn.execute(
                     sa.insert(db.samples),
                     [
-                        {"job_uuid": s.job_uuid, "seq": s.seq, "sample": s.sample, "created_ns": now}
+                        {
+                            "job_uuid": s.job_uuid,
+                            "seq": s.seq,
+                            "sample": s.sample,
+                            "created_ns": now,
+                        }
                         for s in samples
                     ],
                 )

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-from horde.v1 import validator_pb2, validator_pb2_grpc
+from horde.v1 import (
+    validator_admin_pb2,
+    validator_admin_pb2_grpc,
+    validator_pb2,
+    validator_pb2_grpc,
+)
 
 from services.core.app import ServiceApp
-from services.core.auth import Authenticator, StaticPolicy
+from services.core.auth import Authenticator, MethodPolicy, StaticPolicy
 from services.core.config import ValidatorSettings
 from services.core.db import open_database
 from services.core.identity import Signer
 from services.core.runtime import load_signer, open_chain, parse_identities
 from services.core.server import ServiceRegistration, create_server
+from services.validator.admin import ValidatorAdminServicer
 from services.validator.jobs import JobManager
 from services.validator.miners import MinerDirectory
+from services.validator.scoring import Scorer
 from services.validator.service import ValidatorServicer
 from services.validator.store import JobStore
+from services.validator.synthetic import RoundRunner, SyntheticStore
 
 
 async def start_validator(settings: ValidatorSettings, signer: Signer | None = None) -> ServiceApp:
     signer = signer or load_signer(settings, "validator")
     clients = parse_identities(settings.clients, "clients")
+    admins = parse_identities(settings.admins, "admins")
     parse_identities(list(settings.miners), "miners")
     chain = open_chain(settings, signer)
     engine = await open_database(settings.database("validator"))
@@ -29,9 +38,22 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
         signer, store, directory, settings.state_dir / "spool", settings.max_inline_output_bytes
     )
     await manager.recover()
+    synthetic = SyntheticStore(engine)
+    rounds = RoundRunner(str(signer.identity), directory, synthetic, settings.synthetic)
+    scorer = Scorer(synthetic, chain, settings.synthetic)
+    admin_prefix = (
+        "/"
+        + validator_admin_pb2.DESCRIPTOR.services_by_name["ValidatorAdminService"].full_name
+        + "/"
+    )
     auth = Authenticator(
         signer.identity,
-        StaticPolicy(clients, "an enrolled client"),
+        MethodPolicy(
+            [
+                (admin_prefix, StaticPolicy(admins, "a validator admin")),
+                ("/", StaticPolicy(clients, "an enrolled client")),
+            ]
+        ),
         max_skew_s=settings.auth.max_clock_skew_s,
     )
     servicer = ValidatorServicer(
@@ -48,7 +70,12 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
                 validator_pb2.DESCRIPTOR.services_by_name["ValidatorService"].full_name,
                 validator_pb2_grpc.add_ValidatorServiceServicer_to_server,
                 servicer,
-            )
+            ),
+            ServiceRegistration(
+                validator_admin_pb2.DESCRIPTOR.services_by_name["ValidatorAdminService"].full_name,
+                validator_admin_pb2_grpc.add_ValidatorAdminServiceServicer_to_server,
+                ValidatorAdminServicer(rounds, scorer),
+            ),
         ],
         authenticator=auth,
         service_label="validator",
@@ -64,6 +91,7 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
         name="validator",
         signer=signer,
         servers=[server],
+        background=[rounds.run_forever, scorer.run_forever] if settings.synthetic.enabled else [],
         closers=[close_all],
         grace_s=settings.shutdown_grace_s,
     )

@@ -310,7 +310,9 @@ class RoundRunner:
             reason = "busy with a job (paid through organic outcomes)"
         if not reason:
             return None
-        return ExecutorVerdict(executor.executor_id, executor.executor_class, "", False, reason, 0.0)
+        return ExecutorVerdict(
+            executor.executor_id, executor.executor_class, "", False, reason, 0.0
+        )
 
     async def _challenge(
         self, miner: MinerRef, round_: int, pending: dict[str, _Pending]
@@ -366,7 +368,7 @@ class RoundRunner:
         executor_s = max(0.0, (answer.finished_ns - answer.started_ns) / 1e9)
         problem = check_answer(p.challenge, answer)
         if problem is None and arrived > p.deadline_s:
-            problem = f"late: {arrived:.3f}s past a {p.deadline_s:g}s deadline"
+            problem = f"late: answered after {arrived:.3f}s, deadline {p.deadline_s:g}s"
         out[resp.executor_id] = ExecutorVerdict(
             resp.executor_id,
             p.executor_class,

@@ -144,6 +144,14 @@ async def http_server() -> AsyncIterator[HttpServer]:
             raise web.HTTPNotFound()
         return web.Response(body=state.files[name], content_type="application/octet-stream")
 
+    async def stall(request: web.Request) -> web.StreamResponse:
+        state.gets.append(request.match_info["name"])
+        response = web.StreamResponse(headers={"Content-Length": "1000000"})
+        await response.prepare(request)
+        await response.write(b"x" * 1000)
+        await state.release.wait()
+        return response
+
     async def put(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         state.uploads[name] = await request.read()
@@ -153,6 +161,7 @@ async def http_server() -> AsyncIterator[HttpServer]:
 
     app = web.Application(client_max_size=64 * 2**20)
     app.router.add_get("/files/{name}", get)
+    app.router.add_get("/stall/{name}", stall)
     app.router.add_put("/upload/{name}", put)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -163,6 +172,7 @@ async def http_server() -> AsyncIterator[HttpServer]:
     try:
         yield state
     finally:
+        state.release.set()
         await runner.cleanup()
 
 

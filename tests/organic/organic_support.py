@@ -416,19 +416,33 @@ class Network:
             await self.agent.connected.wait()
         return self.agent
 
+    def _write_toml(self, name: str, settings: dict[str, Any]) -> Path:
+        lines = []
+        for key, value in settings.items():
+            plain = str(value) if isinstance(value, Path) else value
+            lines.append(f"{key} = {json.dumps(plain)}")
+        path = self.root / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
     def executor_config(self, key: str = "executor2") -> Path:
         """A TOML config for `horde executor serve` dialling this network's miner."""
         settings = self.executor_settings()
         settings["key_file"] = self.keys.paths[key]
         settings["work_dir"] = self.root / f"{key}-work"
-        lines = []
-        for name, value in settings.items():
-            if name == "roster_file":
-                continue
-            lines.append(f"{name} = {json.dumps(str(value) if isinstance(value, Path) else value)}")
-        path = self.root / f"{key}.toml"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        return self._write_toml(key, settings)
+
+    def validator_config(self, state_dir: Path) -> Path:
+        """A TOML config for `horde validator serve` (the same hotkey as the in-process one)."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        settings = {
+            **self._common(),
+            "state_dir": state_dir,
+            "key_file": self.keys.paths["validator"],
+            "clients": [self.keys.identity("client")],
+            "allowed_images": self.images,
+        }
+        return self._write_toml("validator-sub", settings)
 
     async def stop_executor(self) -> None:
         if self.executor is not None:
@@ -515,8 +529,9 @@ class Network:
 
 @dataclass
 class HttpServer:
-    """A local aiohttp server: GET /files/<name> serves registered bytes; PUT /upload/<name>
-    stores the body (answering ``upload_status``)."""
+    """A local aiohttp server: GET /files/<name> serves registered bytes; GET /stall/<name> sends
+    headers and never a body (until teardown); PUT /upload/<name> stores the body (answering
+    ``upload_status``)."""
 
     base: str = ""
     files: dict[str, bytes] = field(default_factory=dict)
@@ -525,6 +540,7 @@ class HttpServer:
     upload_status: int = 200
     uploaded: asyncio.Event = field(default_factory=asyncio.Event)
     gets: list[str] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str) -> str:
         return f"{self.base}{path}"

@@ -384,3 +384,61 @@ async def test_unknown_client_is_denied(net: Network) -> None:
     # The enrolled client sees that nothing was submitted.
     listed = await net.client().ListJobs(validator_pb2.ListJobsRequest(), timeout=10)
     assert list(listed.jobs) == []
+
+
+async def test_stalled_url_download_hits_volume_stage_limit(
+    net: Network, http_server: HttpServer
+) -> None:
+    spec = spec_for(
+        DEMO_IMAGE,
+        inputs=[
+            job_pb2.InputVolume(
+                url=job_pb2.UrlInput(url=http_server.url("/stall/big.bin"), sha256="ab" * 32)
+            )
+        ],
+    )
+    spec.timeouts.volume_download_s = 2
+    run = await net.run_job(spec, within=30)
+    res = run.result
+    assert res is not None
+    assert (res.state, res.reason, res.stage) == (
+        S.JOB_STATE_FAILED,
+        S.FAILURE_REASON_TIMEOUT,
+        S.STAGE_VOLUME_DOWNLOAD,
+    ), run.describe()
+    assert http_server.gets == ["big.bin"]
+    assert S.JOB_STATE_RUNNING not in run.states
+
+
+async def test_second_job_waits_for_the_busy_executor(net: Network) -> None:
+    first = net.start_job(spec_for(BASE_IMAGE, ["sleep", "3"]))
+    first_running = await first.wait_state(S.JOB_STATE_RUNNING)
+    second = net.start_job(spec_for(BASE_IMAGE, ["echo", "second"]))
+    first_run = await first.finished()
+    second_run = await second.finished()
+    assert_completed(first_run)
+    assert_completed(second_run)
+    assert second_run.result is not None and second_run.result.stdout.data == b"second\n"
+    # The one executor took the second job only once the first had slept its 3 s.
+    second_ready = next(e for e in second_run.events if e.state == S.JOB_STATE_EXECUTOR_READY)
+    assert second_ready.timestamp_ns >= first_running.timestamp_ns + 2_500_000_000
+
+
+async def test_busy_executor_rejects_after_reservation_limit(net: Network) -> None:
+    first = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
+    running = await first.wait_state(S.JOB_STATE_RUNNING)
+    spec = spec_for(BASE_IMAGE, ["true"])
+    spec.timeouts.reservation_s = 2
+    second = await net.run_job(spec, within=30)
+    res = second.result
+    assert res is not None
+    assert (res.state, res.reason, res.stage) == (
+        S.JOB_STATE_REJECTED,
+        S.FAILURE_REASON_BUSY,
+        S.STAGE_RESERVATION,
+    ), second.describe()
+    assert second.states == [S.JOB_STATE_ACCEPTED]
+    stub = net.client()
+    await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=running.job_uuid), timeout=30)
+    cancelled = await first.finished(within=30)
+    assert cancelled.result is not None and cancelled.result.state == S.JOB_STATE_CANCELLED
