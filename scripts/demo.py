@@ -183,16 +183,16 @@ def main() -> int:
         log = (work / "dev.log").open("w")
         proc = subprocess.Popen(
             [HORDE, "dev", "up", "--state-dir", str(state_dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
         )
         try:
-            deadline = time.monotonic() + 60
-            while not (state_dir / "endpoints.json").exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    print((work / "dev.log").read_text())
-                    raise SystemExit("horde dev up did not come up")
-                time.sleep(0.2)
+            assert proc.stdout is not None
+            # dev up prints one line on stdout once endpoints.json is written.
+            if "dev network up" not in proc.stdout.readline():
+                print((work / "dev.log").read_text())
+                raise SystemExit("horde dev up did not come up")
             env = DevEnv.load(state_dir)
             table = Table("service", "address", "identity", "health")
             for name in ("validator", "miner", "executor", "gateway"):
@@ -211,7 +211,8 @@ def main() -> int:
             step("4. stopping the network (SIGINT)")
             proc.send_signal(signal.SIGINT)
             try:
-                code = proc.wait(timeout=30)
+                proc.communicate(timeout=30)
+                code = proc.returncode
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = -9

@@ -103,6 +103,8 @@ async def dev_up(
             load_settings(
                 ValidatorSettings,
                 clients=[str(ids["client"]), str(ids["gateway"])],
+                # The dev client is also the operator: `horde validator round|weights --dev`.
+                admins=[str(ids["client"])],
                 allowed_images=images,
                 streaming_whitelist=[],
                 **common,

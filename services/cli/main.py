@@ -12,6 +12,7 @@ from typing import Any
 from horde.v1 import job_pb2
 
 from services import __version__
+from services.cli import validator_cmds
 from services.core.config import (
     ExecutorSettings,
     GatewaySettings,
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT"
         )
         serve.set_defaults(func=lambda a, n=name: _serve(n, a.config, a.metrics_port))
+        if name == "validator":
+            validator_cmds.register(s)
 
     keys = sub.add_parser("keys", help="key files").add_subparsers(dest="action", required=True)
     new = keys.add_parser("new", help="write a new key file (mode 0600)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +60,17 @@ def _text(value: Any) -> str:
 
 
 def probe_gpus(nvml: ModuleType | Any | None = None) -> tuple[list[Gpu], str, str]:
-    """GPUs, driver version and CUDA version; empty when NVML is unavailable."""
+    """GPUs, driver version and CUDA version; empty when NVML is unavailable.
+
+    No driver (``NVMLError_LibraryNotFound``, ``DriverNotLoaded``), no nvidia-ml-py, or a driver
+    that fails mid-query all mean a CPU-only host: the executor must still come up.
+    """
     if nvml is None:
-        nvml = importlib.import_module("pynvml")
+        try:
+            nvml = importlib.import_module("pynvml")
+        except ImportError as exc:
+            log.info("no_gpu", reason=f"nvidia-ml-py not installed: {exc}")
+            return [], "", ""
     assert nvml is not None
     try:
         nvml.nvmlInit()
@@ -84,6 +93,9 @@ def probe_gpus(nvml: ModuleType | Any | None = None) -> tuple[list[Gpu], str, st
                 )
             )
         return gpus, driver, cuda
+    except nvml.NVMLError as exc:
+        log.warning("gpu_probe_failed", reason=str(exc))
+        return [], "", ""
     finally:
         nvml.nvmlShutdown()
 
@@ -119,11 +131,26 @@ def probe(work_dir: Path, nvml: ModuleType | Any | None = None) -> Hardware:
     )
 
 
+_VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro"}
+
+
+def gpu_model(name: str) -> str:
+    """A short model slug from an NVML name: "NVIDIA H100 80GB HBM3" -> "h100",
+    "NVIDIA GeForce RTX 4090" -> "rtx-4090", "NVIDIA A100-SXM4-80GB" -> "a100"."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in _VENDOR_WORDS]
+    if not words:
+        return "unknown"
+    if not any(ch.isdigit() for ch in words[0]) and len(words) > 1:
+        return f"{words[0]}-{words[1]}"
+    return words[0]
+
+
 def executor_class(hw: Hardware, configured: str = "") -> str:
-    """The class from config when given, else derived: gpu-<model> or cpu-small/cpu-large."""
+    """The class from config when given, else derived: gpu-<model> (gpu-<model>x<N> for N GPUs)
+    from the first GPU, or cpu-small/cpu-large by core count."""
     if configured:
         return configured
     if hw.gpus:
-        model = hw.gpus[0].name.lower().replace("nvidia", "").strip().split()[0]
-        return f"gpu-{model}"
+        model = gpu_model(hw.gpus[0].name)
+        return f"gpu-{model}" if len(hw.gpus) == 1 else f"gpu-{model}x{len(hw.gpus)}"
     return "cpu-large" if hw.cpu_count >= 16 else "cpu-small"

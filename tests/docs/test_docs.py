@@ -75,7 +75,7 @@ def dev_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield state
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)
         log.close()
 
 

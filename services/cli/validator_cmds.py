@@ -1,0 +1,172 @@
+"""`horde validator weights|round`: the operator's view of scores and weights, and a round now.
+
+Both call the validator's ValidatorAdminService, signed with the given key, which must be in
+the validator's `admins` (`horde dev up` enrols its client key there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+ROUND_TIMEOUT_S = 600.0
+WEIGHTS_TIMEOUT_S = 30.0
+
+
+def register(actions: Any) -> None:
+    """Add `weights` and `round` to the `horde validator` sub-commands."""
+    weights = actions.add_parser("weights", help="scores and weights, with the reason for each")
+    _client_args(weights)
+    weights.set_defaults(func=_run)
+    rnd = actions.add_parser("round", help="run a synthetic round now and print its results")
+    _client_args(rnd)
+    rnd.add_argument("--set-weights", action="store_true", help="set weights right after the round")
+    rnd.set_defaults(func=_run)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
+    p.add_argument("--validator", help="validator host:port")
+    p.add_argument("--validator-identity", help="validator identity (sr25519:<hex>)")
+    p.add_argument("--key", type=Path, help="admin key file (listed in the validator's admins)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from services.cli.client import CliError, validator_target
+
+    try:
+        target = validator_target(args.dev, args.validator, args.validator_identity, args.key)
+    except CliError as exc:
+        print(f"horde validator {args.action}: {exc}", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        async with target.channel() as channel:
+            stub = validator_admin_pb2_grpc.ValidatorAdminServiceStub(channel)
+            if args.action == "round":
+                resp = await stub.RunRound(
+                    validator_admin_pb2.RunRoundRequest(set_weights=args.set_weights),
+                    timeout=ROUND_TIMEOUT_S,
+                )
+                _print_round(resp, args.json)
+            else:
+                weights = await stub.GetWeights(
+                    validator_admin_pb2.GetWeightsRequest(), timeout=WEIGHTS_TIMEOUT_S
+                )
+                _print_weights(weights, args.json)
+        return 0
+
+    try:
+        return asyncio.run(go())
+    except grpc.aio.AioRpcError as exc:
+        print(f"horde validator {args.action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def round_to_dict(resp: validator_admin_pb2.RunRoundResponse) -> dict[str, Any]:
+    return {
+        "round": resp.round,
+        "duration_s": round(resp.duration_s, 3),
+        "weights_reference": resp.weights_reference,
+        "weights_error": resp.weights_error,
+        "miners": [
+            {
+                "miner": m.miner_hotkey,
+                "error": m.error,
+                "executors": [
+                    {
+                        "executor_id": v.executor_id,
+                        "executor_class": klass,
+                        "passed": v.passed,
+                        "reason": v.reason,
+                        "duration_s": round(v.duration_s, 4),
+                        "executor_duration_s": round(v.executor_duration_s, 4),
+                    }
+                    for v, klass in zip(m.verdicts, m.executor_classes, strict=False)
+                ],
+            }
+            for m in resp.miners
+        ],
+    }
+
+
+def weights_to_dict(resp: validator_admin_pb2.GetWeightsResponse) -> dict[str, Any]:
+    return {
+        "window_s": resp.window_s,
+        "rounds": resp.rounds,
+        "last_weights_reference": resp.last_weights_reference,
+        "last_weights_ns": resp.last_weights_ns,
+        "miners": [
+            {
+                "miner": m.miner_hotkey,
+                "ss58": m.ss58,
+                "score": m.score,
+                "weight": m.weight,
+                "synthetic": m.synthetic_score,
+                "organic": m.organic_score,
+                "penalty": m.penalty,
+                "reason": m.reason,
+            }
+            for m in resp.miners
+        ],
+    }
+
+
+def _print_round(resp: validator_admin_pb2.RunRoundResponse, as_json: bool) -> None:
+    doc = round_to_dict(resp)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    console = Console()
+    table = Table("miner", "executor", "class", "result", "validator s", "executor s")
+    for m in doc["miners"]:
+        if m["error"]:
+            table.add_row(_short(m["miner"]), "-", "-", f"[red]{m['error']}[/red]", "", "")
+        for e in m["executors"]:
+            mark = "[green]passed[/green]" if e["passed"] else f"[red]{e['reason']}[/red]"
+            table.add_row(
+                _short(m["miner"]),
+                e["executor_id"],
+                e["executor_class"],
+                mark,
+                f"{e['duration_s']:.3f}",
+                f"{e['executor_duration_s']:.3f}",
+            )
+    console.print(f"round {doc['round']} took {doc['duration_s']:.2f}s")
+    console.print(table)
+    if doc["weights_reference"]:
+        console.print(f"weights set: {doc['weights_reference']}")
+    elif doc["weights_error"]:
+        console.print(f"[yellow]weights not set:[/yellow] {doc['weights_error']}")
+
+
+def _print_weights(resp: validator_admin_pb2.GetWeightsResponse, as_json: bool) -> None:
+    doc = weights_to_dict(resp)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    console = Console()
+    table = Table("miner (ss58)", "score", "weight", "reason")
+    for m in doc["miners"]:
+        table.add_row(
+            m["ss58"] or _short(m["miner"]), f"{m['score']:.3f}", f"{m['weight']:.4f}", m["reason"]
+        )
+    console.print(
+        f"{doc['rounds']} round(s) in the last {doc['window_s']:.0f}s; "
+        f"last weights set: {doc['last_weights_reference'] or 'never'}"
+    )
+    console.print(table)
+
+
+def _short(identity: str) -> str:
+    return identity if len(identity) <= 24 else identity[:20] + "..."

@@ -1,0 +1,239 @@
+"""A client's side of a gateway session: open, request after request (each receipt checked here
+too, against the certificate the session announced), extra data, close.
+
+Used by `horde stream`, the benchmark, the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from horde.v1 import gateway_pb2, gateway_pb2_grpc, job_pb2, receipts_pb2, streaming_pb2
+
+from services.core.receipts import StreamReceipt
+from services.streaming_gateway.checks import ReceiptChecker, check_certificate
+
+# Deadline of a whole session when the caller gives no time limit: the gateway's default limit
+# plus its start-up allowance.
+DEFAULT_SESSION_DEADLINE_S = 3600 + 600 + 120
+EXTRA_CHUNK = 1024 * 1024
+
+
+class SessionEnded(Exception):
+    """The session ended (SessionClosed, or the RPC failed); `reason` says why."""
+
+    def __init__(
+        self,
+        reason: str,
+        closed: gateway_pb2.SessionClosed | None = None,
+        code: grpc.StatusCode | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.closed = closed
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Response:
+    seq: int
+    body: bytes
+    http_status: int
+    receipt: StreamReceipt
+    latency_s: float
+
+
+class StreamClient:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        skew_s: float = 2.0,
+        validator_identity: str | None = None,
+        on_event: Callable[[job_pb2.JobEvent], None] | None = None,
+        on_chunk: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        self._skew_s = skew_s
+        self._validator = validator_identity
+        self._on_event = on_event
+        self._on_chunk = on_chunk
+        self._call: Any = None
+        self._checker: ReceiptChecker | None = None
+        self._seq = 0
+        self.job_uuid = ""
+        self.certificate: receipts_pb2.JobCertificatePayload | None = None
+        self.closed: gateway_pb2.SessionClosed | None = None
+
+    async def open(
+        self,
+        image: str,
+        *,
+        executor_class: str = "",
+        time_limit_s: int = 0,
+        env: dict[str, str] | None = None,
+    ) -> gateway_pb2.SessionReady:
+        deadline = time_limit_s + 600 + 120 if time_limit_s else DEFAULT_SESSION_DEADLINE_S
+        self._call = self._stub.Session(timeout=deadline)
+        await self._send(
+            gateway_pb2.SessionRequest(
+                open=gateway_pb2.SessionOpen(
+                    image=image,
+                    executor_class=executor_class,
+                    time_limit_s=time_limit_s,
+                    env=env or {},
+                )
+            )
+        )
+        while True:
+            msg = await self._read()
+            kind = msg.WhichOneof("payload")
+            if kind == "event":
+                self._event(msg.event)
+            elif kind == "ready":
+                payload = check_certificate(
+                    msg.ready.certificate,
+                    job_uuid=msg.ready.job_uuid,
+                    validator_identity=self._validator,
+                )
+                self.job_uuid = msg.ready.job_uuid
+                self.certificate = payload
+                self._checker = ReceiptChecker.for_certificate(payload, self._skew_s)
+                return msg.ready
+            else:
+                raise SessionEnded(f"unexpected {kind} before the session was ready")
+
+    async def request(self, body: bytes) -> Response:
+        """Send one request and wait for its whole response; check its receipt."""
+        assert self._checker is not None, "open() first"
+        self._seq += 1
+        seq = self._seq
+        t0 = time.perf_counter()
+        sent_ns = time.time_ns()
+        await self._send(
+            gateway_pb2.SessionRequest(
+                request=streaming_pb2.StreamRequestFrame(
+                    seq=seq, client_timestamp_ns=sent_ns, body=body, last=True
+                )
+            )
+        )
+        parts: list[bytes] = []
+        while True:
+            msg = await self._read()
+            kind = msg.WhichOneof("payload")
+            if kind == "event":
+                self._event(msg.event)
+                continue
+            if kind != "response":
+                raise SessionEnded(f"unexpected {kind} while waiting for response {seq}")
+            frame = msg.response
+            if frame.seq != seq:
+                raise SessionEnded(f"response for request {frame.seq} while waiting for {seq}")
+            parts.append(frame.body)
+            if self._on_chunk is not None and frame.body:
+                self._on_chunk(seq, frame.body)
+            if frame.last:
+                break
+        latency = time.perf_counter() - t0
+        received_ns = time.time_ns()
+        output = b"".join(parts)
+        receipt = self._checker.check(
+            frame.receipt if frame.HasField("receipt") else None,
+            seq=seq,
+            input_sha256=hashlib.sha256(body).digest(),
+            output_sha256=hashlib.sha256(output).digest(),
+            sent_ns=sent_ns,
+            received_ns=received_ns,
+        )
+        return Response(seq, output, frame.http_status, receipt, latency)
+
+    async def send_extra(self, file_name: str, data: bytes) -> None:
+        """Feed a file to the job (placed read-only under /volume/extra/); the gateway answers
+        with an event once it is placed."""
+        offsets = range(0, max(len(data), 1), EXTRA_CHUNK)
+        for offset in offsets:
+            chunk = data[offset : offset + EXTRA_CHUNK]
+            await self._send(
+                gateway_pb2.SessionRequest(
+                    extra_data=streaming_pb2.ExtraData(
+                        file_name=file_name,
+                        offset=offset,
+                        data=chunk,
+                        last=offset + EXTRA_CHUNK >= len(data),
+                    )
+                )
+            )
+
+    async def next_event(self) -> job_pb2.JobEvent:
+        msg = await self._read()
+        if msg.WhichOneof("payload") != "event":
+            raise SessionEnded(f"unexpected {msg.WhichOneof('payload')} while waiting for an event")
+        return msg.event
+
+    async def close(self, reason: str = "") -> gateway_pb2.SessionClosed | None:
+        """Ask the gateway to end the session; returns its SessionClosed."""
+        if self._call is None:
+            return None
+        if self.closed is None:
+            try:
+                await self._send(
+                    gateway_pb2.SessionRequest(close=gateway_pb2.SessionClose(reason=reason))
+                )
+                while self.closed is None:
+                    msg = await self._read()
+                    if msg.WhichOneof("payload") == "event":
+                        self._event(msg.event)
+            except SessionEnded:
+                pass
+        self._call.cancel()
+        return self.closed
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _event(self, event: job_pb2.JobEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    async def _send(self, msg: gateway_pb2.SessionRequest) -> None:
+        if self.closed is not None:
+            raise SessionEnded(self.closed.reason, self.closed)
+        try:
+            await self._call.write(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise self._ended(exc) from None
+        except (grpc.aio.UsageError, RuntimeError):
+            # The gateway already finished the call; read why.
+            await self._read()
+            raise SessionEnded("the session ended") from None
+
+    async def _read(self) -> gateway_pb2.SessionResponse:
+        if self.closed is not None:
+            raise SessionEnded(self.closed.reason, self.closed)
+        try:
+            msg = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._ended(exc) from None
+        if msg is grpc.aio.EOF:
+            code = await self._call.code()
+            if code is not grpc.StatusCode.OK:
+                details = await self._call.details()
+                raise SessionEnded(f"{code.name}: {details}", code=code)
+            raise SessionEnded("the gateway ended the session without a reason")
+        if msg.WhichOneof("payload") == "closed":
+            self.closed = msg.closed
+            raise SessionEnded(msg.closed.reason, msg.closed)
+        assert isinstance(msg, gateway_pb2.SessionResponse)
+        return msg
+
+    @staticmethod
+    def _ended(exc: grpc.aio.AioRpcError) -> SessionEnded:
+        return SessionEnded(f"{exc.code().name}: {exc.details()}", code=exc.code())
