@@ -240,10 +240,12 @@ class JobManager:
                     stage,
                     "cancelled before an executor was reserved",
                 )
-            candidates, any_of_class = await self._directory.candidates(spec.executor_class)
+            candidates, any_of_class, unreachable = await self._directory.candidates(
+                spec.executor_class
+            )
             saw_class = saw_class or any_of_class
             fresh = [m for m in candidates if m not in tried]
-            if not saw_class:
+            if not saw_class and not unreachable:
                 return result(
                     job.job_uuid,
                     common_pb2.JOB_STATE_REJECTED,
@@ -257,6 +259,16 @@ class JobManager:
                 if outcome is not None:
                     return outcome
             if time.monotonic() >= deadline:
+                if not saw_class:
+                    return result(
+                        job.job_uuid,
+                        common_pb2.JOB_STATE_HORDE_FAILED,
+                        common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
+                        stage,
+                        f"{unreachable} miner(s) could not be reached for "
+                        f"{spec.timeouts.reservation_s}s and no other offers an executor of "
+                        f"class {spec.executor_class!r}",
+                    )
                 return result(
                     job.job_uuid,
                     common_pb2.JOB_STATE_REJECTED,

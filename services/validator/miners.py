@@ -69,15 +69,18 @@ class MinerDirectory:
             return None
         return resp.manifest
 
-    async def candidates(self, executor_class: str) -> tuple[list[MinerRef], bool]:
-        """Miners with a free executor of the class (most free first), and whether any miner has
-        the class at all (busy or not)."""
+    async def candidates(self, executor_class: str) -> tuple[list[MinerRef], bool, int]:
+        """Miners with a free executor of the class (most free first), whether any miner has
+        the class at all (busy or not), and how many miners did not answer (their executors
+        are unknown, so "no executor of the class" cannot be concluded while they are down)."""
         miners = await self.miners()
         manifests = await asyncio.gather(*(self.manifest(m) for m in miners))
         scored: list[tuple[int, float, MinerRef]] = []
         any_of_class = False
+        unreachable = 0
         for miner, manifest in zip(miners, manifests, strict=True):
             if manifest is None:
+                unreachable += 1
                 continue
             of_class = [e for e in manifest.executors if e.executor_class == executor_class]
             any_of_class = any_of_class or bool(of_class)
@@ -85,7 +88,7 @@ class MinerDirectory:
             if free:
                 scored.append((-free, random.random(), miner))
         scored.sort(key=lambda t: (t[0], t[1]))
-        return [m for _, _, m in scored], any_of_class
+        return [m for _, _, m in scored], any_of_class, unreachable
 
     async def close(self) -> None:
         for channel in self._channels.values():
