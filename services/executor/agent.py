@@ -19,6 +19,7 @@ from horde.v1 import (
     synthetic_pb2,
 )
 
+from services.core.config import TLSSettings
 from services.core.identity import Signer
 from services.core.proto_util import result
 from services.core.server import open_channel
@@ -37,7 +38,10 @@ class ExecutorAgent:
         manifest: manifest_pb2.ExecutorManifest,
         runner: OrganicJobRunner,
         synthetic: SyntheticSolver | None = None,
+        tls: TLSSettings | None = None,
     ) -> None:
+        # TLS towards the miner when it serves TLS (tls.ca_file names the CA to trust).
+        self._tls = tls if tls is not None and tls.ca_file else None
         self._signer = signer
         self._synthetic = synthetic or InProcessSolver()
         self._synthetic_tasks: set[asyncio.Task[None]] = set()
@@ -90,7 +94,9 @@ class ExecutorAgent:
         async def send(msg: executor_pb2.ConnectRequest) -> None:
             outbox.put_nowait(msg)
 
-        async with open_channel(self._address, signer=self._signer, callee=self._miner) as channel:
+        async with open_channel(
+            self._address, signer=self._signer, callee=self._miner, tls=self._tls
+        ) as channel:
             stub = executor_pb2_grpc.ExecutorLinkServiceStub(channel)
             call = stub.Connect(requests())
             heartbeat: asyncio.Task[None] | None = None

@@ -61,7 +61,9 @@ async def start_executor(
         version=__version__,
     )
     synthetic = DockerSolver(runtime, limits, work_dir, gpus=-1 if hardware.gpus else 0)
-    agent = ExecutorAgent(signer, settings.miner_address, str(miner), manifest, runner, synthetic)
+    agent = ExecutorAgent(
+        signer, settings.miner_address, str(miner), manifest, runner, synthetic, tls=settings.tls
+    )
     # The executor's own listener: health for operators now, the job proxy for streaming jobs.
     auth = Authenticator(signer.identity, StaticPolicy(set(), "a gateway of a running session"))
     server = await create_server(

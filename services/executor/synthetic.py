@@ -18,13 +18,15 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import structlog
-from horde.v1 import synthetic_pb2
+from horde.v1 import executor_pb2, executor_pb2_grpc, manifest_pb2, synthetic_pb2
 
+from services.core.identity import Signer
+from services.core.server import open_channel
 from services.executor.sandbox import (
     ContainerRun,
     DockerRuntime,
@@ -208,3 +210,87 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ------------------------------------------------------------------------------ light executor
+
+Behaviour = Callable[
+    [synthetic_pb2.SyntheticChallenge], Awaitable[synthetic_pb2.SyntheticAnswer | None]
+]
+
+
+class LightExecutor:
+    """A minimal executor for tests and benchmarks: dials its miner over the real authenticated
+    link, sends a manifest, heartbeats, and answers synthetic challenges with ``behaviour``
+    (default: solve in process; None from a behaviour means never answer). No jobs, no Docker,
+    so one process can simulate a thousand executors."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        miner_address: str,
+        miner_identity: str,
+        executor_class: str = "cpu-small",
+        behaviour: Behaviour | None = None,
+    ) -> None:
+        self._signer = signer
+        self._address = miner_address
+        self._miner = miner_identity
+        self._class = executor_class
+        self._behaviour = behaviour or (lambda ch: answer(InProcessSolver(), ch))
+        self.connected = asyncio.Event()
+        self.executor_id = ""
+        self.challenges: list[synthetic_pb2.SyntheticChallenge] = []
+        self.challenged = asyncio.Event()
+
+    async def run(self) -> None:
+        outbox: asyncio.Queue[executor_pb2.ConnectRequest] = asyncio.Queue()
+        outbox.put_nowait(
+            executor_pb2.ConnectRequest(
+                manifest=manifest_pb2.ExecutorManifest(
+                    executor_class=self._class, executor_identity=str(self._signer.identity)
+                )
+            )
+        )
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def requests() -> AsyncIterator[executor_pb2.ConnectRequest]:
+            while True:
+                yield await outbox.get()
+
+        async def heartbeat(interval: float) -> None:
+            while True:
+                await asyncio.sleep(interval)
+                outbox.put_nowait(
+                    executor_pb2.ConnectRequest(
+                        heartbeat=executor_pb2.Heartbeat(timestamp_ns=time.time_ns())
+                    )
+                )
+
+        async def reply(ch: synthetic_pb2.SyntheticChallenge) -> None:
+            out = await self._behaviour(ch)
+            if out is not None:
+                outbox.put_nowait(executor_pb2.ConnectRequest(synthetic_answer=out))
+
+        async with open_channel(self._address, signer=self._signer, callee=self._miner) as channel:
+            call = executor_pb2_grpc.ExecutorLinkServiceStub(channel).Connect(requests())
+            try:
+                async for msg in call:
+                    kind = msg.WhichOneof("payload")
+                    if kind == "accepted":
+                        self.executor_id = msg.accepted.executor_id
+                        beat = asyncio.create_task(
+                            heartbeat(msg.accepted.heartbeat_interval_s or 5.0)
+                        )
+                        tasks.add(beat)
+                        self.connected.set()
+                    elif kind == "synthetic_challenge":
+                        self.challenges.append(msg.synthetic_challenge)
+                        self.challenged.set()
+                        task = asyncio.create_task(reply(msg.synthetic_challenge))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                call.cancel()

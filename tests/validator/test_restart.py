@@ -1,0 +1,48 @@
+"""After a validator restart no job is left in flight: each ends as horde_failed with a reason."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
+
+from services.core.chain import Neuron, write_roster
+from services.core.config import ValidatorSettings, load_settings
+from services.core.db import open_database
+from services.core.identity import Ed25519Signer, HotkeySigner
+from services.core.proto_util import event
+from services.core.server import open_channel
+from services.validator.app import start_validator
+from services.validator.store import JobStore
+
+
+async def test_jobs_in_flight_end_as_horde_failed_after_restart(tmp_path: Path) -> None:
+    validator, client = HotkeySigner.generate(), Ed25519Signer.generate()
+    roster = tmp_path / "roster.toml"
+    write_roster(roster, [Neuron(uid=0, hotkey=validator.identity.ss58, validator_permit=True)])
+    settings = load_settings(
+        ValidatorSettings, state_dir=tmp_path, roster_file=roster, clients=[str(client.identity)]
+    )
+    # A job the previous validator process left running.
+    engine = await open_database(settings.database("validator"))
+    store = JobStore(engine)
+    job = str(uuid.uuid4())
+    await store.create(job, str(client.identity), "organic", job_pb2.JobSpec(image="horde/base"))
+    await store.add_event(event(job, common_pb2.JOB_STATE_RUNNING, common_pb2.STAGE_EXECUTION))
+    await engine.dispose()
+
+    app = await start_validator(settings, validator)
+    try:
+        async with open_channel(
+            f"127.0.0.1:{app.port}", signer=client, callee=str(validator.identity)
+        ) as channel:
+            stub = validator_pb2_grpc.ValidatorServiceStub(channel)
+            got = await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job), timeout=10)
+            watched = [m async for m in stub.WatchJob(validator_pb2.WatchJobRequest(job_uuid=job))]
+    finally:
+        await app.stop(0)
+    assert got.job.state == common_pb2.JOB_STATE_HORDE_FAILED
+    assert got.job.result.reason == common_pb2.FAILURE_REASON_VALIDATOR_RESTARTED
+    assert "restarted" in got.job.result.detail
+    assert watched[-1].result.state == common_pb2.JOB_STATE_HORDE_FAILED
