@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmarks import PartResult, organic
+from benchmarks import PartResult, organic, streaming, synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "build" / "bench.json"
@@ -32,6 +32,8 @@ QUICK_RUNS = 3
 Part = Callable[[int, Path], Awaitable[PartResult]]
 PARTS: dict[str, Part] = {
     "organic": lambda runs, build: organic.run(runs, log_path=build / "bench-organic.log"),
+    "streaming": streaming.run,
+    "synthetic": lambda runs, build: synthetic.run(runs, log_path=build / "bench-synthetic.log"),
 }
 
 

@@ -30,6 +30,8 @@ from services.validator.app import start_validator
 log = structlog.get_logger("horde.dev")
 
 DEFAULT_IMAGES = ["horde/base:latest", "horde/demo-job:latest"]
+# Images gateways may start as streaming jobs on the dev network (any local build of them).
+STREAMING_IMAGES = ["horde/demo-llm:latest", "horde/demo-llm-dishonest:latest"]
 
 
 def _key(path: Path, kind: str) -> Path:
@@ -91,7 +93,7 @@ async def dev_up(
                 ExecutorSettings,
                 miner_address=miner_addr,
                 miner_identity=str(ids["miner"]),
-                allowed_images=images,
+                allowed_images=[*images, *STREAMING_IMAGES],
                 work_dir=state_dir / "executor-work",
                 **common,
             ),
@@ -106,7 +108,7 @@ async def dev_up(
                 # The dev client is also the operator: `horde validator round|weights --dev`.
                 admins=[str(ids["client"])],
                 allowed_images=images,
-                streaming_whitelist=[],
+                streaming_whitelist=STREAMING_IMAGES,
                 **common,
             ),
             signers["validator"],
@@ -136,6 +138,7 @@ async def dev_up(
             "client_identity": str(ids["client"]),
             "roster": str(roster),
             "allowed_images": images,
+            "streaming_images": STREAMING_IMAGES,
             "pid": os.getpid(),
         }
         tmp = state_dir / (ENDPOINTS + ".tmp")

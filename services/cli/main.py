@@ -12,7 +12,7 @@ from typing import Any
 from horde.v1 import job_pb2
 
 from services import __version__
-from services.cli import validator_cmds
+from services.cli import stream, validator_cmds
 from services.core.config import (
     ExecutorSettings,
     GatewaySettings,
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = receipts.add_parser("verify", help="verify receipts in JSON form, one a line")
     verify.add_argument("file", type=Path)
     verify.set_defaults(func=_receipts_verify)
+
+    stream.register(sub)
 
     dev = sub.add_parser("dev", help="local network").add_subparsers(dest="action", required=True)
     up = dev.add_parser("up", help="start all services on 127.0.0.1 until SIGINT/SIGTERM")

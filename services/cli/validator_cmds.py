@@ -156,7 +156,11 @@ def _print_weights(resp: validator_admin_pb2.GetWeightsResponse, as_json: bool) 
         print(json.dumps(doc, indent=2))
         return
     console = Console()
-    table = Table("miner (ss58)", "score", "weight", "reason")
+    table = Table()
+    table.add_column("miner (ss58)", no_wrap=True)
+    table.add_column("score", no_wrap=True)
+    table.add_column("weight", no_wrap=True)
+    table.add_column("reason", overflow="fold")
     for m in doc["miners"]:
         table.add_row(
             m["ss58"] or _short(m["miner"]), f"{m['score']:.3f}", f"{m['weight']:.4f}", m["reason"]

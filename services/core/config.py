@@ -7,6 +7,7 @@ typo in a unit file stops the service instead of being ignored.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -165,7 +166,8 @@ class ValidatorSettings(ServiceSettings):
 
     # Images clients may run (organic); exact references.
     allowed_images: list[str] = ["horde/base:latest", "horde/demo-job:latest"]
-    # Images gateways may start as streaming jobs.
+    # Images gateways may start as streaming jobs: "ref" (any build of it) or
+    # "ref@sha256:<image id>" (only the image whose id, `docker image inspect -f {{.Id}}`, is that).
     streaming_whitelist: list[str] = []
     # Client and gateway Ed25519 identities allowed to call ("ed25519:<hex>").
     clients: list[str] = []
@@ -202,9 +204,16 @@ class ExecutorSettings(ServiceSettings):
     # Executor class; empty means derived from the hardware probe.
     executor_class: str = ""
     allowed_images: list[str] = ["horde/base:latest", "horde/demo-job:latest"]
-    # Address the job proxy listens on for streaming jobs, and the address it advertises.
-    proxy_listen: str = "127.0.0.1:0"
+    # Host gateways dial for the job proxy of streaming jobs (served on `listen`'s port).
     proxy_advertise_host: str = "127.0.0.1"
+    # The job proxy refuses a request whose client timestamp is further than this from its clock.
+    proxy_clock_skew_s: float = Field(default=2.0, gt=0, le=600)
+    # Test-only: shifts the job proxy's clock (request checks and receipt timestamps), in ns.
+    proxy_clock_offset_ns: int = 0
+    # Largest request body the job proxy forwards to a streaming job.
+    streaming_max_request_mb: int = Field(default=64, gt=0)
+    # Largest total size of the extra data files one streaming job may receive.
+    extra_data_limit_mb: int = Field(default=1024, gt=0)
     memory_limit_mb: int = Field(default=1024, gt=0)
     cpu_limit: float = Field(default=1.0, gt=0)
     pids_limit: int = Field(default=256, gt=0)
@@ -243,12 +252,40 @@ def load_settings(cls: type[S], config_file: Path | None = None, **overrides: An
         raise ConfigError(f"config file not found: {config_file}")
     bound = type(cls.__name__, (cls,), {"config_file": config_file})
     try:
-        return bound(**overrides)  # type: ignore[no-any-return]
+        settings = bound(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, cls, config_file)) from None
     except (ValueError, OSError) as exc:
         # TOML syntax errors surface here (tomllib.TOMLDecodeError is a ValueError).
         raise ConfigError(f"{config_file}: {exc}") from None
+    # pydantic-settings ignores environment variables that match no field; a typo there (an
+    # EnvironmentFile line) must stop the service like an unknown key in the TOML file does.
+    unknown = _unknown_env(cls)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
+    return settings  # type: ignore[no-any-return]
+
+
+def _unknown_env(cls: type[ServiceSettings]) -> list[str]:
+    prefix = str(cls.model_config.get("env_prefix", "")).upper()
+    if not prefix:
+        return []
+    problems = []
+    for key in sorted(os.environ):
+        if not key.upper().startswith(prefix):
+            continue
+        model: type[BaseModel] = cls
+        path = key[len(prefix) :].lower().split("__")
+        for depth, part in enumerate(path):
+            if part not in model.model_fields:
+                field = ".".join(path[: depth + 1])
+                problems.append(f"invalid setting '{field}' (env {key}): unknown setting")
+                break
+            annotation = model.model_fields[part].annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                break  # a plain value, list or dict: pydantic checks the rest
+            model = annotation
+    return problems
 
 
 def _describe(exc: ValidationError, cls: type[ServiceSettings], config_file: Path | None) -> str:

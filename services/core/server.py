@@ -107,6 +107,10 @@ class RpcMiddleware(grpc.aio.ServerInterceptor):
         if isinstance(exc, HordeError):
             call.code, call.detail = exc.code, exc.message
             await context.abort(exc.code, exc.message)
+        if isinstance(exc, NotImplementedError):
+            # What generated servicer base classes raise for a method the servicer lacks.
+            call.code, call.detail = grpc.StatusCode.UNIMPLEMENTED, "method not implemented"
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
         call.code, call.detail = grpc.StatusCode.INTERNAL, "internal error"
         log.exception("rpc_internal_error", rpc=call.method, error=repr(exc))
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")

@@ -24,6 +24,7 @@ from services.core.identity import Signer
 from services.core.proto_util import result
 from services.core.server import open_channel
 from services.executor.jobs import JobContext, OrganicJobRunner
+from services.executor.streaming import StreamingJobRunner
 from services.executor.synthetic import InProcessSolver, SyntheticSolver, answer
 
 log = structlog.get_logger("horde.executor.agent")
@@ -39,7 +40,9 @@ class ExecutorAgent:
         runner: OrganicJobRunner,
         synthetic: SyntheticSolver | None = None,
         tls: TLSSettings | None = None,
+        streaming: StreamingJobRunner | None = None,
     ) -> None:
+        self._streaming = streaming
         # TLS towards the miner when it serves TLS (tls.ca_file names the CA to trust).
         self._tls = tls if tls is not None and tls.ca_file else None
         self._signer = signer
@@ -113,6 +116,8 @@ class ExecutorAgent:
                         await self._start_job(msg.run_job, send)
                     elif kind == "input_chunk":
                         self._inputs.put_nowait(msg.input_chunk)
+                    elif kind == "extra_data" and self._streaming is not None:
+                        self._streaming.extra_data(msg.extra_data, send)
                     elif kind == "cancel":
                         if msg.cancel.job_uuid == self._job_uuid:
                             await self._abort_job(msg.cancel.reason)
@@ -154,11 +159,28 @@ class ExecutorAgent:
                 )
             )
             return
+        streaming = start.job_kind == "streaming"
+        if streaming and self._streaming is None:
+            await send(
+                executor_pb2.ConnectRequest(
+                    result=result(
+                        start.job_uuid,
+                        common_pb2.JOB_STATE_REJECTED,
+                        common_pb2.FAILURE_REASON_INVALID_SPEC,
+                        common_pb2.STAGE_RESERVATION,
+                        "this executor does not run streaming jobs",
+                    )
+                )
+            )
+            return
         self._inputs = asyncio.Queue()
         self._job_uuid = start.job_uuid
         ctx = JobContext(start=start, inputs=self._inputs, send=send)  # type: ignore[arg-type]
-        log.info("job_started", job_uuid=start.job_uuid, image=start.spec.image)
-        self._job = asyncio.create_task(self._runner.run(ctx))
+        log.info(
+            "job_started", job_uuid=start.job_uuid, image=start.spec.image, kind=start.job_kind
+        )
+        runner = self._streaming if streaming and self._streaming else self._runner
+        self._job = asyncio.create_task(runner.run(ctx))
 
     def _start_synthetic(
         self,

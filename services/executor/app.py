@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import time
+
 import structlog
-from horde.v1 import manifest_pb2
+from horde.v1 import job_proxy_pb2, job_proxy_pb2_grpc, manifest_pb2
 
 from services import __version__
 from services.core.app import ServiceApp
-from services.core.auth import Authenticator, StaticPolicy
+from services.core.auth import Authenticator
 from services.core.config import ExecutorSettings
 from services.core.errors import ConfigError
 from services.core.identity import Identity, Signer
 from services.core.runtime import load_signer
-from services.core.server import create_server
+from services.core.server import ServiceRegistration, create_server
 from services.executor.agent import ExecutorAgent
 from services.executor.hardware import executor_class, probe
 from services.executor.jobs import OrganicJobRunner
+from services.executor.proxy import JobProxyServicer, StreamSessions
 from services.executor.sandbox import DockerRuntime, SandboxLimits
+from services.executor.streaming import StreamingJobRunner
 from services.executor.synthetic import DockerSolver
 
 log = structlog.get_logger("horde.executor")
@@ -61,16 +65,53 @@ async def start_executor(
         version=__version__,
     )
     synthetic = DockerSolver(runtime, limits, work_dir, gpus=-1 if hardware.gpus else 0)
-    agent = ExecutorAgent(
-        signer, settings.miner_address, str(miner), manifest, runner, synthetic, tls=settings.tls
+    # The executor's own listener: health, and the job proxy of streaming jobs. Only the gateway
+    # of a running session may call (the sessions are the allow policy).
+    sessions = StreamSessions()
+    offset_ns = settings.proxy_clock_offset_ns
+    proxy = JobProxyServicer(
+        sessions,
+        skew_s=settings.proxy_clock_skew_s,
+        max_request_bytes=settings.streaming_max_request_mb * 2**20,
+        clock_ns=(lambda: time.time_ns() + offset_ns) if offset_ns else time.time_ns,
     )
-    # The executor's own listener: health for operators now, the job proxy for streaming jobs.
-    auth = Authenticator(signer.identity, StaticPolicy(set(), "a gateway of a running session"))
+    auth = Authenticator(signer.identity, sessions, max_skew_s=settings.auth.max_clock_skew_s)
     server = await create_server(
-        settings.listen, [], authenticator=auth, service_label="executor", tls=settings.tls
+        settings.listen,
+        [
+            ServiceRegistration(
+                job_proxy_pb2.DESCRIPTOR.services_by_name["JobProxyService"].full_name,
+                job_proxy_pb2_grpc.add_JobProxyServiceServicer_to_server,
+                proxy,
+            )
+        ],
+        authenticator=auth,
+        service_label="executor",
+        tls=settings.tls,
+    )
+    streaming = StreamingJobRunner(
+        runtime,
+        set(settings.allowed_images),
+        limits,
+        work_dir,
+        sessions,
+        f"{settings.proxy_advertise_host}:{server.port}",
+        gpus=-1 if hardware.gpus else 0,
+        extra_limit_bytes=settings.extra_data_limit_mb * 2**20,
+    )
+    agent = ExecutorAgent(
+        signer,
+        settings.miner_address,
+        str(miner),
+        manifest,
+        runner,
+        synthetic,
+        tls=settings.tls,
+        streaming=streaming,
     )
 
     async def close_all() -> None:
+        await streaming.close()
         await runtime.sweep()
         await runtime.close()
 

@@ -232,8 +232,13 @@ class LightExecutor:
         miner_identity: str,
         executor_class: str = "cpu-small",
         behaviour: Behaviour | None = None,
+        inline: bool = False,
     ) -> None:
+        """``inline``: run the behaviour in the link's read loop instead of a task (for
+        behaviours that answer at once, so the executor's timestamps bracket receipt and
+        reply as a real executor's do)."""
         self._signer = signer
+        self._inline = inline
         self._address = miner_address
         self._miner = miner_identity
         self._class = executor_class
@@ -287,6 +292,9 @@ class LightExecutor:
                     elif kind == "synthetic_challenge":
                         self.challenges.append(msg.synthetic_challenge)
                         self.challenged.set()
+                        if self._inline:
+                            await reply(msg.synthetic_challenge)
+                            continue
                         task = asyncio.create_task(reply(msg.synthetic_challenge))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)

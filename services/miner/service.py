@@ -21,6 +21,7 @@ from horde.v1 import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import lifecycle
+from services.core.certificates import sign_certificate
 from services.core.db import lifecycle_receipts
 from services.core.errors import HordeError, InvalidArgument
 from services.core.identity import Signer
@@ -38,6 +39,11 @@ from services.miner.synthetic import SyntheticCollector
 log = structlog.get_logger("horde.miner")
 
 COUNTERSIGN_WAIT_S = 5.0
+# A job certificate is valid from a little before it is signed (clocks differ) to the session's
+# time limit plus this slack.
+CERTIFICATE_SLACK_S = 60
+CERTIFICATE_BACKDATE_S = 5
+DEFAULT_SESSION_S = 600
 
 
 class ReceiptStore:
@@ -190,6 +196,14 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                     if kind == "output_chunk":
                         yield miner_pb2.RunJobResponse(output_chunk=msg.output_chunk)
                         continue
+                    if kind == "streaming_ready" and msg.streaming_ready.job_uuid == job_uuid:
+                        ready = self._certify(start, str(validator), conn, msg.streaming_ready)
+                        log_.info("streaming_ready", endpoint=ready.proxy_endpoint)
+                        yield miner_pb2.RunJobResponse(streaming_ready=ready)
+                        continue
+                    if kind == "extra_data_placed":
+                        yield miner_pb2.RunJobResponse(extra_data_placed=msg.extra_data_placed)
+                        continue
                     if kind != "result" or msg.result.job_uuid != job_uuid:
                         continue
                     res = msg.result
@@ -240,6 +254,32 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         collector = SyntheticCollector.for_pool(self._pool)
         async for resp in collector.run(self._pool, request):
             yield resp
+
+    def _certify(
+        self,
+        start: miner_pb2.RunJobStart,
+        validator: str,
+        conn: ExecutorConn,
+        ready: executor_pb2.ExecutorStreamingReady,
+    ) -> miner_pb2.StreamingReady:
+        """Bind the executor's fresh job key to this miner's hotkey for the session."""
+        now = time.time_ns()
+        limit_s = start.spec.timeouts.execution_s or DEFAULT_SESSION_S
+        payload = receipts_pb2.JobCertificatePayload(
+            job_uuid=start.job_uuid,
+            job_public_key=ready.job_public_key,
+            miner_hotkey=str(self._signer.identity),
+            validator_hotkey=validator,
+            image_digest=ready.image_digest,
+            endpoint=ready.proxy_endpoint,
+            not_before_ns=now - CERTIFICATE_BACKDATE_S * 10**9,
+            not_after_ns=now + (limit_s + CERTIFICATE_SLACK_S) * 10**9,
+        )
+        return miner_pb2.StreamingReady(
+            proxy_endpoint=ready.proxy_endpoint,
+            certificate=sign_certificate(payload, self._signer),
+            proxy_identity=str(conn.identity),
+        )
 
     def _receipt(
         self,

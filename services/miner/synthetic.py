@@ -24,6 +24,7 @@ log = structlog.get_logger("horde.miner.synthetic")
 # Time past the latest deadline the miner keeps relaying (clock differences between hosts).
 DEADLINE_SLACK_S = 5.0
 MAX_CHALLENGES = 100_000
+MAX_BATCH = 500
 
 Answer = tuple[str, synthetic_pb2.SyntheticAnswer]
 
@@ -100,10 +101,15 @@ class SyntheticCollector:
             async with asyncio.timeout(budget):
                 while remaining:
                     executor_id, answer = await queue.get()
-                    remaining -= 1
-                    yield miner_pb2.RunSyntheticRoundResponse(
+                    resp = miner_pb2.RunSyntheticRoundResponse(
                         executor_id=executor_id, answer=answer
                     )
+                    # Whatever else is already waiting goes in the same message.
+                    while not queue.empty() and len(resp.more_answers) < MAX_BATCH:
+                        more_id, more = queue.get_nowait()
+                        resp.more_answers.add(executor_id=more_id, answer=more)
+                    remaining -= 1 + len(resp.more_answers)
+                    yield resp
         except TimeoutError:
             log.info("synthetic_round_expired", round=request.round)
         finally:

@@ -137,6 +137,7 @@ async def start_gateway(
 
     async def close_all() -> None:
         await writer.close()
+        await store.close()
         await validator_channel.close()
         if chain is not None:
             await chain.close()

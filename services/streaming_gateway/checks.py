@@ -5,7 +5,6 @@ run in the gateway, in `horde stream` and in tests.
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -142,7 +141,3 @@ class ReceiptChecker:
             raise BadReceipt(f"{prefix}: timestamps run backwards from the previous receipt", msg)
         self._last_from_ns = receipt.timestamp_from_ns
         return receipt
-
-
-def now_ns() -> int:
-    return time.time_ns()

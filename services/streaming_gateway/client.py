@@ -6,6 +6,7 @@ Used by `horde stream`, the benchmark, the demo and the tests.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
@@ -210,10 +211,10 @@ class StreamClient:
             await self._call.write(msg)
         except grpc.aio.AioRpcError as exc:
             raise self._ended(exc) from None
-        except (grpc.aio.UsageError, RuntimeError):
-            # The gateway already finished the call; read why.
-            await self._read()
-            raise SessionEnded("the session ended") from None
+        except (grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
+            # The call already finished; read why.
+            while True:
+                await self._read()
 
     async def _read(self) -> gateway_pb2.SessionResponse:
         if self.closed is not None:

@@ -160,6 +160,7 @@ class Session:
         self._write_lock = asyncio.Lock()
         self._end: asyncio.Future[_Ending] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
+        self._validator_task: asyncio.Task[None] | None = None
         self._start_call: Any = None
         self._job_uuid = ""
         self._job_ended = False
@@ -211,7 +212,7 @@ class Session:
             ),
             timeout=self._cfg.startup_timeout_s + limit + CALL_SLACK_S,
         )
-        self._spawn(self._follow_validator(limit))
+        self._validator_task = self._spawn(self._follow_validator(limit))
         self._spawn(self._read_client(requests))
         try:
             ending = await self._end
@@ -496,10 +497,11 @@ class Session:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         task.add_done_callback(self._task_done)
         self._tasks.append(task)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -540,8 +542,11 @@ class Session:
     async def _teardown(self, ending: _Ending) -> None:
         """Stop everything the session started, store its receipts."""
         reason = ending.reason
+        # The validator call stays up until the job is stopped: cancelling it would stop the job
+        # too, but without a result to report.
         for task in self._tasks:
-            task.cancel()
+            if task is not self._validator_task:
+                task.cancel()
         if self._proxy_call is not None:
             self._proxy_call.cancel()
         if ending.bad_receipt is not None and self._job_uuid:
@@ -552,6 +557,8 @@ class Session:
                 ending.result = result
         if self._start_call is not None:
             self._start_call.cancel()
+        if self._validator_task is not None:
+            self._validator_task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._proxy_channel is not None:
             await self._proxy_channel.close()

@@ -200,7 +200,6 @@ class ReceiptWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.store.close()
 
     def _drain(self, batch: _Batch) -> _Batch:
         while len(batch.receipts) + len(batch.samples) < MAX_BATCH:

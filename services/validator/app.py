@@ -13,6 +13,7 @@ from services.core.app import ServiceApp
 from services.core.auth import Authenticator, MethodPolicy, StaticPolicy
 from services.core.config import ValidatorSettings
 from services.core.db import open_database
+from services.core.errors import ConfigError
 from services.core.identity import Signer
 from services.core.runtime import load_signer, open_chain, parse_identities
 from services.core.server import ServiceRegistration, create_server
@@ -22,6 +23,7 @@ from services.validator.miners import MinerDirectory
 from services.validator.scoring import Scorer
 from services.validator.service import ValidatorServicer
 from services.validator.store import JobStore
+from services.validator.streaming import StreamingJobs, Whitelist
 from services.validator.synthetic import RoundRunner, SyntheticStore
 
 
@@ -30,6 +32,10 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
     clients = parse_identities(settings.clients, "clients")
     admins = parse_identities(settings.admins, "admins")
     parse_identities(list(settings.miners), "miners")
+    try:
+        whitelist = Whitelist(settings.streaming_whitelist)
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting 'streaming_whitelist': {exc}") from None
     chain = open_chain(settings, signer)
     engine = await open_database(settings.database("validator"))
     store = JobStore(engine)
@@ -61,6 +67,15 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
         store,
         set(settings.allowed_images),
         settings.default_executor_class,
+        settings.max_inline_input_bytes,
+    )
+    servicer.streaming = StreamingJobs(
+        manager,
+        store,
+        whitelist,
+        settings.default_executor_class,
+        str(signer.identity),
+        synthetic,
         settings.max_inline_input_bytes,
     )
     server = await create_server(

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import grpc
 import structlog
-from horde.v1 import common_pb2, job_pb2, miner_pb2
+from horde.v1 import common_pb2, job_pb2, miner_pb2, streaming_pb2, validator_pb2
 
 from services.core import lifecycle, metrics
+from services.core.certificates import CertificateError, verify_certificate
 from services.core.identity import Signer
 from services.core.proto_util import (
     TERMINAL_STATES,
@@ -43,7 +44,7 @@ DEFAULT_TIMEOUTS = {
 DEADLINE_SLACK_S = 30.0
 CANCEL_WAIT_S = 10.0
 
-Item = job_pb2.JobEvent | job_pb2.OutputChunk | job_pb2.JobResult
+Item = job_pb2.JobEvent | job_pb2.OutputChunk | job_pb2.JobResult | validator_pb2.StreamingJobReady
 
 
 def fill_timeouts(spec: job_pb2.JobSpec) -> None:
@@ -65,6 +66,17 @@ class LiveJob:
     task: asyncio.Task[None] | None = None
     outputs: dict[str, bytearray] = field(default_factory=dict)
     output_bytes: int = 0
+    # Streaming jobs: the gateway allowed at the job proxy, the image id the whitelist pins (or
+    # ""), the ready message once the miner certified the job key, the open RunJob stream's
+    # outbox (extra data) and the placements awaited, by file name.
+    kind: str = "organic"
+    gateway: str = ""
+    image_digest: str = ""
+    ready: validator_pb2.StreamingJobReady | None = None
+    outbox: asyncio.Queue[miner_pb2.RunJobRequest | None] | None = None
+    placements: dict[str, asyncio.Future[streaming_pb2.ExtraDataPlaced]] = field(
+        default_factory=dict
+    )
 
 
 class JobManager:
@@ -115,10 +127,21 @@ class JobManager:
         client: str,
         spool: Path | None,
         kind: str = "organic",
+        *,
+        gateway: str = "",
+        image_digest: str = "",
     ) -> LiveJob:
         fill_timeouts(spec)
         await self._store.create(job_uuid, client, kind, spec)
-        job = LiveJob(job_uuid=job_uuid, spec=spec, client=client, spool=spool)
+        job = LiveJob(
+            job_uuid=job_uuid,
+            spec=spec,
+            client=client,
+            spool=spool,
+            kind=kind,
+            gateway=gateway,
+            image_digest=image_digest,
+        )
         self._live[job_uuid] = job
         await self._publish(
             job,
@@ -128,9 +151,14 @@ class JobManager:
         return job
 
     async def reject(
-        self, job_uuid: str, spec: job_pb2.JobSpec, client: str, res: job_pb2.JobResult
+        self,
+        job_uuid: str,
+        spec: job_pb2.JobSpec,
+        client: str,
+        res: job_pb2.JobResult,
+        kind: str = "organic",
     ) -> None:
-        await self._store.create(job_uuid, client, "organic", spec)
+        await self._store.create(job_uuid, client, kind, spec)
         await self._store.finish(res)
 
     def live(self, job_uuid: str) -> LiveJob | None:
@@ -173,7 +201,14 @@ class JobManager:
             return
         res.job_uuid = job.job_uuid
         job.result = res
-        metrics.JOBS.labels("organic", state_name(res.state), reason_name(res.reason)).inc()
+        metrics.JOBS.labels(job.kind, state_name(res.state), reason_name(res.reason)).inc()
+        for name, waiter in job.placements.items():
+            if not waiter.done():
+                waiter.set_result(
+                    streaming_pb2.ExtraDataPlaced(
+                        job_uuid=job.job_uuid, file_name=name, error="the job ended first"
+                    )
+                )
         for timing in res.stage_timings:
             metrics.STAGE_SECONDS.labels(stage_name(timing.stage)).observe(timing.seconds)
         await self._store.finish(res)
@@ -186,8 +221,17 @@ class JobManager:
             miner=res.miner_hotkey,
         )
 
-    def _deadline_s(self, spec: job_pb2.JobSpec) -> float:
-        t = spec.timeouts
+    def _deadline_s(self, job: LiveJob) -> float:
+        t = job.spec.timeouts
+        if job.kind == "streaming":
+            # The session's time limit starts once the service is up.
+            return (
+                t.reservation_s
+                + t.image_pull_s
+                + t.streaming_start_s
+                + t.execution_s
+                + DEADLINE_SLACK_S
+            )
         return (
             t.reservation_s
             + t.image_pull_s
@@ -199,7 +243,7 @@ class JobManager:
 
     async def _run(self, job: LiveJob) -> None:
         try:
-            async with asyncio.timeout(self._deadline_s(job.spec)):
+            async with asyncio.timeout(self._deadline_s(job)):
                 res = await self._route(job)
         except TimeoutError:
             res = result(
@@ -207,7 +251,7 @@ class JobManager:
                 common_pb2.JOB_STATE_HORDE_FAILED,
                 common_pb2.FAILURE_REASON_DEADLINE_MISSED,
                 common_pb2.STAGE_UNSPECIFIED,
-                f"the job missed its overall deadline of {self._deadline_s(job.spec):.0f}s",
+                f"the job missed its overall deadline of {self._deadline_s(job):.0f}s",
             )
         except Exception as exc:
             log.exception("job_route_error", job_uuid=job.job_uuid)
@@ -295,10 +339,15 @@ class JobManager:
         outbox.put_nowait(
             miner_pb2.RunJobRequest(
                 start=miner_pb2.RunJobStart(
-                    job_uuid=job.job_uuid, spec=job.spec, job_kind="organic"
+                    job_uuid=job.job_uuid,
+                    spec=job.spec,
+                    job_kind=job.kind,
+                    gateway_identity=job.gateway,
+                    image_digest=job.image_digest,
                 )
             )
         )
+        job.outbox = outbox
         call = self._directory.stub(miner).RunJob(requests())
         sender: asyncio.Task[None] | None = None
         canceller = asyncio.create_task(self._watch_cancel(job, outbox))
@@ -336,6 +385,25 @@ class JobManager:
                     await self._publish(job, msg.event)
                 elif kind == "output_chunk":
                     await self._collect(job, msg.output_chunk)
+                elif kind == "streaming_ready" and job.kind == "streaming":
+                    problem = self._streaming_ready(job, miner, msg.streaming_ready)
+                    if problem is not None:
+                        log.warning("bad_streaming_ready", job_uuid=job.job_uuid, problem=problem)
+                        return result(
+                            job.job_uuid,
+                            common_pb2.JOB_STATE_HORDE_FAILED,
+                            common_pb2.FAILURE_REASON_INVALID_SIGNATURE,
+                            common_pb2.STAGE_STREAMING_START,
+                            f"miner {miner.identity}: {problem}",
+                        )
+                    stage = common_pb2.STAGE_EXECUTION
+                    assert job.ready is not None
+                    await self._publish(job, job.ready)
+                elif kind == "extra_data_placed":
+                    placed = msg.extra_data_placed
+                    waiter = job.placements.pop(placed.file_name, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(placed)
             return result(
                 job.job_uuid,
                 common_pb2.JOB_STATE_HORDE_FAILED,
@@ -360,12 +428,48 @@ class JobManager:
                 f"lost the miner {miner.identity}: {exc.code().name}: {exc.details()}",
             )
         finally:
+            job.outbox = None
             canceller.cancel()
             if sender is not None:
                 sender.cancel()
             with contextlib.suppress(asyncio.QueueFull):
                 outbox.put_nowait(None)
             call.cancel()
+
+    def _streaming_ready(
+        self, job: LiveJob, miner: MinerRef, ready: miner_pb2.StreamingReady
+    ) -> str | None:
+        """Check the miner's certificate for the job key; None when the job may be served."""
+        if job.ready is not None:
+            return "sent a second streaming_ready"
+        try:
+            payload = verify_certificate(
+                ready.certificate, miner=miner.identity, job_uuid=job.job_uuid
+            )
+        except CertificateError as exc:
+            return f"bad job certificate: {exc}"
+        if payload.validator_hotkey != str(self._signer.identity):
+            return f"the job certificate names validator {payload.validator_hotkey}"
+        if payload.endpoint != ready.proxy_endpoint:
+            return f"the job certificate names endpoint {payload.endpoint}"
+        if job.image_digest and payload.image_digest != job.image_digest:
+            return (
+                f"the job runs image {payload.image_digest}, the whitelist pins {job.image_digest}"
+            )
+        job.ready = validator_pb2.StreamingJobReady(
+            job_uuid=job.job_uuid,
+            proxy_endpoint=ready.proxy_endpoint,
+            certificate=ready.certificate,
+            proxy_identity=ready.proxy_identity,
+        )
+        log.info(
+            "streaming_job_ready",
+            job_uuid=job.job_uuid,
+            miner=miner.identity,
+            endpoint=ready.proxy_endpoint,
+            image_digest=payload.image_digest,
+        )
+        return None
 
     async def _watch_cancel(
         self, job: LiveJob, outbox: asyncio.Queue[miner_pb2.RunJobRequest | None]

@@ -18,7 +18,7 @@ from services.core.server import current_caller
 from services.executor.archive import ArchiveError, clean_member_name
 from services.validator.jobs import JobManager
 from services.validator.store import JobStore, chunks
-from services.validator.streaming import StreamingNotServed
+from services.validator.streaming import StreamingRpcs
 
 log = structlog.get_logger("horde.validator")
 OUTPUT_CHUNK = 1024 * 1024
@@ -60,7 +60,7 @@ def validate_spec(spec: job_pb2.JobSpec) -> None:
         raise InvalidArgument("spec.output.upload.url: must be an http(s) URL")
 
 
-class ValidatorServicer(StreamingNotServed, validator_pb2_grpc.ValidatorServiceServicer):
+class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServicer):
     def __init__(
         self,
         manager: JobManager,
@@ -118,7 +118,7 @@ class ValidatorServicer(StreamingNotServed, validator_pb2_grpc.ValidatorServiceS
                     yield validator_pb2.SubmitJobResponse(event=item)
                 elif isinstance(item, job_pb2.OutputChunk):
                     yield validator_pb2.SubmitJobResponse(output_chunk=item)
-                else:
+                elif isinstance(item, job_pb2.JobResult):
                     yield validator_pb2.SubmitJobResponse(result=item)
         finally:
             watcher.cancel()

@@ -335,7 +335,9 @@ class RoundRunner:
             async with asyncio.timeout(budget):
                 async for resp in call:
                     arrived = time.monotonic() - sent
-                    self._judge(resp, arrived, pending, out)
+                    self._judge(resp.executor_id, resp.answer, arrived, pending, out)
+                    for more in resp.more_answers:
+                        self._judge(more.executor_id, more.answer, arrived, pending, out)
                     if len(out) == len(pending):
                         break
         except TimeoutError:
@@ -356,21 +358,21 @@ class RoundRunner:
 
     @staticmethod
     def _judge(
-        resp: miner_pb2.RunSyntheticRoundResponse,
+        executor_id: str,
+        answer: synthetic_pb2.SyntheticAnswer,
         arrived: float,
         pending: dict[str, _Pending],
         out: dict[str, ExecutorVerdict],
     ) -> None:
-        p = pending.get(resp.executor_id)
-        if p is None or resp.executor_id in out:
+        p = pending.get(executor_id)
+        if p is None or executor_id in out:
             return  # not challenged, or a second answer: the first one counts
-        answer = resp.answer
         executor_s = max(0.0, (answer.finished_ns - answer.started_ns) / 1e9)
         problem = check_answer(p.challenge, answer)
         if problem is None and arrived > p.deadline_s:
             problem = f"late: answered after {arrived:.3f}s, deadline {p.deadline_s:g}s"
-        out[resp.executor_id] = ExecutorVerdict(
-            resp.executor_id,
+        out[executor_id] = ExecutorVerdict(
+            executor_id,
             p.executor_class,
             p.challenge.challenge_id,
             problem is None,

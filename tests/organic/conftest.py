@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiodocker
 import pytest
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from horde.v1 import validator_pb2_grpc
 from organic_support import (
     BUILD_SCRIPT,
@@ -159,10 +159,26 @@ async def http_server() -> AsyncIterator[HttpServer]:
         state.uploaded.set()
         return web.Response(status=state.upload_status)
 
+    async def post(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        fields: list[tuple[str, str]] = []
+        reader = await request.multipart()
+        async for part in reader:
+            assert isinstance(part, BodyPartReader)
+            if part.filename is not None:
+                state.uploads[name] = await part.read()
+                fields.append((part.name or "", f"<file {part.filename}>"))
+            else:
+                fields.append((part.name or "", await part.text()))
+        state.upload_forms[name] = fields
+        state.uploaded.set()
+        return web.Response(status=204 if state.upload_status == 200 else state.upload_status)
+
     app = web.Application(client_max_size=64 * 2**20)
     app.router.add_get("/files/{name}", get)
     app.router.add_get("/stall/{name}", stall)
     app.router.add_put("/upload/{name}", put)
+    app.router.add_post("/upload/{name}", post)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

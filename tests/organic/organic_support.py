@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,9 +232,15 @@ def submit_requests(
 class JobCall:
     """A SubmitJob stream consumed in the background; tests wait on its states and result."""
 
-    def __init__(self, net: Network, call: Any) -> None:
+    def __init__(
+        self,
+        net: Network,
+        call: Any,
+        more: asyncio.Queue[validator_pb2.SubmitJobRequest | None],
+    ) -> None:
         self.net = net
         self.call = call
+        self._more = more
         self.run = JobRun()
         self._changed = asyncio.Event()
         self.error: grpc.aio.AioRpcError | None = None
@@ -287,7 +293,11 @@ class JobCall:
             await self._task  # the stream ends after the result
         return self.run
 
+    def send(self, request: validator_pb2.SubmitJobRequest) -> None:
+        self._more.put_nowait(request)
+
     async def close(self) -> None:
+        self._more.put_nowait(None)
         self.call.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -502,10 +512,24 @@ class Network:
         spec: job_pb2.JobSpec,
         inline: dict[int, bytes] | None = None,
         stub: validator_pb2_grpc.ValidatorServiceStub | None = None,
+        *,
+        hold_open: bool = False,
     ) -> JobCall:
+        """Submit a job; with ``hold_open`` the request stream stays open after the inputs, so
+        the test can send more (``JobCall.send``), e.g. a cancel."""
         stub = stub or self.client()
-        call = stub.SubmitJob(submit_requests(spec, inline or {}))
-        job = JobCall(self, call)
+        more: asyncio.Queue[validator_pb2.SubmitJobRequest | None] = asyncio.Queue()
+        if not hold_open:
+            more.put_nowait(None)
+
+        async def requests() -> AsyncIterator[validator_pb2.SubmitJobRequest]:
+            for request in submit_requests(spec, inline or {}):
+                yield request
+            while (request := await more.get()) is not None:
+                yield request
+
+        call = stub.SubmitJob(requests())
+        job = JobCall(self, call, more)
         self._calls.append(job)
         return job
 
@@ -530,13 +554,14 @@ class Network:
 @dataclass
 class HttpServer:
     """A local aiohttp server: GET /files/<name> serves registered bytes; GET /stall/<name> sends
-    headers and never a body (until teardown); PUT /upload/<name> stores the body (answering
-    ``upload_status``)."""
+    headers and never a body (until teardown); PUT /upload/<name> stores the body, POST
+    /upload/<name> the multipart form's file and fields (answering ``upload_status``)."""
 
     base: str = ""
     files: dict[str, bytes] = field(default_factory=dict)
     uploads: dict[str, bytes] = field(default_factory=dict)
     upload_headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    upload_forms: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     upload_status: int = 200
     uploaded: asyncio.Event = field(default_factory=asyncio.Event)
     gets: list[str] = field(default_factory=list)

@@ -395,8 +395,9 @@ def log_events(log_path: Path, name: str) -> list[dict[str, object]]:
     return out
 
 
-async def stop_process(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> int:
-    if proc.returncode is None:
+async def stop_process(proc: asyncio.subprocess.Process, sig: int | None = signal.SIGTERM) -> int:
+    """Signal the process (unless ``sig`` is None: it was already told) and wait for its exit."""
+    if proc.returncode is None and sig is not None:
         proc.send_signal(sig)
     try:
         async with asyncio.timeout(20):
@@ -600,3 +601,31 @@ async def test_unreachable_miner_fails_reservation_as_horde_failed(net: Network)
     assert "could not be reached" in res.detail
     assert 2 <= took < 15, took
     await net.start_miner()  # so the fixture's teardown finds the network whole
+
+
+async def test_executor_stopped_mid_job(bare_net: Network) -> None:
+    """SIGTERM (an operator stopping the service) mid-job: the job ends as executor_lost, the
+    executor removes the job's container on its way out and exits cleanly."""
+    net = bare_net
+    config = net.executor_config("executor2")
+    log_path = net.root / "executor2.log"
+    proc = await spawn_executor(net, config, log_path)
+    signalled = False
+    try:
+        await net.wait_executors(1, within=60)
+        job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
+        running = await job.wait_state(S.JOB_STATE_RUNNING)
+        job_uuid = running.job_uuid
+        await wait_job_container_running(net.docker, job_uuid)
+        proc.send_signal(signal.SIGTERM)
+        signalled = True
+        run = await job.finished(within=20)
+        assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_EXECUTOR_LOST)
+    finally:
+        # Only one SIGTERM: a second one means "exit now" to a Horde service.
+        code = await stop_process(proc, None if signalled else signal.SIGTERM)
+    log = log_path.read_text()
+    assert code == 0, log[-3000:]
+    assert await job_objects(net.docker, [job_uuid]) == []
+    for bad in ("Traceback", "Task was destroyed", "Unclosed", "never awaited", '"error"'):
+        assert bad not in log, log[-3000:]

@@ -442,3 +442,74 @@ async def test_busy_executor_rejects_after_reservation_limit(net: Network) -> No
     await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=running.job_uuid), timeout=30)
     cancelled = await first.finished(within=30)
     assert cancelled.result is not None and cancelled.result.state == S.JOB_STATE_CANCELLED
+
+
+async def test_cancel_on_the_submit_stream(net: Network) -> None:
+    job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120), hold_open=True)
+    running = await job.wait_state(S.JOB_STATE_RUNNING)
+    await wait_job_container_running(net.docker, running.job_uuid)
+    job.send(validator_pb2.SubmitJobRequest(cancel=True))
+    run = await job.finished(within=30)
+    assert run.result is not None
+    assert (run.result.state, run.result.reason) == (
+        S.JOB_STATE_CANCELLED,
+        S.FAILURE_REASON_CANCELLED,
+    ), run.describe()
+    await wait_no_job_objects(net.docker, [running.job_uuid], within=20)
+
+
+async def test_watch_a_running_job(net: Network) -> None:
+    job = net.start_job(spec_for(BASE_IMAGE, ["sh", "-c", "sleep 2; echo watched"]))
+    running = await job.wait_state(S.JOB_STATE_RUNNING)
+    watched = JobRun()
+    request = validator_pb2.WatchJobRequest(job_uuid=running.job_uuid)
+    async for msg in net.client().WatchJob(request, timeout=60):
+        if msg.WhichOneof("payload") == "event":
+            watched.events.append(msg.event)
+        else:
+            watched.result = msg.result
+    submitted = await job.finished()
+    # The watcher got the events so far replayed, then followed the job live to its result.
+    assert watched.result == submitted.result
+    assert watched.result is not None and watched.result.stdout.data == b"watched\n"
+    assert watched.states == submitted.states
+    assert watched.states[0] == S.JOB_STATE_ACCEPTED
+
+
+async def test_nested_and_empty_output_files(net: Network) -> None:
+    script = (
+        "mkdir -p /output/a/b && printf deep > /output/a/b/c.txt && : > /output/empty"
+        " && mkdir /output/emptydir && head -c 3000000 /dev/zero > /output/zeros.bin"
+    )
+    run = await net.run_job(spec_for(BASE_IMAGE, ["sh", "-c", script]))
+    assert_completed(run)
+    assert_outputs(run, {"a/b/c.txt": b"deep", "empty": b"", "zeros.bin": bytes(3_000_000)})
+    assert max(len(c.data) for c in run.chunks) <= 1024 * 1024  # zeros.bin came in chunks
+
+
+async def test_symlink_out_of_output_is_refused(net: Network) -> None:
+    script = "ln -s /etc/hostname /output/leak && echo ok > /output/fine.txt"
+    run = await net.run_job(spec_for(BASE_IMAGE, ["sh", "-c", script]))
+    res = run.result
+    assert res is not None
+    assert (res.state, res.stage) == (S.JOB_STATE_FAILED, S.STAGE_OUTPUT_UPLOAD), run.describe()
+    assert "leak" in res.detail
+    assert run.chunks == [] and list(res.outputs) == []
+
+
+async def test_output_upload_post_form(net: Network, http_server: HttpServer) -> None:
+    spec = spec_for(BASE_IMAGE, ["sh", "-c", "echo posted > /output/p.txt"])
+    spec.output.upload.url = http_server.url("/upload/form")
+    spec.output.upload.method = job_pb2.HTTP_METHOD_POST
+    spec.output.upload.form_fields["key"] = "uploads/job.tar"
+    spec.output.upload.form_fields["policy"] = "signed-policy"
+    run = await net.run_job(spec)
+    res = assert_completed(run)
+    assert res.upload_url == http_server.url("/upload/form")
+    fields = http_server.upload_forms["form"]
+    # S3-style: the policy fields come before the file.
+    assert fields[-1] == ("file", "<file output.tar>")
+    assert sorted(fields[:-1]) == [("key", "uploads/job.tar"), ("policy", "signed-policy")]
+    with tarfile.open(fileobj=io.BytesIO(http_server.uploads["form"])) as archive:
+        member = archive.extractfile("./p.txt")
+        assert member is not None and member.read() == b"posted\n"

@@ -81,22 +81,25 @@ def postgres_server() -> Iterator[str]:
 _counter = iter(range(10**6))
 
 
+async def database_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of `kind` ("sqlite" or "postgresql")."""
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'horde.db'}"
+    base = request.getfixturevalue("postgres_server")
+    name = f"horde_test_{os.getpid()}_{next(_counter)}"
+    admin = await asyncio.to_thread(
+        subprocess.run,
+        ["psql", base.replace("+asyncpg", "") + "/postgres", "-c", f"CREATE DATABASE {name}"],
+        capture_output=True,
+        text=True,
+    )
+    assert admin.returncode == 0, admin.stderr
+    return f"{base}/{name}"
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'horde.db'}"
-    else:
-        base = request.getfixturevalue("postgres_server")
-        name = f"horde_test_{os.getpid()}_{next(_counter)}"
-        admin = await asyncio.to_thread(
-            subprocess.run,
-            ["psql", base.replace("+asyncpg", "") + "/postgres", "-c", f"CREATE DATABASE {name}"],
-            capture_output=True,
-            text=True,
-        )
-        assert admin.returncode == 0, admin.stderr
-        url = f"{base}/{name}"
-    eng = await open_database(url)
+    eng = await open_database(await database_url(request.param, request, tmp_path))
     try:
         yield eng
     finally:

@@ -80,6 +80,7 @@ class MinerHandle:
     signer: Signer
     executors: list[LightExecutor] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stopped: bool = False
 
     @property
     def identity(self) -> str:
@@ -119,14 +120,17 @@ class SynthNet:
         behaviours: list[Behaviour],
         executor_class: str = "cpu-small",
         register: bool = True,
+        enrol: tuple[str, ...] = (),
     ) -> MinerHandle:
+        """A real miner with one light executor per behaviour (and ``enrol``: identities of
+        other executors it accepts)."""
         index = len(self.miners) + 1
         signer = create_key_file(self.root / f"miner{index}.json", "hotkey")
         keys = [Ed25519Signer.generate() for _ in behaviours]
         app = await start_miner(
             load_settings(
                 MinerSettings,
-                executors=[str(k.identity) for k in keys],
+                executors=[str(k.identity) for k in keys] + list(enrol),
                 state_dir=self.root / f"miner{index}",
                 roster_file=self.roster,
                 heartbeat_interval_s=1.0,
@@ -170,7 +174,9 @@ class SynthNet:
                 classes=classes or {"cpu-small": FAST, "cpu-big": BIG},
             ),
         )
-        self.validator = await start_validator(settings, load_key_file(self.root / "validator.json"))
+        self.validator = await start_validator(
+            settings, load_key_file(self.root / "validator.json")
+        )
         return self.validator
 
     def admin_stub(
@@ -191,11 +197,12 @@ class SynthNet:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         handle.tasks.clear()
-        await handle.app.stop(0)
+        if not handle.stopped:
+            handle.stopped = True
+            await handle.app.stop(0)
 
     async def close(self) -> None:
         for handle in self.miners:
-            if handle.tasks:
-                await self.stop_miner(handle)
+            await self.stop_miner(handle)
         if self.validator is not None:
             await self.validator.stop(0)

@@ -29,7 +29,7 @@ from horde.v1 import streaming_pb2 as horde_dot_v1_dot_streaming__pb2
 from horde.v1 import synthetic_pb2 as horde_dot_v1_dot_synthetic__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17horde/v1/executor.proto\x12\x08horde.v1\x1a\x12horde/v1/job.proto\x1a\x17horde/v1/manifest.proto\x1a\x14horde/v1/miner.proto\x1a\x18horde/v1/streaming.proto\x1a\x18horde/v1/synthetic.proto\"\xe4\x02\n\x0e\x43onnectRequest\x12.\n\x08manifest\x18\x01 \x01(\x0b\x32\x1a.horde.v1.ExecutorManifestH\x00\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x13.horde.v1.HeartbeatH\x00\x12#\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x12.horde.v1.JobEventH\x00\x12-\n\x0coutput_chunk\x18\x04 \x01(\x0b\x32\x15.horde.v1.OutputChunkH\x00\x12%\n\x06result\x18\x05 \x01(\x0b\x32\x13.horde.v1.JobResultH\x00\x12;\n\x0fstreaming_ready\x18\x06 \x01(\x0b\x32 .horde.v1.ExecutorStreamingReadyH\x00\x12\x35\n\x10synthetic_answer\x18\x07 \x01(\x0b\x32\x19.horde.v1.SyntheticAnswerH\x00\x42\t\n\x07payload\"3\n\tHeartbeat\x12\x14\n\x0ctimestamp_ns\x18\x01 \x01(\x03\x12\x10\n\x08job_uuid\x18\x02 \x01(\t\"p\n\x16\x45xecutorStreamingReady\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x16\n\x0eproxy_endpoint\x18\x02 \x01(\t\x12\x16\n\x0ejob_public_key\x18\x03 \x01(\x0c\x12\x14\n\x0cimage_digest\x18\x04 \x01(\t\"\xbe\x02\n\x0f\x43onnectResponse\x12(\n\x07run_job\x18\x01 \x01(\x0b\x32\x15.horde.v1.RunJobStartH\x00\x12+\n\x0binput_chunk\x18\x02 \x01(\x0b\x32\x14.horde.v1.InputChunkH\x00\x12-\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1b.horde.v1.CancelExecutorJobH\x00\x12\x31\n\nextra_data\x18\x04 \x01(\x0b\x32\x1b.horde.v1.ExecutorExtraDataH\x00\x12;\n\x13synthetic_challenge\x18\x05 \x01(\x0b\x32\x1c.horde.v1.SyntheticChallengeH\x00\x12*\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\x0b\x32\x16.horde.v1.LinkAcceptedH\x00\x42\t\n\x07payload\"5\n\x11\x43\x61ncelExecutorJob\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\x11\x45xecutorExtraData\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12!\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x13.horde.v1.ExtraData\"A\n\x0cLinkAccepted\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x32Y\n\x13\x45xecutorLinkService\x12\x42\n\x07\x43onnect\x12\x18.horde.v1.ConnectRequest\x1a\x19.horde.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17horde/v1/executor.proto\x12\x08horde.v1\x1a\x12horde/v1/job.proto\x1a\x17horde/v1/manifest.proto\x1a\x14horde/v1/miner.proto\x1a\x18horde/v1/streaming.proto\x1a\x18horde/v1/synthetic.proto\"\x9c\x03\n\x0e\x43onnectRequest\x12.\n\x08manifest\x18\x01 \x01(\x0b\x32\x1a.horde.v1.ExecutorManifestH\x00\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x13.horde.v1.HeartbeatH\x00\x12#\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x12.horde.v1.JobEventH\x00\x12-\n\x0coutput_chunk\x18\x04 \x01(\x0b\x32\x15.horde.v1.OutputChunkH\x00\x12%\n\x06result\x18\x05 \x01(\x0b\x32\x13.horde.v1.JobResultH\x00\x12;\n\x0fstreaming_ready\x18\x06 \x01(\x0b\x32 .horde.v1.ExecutorStreamingReadyH\x00\x12\x35\n\x10synthetic_answer\x18\x07 \x01(\x0b\x32\x19.horde.v1.SyntheticAnswerH\x00\x12\x36\n\x11\x65xtra_data_placed\x18\n \x01(\x0b\x32\x19.horde.v1.ExtraDataPlacedH\x00\x42\t\n\x07payload\"3\n\tHeartbeat\x12\x14\n\x0ctimestamp_ns\x18\x01 \x01(\x03\x12\x10\n\x08job_uuid\x18\x02 \x01(\t\"p\n\x16\x45xecutorStreamingReady\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x16\n\x0eproxy_endpoint\x18\x02 \x01(\t\x12\x16\n\x0ejob_public_key\x18\x03 \x01(\x0c\x12\x14\n\x0cimage_digest\x18\x04 \x01(\t\"\xbe\x02\n\x0f\x43onnectResponse\x12(\n\x07run_job\x18\x01 \x01(\x0b\x32\x15.horde.v1.RunJobStartH\x00\x12+\n\x0binput_chunk\x18\x02 \x01(\x0b\x32\x14.horde.v1.InputChunkH\x00\x12-\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1b.horde.v1.CancelExecutorJobH\x00\x12\x31\n\nextra_data\x18\x04 \x01(\x0b\x32\x1b.horde.v1.ExecutorExtraDataH\x00\x12;\n\x13synthetic_challenge\x18\x05 \x01(\x0b\x32\x1c.horde.v1.SyntheticChallengeH\x00\x12*\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\x0b\x32\x16.horde.v1.LinkAcceptedH\x00\x42\t\n\x07payload\"5\n\x11\x43\x61ncelExecutorJob\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\x11\x45xecutorExtraData\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12!\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x13.horde.v1.ExtraData\"A\n\x0cLinkAccepted\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x32Y\n\x13\x45xecutorLinkService\x12\x42\n\x07\x43onnect\x12\x18.horde.v1.ConnectRequest\x1a\x19.horde.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'horde.v1.executor_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONNECTREQUEST']._serialized_start=157
-  _globals['_CONNECTREQUEST']._serialized_end=513
-  _globals['_HEARTBEAT']._serialized_start=515
-  _globals['_HEARTBEAT']._serialized_end=566
-  _globals['_EXECUTORSTREAMINGREADY']._serialized_start=568
-  _globals['_EXECUTORSTREAMINGREADY']._serialized_end=680
-  _globals['_CONNECTRESPONSE']._serialized_start=683
-  _globals['_CONNECTRESPONSE']._serialized_end=1001
-  _globals['_CANCELEXECUTORJOB']._serialized_start=1003
-  _globals['_CANCELEXECUTORJOB']._serialized_end=1056
-  _globals['_EXECUTOREXTRADATA']._serialized_start=1058
-  _globals['_EXECUTOREXTRADATA']._serialized_end=1130
-  _globals['_LINKACCEPTED']._serialized_start=1132
-  _globals['_LINKACCEPTED']._serialized_end=1197
-  _globals['_EXECUTORLINKSERVICE']._serialized_start=1199
-  _globals['_EXECUTORLINKSERVICE']._serialized_end=1288
+  _globals['_CONNECTREQUEST']._serialized_end=569
+  _globals['_HEARTBEAT']._serialized_start=571
+  _globals['_HEARTBEAT']._serialized_end=622
+  _globals['_EXECUTORSTREAMINGREADY']._serialized_start=624
+  _globals['_EXECUTORSTREAMINGREADY']._serialized_end=736
+  _globals['_CONNECTRESPONSE']._serialized_start=739
+  _globals['_CONNECTRESPONSE']._serialized_end=1057
+  _globals['_CANCELEXECUTORJOB']._serialized_start=1059
+  _globals['_CANCELEXECUTORJOB']._serialized_end=1112
+  _globals['_EXECUTOREXTRADATA']._serialized_start=1114
+  _globals['_EXECUTOREXTRADATA']._serialized_end=1186
+  _globals['_LINKACCEPTED']._serialized_start=1188
+  _globals['_LINKACCEPTED']._serialized_end=1253
+  _globals['_EXECUTORLINKSERVICE']._serialized_start=1255
+  _globals['_EXECUTORLINKSERVICE']._serialized_end=1344
 # @@protoc_insertion_point(module_scope)

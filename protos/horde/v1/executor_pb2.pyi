@@ -34,6 +34,7 @@ class ConnectRequest(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     STREAMING_READY_FIELD_NUMBER: _builtins.int
     SYNTHETIC_ANSWER_FIELD_NUMBER: _builtins.int
+    EXTRA_DATA_PLACED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def manifest(self) -> _manifest_pb2.ExecutorManifest:
         """First message, and again whenever it changes: the executor's manifest."""
@@ -62,6 +63,10 @@ class ConnectRequest(_message.Message):
     def synthetic_answer(self) -> _synthetic_pb2.SyntheticAnswer:
         """Answer to a synthetic challenge."""
 
+    @_builtins.property
+    def extra_data_placed(self) -> _streaming_pb2.ExtraDataPlaced:
+        """Streaming jobs: an extra-data file was placed under /volume/extra/ (or refused)."""
+
     def __init__(
         self,
         *,
@@ -72,12 +77,13 @@ class ConnectRequest(_message.Message):
         result: _job_pb2.JobResult | None = ...,
         streaming_ready: Global___ExecutorStreamingReady | None = ...,
         synthetic_answer: _synthetic_pb2.SyntheticAnswer | None = ...,
+        extra_data_placed: _streaming_pb2.ExtraDataPlaced | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "manifest", b"manifest", "output_chunk", b"output_chunk", "payload", b"payload", "result", b"result", "streaming_ready", b"streaming_ready", "synthetic_answer", b"synthetic_answer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "extra_data_placed", b"extra_data_placed", "heartbeat", b"heartbeat", "manifest", b"manifest", "output_chunk", b"output_chunk", "payload", b"payload", "result", b"result", "streaming_ready", b"streaming_ready", "synthetic_answer", b"synthetic_answer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "manifest", b"manifest", "output_chunk", b"output_chunk", "payload", b"payload", "result", b"result", "streaming_ready", b"streaming_ready", "synthetic_answer", b"synthetic_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "extra_data_placed", b"extra_data_placed", "heartbeat", b"heartbeat", "manifest", b"manifest", "output_chunk", b"output_chunk", "payload", b"payload", "result", b"result", "streaming_ready", b"streaming_ready", "synthetic_answer", b"synthetic_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["manifest", "heartbeat", "event", "output_chunk", "result", "streaming_ready", "synthetic_answer"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["manifest", "heartbeat", "event", "output_chunk", "result", "streaming_ready", "synthetic_answer", "extra_data_placed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -30,7 +30,7 @@ from horde.v1 import streaming_pb2 as horde_dot_v1_dot_streaming__pb2
 from horde.v1 import synthetic_pb2 as horde_dot_v1_dot_synthetic__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14horde/v1/miner.proto\x12\x08horde.v1\x1a\x15horde/v1/common.proto\x1a\x12horde/v1/job.proto\x1a\x17horde/v1/manifest.proto\x1a\x17horde/v1/receipts.proto\x1a\x18horde/v1/streaming.proto\x1a\x18horde/v1/synthetic.proto\"\x14\n\x12GetManifestRequest\"@\n\x13GetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.horde.v1.MinerManifest\"\xe9\x01\n\rRunJobRequest\x12&\n\x05start\x18\x01 \x01(\x0b\x32\x15.horde.v1.RunJobStartH\x00\x12+\n\x0binput_chunk\x18\x02 \x01(\x0b\x32\x14.horde.v1.InputChunkH\x00\x12;\n\x15\x63ountersigned_receipt\x18\x03 \x01(\x0b\x32\x1a.horde.v1.LifecycleReceiptH\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12)\n\nextra_data\x18\x05 \x01(\x0b\x32\x13.horde.v1.ExtraDataH\x00\x42\t\n\x07payload\"\x82\x01\n\x0bRunJobStart\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x1f\n\x04spec\x18\x02 \x01(\x0b\x32\x11.horde.v1.JobSpec\x12\x10\n\x08job_kind\x18\x03 \x01(\t\x12\x18\n\x10gateway_identity\x18\x04 \x01(\t\x12\x14\n\x0cimage_digest\x18\x05 \x01(\t\"\xfa\x01\n\x0eRunJobResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.horde.v1.JobEventH\x00\x12-\n\x0coutput_chunk\x18\x02 \x01(\x0b\x32\x15.horde.v1.OutputChunkH\x00\x12-\n\x07receipt\x18\x03 \x01(\x0b\x32\x1a.horde.v1.LifecycleReceiptH\x00\x12\x33\n\x0fstreaming_ready\x18\x04 \x01(\x0b\x32\x18.horde.v1.StreamingReadyH\x00\x12%\n\x06result\x18\x05 \x01(\x0b\x32\x13.horde.v1.JobResultH\x00\x42\t\n\x07payload\"o\n\x0eStreamingReady\x12\x16\n\x0eproxy_endpoint\x18\x01 \x01(\t\x12-\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0b\x32\x18.horde.v1.JobCertificate\x12\x16\n\x0eproxy_identity\x18\x03 \x01(\t\"Z\n\x18RunSyntheticRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12/\n\nchallenges\x18\x02 \x03(\x0b\x32\x1b.horde.v1.ExecutorChallenge\"Y\n\x11\x45xecutorChallenge\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12/\n\tchallenge\x18\x02 \x01(\x0b\x32\x1c.horde.v1.SyntheticChallenge\"[\n\x19RunSyntheticRoundResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12)\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x19.horde.v1.SyntheticAnswer\"4\n\x13ListReceiptsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"}\n\x14ListReceiptsResponse\x12,\n\x08receipts\x18\x01 \x03(\x0b\x32\x1a.horde.v1.LifecycleReceipt\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\x12\"\n\x06states\x18\x03 \x03(\x0e\x32\x12.horde.v1.JobState2\xca\x02\n\x0cMinerService\x12J\n\x0bGetManifest\x12\x1c.horde.v1.GetManifestRequest\x1a\x1d.horde.v1.GetManifestResponse\x12?\n\x06RunJob\x12\x17.horde.v1.RunJobRequest\x1a\x18.horde.v1.RunJobResponse(\x01\x30\x01\x12^\n\x11RunSyntheticRound\x12\".horde.v1.RunSyntheticRoundRequest\x1a#.horde.v1.RunSyntheticRoundResponse0\x01\x12M\n\x0cListReceipts\x12\x1d.horde.v1.ListReceiptsRequest\x1a\x1e.horde.v1.ListReceiptsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14horde/v1/miner.proto\x12\x08horde.v1\x1a\x15horde/v1/common.proto\x1a\x12horde/v1/job.proto\x1a\x17horde/v1/manifest.proto\x1a\x17horde/v1/receipts.proto\x1a\x18horde/v1/streaming.proto\x1a\x18horde/v1/synthetic.proto\"\x14\n\x12GetManifestRequest\"@\n\x13GetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.horde.v1.MinerManifest\"\xe9\x01\n\rRunJobRequest\x12&\n\x05start\x18\x01 \x01(\x0b\x32\x15.horde.v1.RunJobStartH\x00\x12+\n\x0binput_chunk\x18\x02 \x01(\x0b\x32\x14.horde.v1.InputChunkH\x00\x12;\n\x15\x63ountersigned_receipt\x18\x03 \x01(\x0b\x32\x1a.horde.v1.LifecycleReceiptH\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12)\n\nextra_data\x18\x05 \x01(\x0b\x32\x13.horde.v1.ExtraDataH\x00\x42\t\n\x07payload\"\x82\x01\n\x0bRunJobStart\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x1f\n\x04spec\x18\x02 \x01(\x0b\x32\x11.horde.v1.JobSpec\x12\x10\n\x08job_kind\x18\x03 \x01(\t\x12\x18\n\x10gateway_identity\x18\x04 \x01(\t\x12\x14\n\x0cimage_digest\x18\x05 \x01(\t\"\xb2\x02\n\x0eRunJobResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.horde.v1.JobEventH\x00\x12-\n\x0coutput_chunk\x18\x02 \x01(\x0b\x32\x15.horde.v1.OutputChunkH\x00\x12-\n\x07receipt\x18\x03 \x01(\x0b\x32\x1a.horde.v1.LifecycleReceiptH\x00\x12\x33\n\x0fstreaming_ready\x18\x04 \x01(\x0b\x32\x18.horde.v1.StreamingReadyH\x00\x12%\n\x06result\x18\x05 \x01(\x0b\x32\x13.horde.v1.JobResultH\x00\x12\x36\n\x11\x65xtra_data_placed\x18\n \x01(\x0b\x32\x19.horde.v1.ExtraDataPlacedH\x00\x42\t\n\x07payload\"o\n\x0eStreamingReady\x12\x16\n\x0eproxy_endpoint\x18\x01 \x01(\t\x12-\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0b\x32\x18.horde.v1.JobCertificate\x12\x16\n\x0eproxy_identity\x18\x03 \x01(\t\"Z\n\x18RunSyntheticRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12/\n\nchallenges\x18\x02 \x03(\x0b\x32\x1b.horde.v1.ExecutorChallenge\"Y\n\x11\x45xecutorChallenge\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12/\n\tchallenge\x18\x02 \x01(\x0b\x32\x1c.horde.v1.SyntheticChallenge\"\x8b\x01\n\x19RunSyntheticRoundResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12)\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x19.horde.v1.SyntheticAnswer\x12.\n\x0cmore_answers\x18\x03 \x03(\x0b\x32\x18.horde.v1.ExecutorAnswer\"P\n\x0e\x45xecutorAnswer\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12)\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x19.horde.v1.SyntheticAnswer\"4\n\x13ListReceiptsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"}\n\x14ListReceiptsResponse\x12,\n\x08receipts\x18\x01 \x03(\x0b\x32\x1a.horde.v1.LifecycleReceipt\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\x12\"\n\x06states\x18\x03 \x03(\x0e\x32\x12.horde.v1.JobState2\xca\x02\n\x0cMinerService\x12J\n\x0bGetManifest\x12\x1c.horde.v1.GetManifestRequest\x1a\x1d.horde.v1.GetManifestResponse\x12?\n\x06RunJob\x12\x17.horde.v1.RunJobRequest\x1a\x18.horde.v1.RunJobResponse(\x01\x30\x01\x12^\n\x11RunSyntheticRound\x12\".horde.v1.RunSyntheticRoundRequest\x1a#.horde.v1.RunSyntheticRoundResponse0\x01\x12M\n\x0cListReceipts\x12\x1d.horde.v1.ListReceiptsRequest\x1a\x1e.horde.v1.ListReceiptsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,19 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNJOBSTART']._serialized_start=504
   _globals['_RUNJOBSTART']._serialized_end=634
   _globals['_RUNJOBRESPONSE']._serialized_start=637
-  _globals['_RUNJOBRESPONSE']._serialized_end=887
-  _globals['_STREAMINGREADY']._serialized_start=889
-  _globals['_STREAMINGREADY']._serialized_end=1000
-  _globals['_RUNSYNTHETICROUNDREQUEST']._serialized_start=1002
-  _globals['_RUNSYNTHETICROUNDREQUEST']._serialized_end=1092
-  _globals['_EXECUTORCHALLENGE']._serialized_start=1094
-  _globals['_EXECUTORCHALLENGE']._serialized_end=1183
-  _globals['_RUNSYNTHETICROUNDRESPONSE']._serialized_start=1185
-  _globals['_RUNSYNTHETICROUNDRESPONSE']._serialized_end=1276
-  _globals['_LISTRECEIPTSREQUEST']._serialized_start=1278
-  _globals['_LISTRECEIPTSREQUEST']._serialized_end=1330
-  _globals['_LISTRECEIPTSRESPONSE']._serialized_start=1332
-  _globals['_LISTRECEIPTSRESPONSE']._serialized_end=1457
-  _globals['_MINERSERVICE']._serialized_start=1460
-  _globals['_MINERSERVICE']._serialized_end=1790
+  _globals['_RUNJOBRESPONSE']._serialized_end=943
+  _globals['_STREAMINGREADY']._serialized_start=945
+  _globals['_STREAMINGREADY']._serialized_end=1056
+  _globals['_RUNSYNTHETICROUNDREQUEST']._serialized_start=1058
+  _globals['_RUNSYNTHETICROUNDREQUEST']._serialized_end=1148
+  _globals['_EXECUTORCHALLENGE']._serialized_start=1150
+  _globals['_EXECUTORCHALLENGE']._serialized_end=1239
+  _globals['_RUNSYNTHETICROUNDRESPONSE']._serialized_start=1242
+  _globals['_RUNSYNTHETICROUNDRESPONSE']._serialized_end=1381
+  _globals['_EXECUTORANSWER']._serialized_start=1383
+  _globals['_EXECUTORANSWER']._serialized_end=1463
+  _globals['_LISTRECEIPTSREQUEST']._serialized_start=1465
+  _globals['_LISTRECEIPTSREQUEST']._serialized_end=1517
+  _globals['_LISTRECEIPTSRESPONSE']._serialized_start=1519
+  _globals['_LISTRECEIPTSRESPONSE']._serialized_end=1644
+  _globals['_MINERSERVICE']._serialized_start=1647
+  _globals['_MINERSERVICE']._serialized_end=1977
 # @@protoc_insertion_point(module_scope)

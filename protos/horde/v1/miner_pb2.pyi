@@ -164,6 +164,7 @@ class RunJobResponse(_message.Message):
     RECEIPT_FIELD_NUMBER: _builtins.int
     STREAMING_READY_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    EXTRA_DATA_PLACED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _job_pb2.JobEvent:
         """A lifecycle event."""
@@ -184,6 +185,10 @@ class RunJobResponse(_message.Message):
     def result(self) -> _job_pb2.JobResult:
         """The final result; the stream ends after it."""
 
+    @_builtins.property
+    def extra_data_placed(self) -> _streaming_pb2.ExtraDataPlaced:
+        """Streaming jobs: an extra-data file was placed under /volume/extra/ (or refused)."""
+
     def __init__(
         self,
         *,
@@ -192,12 +197,13 @@ class RunJobResponse(_message.Message):
         receipt: _receipts_pb2.LifecycleReceipt | None = ...,
         streaming_ready: Global___StreamingReady | None = ...,
         result: _job_pb2.JobResult | None = ...,
+        extra_data_placed: _streaming_pb2.ExtraDataPlaced | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "output_chunk", b"output_chunk", "payload", b"payload", "receipt", b"receipt", "result", b"result", "streaming_ready", b"streaming_ready"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "extra_data_placed", b"extra_data_placed", "output_chunk", b"output_chunk", "payload", b"payload", "receipt", b"receipt", "result", b"result", "streaming_ready", b"streaming_ready"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "output_chunk", b"output_chunk", "payload", b"payload", "receipt", b"receipt", "result", b"result", "streaming_ready", b"streaming_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "extra_data_placed", b"extra_data_placed", "output_chunk", b"output_chunk", "payload", b"payload", "receipt", b"receipt", "result", b"result", "streaming_ready", b"streaming_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["event", "output_chunk", "receipt", "streaming_ready", "result"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["event", "output_chunk", "receipt", "streaming_ready", "result", "extra_data_placed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -299,6 +305,42 @@ class RunSyntheticRoundResponse(_message.Message):
 
     EXECUTOR_ID_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    MORE_ANSWERS_FIELD_NUMBER: _builtins.int
+    executor_id: _builtins.str
+    """The executor that answered."""
+    @_builtins.property
+    def answer(self) -> _synthetic_pb2.SyntheticAnswer:
+        """Its answer."""
+
+    @_builtins.property
+    def more_answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutorAnswer]:
+        """Further answers that reached the miner while it was sending (under load the miner drains
+        what is waiting into one message rather than queueing a message per answer).
+        """
+
+    def __init__(
+        self,
+        *,
+        executor_id: _builtins.str = ...,
+        answer: _synthetic_pb2.SyntheticAnswer | None = ...,
+        more_answers: _abc.Iterable[Global___ExecutorAnswer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "executor_id", b"executor_id", "more_answers", b"more_answers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSyntheticRoundResponse: _TypeAlias = RunSyntheticRoundResponse  # noqa: Y015
+
+@_typing.final
+class ExecutorAnswer(_message.Message):
+    """ExecutorAnswer is one executor's answer in a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTOR_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
     executor_id: _builtins.str
     """The executor that answered."""
     @_builtins.property
@@ -317,7 +359,7 @@ class RunSyntheticRoundResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RunSyntheticRoundResponse: _TypeAlias = RunSyntheticRoundResponse  # noqa: Y015
+Global___ExecutorAnswer: _TypeAlias = ExecutorAnswer  # noqa: Y015
 
 @_typing.final
 class ListReceiptsRequest(_message.Message):

@@ -124,3 +124,41 @@ class ExtraData(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExtraData: _TypeAlias = ExtraData  # noqa: Y015
+
+@_typing.final
+class ExtraDataPlaced(_message.Message):
+    """ExtraDataPlaced confirms (or refuses) one extra-data file of a streaming job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_UUID_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    job_uuid: _builtins.str
+    """The job."""
+    file_name: _builtins.str
+    """File name under /volume/extra/."""
+    size_bytes: _builtins.int
+    """Size of the placed file in bytes."""
+    sha256: _builtins.str
+    """Lowercase hex sha256 of the placed file."""
+    error: _builtins.str
+    """Why the file was not placed; empty when it was."""
+    def __init__(
+        self,
+        *,
+        job_uuid: _builtins.str = ...,
+        file_name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "file_name", b"file_name", "job_uuid", b"job_uuid", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtraDataPlaced: _TypeAlias = ExtraDataPlaced  # noqa: Y015

@@ -1,0 +1,316 @@
+"""The job proxy: JobProxyService on the executor's listener, one stream per running session.
+
+Only the gateway named when the session started may call (`StreamSessions` is the listener's
+allow policy, so every other caller is refused before a handler runs). For each request the proxy
+checks the client's timestamp against its own clock, POSTs the body to the service in the job's
+container (over the unix socket of the job's relay, see services/executor/streaming.py), relays the
+response as it arrives and signs a receipt with the job's key over exactly the bytes it forwarded
+and returned (DESIGN.md's 128-byte blob).
+
+Requests are answered one after another in seq order, while the next ones are already read (and
+their arrival time taken for `timestamp_from_ns`): receipts then never run backwards. A response
+with a Content-Length goes back whole in one frame (split at 1 MiB) carrying the receipt; a chunked
+response is relayed chunk by chunk as it arrives and ended by an empty frame with the receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import grpc
+import nacl.signing
+import structlog
+from horde.v1 import job_proxy_pb2, job_proxy_pb2_grpc, streaming_pb2
+
+from services.core.errors import (
+    FailedPrecondition,
+    HordeError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from services.core.identity import Identity
+from services.core.receipts import sign_receipt
+from services.core.server import current_caller
+
+log = structlog.get_logger("horde.executor.proxy")
+
+FRAME_BYTES = 1024 * 1024
+# Response frames a stream may have queued before the HTTP read waits for the gateway.
+MAX_QUEUED_FRAMES = 64
+NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
+
+Clock = Callable[[], int]
+
+
+class JobEnded(HordeError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(eq=False)
+class LiveStream:
+    """What the proxy knows of one running streaming job. The key lives only here and is dropped
+    by `close()`."""
+
+    job_uuid: str
+    gateway: str
+    key: nacl.signing.SigningKey | None
+    http: aiohttp.ClientSession  # bound to the job's relay socket
+    request_path: str
+    next_seq: int = 1
+    closed_reason: str = ""
+    _streams: set[asyncio.Queue[_Out]] = field(default_factory=set)
+    stream_open: bool = False
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return uuid.UUID(self.job_uuid)
+
+    @property
+    def public_key(self) -> bytes:
+        assert self.key is not None
+        return bytes(self.key.verify_key)
+
+    def close(self, reason: str) -> None:
+        """The job ended: forget the key, end every open proxy stream with `reason`."""
+        if self.closed_reason:
+            return
+        self.closed_reason = reason
+        self.key = None
+        for queue in self._streams:
+            queue.put_nowait(JobEnded(f"the streaming job ended: {reason}"))
+
+
+# What a proxy stream's writer yields: a frame, an error ending the call, or None (done).
+_Out = job_proxy_pb2.StreamResponse | HordeError | None
+
+
+class StreamSessions:
+    """Running streaming jobs by uuid; also the executor listener's allow policy: a caller may
+    connect while it is the gateway of a running session."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, LiveStream] = {}
+
+    def add(self, live: LiveStream) -> None:
+        self._jobs[live.job_uuid] = live
+
+    def remove(self, job_uuid: str, reason: str) -> None:
+        live = self._jobs.pop(job_uuid, None)
+        if live is not None:
+            live.close(reason)
+
+    def get(self, job_uuid: str) -> LiveStream | None:
+        return self._jobs.get(job_uuid)
+
+    def __contains__(self, job_uuid: object) -> bool:
+        return job_uuid in self._jobs
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    async def deny_reason(self, caller: Identity, method: str) -> str | None:
+        who = str(caller)
+        if any(live.gateway == who for live in self._jobs.values()):
+            return None
+        return f"{who} is not the gateway of a streaming session running on this executor"
+
+
+@dataclass
+class _Request:
+    seq: int
+    received_ns: int
+    body: bytearray = field(default_factory=bytearray)
+
+
+class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
+    def __init__(
+        self,
+        sessions: StreamSessions,
+        *,
+        skew_s: float = 2.0,
+        max_request_bytes: int = 64 * 1024 * 1024,
+        clock_ns: Clock = time.time_ns,
+    ) -> None:
+        self._sessions = sessions
+        self._skew_ns = int(skew_s * 1e9)
+        self._max_request = max_request_bytes
+        self._clock = clock_ns
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[job_proxy_pb2.StreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[job_proxy_pb2.StreamResponse]:
+        caller = str(current_caller())
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("payload") != "open":
+            raise InvalidArgument("the first message of a proxy stream must be `open`")
+        job_uuid = first.open.job_uuid
+        live = self._sessions.get(job_uuid)
+        if live is None:
+            raise NotFound(f"no streaming job {job_uuid} is running on this executor")
+        if caller != live.gateway:
+            raise PermissionDenied(f"{caller} is not the gateway of streaming job {job_uuid}")
+        if live.stream_open:
+            raise FailedPrecondition(f"streaming job {job_uuid} already has an open proxy stream")
+        live.stream_open = True
+        out: asyncio.Queue[_Out] = asyncio.Queue()
+        credits = asyncio.Semaphore(MAX_QUEUED_FRAMES)
+        pending: asyncio.Queue[_Request | None] = asyncio.Queue()
+        live._streams.add(out)
+        bound = log.bind(job_uuid=job_uuid)
+        reader = asyncio.create_task(self._read(live, requests, pending, out))
+        worker = asyncio.create_task(self._work(live, pending, out, credits))
+        try:
+            if live.closed_reason:
+                raise JobEnded(f"the streaming job ended: {live.closed_reason}")
+            while True:
+                item = await out.get()
+                if item is None:
+                    return
+                if isinstance(item, HordeError):
+                    bound.info("proxy_stream_ended", reason=item.message)
+                    raise item
+                credits.release()
+                yield item
+        finally:
+            for task in (reader, worker):
+                task.cancel()
+            for task in (reader, worker):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            live._streams.discard(out)
+            live.stream_open = False
+
+    async def _read(
+        self,
+        live: LiveStream,
+        requests: AsyncIterator[job_proxy_pb2.StreamRequest],
+        pending: asyncio.Queue[_Request | None],
+        out: asyncio.Queue[_Out],
+    ) -> None:
+        current: _Request | None = None
+        try:
+            async for msg in requests:
+                if msg.WhichOneof("payload") != "request":
+                    raise InvalidArgument("only request frames may follow `open`")
+                frame = msg.request
+                now = self._clock()
+                off = frame.client_timestamp_ns - now
+                if abs(off) > self._skew_ns:
+                    direction = "ahead of" if off > 0 else "behind"
+                    raise FailedPrecondition(
+                        f"request {frame.seq}: the client clock is {abs(off) / 1e9:.3f} s "
+                        f"{direction} the job proxy's (allowed skew {self._skew_ns / 1e9:g} s)"
+                    )
+                if current is None:
+                    if frame.seq != live.next_seq:
+                        raise InvalidArgument(f"request seq {frame.seq}: expected {live.next_seq}")
+                    current = _Request(seq=frame.seq, received_ns=now)
+                elif frame.seq != current.seq:
+                    raise InvalidArgument(
+                        f"request seq {frame.seq} started before request {current.seq} ended"
+                    )
+                if len(current.body) + len(frame.body) > self._max_request:
+                    raise ResourceExhausted(
+                        f"request {frame.seq} exceeds the job proxy's limit of "
+                        f"{self._max_request} bytes"
+                    )
+                current.body += frame.body
+                if frame.last:
+                    live.next_seq += 1
+                    pending.put_nowait(current)
+                    current = None
+            if current is not None:
+                raise InvalidArgument(f"the stream ended in the middle of request {current.seq}")
+            pending.put_nowait(None)
+        except HordeError as exc:
+            out.put_nowait(exc)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The gateway went away; the call is being torn down.
+            out.put_nowait(None)
+
+    async def _work(
+        self,
+        live: LiveStream,
+        pending: asyncio.Queue[_Request | None],
+        out: asyncio.Queue[_Out],
+        credits: asyncio.Semaphore,
+    ) -> None:
+        try:
+            while (request := await pending.get()) is not None:
+                await self._forward(live, request, out, credits)
+            out.put_nowait(None)
+        except HordeError as exc:
+            out.put_nowait(exc)
+        except Exception as exc:
+            log.exception("proxy_error", job_uuid=live.job_uuid)
+            out.put_nowait(Unavailable(f"job proxy error: {exc!r}"))
+
+    async def _forward(
+        self,
+        live: LiveStream,
+        request: _Request,
+        out: asyncio.Queue[_Out],
+        credits: asyncio.Semaphore,
+    ) -> None:
+        seq = request.seq
+        digest = hashlib.sha256()
+
+        async def emit(body: bytes, last: bool, status: int) -> None:
+            frame = streaming_pb2.StreamResponseFrame(
+                seq=seq, body=body, last=last, http_status=status
+            )
+            if last:
+                key = live.key
+                if key is None:
+                    raise JobEnded(f"the streaming job ended: {live.closed_reason}")
+                receipt = sign_receipt(
+                    key,
+                    live.uuid,
+                    seq,
+                    request.received_ns,
+                    self._clock(),
+                    hashlib.sha256(request.body).digest(),
+                    digest.digest(),
+                )
+                frame.receipt.CopyFrom(receipt.to_proto())
+            await credits.acquire()
+            out.put_nowait(job_proxy_pb2.StreamResponse(response=frame))
+
+        try:
+            async with live.http.post(
+                live.request_path,
+                data=bytes(request.body),
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=NO_TIMEOUT,
+            ) as resp:
+                status = resp.status
+                if resp.content_length is not None:
+                    body = await resp.read()
+                    digest.update(body)
+                    parts = [body[i : i + FRAME_BYTES] for i in range(0, len(body), FRAME_BYTES)]
+                    parts = parts or [b""]
+                    for part in parts[:-1]:
+                        await emit(part, False, status)
+                    await emit(parts[-1], True, status)
+                    return
+                async for chunk in resp.content.iter_chunked(FRAME_BYTES):
+                    digest.update(chunk)
+                    await emit(chunk, False, status)
+                await emit(b"", True, status)
+        except (aiohttp.ClientError, OSError) as exc:
+            if live.closed_reason:
+                raise JobEnded(f"the streaming job ended: {live.closed_reason}") from None
+            raise Unavailable(f"the job's service did not answer request {seq}: {exc!r}") from None

@@ -1,0 +1,208 @@
+"""load_settings: TOML, environment overrides and one ConfigError that names the field."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.core.config import (
+    GatewaySettings,
+    MinerSettings,
+    TLSSettings,
+    ValidatorSettings,
+    load_settings,
+)
+from services.core.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No HORDE_* variables from the developer's shell leak into these tests."""
+    for key in list(os.environ):
+        if key.startswith("HORDE_"):
+            monkeypatch.delenv(key)
+    yield
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    s = load_settings(MinerSettings)
+    assert s.listen == "127.0.0.1:0"
+    assert s.tls == TLSSettings()
+    assert not s.tls.enabled
+    assert s.auth.max_clock_skew_s == 30.0
+
+
+def test_toml_is_loaded_including_nested_tables(tmp_path: Path) -> None:
+    cert, key = write(tmp_path / "c.pem", "x"), write(tmp_path / "k.pem", "x")
+    cfg = write(
+        tmp_path / "miner.toml",
+        f"""
+listen = "0.0.0.0:7001"
+netuid = 3
+executors = ["ed25519:{"ab" * 32}"]
+heartbeat_interval_s = 2.5
+
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+
+[auth]
+max_clock_skew_s = 10
+""",
+    )
+    s = load_settings(MinerSettings, cfg)
+    assert s.listen == "0.0.0.0:7001"
+    assert s.netuid == 3
+    assert s.executors == ["ed25519:" + "ab" * 32]
+    assert s.heartbeat_interval_s == 2.5
+    assert s.tls.cert_file == cert and s.tls.key_file == key and s.tls.enabled
+    assert s.auth.max_clock_skew_s == 10
+
+
+def test_env_overrides_toml_and_overrides_override_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = write(
+        tmp_path / "v.toml",
+        'listen = "127.0.0.1:7000"\nnetuid = 3\n[auth]\nmax_clock_skew_s = 10\n'
+        "[synthetic]\ninterval_s = 100\n",
+    )
+    monkeypatch.setenv("HORDE_VALIDATOR_NETUID", "4")
+    monkeypatch.setenv("HORDE_VALIDATOR_AUTH__MAX_CLOCK_SKEW_S", "20")
+    monkeypatch.setenv("HORDE_VALIDATOR_ADMINS", '["ed25519:' + "cd" * 32 + '"]')
+    # Another service's variables are not ours.
+    monkeypatch.setenv("HORDE_MINER_NETUID", "99")
+    s = load_settings(ValidatorSettings, cfg)
+    assert s.listen == "127.0.0.1:7000"  # from the file
+    assert s.netuid == 4  # env wins
+    assert s.auth.max_clock_skew_s == 20  # nested env wins
+    assert s.synthetic.interval_s == 100  # the rest of the nested table survives
+    assert s.admins == ["ed25519:" + "cd" * 32]
+
+    s = load_settings(ValidatorSettings, cfg, netuid=5)
+    assert s.netuid == 5
+
+
+def test_bad_toml_value_names_field_and_env_var(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "m.toml", "netuid = -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings, cfg)
+    msg = str(info.value)
+    assert msg.startswith(f"{cfg}: ")
+    assert "invalid setting 'netuid' (env HORDE_MINER_NETUID)" in msg
+    assert "greater than or equal to 0" in msg
+
+
+def test_bad_env_value_names_field_and_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HORDE_GATEWAY_SAMPLE_RATE", "lots")
+    with pytest.raises(ConfigError, match=r"invalid setting 'sample_rate' \(env "
+                       r"HORDE_GATEWAY_SAMPLE_RATE\)"):  # fmt: skip
+        load_settings(GatewaySettings)
+
+
+def test_bad_listen_address(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings, write(tmp_path / "m.toml", 'listen = "nohost"\n'))
+    assert "invalid setting 'listen' (env HORDE_MINER_LISTEN)" in str(info.value)
+    assert "host:port" in str(info.value)
+
+
+def test_several_problems_are_all_reported(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "m.toml", 'netuid = -1\nlog_level = "loud"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings, cfg)
+    assert "'netuid'" in str(info.value) and "'log_level'" in str(info.value)
+
+
+def test_unknown_key_is_an_error(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "m.toml", 'listn = "127.0.0.1:1"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings, cfg)
+    assert "invalid setting 'listn' (env HORDE_MINER_LISTN): unknown setting" in str(info.value)
+
+
+def test_unknown_nested_key_is_an_error(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "m.toml", "[tls]\nca_fiel = 'x'\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings, cfg)
+    assert "invalid setting 'tls.ca_fiel' (env HORDE_MINER_TLS__CA_FIEL): unknown setting" in str(
+        info.value
+    )
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(MinerSettings, missing)
+
+
+def test_malformed_toml(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "m.toml", "listen = \n[[[\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings, cfg)
+    assert str(info.value).startswith(f"{cfg}: ")
+
+
+def test_nested_tls_with_missing_cert_file(tmp_path: Path) -> None:
+    key = write(tmp_path / "k.pem", "x")
+    cfg = write(
+        tmp_path / "m.toml",
+        f'[tls]\ncert_file = "{tmp_path / "missing.pem"}"\nkey_file = "{key}"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings, cfg)
+    msg = str(info.value)
+    assert "invalid setting 'tls.cert_file' (env HORDE_MINER_TLS__CERT_FILE)" in msg
+    assert f"file not found: {tmp_path / 'missing.pem'}" in msg
+
+
+def test_loading_one_file_does_not_leak_into_the_next_load(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.toml", "netuid = 7\n")
+    assert load_settings(MinerSettings, a).netuid == 7
+    assert load_settings(MinerSettings).netuid == 12
+    assert MinerSettings.config_file is None
+
+
+def test_database_url_defaults_to_sqlite_in_state_dir(tmp_path: Path) -> None:
+    s = load_settings(MinerSettings, state_dir=tmp_path)
+    assert s.database("miner") == f"sqlite+aiosqlite:///{(tmp_path / 'miner.db').resolve()}"
+    s = load_settings(MinerSettings, database_url="postgresql://h/db")
+    assert s.database("miner") == "postgresql://h/db"
+
+
+def test_unknown_env_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in an EnvironmentFile must stop the service, like one in the TOML file."""
+    monkeypatch.setenv("HORDE_MINER_LISTN", "0.0.0.0:1")
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings)
+    assert str(info.value) == (
+        "invalid setting 'listn' (env HORDE_MINER_LISTN): unknown setting"
+    )
+
+
+def test_unknown_nested_env_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HORDE_MINER_TLS__CA_FIEL", "/x")
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings)
+    assert "invalid setting 'tls.ca_fiel' (env HORDE_MINER_TLS__CA_FIEL): unknown setting" in str(
+        info.value
+    )
+
+
+def test_env_for_dict_entries_and_other_services_is_not_flagged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HORDE_VALIDATOR_SYNTHETIC__CLASSES", '{"gpu": {"range_size": 5, '
+                       '"deadline_s": 1}}')  # fmt: skip
+    monkeypatch.setenv("HORDE_EXECUTOR_NOT_A_VALIDATOR_SETTING", "1")
+    monkeypatch.setenv("HORDE_BIN", "/usr/bin/horde")
+    s = load_settings(ValidatorSettings)
+    assert s.synthetic.classes["gpu"].range_size == 5

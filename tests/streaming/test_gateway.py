@@ -1,0 +1,441 @@
+"""The streaming gateway against a fake validator and job proxy (real gRPC, keys, signatures)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from horde.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from streaming_support import WHITELIST, Behaviour, Harness, answer
+
+from services.core import metrics
+from services.core.app import ServiceApp
+from services.core.db import open_database
+from services.core.receipts import verify_lines
+from services.core.server import open_channel
+from services.streaming_gateway.client import SessionEnded, StreamClient
+from services.streaming_gateway.store import SqlStore
+
+
+def channel_to(h: Harness, app: ServiceApp, signer: object = None) -> grpc.aio.Channel:
+    return open_channel(
+        f"127.0.0.1:{app.port}",
+        signer=signer or h.client,  # type: ignore[arg-type]
+        callee=app.identity,
+    )
+
+
+async def open_session(
+    h: Harness, app: ServiceApp, image: str = WHITELIST, **kw: object
+) -> tuple[StreamClient, grpc.aio.Channel]:
+    channel = channel_to(h, app)
+    client = StreamClient(channel, validator_identity=str(h.validator_signer.identity), **kw)  # type: ignore[arg-type]
+    await client.open(image)
+    return client, channel
+
+
+async def stored_receipts(h: Harness, job_uuid: str) -> list[str]:
+    store = SqlStore(await open_database(f"sqlite+aiosqlite:///{h.root / 'gateway.db'}"))
+    try:
+        return [r.to_json() for r in await store.receipts(job_uuid)]
+    finally:
+        await store.close()
+
+
+async def test_n_requests_give_n_receipts_that_verify_offline(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    verified = metrics.RECEIPTS.labels("verified")._value.get()
+    client, channel = await open_session(harness, app)
+    bodies = [f"request {i} ".encode() * 30 for i in range(20)]
+    receipts = []
+    for body in bodies:
+        res = await client.request(body)
+        assert res.body == answer(body)
+        assert res.http_status == 200
+        receipts.append(res.receipt.to_json())
+    closed = await client.close("done")
+    await channel.close()
+    assert closed is not None and not closed.bad_receipt
+    assert closed.result.state == common_pb2.JOB_STATE_CANCELLED
+    checks = verify_lines(receipts)
+    assert [c.error for c in checks] == [None] * 20
+    assert [c.receipt.seq for c in checks if c.receipt] == list(range(1, 21))
+    assert metrics.RECEIPTS.labels("verified")._value.get() - verified == 20
+    # Stored before SessionClosed was sent.
+    assert await stored_receipts(harness, client.job_uuid) == receipts
+    assert await harness.fake_validator.wait_ended(client.job_uuid)
+    start = harness.fake_validator.starts[0]
+    assert start.spec.image == WHITELIST
+    assert start.client_identity == str(harness.client.identity)
+
+
+async def test_chunked_response_is_relayed_as_it_comes_and_covered_by_one_receipt(
+    harness: Harness,
+) -> None:
+    harness.fake_validator.next_behaviour = Behaviour(chunks=5)
+    app = await harness.start_gateway()
+    chunks: list[bytes] = []
+    client, channel = await open_session(harness, app, on_chunk=lambda _s, b: chunks.append(b))
+    body = b"tokens please " * 20
+    res = await client.request(body)
+    assert len(chunks) == 5
+    assert b"".join(chunks) == res.body == answer(body)
+    await client.close()
+    await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        ("output", "output hash does not match"),
+        ("input", "input hash does not match"),
+        ("seq", "carries seq 3"),
+        ("key", "key other than the certified job key"),
+        ("job", "for job"),
+        ("backwards", "run backwards"),
+        ("missing", "missing"),
+    ],
+)
+async def test_a_bad_receipt_ends_the_session_and_is_reported(
+    harness: Harness, tamper: str, reason: str
+) -> None:
+    harness.fake_validator.next_behaviour = Behaviour(tamper=tamper, tamper_seq=2)
+    app = await harness.start_gateway()
+    rejected = metrics.RECEIPTS.labels("rejected")._value.get()
+    client, channel = await open_session(harness, app)
+    await client.request(b"first")
+    with pytest.raises(SessionEnded) as info:
+        await client.request(b"second")
+    await channel.close()
+    closed = info.value.closed
+    assert closed is not None and closed.bad_receipt
+    assert closed.reason.startswith("receipt 2: ") and reason in closed.reason
+    assert metrics.RECEIPTS.labels("rejected")._value.get() - rejected == 1
+    (report,) = harness.fake_validator.reports
+    assert report.job_uuid == client.job_uuid and report.reason == closed.reason
+    assert report.certificate.payload
+    if tamper != "missing":
+        assert report.receipt.seq in (2, 3)
+    assert "stopped" in await harness.fake_validator.wait_ended(client.job_uuid)
+    # Only the good receipt was kept.
+    assert len(await stored_receipts(harness, client.job_uuid)) == 1
+
+
+@pytest.mark.parametrize("offset_s", [5.0, -5.0])
+async def test_a_job_proxy_with_a_skewed_clock_refuses_requests(
+    harness: Harness, offset_s: float
+) -> None:
+    harness.fake_validator.next_behaviour = Behaviour(clock_offset_ns=int(offset_s * 1e9))
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    with pytest.raises(SessionEnded) as info:
+        await client.request(b"hello")
+    await channel.close()
+    closed = info.value.closed
+    assert closed is not None and not closed.bad_receipt
+    assert closed.reason.startswith("job proxy refused the request: ")
+    assert "off the proxy's clock" in closed.reason
+    assert await harness.fake_validator.wait_ended(client.job_uuid)
+
+
+@pytest.mark.parametrize(("offset_s", "word"), [(5.0, "after"), (-5.0, "before")])
+async def test_receipt_timestamps_from_a_skewed_job_clock_are_rejected(
+    harness: Harness, offset_s: float, word: str
+) -> None:
+    harness.fake_validator.next_behaviour = Behaviour(
+        clock_offset_ns=int(offset_s * 1e9), check_client_clock=False
+    )
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    with pytest.raises(SessionEnded) as info:
+        await client.request(b"hello")
+    await channel.close()
+    closed = info.value.closed
+    assert closed is not None and closed.bad_receipt
+    assert f"s {word} the re" in closed.reason  # "... s before the request was sent" / "after"
+    assert harness.fake_validator.reports
+
+
+@pytest.mark.parametrize("offset_s", [3.0, -3.0])
+async def test_a_client_whose_clock_disagrees_with_the_gateway_is_refused(
+    harness: Harness, offset_s: float
+) -> None:
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    call = stub.Session(timeout=30)
+    await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
+    while (await call.read()).WhichOneof("payload") != "ready":
+        pass
+    frame = gateway_pb2.SessionRequest()
+    frame.request.seq = 1
+    frame.request.client_timestamp_ns = time.time_ns() + int(offset_s * 1e9)
+    frame.request.body = b"hi"
+    frame.request.last = True
+    await call.write(frame)
+    msg = await call.read()
+    assert msg.WhichOneof("payload") == "closed"
+    assert msg.closed.reason.startswith("request 1 refused: client clock is ")
+    assert "(allowed skew 2 s)" in msg.closed.reason
+    assert ("ahead of" if offset_s > 0 else "behind") in msg.closed.reason
+    assert await call.code() == grpc.StatusCode.OK
+    await channel.close()
+    # Nothing reached the job.
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.served == 0
+
+
+async def test_an_image_off_the_whitelist_is_refused(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    client = StreamClient(channel)
+    with pytest.raises(SessionEnded) as info:
+        await client.open("horde/not-whitelisted:latest")
+    await channel.close()
+    closed = info.value.closed
+    assert closed is not None
+    assert closed.result.state == common_pb2.JOB_STATE_REJECTED
+    assert closed.result.reason == common_pb2.FAILURE_REASON_IMAGE_NOT_ALLOWED
+    assert closed.reason.startswith("job did not start: rejected image_not_allowed")
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        ("validator", "issued for validator"),
+        ("endpoint", "names endpoint 10.9.9.9:1"),
+        ("unregistered", "is not registered on the subnet"),
+    ],
+)
+async def test_a_bad_certificate_stops_the_job_before_anything_is_sent(
+    harness: Harness, setup: str, reason: str
+) -> None:
+    fv = harness.fake_validator
+    if setup == "validator":
+        fv.certificate_validator = "ed25519:" + "11" * 32
+    elif setup == "endpoint":
+        fv.certificate_endpoint = "10.9.9.9:1"
+    else:
+        from services.core.identity import HotkeySigner
+
+        fv.miner = HotkeySigner.generate()
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    client = StreamClient(channel)
+    with pytest.raises(SessionEnded) as info:
+        await client.open(WHITELIST)
+    await channel.close()
+    closed = info.value.closed
+    assert closed is not None
+    assert closed.reason.startswith("job certificate rejected: ") and reason in closed.reason
+    (job_uuid,) = harness.fake_proxy.jobs
+    assert "stopped" in await fv.wait_ended(job_uuid)
+
+
+async def test_many_sessions_at_once(harness: Harness) -> None:
+    app = await harness.start_gateway()
+
+    async def one(i: int) -> list[str]:
+        client, channel = await open_session(harness, app)
+        out = []
+        for j in range(10):
+            body = f"session {i} request {j}".encode()
+            res = await client.request(body)
+            assert res.body == answer(body)
+            out.append(res.receipt.to_json())
+        await client.close()
+        await channel.close()
+        return out
+
+    results = await asyncio.gather(*(one(i) for i in range(12)))
+    assert len({r for rs in results for r in rs}) == 120
+    assert all(c.error is None for c in verify_lines([r for rs in results for r in rs]))
+
+
+async def test_receipts_survive_a_gateway_restart(harness: Harness) -> None:
+    app = await harness.start_gateway(sample_rate=1.0)
+    client, channel = await open_session(harness, app)
+    receipts = [(await client.request(f"r{i}".encode())).receipt.to_json() for i in range(5)]
+    await client.close()
+    await channel.close()
+    await harness.stop_gateway(app)
+    again = await harness.start_gateway()
+    assert await stored_receipts(harness, client.job_uuid) == receipts
+    # The samples kept before the restart are served after it.
+    validator_channel = channel_to(harness, again, harness.validator_signer)
+    stub = gateway_pb2_grpc.GatewayServiceStub(validator_channel)
+    page = await stub.ListSamples(gateway_pb2.ListSamplesRequest(), timeout=10)
+    assert [s.request for s in page.samples] == [f"r{i}".encode() for i in range(5)]
+    await validator_channel.close()
+
+
+async def test_sampled_pairs_are_served_to_the_validator_by_cursor(harness: Harness) -> None:
+    app = await harness.start_gateway(sample_rate=1.0)
+    client, channel = await open_session(harness, app)
+    for i in range(7):
+        await client.request(f"q{i}".encode())
+    await client.close()
+    await channel.close()
+    validator_channel = channel_to(harness, app, harness.validator_signer)
+    stub = gateway_pb2_grpc.GatewayServiceStub(validator_channel)
+    seen: list[gateway_pb2.Sample] = []
+    cursor = ""
+    while True:
+        page = await stub.ListSamples(
+            gateway_pb2.ListSamplesRequest(cursor=cursor, limit=3), timeout=10
+        )
+        if not page.samples:
+            break
+        seen.extend(page.samples)
+        cursor = page.next_cursor
+    assert [s.request for s in seen] == [f"q{i}".encode() for i in range(7)]
+    for sample in seen:
+        assert sample.response == answer(sample.request)
+        assert sample.job_uuid == client.job_uuid and sample.image == WHITELIST
+        assert sample.image_digest.startswith("sha256:")
+        assert sample.certificate.payload and len(sample.receipt.signature) == 64
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ListSamples(gateway_pb2.ListSamplesRequest(cursor="nope"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await validator_channel.close()
+    # Clients may not read samples.
+    client_stub = gateway_pb2_grpc.GatewayServiceStub(channel_to(harness, app))
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await client_stub.ListSamples(gateway_pb2.ListSamplesRequest(), timeout=10)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_no_sampling_at_rate_zero(harness: Harness) -> None:
+    app = await harness.start_gateway(sample_rate=0.0)
+    client, channel = await open_session(harness, app)
+    for i in range(5):
+        await client.request(f"q{i}".encode())
+    await client.close()
+    await channel.close()
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel_to(harness, app, harness.validator_signer))
+    assert not (await stub.ListSamples(gateway_pb2.ListSamplesRequest(), timeout=10)).samples
+
+
+async def test_extra_data_goes_through_the_validator(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    data = bytes(range(256)) * 5000  # more than one chunk
+    await client.send_extra("weights.bin", data)
+    event = await client.next_event()
+    assert event.message == "extra data placed: weights.bin"
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.extra["weights.bin"] == data
+    # Requests keep working after it.
+    assert (await client.request(b"after")).body == answer(b"after")
+    await client.close()
+    await channel.close()
+
+
+async def test_the_job_ending_ends_the_session_with_its_result(harness: Harness) -> None:
+    harness.fake_validator.end_job_after_ready = True
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    client = StreamClient(channel)
+    try:
+        await client.open(WHITELIST)
+        await client.request(b"x")
+    except SessionEnded as exc:
+        closed = exc.closed
+    await channel.close()
+    assert closed is not None
+    assert closed.result.state == common_pb2.JOB_STATE_FAILED
+    assert closed.reason == "job ended: failed timeout: session time limit reached"
+
+
+async def test_a_crashed_job_proxy_ends_the_session_with_a_clear_reason(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    await client.request(b"one")
+    await harness.servers[1].stop(None)  # the executor (and its proxy) is gone
+    with pytest.raises(SessionEnded) as info:
+        await client.request(b"two")
+    await channel.close()
+    assert info.value.closed is not None
+    assert info.value.closed.reason.startswith("job proxy: ")
+    assert "stopped" in await harness.fake_validator.wait_ended(client.job_uuid)
+
+
+async def test_a_crashed_gateway_ends_the_session_and_the_job(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    await client.request(b"one")
+    await harness.stop_gateway(app)
+    with pytest.raises(SessionEnded) as info:
+        await client.request(b"two")
+    await channel.close()
+    assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert await harness.fake_validator.wait_ended(client.job_uuid)
+
+
+async def test_a_client_that_goes_away_stops_the_job(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    await client.request(b"one")
+    client.cancel()
+    assert await harness.fake_validator.wait_ended(client.job_uuid) == "cancelled"
+    await channel.close()
+
+
+async def test_protocol_errors_have_clear_status_codes(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    call = stub.Session(timeout=30)
+    await call.write(gateway_pb2.SessionRequest(close=gateway_pb2.SessionClose()))
+    assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be SessionOpen" in await call.details()
+    # A request with the wrong seq.
+    call = stub.Session(timeout=30)
+    await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
+    while (await call.read()).WhichOneof("payload") != "ready":
+        pass
+    bad = gateway_pb2.SessionRequest()
+    bad.request.seq = 7
+    bad.request.client_timestamp_ns = time.time_ns()
+    bad.request.last = True
+    await call.write(bad)
+    msg = await call.read()
+    assert msg.closed.reason == "request seq 7: expected 1"
+    assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await channel.close()
+    # An unenrolled client.
+    from services.core.identity import Ed25519Signer
+
+    stranger = channel_to(harness, app, Ed25519Signer.generate())
+    call = gateway_pb2_grpc.GatewayServiceStub(stranger).Session(timeout=30)
+    await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
+    assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
+    await stranger.close()
+
+
+async def test_half_close_answers_what_is_in_flight_then_ends(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    call = gateway_pb2_grpc.GatewayServiceStub(channel).Session(timeout=30)
+    await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
+    while (await call.read()).WhichOneof("payload") != "ready":
+        pass
+    for seq in (1, 2, 3):
+        req = gateway_pb2.SessionRequest()
+        req.request.seq = seq
+        req.request.client_timestamp_ns = time.time_ns()
+        req.request.body = b"b%d" % seq
+        req.request.last = True
+        await call.write(req)
+    await call.done_writing()
+    kinds = [m.WhichOneof("payload") async for m in call]
+    assert kinds == ["response", "response", "response", "closed"]
+    assert await call.code() == grpc.StatusCode.OK
+    await channel.close()
+
+
+def _sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"

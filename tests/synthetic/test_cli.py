@@ -1,0 +1,96 @@
+"""`horde validator round|weights` against a live validator (the admin RPC, authenticated)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from synthetic_support import SynthNet, honest
+
+from services.cli.main import main
+from services.core.identity import write_key_file
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """main() points structlog at the (captured) stderr of its test: undo that afterwards, or
+    later tests would log into a closed capture file."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+def _json(out: str) -> dict[str, Any]:
+    """The CLI's JSON document (in-process services may log around it on the same stdout)."""
+    doc: dict[str, Any] = json.loads(out[out.index("{\n") : out.rindex("\n}") + 2])
+    return doc
+
+
+async def _horde(argv: list[str]) -> int:
+    # The CLI runs its own event loop: give it a thread.
+    return await asyncio.to_thread(main, argv)
+
+
+async def test_round_and_weights_commands(
+    synth: SynthNet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    miner = await synth.add_miner([honest()])
+    validator = await synth.start_validator()
+    key = synth.root / "admin.json"
+    write_key_file(key, synth.admin)
+    target = [
+        "--validator",
+        f"127.0.0.1:{validator.port}",
+        "--validator-identity",
+        str(synth.validator_signer.identity),
+        "--key",
+        str(key),
+    ]
+    assert await _horde(["validator", "round", *target, "--set-weights", "--json"]) == 0
+    doc = _json(capsys.readouterr().out)
+    [m] = [m for m in doc["miners"] if m["miner"] == miner.identity]
+    assert [e["passed"] for e in m["executors"]] == [True]
+    assert m["executors"][0]["executor_class"] == "cpu-small"
+    assert doc["weights_reference"].startswith("local-")
+
+    assert await _horde(["validator", "weights", *target, "--json"]) == 0
+    weights = _json(capsys.readouterr().out)
+    assert weights["last_weights_reference"] == doc["weights_reference"]
+    [w] = weights["miners"]
+    assert w["ss58"] == miner.signer.identity.ss58
+    assert w["weight"] == pytest.approx(1.0)
+    assert "1 passed" in w["reason"]
+
+    assert await _horde(["validator", "weights", *target]) == 0
+    assert miner.signer.identity.ss58 in capsys.readouterr().out
+
+
+async def test_a_non_admin_key_is_refused(
+    synth: SynthNet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    validator = await synth.start_validator()
+    key = synth.root / "client.json"
+    write_key_file(key, synth.client)
+    code = await _horde(
+        [
+            "validator",
+            "weights",
+            "--validator",
+            f"127.0.0.1:{validator.port}",
+            "--validator-identity",
+            str(synth.validator_signer.identity),
+            "--key",
+            str(key),
+        ]
+    )
+    assert code == 1
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+
+
+def test_usage_error_without_a_target(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validator", "round"]) == 2
+    assert "--dev DIR" in capsys.readouterr().err
