@@ -175,6 +175,22 @@ def run_job(state_dir: Path, work: Path) -> dict[str, object]:
     return doc
 
 
+def synthetic_round(state_dir: Path) -> None:
+    """`horde validator round` through the admin RPC, then `horde validator weights`."""
+    for argv in (
+        [HORDE, "validator", "round", "--dev", str(state_dir), "--set-weights"],
+        [HORDE, "validator", "weights", "--dev", str(state_dir)],
+    ):
+        console.print("$ " + " ".join(argv[1:]).replace(str(state_dir), "$STATE"))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        console.print(proc.stdout, highlight=False)
+        if proc.returncode != 0:
+            console.print(proc.stderr)
+            raise SystemExit(f"`horde validator {argv[2]}` failed (exit {proc.returncode})")
+        if argv[2] == "round" and "passed" not in proc.stdout:
+            raise SystemExit("the executor did not pass its synthetic challenge")
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="horde-demo-") as tmp:
         work = Path(tmp)
@@ -207,8 +223,11 @@ def main() -> int:
 
             step("3. an organic job: inputs at /volume, outputs from /output, no network")
             run_job(state_dir, work)
+
+            step("4. a synthetic round (horde/synthetic on the executor) and the weights it set")
+            synthetic_round(state_dir)
         finally:
-            step("4. stopping the network (SIGINT)")
+            step("5. stopping the network (SIGINT)")
             proc.send_signal(signal.SIGINT)
             try:
                 proc.communicate(timeout=30)

@@ -156,20 +156,18 @@ def _print_weights(resp: validator_admin_pb2.GetWeightsResponse, as_json: bool) 
         print(json.dumps(doc, indent=2))
         return
     console = Console()
-    table = Table()
-    table.add_column("miner (ss58)", no_wrap=True)
-    table.add_column("score", no_wrap=True)
-    table.add_column("weight", no_wrap=True)
-    table.add_column("reason", overflow="fold")
-    for m in doc["miners"]:
-        table.add_row(
-            m["ss58"] or _short(m["miner"]), f"{m['score']:.3f}", f"{m['weight']:.4f}", m["reason"]
-        )
     console.print(
         f"{doc['rounds']} round(s) in the last {doc['window_s']:.0f}s; "
-        f"last weights set: {doc['last_weights_reference'] or 'never'}"
+        f"last weights set: {doc['last_weights_reference'] or 'never'}",
+        highlight=False,
     )
-    console.print(table)
+    for m in doc["miners"]:
+        console.print(
+            f"[bold]{m['ss58'] or m['miner']}[/bold]  score {m['score']:.3f}  "
+            f"weight {m['weight']:.4f}",
+            highlight=False,
+        )
+        console.print(f"    {m['reason']}", highlight=False)
 
 
 def _short(identity: str) -> str:

@@ -66,8 +66,10 @@ def _timeout(spec: job_pb2.JobSpec, name: str) -> float:
     return float(value or DEFAULT_TIMEOUTS[name])
 
 
-def _captured(data: bytes, truncated: bool) -> job_pb2.CapturedOutput:
-    return job_pb2.CapturedOutput(data=data, truncated=truncated, total_bytes=len(data))
+def _captured(data: bytes, truncated: bool, total: int) -> job_pb2.CapturedOutput:
+    return job_pb2.CapturedOutput(
+        data=data, truncated=truncated, total_bytes=max(total, 0 if truncated else len(data))
+    )
 
 
 @dataclass
@@ -194,9 +196,12 @@ class OrganicJobRunner:
         t0 = time.monotonic()
         output_dir = job_dir / "output"
         output_dir.mkdir()
-        await self._event(
-            ctx, common_pb2.JOB_STATE_RUNNING, common_pb2.STAGE_EXECUTION, "container started"
-        )
+
+        async def started() -> None:
+            await self._event(
+                ctx, common_pb2.JOB_STATE_RUNNING, common_pb2.STAGE_EXECUTION, "container started"
+            )
+
         run = ContainerRun(
             job_uuid=ctx.job_uuid,
             image=spec.image,
@@ -208,7 +213,7 @@ class OrganicJobRunner:
             gpus=self._gpus,
         )
         try:
-            outcome = await self._runtime.run(run, output_dir)
+            outcome = await self._runtime.run(run, output_dir, on_started=started)
         except ImageError as exc:
             raise failed(
                 common_pb2.FAILURE_REASON_IMAGE_NOT_FOUND, common_pb2.STAGE_EXECUTION, str(exc)
@@ -392,7 +397,18 @@ class OrganicJobRunner:
 
     def _classify(self, job_uuid: str, out: ContainerResult) -> job_pb2.JobResult:
         stage = common_pb2.STAGE_EXECUTION
-        if out.timed_out:
+        if out.timed_out and out.pids_exhausted_hint:
+            # A fork bomb spins until killed: the process limit is the cause, the time limit
+            # only the end.
+            res = result(
+                job_uuid,
+                common_pb2.JOB_STATE_FAILED,
+                common_pb2.FAILURE_REASON_PIDS_LIMIT,
+                stage,
+                f"the job hit its limit of {self._limits.pids_limit} processes and was killed "
+                f"at its {out.duration_s:.0f}s time limit",
+            )
+        elif out.timed_out:
             res = result(
                 job_uuid,
                 common_pb2.JOB_STATE_FAILED,
@@ -452,8 +468,8 @@ class OrganicJobRunner:
             res = result(job_uuid, common_pb2.JOB_STATE_COMPLETED, stage=stage)
         if out.exit_code is not None:
             res.exit_code = out.exit_code
-        res.stdout.CopyFrom(_captured(out.stdout, out.stdout_truncated))
-        res.stderr.CopyFrom(_captured(out.stderr, out.stderr_truncated))
+        res.stdout.CopyFrom(_captured(out.stdout, out.stdout_truncated, out.stdout_total_bytes))
+        res.stderr.CopyFrom(_captured(out.stderr, out.stderr_truncated, out.stderr_total_bytes))
         return res
 
     async def _outputs(self, ctx: JobContext, output_dir: Path) -> list[job_pb2.OutputFile]:

@@ -143,6 +143,8 @@ class ContainerResult:
     output_too_large: bool = False  # nothing is extracted then
     output_error: str | None = None  # outputs refused (e.g. a symlink out); nothing extracted
     start_error: str | None = None  # the container could not start (bad command, ...)
+    stdout_total_bytes: int = 0  # size of the whole stream, before capping
+    stderr_total_bytes: int = 0
 
     @property
     def succeeded(self) -> bool:
@@ -487,8 +489,15 @@ class DockerRuntime:
 
     # ----------------------------------------------------------------------------- run
 
-    async def run(self, run: ContainerRun, output_dir: Path) -> ContainerResult:
-        """Run one job to completion and extract its /output files into ``output_dir``."""
+    async def run(
+        self,
+        run: ContainerRun,
+        output_dir: Path,
+        on_started: Callable[[], Awaitable[None]] | None = None,
+    ) -> ContainerResult:
+        """Run one job to completion and extract its /output files into ``output_dir``.
+
+        ``on_started`` is awaited once the container has really started."""
         image_id = await self.ensure_image(run.image)
         try:
             holder_id = await self.ensure_image(self._holder_image, _internal=True)
@@ -505,7 +514,7 @@ class DockerRuntime:
         bound = log.bind(job_uuid=run.job_uuid, container=names.job)
         try:
             return await self._run(
-                run, output_dir, image_id, holder_id, job_config, names, inflight, bound
+                run, output_dir, image_id, holder_id, job_config, names, inflight, bound, on_started
             )
         except DockerError as exc:
             raise SandboxError(f"docker engine error: {exc.message}") from exc
@@ -535,6 +544,7 @@ class DockerRuntime:
         names: _Names,
         inflight: list[asyncio.Task[Any]],
         bound: Any,
+        on_started: Callable[[], Awaitable[None]] | None = None,
     ) -> ContainerResult:
         limits = run.limits
         vol_bytes = output_volume_bytes(limits)
@@ -609,6 +619,8 @@ class DockerRuntime:
                     )
                 started = time.monotonic()
                 bound.info("sandbox.started", image=run.image, timeout_s=run.timeout_s)
+                if on_started is not None:
+                    await on_started()
                 try:
                     async with asyncio.timeout(run.timeout_s):
                         await job.wait()
@@ -654,6 +666,8 @@ class DockerRuntime:
             stderr=err_bytes,
             stdout_truncated=stdout.truncated,
             stderr_truncated=stderr.truncated,
+            stdout_total_bytes=stdout.total,
+            stderr_total_bytes=stderr.total,
             duration_s=duration,
             image_id=image_id,
             output_files=outcome.files,

@@ -228,6 +228,7 @@ class _Job:
     service: ServiceSpec
     names: list[str] = field(default_factory=list)  # containers to remove, relay first
     http: aiohttp.ClientSession | None = None
+    relay_fd: int | None = None  # O_PATH handle on the relay's socket directory
     live: LiveStream | None = None
     extra: asyncio.Queue[streaming_pb2.ExtraData] = field(default_factory=asyncio.Queue)
     extra_bytes: int = 0
@@ -470,6 +471,12 @@ class StreamingJobRunner:
         self._sessions.add(job.live)
         writer = asyncio.ensure_future(self._extra_writer(job))
         job.tasks.add(writer)
+        await self._event(
+            job,
+            common_pb2.JOB_STATE_STREAMING_READY,
+            stage,
+            f"service healthy; job proxy at {self._endpoint}",
+        )
         await ctx.send(
             executor_pb2.ConnectRequest(
                 streaming_ready=executor_pb2.ExecutorStreamingReady(
@@ -479,12 +486,6 @@ class StreamingJobRunner:
                     image_digest=image_id,
                 )
             )
-        )
-        await self._event(
-            job,
-            common_pb2.JOB_STATE_STREAMING_READY,
-            stage,
-            f"service healthy; job proxy at {self._endpoint}",
         )
         await self._event(
             job, common_pb2.JOB_STATE_RUNNING, common_pb2.STAGE_EXECUTION, "serving requests"
@@ -606,10 +607,15 @@ class StreamingJobRunner:
                 # The service exited at once; its exit status tells the story.
                 return service, (stdout, stderr, reader)
             raise SandboxError(f"cannot start the relay: {exc.message}") from exc
+        # A unix socket path may not exceed 107 bytes and the work dir can be deep: reach the
+        # socket through a handle on its directory instead.
+        job.relay_fd = os.open(relay_dir, os.O_PATH | os.O_DIRECTORY)
         job.http = aiohttp.ClientSession(
             base_url="http://job",
             connector=aiohttp.UnixConnector(
-                path=str(relay_dir / SOCKET_NAME), limit=0, keepalive_timeout=60.0
+                path=f"/proc/self/fd/{job.relay_fd}/{SOCKET_NAME}",
+                limit=0,
+                keepalive_timeout=60.0,
             ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
             auto_decompress=False,
@@ -756,6 +762,9 @@ class StreamingJobRunner:
                 await asyncio.gather(*job.tasks, return_exceptions=True)
                 if job.http is not None:
                     await job.http.close()
+                if job.relay_fd is not None:
+                    os.close(job.relay_fd)
+                    job.relay_fd = None
                 for name in job.names:
                     await self._runtime._delete_container(name)
         except Exception as exc:

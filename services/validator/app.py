@@ -98,6 +98,7 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
     )
 
     async def close_all() -> None:
+        await manager.close()
         await directory.close()
         await chain.close()
         await engine.dispose()

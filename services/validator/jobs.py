@@ -161,6 +161,16 @@ class JobManager:
         await self._store.create(job_uuid, client, kind, spec)
         await self._store.finish(res)
 
+    async def close(self) -> None:
+        """Stop following jobs in flight (shutdown): their miners see the stream end and cancel
+        the work; the next start ends them as horde_failed (validator_restarted)."""
+        tasks = [job.task for job in self._live.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     def live(self, job_uuid: str) -> LiveJob | None:
         return self._live.get(job_uuid)
 

@@ -64,9 +64,7 @@ async def main(grace_s: float) -> None:
     def ready() -> None:
         print(f"READY {running.port} {me.identity}", flush=True)
 
-    await serve_until_signal(
-        [running], grace_s=grace_s, background=[background], on_ready=ready
-    )
+    await serve_until_signal([running], grace_s=grace_s, background=[background], on_ready=ready)
 
 
 if __name__ == "__main__":

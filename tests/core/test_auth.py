@@ -280,7 +280,9 @@ async def test_unknown_caller_denial_names_the_identity(served: Served, callers:
 
 async def test_refused_streaming_call(served: Served, callers: Callers) -> None:
     await expect_error(
-        drain(served.stub(callers.stranger).RunSyntheticRound(miner_pb2.RunSyntheticRoundRequest())),
+        drain(
+            served.stub(callers.stranger).RunSyntheticRound(miner_pb2.RunSyntheticRoundRequest())
+        ),
         grpc.StatusCode.PERMISSION_DENIED,
         "is not an enrolled caller",
     )
@@ -436,9 +438,7 @@ async def test_exception_mid_stream_is_internal_after_the_first_message(
     assert await call.code() is grpc.StatusCode.INTERNAL
 
 
-async def test_method_the_servicer_lacks_is_unimplemented(
-    served: Served, callers: Callers
-) -> None:
+async def test_method_the_servicer_lacks_is_unimplemented(served: Served, callers: Callers) -> None:
     # MinerTestServicer does not override RunJob: the generated base raises NotImplementedError.
     call = served.stub(callers.hotkey).RunJob(iter([miner_pb2.RunJobRequest(cancel=True)]))
     await expect_error(call.read(), grpc.StatusCode.UNIMPLEMENTED, "method not implemented")

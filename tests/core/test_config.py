@@ -183,9 +183,7 @@ def test_unknown_env_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HORDE_MINER_LISTN", "0.0.0.0:1")
     with pytest.raises(ConfigError) as info:
         load_settings(MinerSettings)
-    assert str(info.value) == (
-        "invalid setting 'listn' (env HORDE_MINER_LISTN): unknown setting"
-    )
+    assert str(info.value) == ("invalid setting 'listn' (env HORDE_MINER_LISTN): unknown setting")
 
 
 def test_unknown_nested_env_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,9 +70,7 @@ async def test_open_database_twice_is_idempotent_and_keeps_data(tmp_path: Path) 
     try:
         async with engine.begin() as conn:
             await conn.execute(
-                db.weight_settings.insert().values(
-                    reference="r1", weights_json="{}", created_ns=1
-                )
+                db.weight_settings.insert().values(reference="r1", weights_json="{}", created_ns=1)
             )
     finally:
         await engine.dispose()

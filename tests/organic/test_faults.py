@@ -267,11 +267,6 @@ async def test_large_logs_are_capped_head_and_tail(net: Network) -> None:
     assert len(out.data) < 70_000 and len(res.stderr.data) < 70_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CapturedOutput.total_bytes is the kept size, not the full stream's: the sandbox's "
-    "ContainerResult carries no stream totals, so executor/jobs.py reports len(data)",
-)
 async def test_capped_logs_report_full_stream_size(net: Network) -> None:
     run = await net.run_job(python_job(LOUD))
     res = run.result

@@ -10,7 +10,7 @@ import tarfile
 import grpc
 import pytest
 from horde.v1 import common_pb2 as S
-from horde.v1 import job_pb2, miner_pb2, receipts_pb2, validator_pb2
+from horde.v1 import job_pb2, miner_pb2, receipts_pb2, validator_pb2, validator_pb2_grpc
 from organic_support import (
     BASE_IMAGE,
     DEMO_IMAGE,
@@ -133,13 +133,15 @@ async def test_inline_archive_happy_path(net: Network) -> None:
     assert started.timestamp_ns <= finished.timestamp_ns
 
 
-async def test_job_queries_after_completion(net: Network) -> None:
+async def test_job_queries_after_completion(
+    net: Network, client_stub: validator_pb2_grpc.ValidatorServiceStub
+) -> None:
     tar = make_tar(INPUT_FILES)
     spec = archive_spec(tar)
     spec.labels["suite"] = "organic"
     run = await net.run_job(spec, {0: tar})
     res = assert_completed(run)
-    stub = net.client()
+    stub = client_stub
 
     got = (await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=res.job_uuid), timeout=10)).job
     assert got.job_uuid == res.job_uuid

@@ -5,9 +5,10 @@ prompt, so the same request always gets the same answer, byte for byte, on any m
 validator's replay checks rely on).
 
     POST /            body: the prompt as plain text, or a JSON object
-                      {"prompt": "...", "max_tokens": 32, "stream": false}
+                      {"prompt": "...", "max_tokens": 32, "stream": false, "token_delay_ms": 0}
                       -> text/plain; with "stream": true the words come as HTTP chunks, one
-                      chunk per word, and their concatenation equals the non-streamed answer
+                      chunk per word (token_delay_ms apart, to look like a model thinking),
+                      and their concatenation equals the non-streamed answer
     GET  /health      -> 200 "ok"
     POST /extra-data  {"file": NAME, ...}: the executor placed /volume/extra/NAME (read-only);
                       the model folds nothing in, it only lists what arrived
@@ -29,6 +30,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -54,6 +56,7 @@ VOCAB = (
 ).split()
 DEFAULT_TOKENS = 32
 MAX_TOKENS = 4096
+MAX_DELAY_MS = 1000
 MAX_BODY = 16 * 1024 * 1024
 EXTRA_DIR = os.environ.get("HORDE_EXTRA_DIR", "/volume/extra")
 
@@ -83,23 +86,27 @@ def generate(prompt: bytes, max_tokens: int, rate: float = DISHONEST_RATE) -> It
         yield word if i == 0 else " " + word
 
 
-def parse(body: bytes) -> tuple[bytes, int, bool]:
-    """(prompt, max_tokens, stream) from a plain-text or JSON request body."""
+def _int(value: object, default: int, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return default
+    return min(max(value, lo), hi)
+
+
+def parse(body: bytes) -> tuple[bytes, int, bool, float]:
+    """(prompt, max_tokens, stream, token delay in s) from a plain-text or JSON body."""
     if body[:1] == b"{":
         try:
             req = json.loads(body)
         except ValueError:
             req = None
         if isinstance(req, dict) and isinstance(req.get("prompt"), str):
-            tokens = req.get("max_tokens", DEFAULT_TOKENS)
-            if not isinstance(tokens, int) or isinstance(tokens, bool):
-                tokens = DEFAULT_TOKENS
             return (
                 req["prompt"].encode(),
-                min(max(tokens, 1), MAX_TOKENS),
+                _int(req.get("max_tokens"), DEFAULT_TOKENS, 1, MAX_TOKENS),
                 bool(req.get("stream", False)),
+                _int(req.get("token_delay_ms"), 0, 0, MAX_DELAY_MS) / 1000,
             )
-    return body, DEFAULT_TOKENS, False
+    return body, DEFAULT_TOKENS, False, 0.0
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -149,7 +156,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/":
             self._reply(404, b"not found\n")
             return
-        prompt, tokens, stream = parse(body)
+        prompt, tokens, stream, delay = parse(body)
         if not stream:
             text = "".join(generate(prompt, tokens)).encode()
             self._reply(200, text, "text/plain; charset=utf-8")
@@ -158,7 +165,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for piece in generate(prompt, tokens):
+        for index, piece in enumerate(generate(prompt, tokens)):
+            if delay and index:
+                time.sleep(delay)
             data = piece.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.write(b"0\r\n\r\n")
