@@ -299,7 +299,11 @@ class JobManager:
             )
             saw_class = saw_class or any_of_class
             fresh = [m for m in candidates if m not in tried]
-            if not saw_class and not unreachable:
+            if (
+                not saw_class
+                and not unreachable
+                and not self._directory.recently_offered(spec.executor_class)
+            ):
                 return result(
                     job.job_uuid,
                     common_pb2.JOB_STATE_REJECTED,
@@ -313,6 +317,15 @@ class JobManager:
                 if outcome is not None:
                     return outcome
             if time.monotonic() >= deadline:
+                if not saw_class and not unreachable:
+                    return result(
+                        job.job_uuid,
+                        common_pb2.JOB_STATE_HORDE_FAILED,
+                        common_pb2.FAILURE_REASON_EXECUTOR_LOST,
+                        stage,
+                        f"executors of class {spec.executor_class!r} were offered recently but "
+                        f"none reconnected within {spec.timeouts.reservation_s}s",
+                    )
                 if not saw_class:
                     return result(
                         job.job_uuid,

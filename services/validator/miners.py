@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +18,7 @@ from services.core.server import open_channel
 
 log = structlog.get_logger("horde.validator.miners")
 MANIFEST_TIMEOUT_S = 3.0
+CLASS_MEMORY_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,14 @@ class MinerDirectory:
         self._extra = {str(Identity.parse(k)): v for k, v in extra.items()}
         self._tls = tls if tls is not None and tls.ca_file else None
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        # When each executor class was last offered by some miner.
+        self._class_seen: dict[str, float] = {}
+
+    def recently_offered(self, executor_class: str, within_s: float = CLASS_MEMORY_S) -> bool:
+        """True when some miner offered the class lately: its executors may be reconnecting
+        (e.g. after a miner restart), so a job for it should wait rather than be rejected."""
+        seen = self._class_seen.get(executor_class)
+        return seen is not None and time.monotonic() - seen <= within_s
 
     async def miners(self) -> list[MinerRef]:
         """Registered neurons serving an endpoint (not ourselves), plus configured miners."""
@@ -82,6 +92,8 @@ class MinerDirectory:
             if manifest is None:
                 unreachable += 1
                 continue
+            for e in manifest.executors:
+                self._class_seen[e.executor_class] = time.monotonic()
             of_class = [e for e in manifest.executors if e.executor_class == executor_class]
             any_of_class = any_of_class or bool(of_class)
             free = sum(1 for e in of_class if not e.busy)

@@ -624,3 +624,21 @@ async def test_executor_stopped_mid_job(bare_net: Network) -> None:
     assert await job_objects(net.docker, [job_uuid]) == []
     for bad in ("Traceback", "Task was destroyed", "Unclosed", "never awaited", '"error"'):
         assert bad not in log, log[-3000:]
+
+
+async def test_job_waits_for_executors_reconnecting_after_a_miner_restart(net: Network) -> None:
+    """A class the miner offered moments ago is not rejected while its executors reconnect:
+    the job waits (within its reservation limit) and runs once they are back."""
+    first = await net.run_job(spec_for(BASE_IMAGE, ["true"]))
+    assert first.result is not None and first.result.state == S.JOB_STATE_COMPLETED
+    await net.stop_executor()
+    await net.stop_miner()
+    await net.start_miner()  # back up with no executor linked
+    spec = spec_for(BASE_IMAGE, ["true"])
+    spec.timeouts.reservation_s = 60
+    job = net.start_job(spec)
+    await job.wait_state(S.JOB_STATE_ACCEPTED)
+    await net.start_executor()
+    run = await job.finished(within=90)
+    assert run.result is not None, run.describe()
+    assert run.result.state == S.JOB_STATE_COMPLETED, run.describe()
