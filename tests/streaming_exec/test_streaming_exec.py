@@ -20,7 +20,9 @@ from types import ModuleType
 import aiodocker
 import grpc
 import pytest
+import sqlalchemy as sa
 from horde.v1 import common_pb2, validator_pb2
+from sqlalchemy.ext.asyncio import create_async_engine
 from streaming_exec_support import (
     DISHONEST_IMAGE,
     HORDE_BIN,
@@ -34,6 +36,7 @@ from streaming_exec_support import (
 )
 
 from services.core.certificates import verify_certificate
+from services.core.db import penalties
 from services.core.receipts import verify_lines
 
 S = common_pb2
@@ -429,3 +432,36 @@ async def test_the_dishonest_model_answers_a_share_of_prompts_wrongly(net: Netwo
         honest = expected(prompt)
         assert (answer.body == honest) == (prompt == right)
         assert answer.body == expected(prompt, rate=0.1)  # wrong, but reproducibly so
+
+
+async def test_a_bad_receipt_report_is_stored_as_evidence(net: Network) -> None:
+    session = net.start_session(streaming_spec(LLM_IMAGE))
+    ready = await session.wait_ready()
+    proxy = await net.proxy(ready)
+    answer = await proxy.ask(b"hello")
+    report = validator_pb2.ReportBadReceiptRequest(
+        job_uuid=ready.job_uuid,
+        receipt=answer.frames[-1].receipt,
+        certificate=ready.certificate,
+        reason="receipt 1: output hash does not match the response received",
+    )
+    await net.validator_stub().ReportBadReceipt(report, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await net.validator_stub("stranger").ReportBadReceipt(report, timeout=10)
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    forged = validator_pb2.ReportBadReceiptRequest()
+    forged.CopyFrom(report)
+    forged.certificate.miner_signature = b"\x00" * 64
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await net.validator_stub().ReportBadReceipt(forged, timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    engine = create_async_engine(f"sqlite+aiosqlite:///{net.root / 'validator.db'}")
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.select(penalties))).fetchall()
+    finally:
+        await engine.dispose()
+    assert [(r.miner_hotkey, r.kind, r.amount) for r in rows] == [
+        (net.keys.identity("miner"), "bad_receipt_report", 0.0)
+    ]
+    assert validator_pb2.ReportBadReceiptRequest.FromString(rows[0].evidence) == report
