@@ -10,6 +10,7 @@ import argparse
 import filecmp
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +30,9 @@ def generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PACKAGE.glob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
     args = [
-        "protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out}",
@@ -38,8 +41,10 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *protos,
     ]
-    if protoc.main(args) != 0:
-        sys.exit("protoc failed")
+    # A subprocess, so the plugins' chatter ("Writing mypy to ...") is shown only on failure.
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"protoc failed:\n{done.stdout}{done.stderr}")
     pkg = out / "horde" / "v1"
     for init in (out / "horde" / "__init__.py", pkg / "__init__.py"):
         init.parent.mkdir(parents=True, exist_ok=True)
