@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RPCS = Counter(
     "horde_rpcs_total", "RPCs served, by method and status code", ["service", "method", "code"]
@@ -32,6 +32,17 @@ GATEWAY_LATENCY = Histogram(
     "horde_gateway_request_seconds",
     "Streaming request latency seen by the gateway",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+
+
+SYNTHETIC_VERDICTS = Counter(
+    "horde_synthetic_verdicts_total",
+    "Synthetic challenges judged, by executor class and outcome",
+    ["executor_class", "outcome"],
+)
+MINER_SCORE = Gauge("horde_miner_score", "Each miner's score at the last weight setting", ["miner"])
+MINER_WEIGHT = Gauge(
+    "horde_miner_weight", "Each miner's weight at the last weight setting", ["miner"]
 )
 
 

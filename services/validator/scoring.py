@@ -28,6 +28,7 @@ import sqlalchemy as sa
 import structlog
 from horde.v1 import common_pb2
 
+from services.core import metrics
 from services.core.chain import ChainAdapter, normalise_weights
 from services.core.config import SyntheticSettings
 from services.core.db import jobs, penalties, synthetic_results, synthetic_rounds, weight_settings
@@ -221,6 +222,9 @@ class Scorer:
             raise ValueError(scores.weights_error)
         weights = {s.ss58: s.score for s in scores.miners if s.ss58 and s.weight > 0}
         reference = await self._chain.set_weights(weights)
+        for s in scores.miners:
+            metrics.MINER_SCORE.labels(s.ss58 or s.miner).set(s.score)
+            metrics.MINER_WEIGHT.labels(s.ss58 or s.miner).set(s.weight)
         now = time.time_ns()
         async with self._store.engine.begin() as conn:
             await conn.execute(

@@ -50,6 +50,7 @@ import structlog
 from horde.v1 import manifest_pb2, miner_pb2, synthetic_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.core import metrics
 from services.core.config import SyntheticClass, SyntheticSettings
 from services.core.db import synthetic_results, synthetic_rounds
 from services.core.identity import Identity
@@ -266,6 +267,10 @@ class RoundRunner:
             refs = list(miners) if miners is not None else await self._directory.miners()
             outcomes = await asyncio.gather(*(self._miner(ref, round_) for ref in refs))
             report = RoundReport(round_, started_ns, time.monotonic() - t0, tuple(outcomes))
+            for outcome in report.miners:
+                for v in outcome.verdicts:
+                    outcome_label = "passed" if v.passed else "failed"
+                    metrics.SYNTHETIC_VERDICTS.labels(v.executor_class, outcome_label).inc()
             await self._store.record(report)
             return report
 
