@@ -5,9 +5,18 @@ sessions (each session sends its requests one after another, as `horde stream` d
 Figures (build/bench.json, section "streaming"): throughput_ratio_1 and throughput_ratio_16
 (Horde requests/s over direct requests/s), added_p50_ms and added_p99_ms (latency through Horde
 minus direct, one session), and the raw figures beside them. `mode` says what stood behind the
-gateway: "fake-proxy" is a forwarding job proxy and an aiohttp echo job started by
-benchmarks/streaming_fake.py (each in its own process), used while the executor's job proxy and
-the demo-llm image are not available.
+gateway:
+
+* "real" (the default): the production services, each network part in its own process
+  (benchmarks/streaming_real.py: validator, miner and 16 executors in one, the gateway in
+  another), one horde/demo-llm container per session behind the executor's job proxy. The
+  direct baseline calls the *same container instance* over the unix socket of its relay, the
+  only way into the job's network namespace (it has no network but its own loopback): so both
+  sides run the same service process and the same relay hop, and the difference is what Horde
+  adds on the request path (client gRPC stream, gateway relay and receipt checks, job proxy
+  HTTP client, hashing and signing).
+* "fake-proxy" (HORDE_BENCH_STREAMING=fake): a forwarding job proxy and an aiohttp echo job
+  started by benchmarks/streaming_fake.py, for a host without Docker.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,17 +50,33 @@ WARMUP = 50
 TARGET_RATIO = 0.6
 TARGET_ADDED_P50_MS = 1.0
 START_TIMEOUT_S = 60.0
+SESSION_LIMIT_S = 3600
+
+
+@dataclass(frozen=True)
+class Target:
+    """How the benchmark calls one session's job directly."""
+
+    url: str
+    socket: str | None = None  # a unix socket (the job's relay) instead of TCP
+
+    def http(self) -> aiohttp.ClientSession:
+        connector: aiohttp.BaseConnector = (
+            aiohttp.UnixConnector(path=self.socket) if self.socket else aiohttp.TCPConnector()
+        )
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
 
 @dataclass
 class Setup:
     mode: str
-    direct_url: str
     gateway: str
     gateway_identity: str
     validator_identity: str
     client_key: Path
     image: str
+    direct: Callable[[str], Target]  # job uuid -> its direct endpoint
+    baseline: str
 
 
 @dataclass
@@ -114,12 +139,13 @@ async def fake_setup() -> AsyncIterator[Setup]:
             procs.append(net)
             yield Setup(
                 mode="fake-proxy",
-                direct_url=info["url"],
                 gateway=ends["gateway"],
                 gateway_identity=ends["gateway_identity"],
                 validator_identity=ends["validator_identity"],
                 client_key=Path(ends["client_key"]),
                 image="bench/echo:latest",
+                direct=lambda _job: Target(info["url"]),
+                baseline="an aiohttp echo job over TCP (stand-in)",
             )
         finally:
             for proc in procs:
@@ -128,77 +154,129 @@ async def fake_setup() -> AsyncIterator[Setup]:
                 await proc.wait()
 
 
-async def _direct(setup: Setup, sessions: int, n: int) -> Measure:
-    latencies: list[float] = []
-    clients = [aiohttp.ClientSession() for _ in range(sessions)]
+def _relay_socket(work_dirs: list[str], job_uuid: str) -> str:
+    found = [
+        str(p) for d in work_dirs for p in Path(d).glob(f"stream-{job_uuid[:8]}-*/relay/job.sock")
+    ]
+    if len(found) != 1:
+        raise BenchError(f"job {job_uuid}: expected one relay socket, found {found}")
+    return found[0]
 
-    async def worker(http: aiohttp.ClientSession, w: int) -> None:
+
+@contextlib.asynccontextmanager
+async def real_setup() -> AsyncIterator[Setup]:
+    procs: list[asyncio.subprocess.Process] = []
+    with tempfile.TemporaryDirectory(prefix="horde-bench-stream-") as tmp:
+        try:
+            net, _ = await _spawn_line(
+                "-m", "benchmarks.streaming_real", "network", tmp, str(max(CONCURRENCY))
+            )
+            procs.append(net)
+            gw, ends = await _spawn_line("-m", "benchmarks.streaming_real", "gateway", tmp)
+            procs.append(gw)
+            work_dirs = list(ends["work_dirs"])
+            yield Setup(
+                mode="real",
+                gateway=ends["gateway"],
+                gateway_identity=ends["gateway_identity"],
+                validator_identity=ends["validator_identity"],
+                client_key=Path(ends["client_key"]),
+                image="horde/demo-llm:latest",
+                direct=lambda job: Target("http://job/", _relay_socket(work_dirs, job)),
+                baseline=(
+                    "the same horde/demo-llm container, called over its relay's unix socket "
+                    "(same service process, same relay hop; no gateway, no job proxy)"
+                ),
+            )
+        finally:
+            for proc in reversed(procs):
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+                async with asyncio.timeout(60):
+                    await proc.wait()
+
+
+async def _direct(
+    https: list[aiohttp.ClientSession], targets: list[Target], n: int, base: int
+) -> Measure:
+    latencies: list[float] = []
+
+    async def worker(http: aiohttp.ClientSession, target: Target, w: int) -> None:
         for i in range(n):
-            body = payload(w * n + i)
+            body = payload(base + w * n + i)
             t0 = time.perf_counter()
-            async with http.post(setup.direct_url, data=body) as resp:
+            async with http.post(target.url, data=body) as resp:
                 out = await resp.read()
             latencies.append(time.perf_counter() - t0)
             if resp.status != 200 or not out:
                 raise BenchError(f"direct request failed: HTTP {resp.status}")
 
-    try:
-        for w, http in enumerate(clients):  # connect first, as sessions are opened first
-            async with http.post(setup.direct_url, data=payload(w)) as resp:
-                await resp.read()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(http, w) for w, http in enumerate(clients)))
-        wall = time.perf_counter() - t0
-    finally:
-        for http in clients:
-            await http.close()
-    return Measure(sessions * n, wall, latencies)
+    t0 = time.perf_counter()
+    await asyncio.gather(
+        *(worker(h, t, w) for w, (h, t) in enumerate(zip(https, targets, strict=True)))
+    )
+    wall = time.perf_counter() - t0
+    return Measure(len(https) * n, wall, latencies)
 
 
-async def _horde(setup: Setup, sessions: int, n: int) -> Measure:
-    signer = load_key_file(setup.client_key)
-    channel = open_channel(setup.gateway, signer=signer, callee=setup.gateway_identity)
-    clients = [
-        StreamClient(channel, validator_identity=setup.validator_identity) for _ in range(sessions)
-    ]
+async def _horde(clients: list[StreamClient], n: int, base: int) -> Measure:
     latencies: list[float] = []
 
     async def worker(client: StreamClient, w: int) -> None:
         for i in range(n):
-            res = await client.request(payload(w * n + i))
+            res = await client.request(payload(base + w * n + i))
             latencies.append(res.latency_s)
+            if res.http_status != 200 or not res.body:
+                raise BenchError(f"request through Horde failed: HTTP {res.http_status}")
 
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c, w) for w, c in enumerate(clients)))
+    wall = time.perf_counter() - t0
+    return Measure(len(clients) * n, wall, latencies)
+
+
+async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
+    """Open the sessions once (one job each), then time both paths on the same jobs."""
+    n = REQUESTS_PER_RUN
+    signer = load_key_file(setup.client_key)
+    channel = open_channel(setup.gateway, signer=signer, callee=setup.gateway_identity)
+    clients = [
+        StreamClient(channel, validator_identity=setup.validator_identity)
+        for _ in range(max(CONCURRENCY))
+    ]
+    https: list[aiohttp.ClientSession] = []
+    out: dict[int, dict[str, Measure]] = {}
     try:
-        await asyncio.gather(*(c.open(setup.image) for c in clients))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(c, w) for w, c in enumerate(clients)))
-        wall = time.perf_counter() - t0
+        async with asyncio.timeout(START_TIMEOUT_S * 3):
+            await asyncio.gather(
+                *(c.open(setup.image, time_limit_s=SESSION_LIMIT_S) for c in clients)
+            )
+        targets = [setup.direct(c.job_uuid) for c in clients]
+        https = [t.http() for t in targets]
+        # Warm-up (connections, caches, JIT-free but allocator-warm): both paths, every session.
+        await _direct(https, targets, WARMUP // 4, 0)
+        await _horde(clients, WARMUP // 4, 0)
+        base = 10**6
+        for sessions in CONCURRENCY:
+            parts: dict[str, list[Measure]] = {"direct": [], "horde": []}
+            for r in range(runs):
+                # Interleaved A/B then B/A, so machine noise falls on both alike.
+                order = ["direct", "horde"] if r % 2 == 0 else ["horde", "direct"]
+                for name in order:
+                    base += sessions * n
+                    if name == "direct":
+                        m = await _direct(https[:sessions], targets[:sessions], n, base)
+                    else:
+                        m = await _horde(clients[:sessions], n, base)
+                    parts[name].append(m)
+            out[sessions] = {k: Measure.merge(v) for k, v in parts.items()}
         await asyncio.gather(*(c.close("benchmark done") for c in clients))
     finally:
         for c in clients:
             c.cancel()
+        for http in https:
+            await http.close()
         await channel.close()
-    return Measure(sessions * n, wall, latencies)
-
-
-async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
-    n = REQUESTS_PER_RUN
-    await _direct(setup, 1, WARMUP)
-    await _horde(setup, 1, WARMUP)
-    out: dict[int, dict[str, Measure]] = {}
-    for sessions in CONCURRENCY:
-        parts: dict[str, list[Measure]] = {"direct": [], "horde": []}
-        for r in range(runs):
-            # Interleaved A/B then B/A, so machine noise falls on both alike.
-            order: list[tuple[str, Callable[[Setup, int, int], Awaitable[Measure]]]] = [
-                ("direct", _direct),
-                ("horde", _horde),
-            ]
-            if r % 2:
-                order.reverse()
-            for name, fn in order:
-                parts[name].append(await fn(setup, sessions, n))
-        out[sessions] = {k: Measure.merge(v) for k, v in parts.items()}
     return out
 
 
@@ -206,6 +284,7 @@ def report(setup: Setup, runs: int, results: dict[int, dict[str, Measure]]) -> P
     one = results[1]
     figures: dict[str, Any] = {
         "mode": setup.mode,
+        "direct_baseline": setup.baseline,
         "payload_bytes": PAYLOAD_BYTES,
         "requests_per_session_per_run": REQUESTS_PER_RUN,
         "runs": runs,
@@ -240,6 +319,7 @@ def report(setup: Setup, runs: int, results: dict[int, dict[str, Measure]]) -> P
     )
     verdict = "PASS" if passed else "MISS"
     summary = (
+        f"direct baseline: {setup.baseline}\n"
         f"{verdict}: throughput ratio {figures['throughput_ratio_1']} (1 session), "
         f"{figures['throughput_ratio_16']} (16 sessions), target >= {TARGET_RATIO}; added "
         f"latency p50 {figures['added_p50_ms']} ms (target <= {TARGET_ADDED_P50_MS}), p99 "
@@ -254,6 +334,7 @@ def report(setup: Setup, runs: int, results: dict[int, dict[str, Measure]]) -> P
 
 
 async def run(runs: int, build: Path) -> PartResult:
-    async with fake_setup() as setup:
+    fake = os.environ.get("HORDE_BENCH_STREAMING", "").strip() == "fake"
+    async with fake_setup() if fake else real_setup() as setup:
         results = await measure(setup, runs)
     return report(setup, runs, results)

@@ -2,7 +2,9 @@
 
 Starts a whole local network (`horde dev up`), shows that every service answers health and that
 the services authenticate one another (and refuse strangers), runs an organic job that reads its
-input volume and writes output files, prints the result, and stops everything. Exit 0 on success.
+input volume and writes output files, prints the result, runs a synthetic round, streams a few
+dozen requests through the gateway to horde/demo-llm with verified receipts, spot-checks the
+sampled pairs on the validator's trusted miner, and stops everything. Exit 0 on success.
 """
 
 from __future__ import annotations
@@ -191,6 +193,96 @@ def synthetic_round(state_dir: Path) -> None:
             raise SystemExit("the executor did not pass its synthetic challenge")
 
 
+STREAM_REQUESTS = 40
+
+
+def streaming_session(state_dir: Path, work: Path) -> None:
+    """`horde stream` on horde/demo-llm: one session, a few dozen requests, each answered with a
+    receipt signed by the job's key (checked by the gateway and by the CLI), then verified
+    offline with `horde receipts verify`; latency per request as the client saw it."""
+    requests = work / "prompts.txt"
+    requests.write_text(
+        "".join(
+            f"prompt {i}: what does a horde of miners compute?\n" for i in range(STREAM_REQUESTS)
+        )
+    )
+    receipts = work / "receipts.jsonl"
+    cmd = [
+        HORDE,
+        "stream",
+        "--dev",
+        str(state_dir),
+        "--image",
+        "horde/demo-llm:latest",
+        "--input",
+        str(requests),
+        "--receipts",
+        str(receipts),
+        "--json",
+    ]
+    console.print("$ " + " ".join(cmd[1:]).replace(str(work), "$WORK"))
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    if proc.returncode != 0:
+        console.print(proc.stdout, proc.stderr)
+        raise SystemExit(f"the streaming session failed (exit {proc.returncode})")
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]
+    if len(docs) != STREAM_REQUESTS:
+        raise SystemExit(f"{len(docs)} responses to {STREAM_REQUESTS} requests")
+    table = Table("seq", "response (first words)", "ms", "receipt signature")
+    for doc in docs[:3] + docs[-1:]:
+        words = " ".join(doc["response"].split()[:6]) + " ..."
+        table.add_row(
+            str(doc["seq"]), words, f"{doc['latency_ms']:.2f}", doc["receipt"]["signature"][:24]
+        )
+    console.print(table)
+    for line in proc.stderr.splitlines():
+        if line.startswith(("session ready", "session closed")):
+            console.print(line, highlight=False)
+    verify = [HORDE, "receipts", "verify", str(receipts)]
+    console.print("$ " + " ".join(verify[1:]).replace(str(work), "$WORK"))
+    checked = subprocess.run(verify, capture_output=True, text=True, timeout=60)
+    console.print((checked.stdout + checked.stderr).strip(), highlight=False)
+    if checked.returncode != 0 or f"{STREAM_REQUESTS} valid, 0 invalid" not in checked.stderr:
+        raise SystemExit("the session's receipts did not verify")
+    ordered = sorted(float(doc["latency_ms"]) for doc in docs)
+    p50 = ordered[len(ordered) // 2]
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    console.print(
+        f"{STREAM_REQUESTS} requests, {STREAM_REQUESTS} receipts verified offline; latency per "
+        f"request (client -> gateway -> job proxy -> container and back): p50 {p50:.2f} ms, "
+        f"p99 {p99:.2f} ms; whole session {took:.2f}s (container start and CLI start-up included)",
+        highlight=False,
+    )
+
+
+def spot_check(state_dir: Path) -> None:
+    """`horde validator spotcheck`: the validator pulls the pairs the gateway sampled, starts the
+    same image on its trusted miner (dev up runs one, not in the roster), replays the requests,
+    compares the outputs by sha256 and tears the instance down; then the verdict."""
+    argv = [HORDE, "validator", "spotcheck", "--dev", str(state_dir), "--json"]
+    console.print("$ " + " ".join(argv[1:]).replace(str(state_dir), "$STATE"))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        console.print(proc.stdout, proc.stderr)
+        raise SystemExit(f"`horde validator spotcheck` failed (exit {proc.returncode})")
+    doc = json.loads(proc.stdout)
+    console.print(f"{doc['samples_pulled']} sampled pair(s) pulled from the gateway")
+    for check in doc["checks"]:
+        verdict = "PASSED" if not check["mismatches"] else f"{check['mismatches']} MISMATCH(ES)"
+        console.print(
+            f"check {check['check_id']}: {check['pairs']} pair(s) of {check['image']} replayed on "
+            f"the trusted miner in {check['duration_s']:.2f}s, instance torn down: "
+            f"[bold]{verdict}[/bold]",
+            highlight=False,
+        )
+        if check["mismatches"]:
+            raise SystemExit("the honest dev miner failed its spot check")
+    if not doc["checks"]:
+        console.print("no pairs were sampled this time: nothing to check", highlight=False)
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="horde-demo-") as tmp:
         work = Path(tmp)
@@ -226,8 +318,14 @@ def main() -> int:
 
             step("4. a synthetic round (horde/synthetic on the executor) and the weights it set")
             synthetic_round(state_dir)
+
+            step("5. a streaming session on horde/demo-llm: every response with a signed receipt")
+            streaming_session(state_dir, work)
+
+            step("6. a spot check: the sampled pairs replayed on the validator's trusted miner")
+            spot_check(state_dir)
         finally:
-            step("5. stopping the network (SIGINT)")
+            step("7. stopping the network (SIGINT)")
             proc.send_signal(signal.SIGINT)
             try:
                 proc.communicate(timeout=30)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,13 @@ DEFAULT_IMAGES = ["horde/base:latest", "horde/demo-job:latest"]
 STREAMING_IMAGES = ["horde/demo-llm:latest", "horde/demo-llm-dishonest:latest"]
 
 
+def _free_port() -> int:
+    """A port free now on 127.0.0.1 (the validator must know the gateway's before it starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _key(path: Path, kind: str) -> Path:
     if not path.exists():
         create_key_file(path, kind)  # type: ignore[arg-type]
@@ -41,8 +49,13 @@ def _key(path: Path, kind: str) -> Path:
 
 
 async def dev_up(
-    state_dir: Path, allow_images: list[str], stop: asyncio.Event | None = None
+    state_dir: Path,
+    allow_images: list[str],
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
 ) -> None:
+    """Run the network until `stop` is set (or SIGINT/SIGTERM); `ready` is set once
+    endpoints.json is written."""
     state_dir = state_dir.resolve()
     keys = state_dir / "keys"
     keys.mkdir(parents=True, exist_ok=True)
@@ -52,6 +65,9 @@ async def dev_up(
         "executor": _key(keys / "executor.json", "ed25519"),
         "gateway": _key(keys / "gateway.json", "ed25519"),
         "client": _key(keys / "client.json", "ed25519"),
+        # The validator operator's own miner for spot checks: not in the roster.
+        "trusted_miner": _key(keys / "trusted-miner.json", "hotkey"),
+        "trusted_executor": _key(keys / "trusted-executor.json", "ed25519"),
     }
     signers = {name: load_key_file(path) for name, path in paths.items()}
     ids = {name: s.identity for name, s in signers.items()}
@@ -67,6 +83,7 @@ async def dev_up(
         "shutdown_grace_s": 2.0,
     }
     apps: list[ServiceApp] = []
+    trusted_apps: list[ServiceApp] = []
     try:
         miner = await start_miner(
             load_settings(
@@ -101,6 +118,37 @@ async def dev_up(
         )
         apps.append(executor)
         executor.start_background()
+        # The trusted miner and its executor: own state dir, same roster (it trusts the
+        # validator's permit) but not registered in it, so it gets no jobs but spot checks.
+        trusted_common = {**common, "state_dir": state_dir / "trusted"}
+        trusted_miner = await start_miner(
+            load_settings(
+                MinerSettings,
+                executors=[str(ids["trusted_executor"])],
+                validators=[str(ids["validator"])],
+                heartbeat_interval_s=2.0,
+                executor_timeout_s=6.0,
+                **trusted_common,
+            ),
+            signers["trusted_miner"],
+        )
+        trusted_apps.append(trusted_miner)
+        trusted_miner.start_background()
+        trusted_addr = f"127.0.0.1:{trusted_miner.port}"
+        trusted_executor, trusted_agent = await start_executor(
+            load_settings(
+                ExecutorSettings,
+                miner_address=trusted_addr,
+                miner_identity=str(ids["trusted_miner"]),
+                allowed_images=[*images, *STREAMING_IMAGES],
+                work_dir=state_dir / "trusted" / "executor-work",
+                **trusted_common,
+            ),
+            signers["trusted_executor"],
+        )
+        trusted_apps.append(trusted_executor)
+        trusted_executor.start_background()
+        gateway_port = _free_port()
         validator = await start_validator(
             load_settings(
                 ValidatorSettings,
@@ -109,6 +157,10 @@ async def dev_up(
                 admins=[str(ids["client"])],
                 allowed_images=images,
                 streaming_whitelist=STREAMING_IMAGES,
+                # Spot checks: samples from the dev gateway, replayed on the trusted miner
+                # (`horde validator spotcheck --dev`).
+                gateways={str(ids["gateway"]): f"127.0.0.1:{gateway_port}"},
+                trusted_miner={"identity": str(ids["trusted_miner"]), "address": trusted_addr},
                 **common,
             ),
             signers["validator"],
@@ -121,6 +173,9 @@ async def dev_up(
                 validator_address=f"127.0.0.1:{validator.port}",
                 validator_identity=str(ids["validator"]),
                 clients=[str(ids["client"])],
+                listen=f"127.0.0.1:{gateway_port}",
+                # A quarter of the pairs kept in full, so a short session leaves some to check.
+                sample_rate=0.25,
                 **common,
             ),
             signers["gateway"],
@@ -129,6 +184,7 @@ async def dev_up(
         gateway.start_background()
         async with asyncio.timeout(30):
             await agent.connected.wait()
+            await trusted_agent.connected.wait()
         endpoints = {
             "services": {
                 app.name: {"address": f"127.0.0.1:{app.port}", "identity": app.identity}
@@ -137,6 +193,11 @@ async def dev_up(
             "client_key": str(paths["client"]),
             "client_identity": str(ids["client"]),
             "roster": str(roster),
+            "trusted_miner": {
+                "address": trusted_addr,
+                "identity": str(ids["trusted_miner"]),
+                "executor": f"127.0.0.1:{trusted_executor.port}",
+            },
             "allowed_images": images,
             "streaming_images": STREAMING_IMAGES,
             "pid": os.getpid(),
@@ -149,6 +210,8 @@ async def dev_up(
             f"horde dev network up; endpoints in {state_dir / ENDPOINTS} (Ctrl-C to stop)",
             flush=True,
         )
+        if ready is not None:
+            ready.set()
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,5 +220,7 @@ async def dev_up(
     finally:
         (state_dir / ENDPOINTS).unlink(missing_ok=True)
         for app in reversed(apps):
+            await app.stop(2.0)
+        for app in reversed(trusted_apps):
             await app.stop(2.0)
         log.info("dev_network_down")

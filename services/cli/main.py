@@ -12,7 +12,7 @@ from typing import Any
 from horde.v1 import job_pb2
 
 from services import __version__
-from services.cli import stream, validator_cmds
+from services.cli import spotcheck_cmds, stream, validator_cmds
 from services.core.config import (
     ExecutorSettings,
     GatewaySettings,
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.set_defaults(func=lambda a, n=name: _serve(n, a.config, a.metrics_port))
         if name == "validator":
             validator_cmds.register(s)
+            spotcheck_cmds.register_validator(s)
 
     keys = sub.add_parser("keys", help="key files").add_subparsers(dest="action", required=True)
     new = keys.add_parser("new", help="write a new key file (mode 0600)")
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_receipts_verify)
 
     stream.register(sub)
+    spotcheck_cmds.register(sub)
 
     dev = sub.add_parser("dev", help="local network").add_subparsers(dest="action", required=True)
     up = dev.add_parser("up", help="start all services on 127.0.0.1 until SIGINT/SIGTERM")

@@ -157,6 +157,62 @@ class SyntheticSettings(BaseModel):
     classes: dict[str, SyntheticClass] = Field(default_factory=_default_classes)
 
 
+class TrustedMiner(BaseModel):
+    """The validator operator's own, unregistered miner that replays spot checks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Identity string of the trusted miner's hotkey ("sr25519:<hex>" or "ed25519:<hex>").
+    identity: str
+    # host:port of its MinerService.
+    address: str
+    # Executor class to ask for (empty: the class the checked job ran on).
+    executor_class: str = ""
+
+
+class ComparatorSettings(BaseModel):
+    """How a replayed output is compared with the miner's (services/validator/comparators.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "sha256": byte-exact; "numeric": numbers within a tolerance, everything else exact.
+    kind: Literal["sha256", "numeric"] = "sha256"
+    rel_tol: float = Field(default=1e-6, ge=0)
+    abs_tol: float = Field(default=1e-9, ge=0)
+
+
+class SpotCheckSettings(BaseModel):
+    """Checking streaming responses (and optionally organic jobs) on the trusted miner."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Run the pull-and-check loop in the background (the admin RPC can always run a check).
+    enabled: bool = True
+    # Seconds between looks at the gateways' samples.
+    interval_s: float = Field(default=60.0, gt=0)
+    # A batch (unchecked pairs of one image digest) is checked once it has this many pairs...
+    batch_size: int = Field(default=50, gt=0)
+    # ... or once its oldest pair is this old.
+    max_age_s: float = Field(default=3600.0, gt=0)
+    # Most pairs replayed on one trusted instance.
+    max_pairs: int = Field(default=500, gt=0)
+    # Time limit of a trusted instance (it is torn down as soon as the replay is done).
+    instance_time_limit_s: int = Field(default=600, gt=0)
+    # How long the trusted instance may take to become ready (pull, start-up).
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+    # A proven mismatch multiplies the miner's score by weight_factor (0: zeroes it) for
+    # penalty_period_s, and adds penalty_amount to its penalties.
+    weight_factor: float = Field(default=0.0, ge=0, le=1)
+    penalty_period_s: float = Field(default=86400.0, gt=0)
+    penalty_amount: float = Field(default=0.0, ge=0)
+    # Comparator by image reference or image digest ("sha256:<hex>"); sha256 for the rest.
+    comparators: dict[str, ComparatorSettings] = {}
+    # Share of completed organic jobs re-run on the trusted miner (outputs compared by sha256).
+    organic_share: float = Field(default=0.0, ge=0, le=1)
+    # Penalty added for an organic output mismatch (organic jobs need not be deterministic).
+    organic_penalty_amount: float = Field(default=0.0, ge=0)
+
+
 class ValidatorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HORDE_VALIDATOR_")
 
@@ -179,6 +235,11 @@ class ValidatorSettings(ServiceSettings):
     # Largest total size of inline inputs a client may send.
     max_inline_input_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     min_miner_stake: float = 0.0
+    # Gateways whose samples this validator checks (identity string -> host:port).
+    gateways: dict[str, str] = {}
+    # The trusted miner spot checks run on (unregistered, not in `miners`); none: no checks.
+    trusted_miner: TrustedMiner | None = None
+    spotcheck: SpotCheckSettings = SpotCheckSettings()
 
 
 class MinerSettings(ServiceSettings):

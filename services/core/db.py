@@ -145,6 +145,93 @@ samples = sa.Table(
     sa.Column("created_ns", sa.BigInteger, nullable=False),
 )
 
+# --- validator: spot checks on the trusted miner (services/validator/spotcheck.py) -------------
+
+# Samples pulled from gateways (verified on arrival), each checked at most once.
+spot_samples = sa.Table(
+    "spot_samples",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("gateway", sa.String(200), nullable=False),
+    sa.Column("job_uuid", sa.String(36), nullable=False, index=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("miner_hotkey", sa.String(200), nullable=False, index=True),
+    sa.Column("image", sa.String(500), nullable=False),
+    sa.Column("image_digest", sa.String(100), nullable=False, index=True),
+    sa.Column("sample", sa.LargeBinary, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False, index=True),
+    sa.Column("check_id", sa.Integer, nullable=True, index=True),
+    sa.UniqueConstraint("gateway", "job_uuid", "seq", name="uq_spot_samples_gateway_job_seq"),
+)
+
+# Where the validator is in each gateway's ListSamples.
+spot_cursors = sa.Table(
+    "spot_cursors",
+    metadata,
+    sa.Column("gateway", sa.String(200), primary_key=True),
+    sa.Column("cursor", sa.String(100), nullable=False),
+    sa.Column("updated_ns", sa.BigInteger, nullable=False),
+)
+
+# One trusted instance: a batch of streaming pairs, or one organic job re-run.
+spot_checks = sa.Table(
+    "spot_checks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(20), nullable=False),
+    sa.Column("image", sa.String(500), nullable=False),
+    sa.Column("image_digest", sa.String(100), nullable=False),
+    sa.Column("trusted_miner", sa.String(200), nullable=False),
+    sa.Column("trusted_job_uuid", sa.String(36), nullable=False),
+    sa.Column("pairs", sa.Integer, nullable=False),
+    sa.Column("mismatches", sa.Integer, nullable=False),
+    sa.Column("error", sa.String(1000), nullable=False),
+    sa.Column("started_ns", sa.BigInteger, nullable=False, index=True),
+    sa.Column("finished_ns", sa.BigInteger, nullable=False),
+)
+
+# One verdict per checked pair (or organic job).
+spot_verdicts = sa.Table(
+    "spot_verdicts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("check_id", sa.Integer, nullable=False, index=True),
+    sa.Column("miner_hotkey", sa.String(200), nullable=False, index=True),
+    sa.Column("job_uuid", sa.String(36), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("passed", sa.Boolean, nullable=False),
+    sa.Column("comparator", sa.String(100), nullable=False),
+    sa.Column("detail", sa.String(1000), nullable=False),
+    sa.Column("evidence_id", sa.Integer, nullable=True),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+)
+
+# Evidence of a mismatch, in the JSON form `horde evidence verify` checks offline.
+spot_evidence = sa.Table(
+    "spot_evidence",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("miner_hotkey", sa.String(200), nullable=False, index=True),
+    sa.Column("job_uuid", sa.String(36), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("record_json", sa.Text, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False, index=True),
+)
+
+# Weight cuts for a period: a miner's score is multiplied by the smallest active factor.
+miner_sanctions = sa.Table(
+    "miner_sanctions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("miner_hotkey", sa.String(200), nullable=False, index=True),
+    sa.Column("kind", sa.String(50), nullable=False),
+    sa.Column("factor", sa.Float, nullable=False),
+    sa.Column("reason", sa.String(1000), nullable=False),
+    sa.Column("evidence_id", sa.Integer, nullable=True),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+    sa.Column("until_ns", sa.BigInteger, nullable=False, index=True),
+)
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 

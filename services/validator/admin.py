@@ -1,5 +1,6 @@
-"""ValidatorAdminService: the operator's `horde validator round|weights` (thin over the round
-runner and the scorer). Authentication allows only the validator's `admins`."""
+"""ValidatorAdminService: the operator's `horde validator round|weights|spotcheck|evidence`
+(thin over the round runner, the scorer and the spot checker). Authentication allows only the
+validator's `admins`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import grpc
 import structlog
 from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
 
+from services.core.errors import FailedPrecondition
 from services.validator.scoring import Scorer
+from services.validator.spotcheck import SpotChecker, SpotCheckReport
 from services.validator.synthetic import RoundReport, RoundRunner
 
 log = structlog.get_logger("horde.validator.admin")
@@ -29,10 +32,73 @@ def report_to_proto(report: RoundReport) -> validator_admin_pb2.RunRoundResponse
     )
 
 
+def spotcheck_to_proto(report: SpotCheckReport) -> validator_admin_pb2.RunSpotCheckResponse:
+    return validator_admin_pb2.RunSpotCheckResponse(
+        samples_pulled=report.pulled,
+        pull_errors=report.pull_errors,
+        checks=[
+            validator_admin_pb2.SpotCheckRun(
+                check_id=c.check_id,
+                kind=c.kind,
+                image=c.image,
+                image_digest=c.image_digest,
+                trusted_job_uuid=c.trusted_job_uuid,
+                pairs=len(c.verdicts),
+                mismatches=c.mismatches,
+                error=c.error,
+                duration_s=c.duration_s,
+                verdicts=[
+                    validator_admin_pb2.SpotCheckVerdict(
+                        miner_hotkey=v.miner,
+                        job_uuid=v.job_uuid,
+                        seq=v.seq,
+                        passed=v.passed,
+                        comparator=v.comparator,
+                        detail=v.detail,
+                        evidence_id=v.evidence_id or 0,
+                    )
+                    for v in c.verdicts
+                ],
+            )
+            for c in report.checks
+        ],
+    )
+
+
 class ValidatorAdminServicer(validator_admin_pb2_grpc.ValidatorAdminServiceServicer):
-    def __init__(self, rounds: RoundRunner, scorer: Scorer) -> None:
+    def __init__(
+        self, rounds: RoundRunner, scorer: Scorer, spotcheck: SpotChecker | None = None
+    ) -> None:
         self._rounds = rounds
         self._scorer = scorer
+        self._spotcheck = spotcheck
+
+    async def RunSpotCheck(
+        self, request: validator_admin_pb2.RunSpotCheckRequest, context: grpc.aio.ServicerContext
+    ) -> validator_admin_pb2.RunSpotCheckResponse:
+        if self._spotcheck is None or not self._spotcheck.configured:
+            raise FailedPrecondition(
+                "spot checks are not configured: set `trusted_miner` (and `gateways`)"
+            )
+        report = await self._spotcheck.run(force=True, image_digest=request.image_digest)
+        resp = spotcheck_to_proto(report)
+        if not self._spotcheck.has_trusted:
+            resp.error = "no trusted_miner configured: samples were pulled but not checked"
+        log.info(
+            "admin_spotcheck",
+            pulled=report.pulled,
+            checks=len(report.checks),
+            mismatches=sum(c.mismatches for c in report.checks),
+        )
+        return resp
+
+    async def ExportEvidence(
+        self, request: validator_admin_pb2.ExportEvidenceRequest, context: grpc.aio.ServicerContext
+    ) -> validator_admin_pb2.ExportEvidenceResponse:
+        if self._spotcheck is None:
+            raise FailedPrecondition("spot checks are not served by this validator")
+        records = await self._spotcheck.store.evidence(request.miner_hotkey)
+        return validator_admin_pb2.ExportEvidenceResponse(records_json=records)
 
     async def RunRound(
         self, request: validator_admin_pb2.RunRoundRequest, context: grpc.aio.ServicerContext

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from horde.v1 import (
     validator_admin_pb2,
     validator_admin_pb2_grpc,
@@ -22,6 +24,7 @@ from services.validator.jobs import JobManager
 from services.validator.miners import MinerDirectory
 from services.validator.scoring import Scorer
 from services.validator.service import ValidatorServicer
+from services.validator.spotcheck import SpotChecker
 from services.validator.store import JobStore
 from services.validator.streaming import StreamingJobs, Whitelist
 from services.validator.synthetic import RoundRunner, SyntheticStore
@@ -32,6 +35,14 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
     clients = parse_identities(settings.clients, "clients")
     admins = parse_identities(settings.admins, "admins")
     parse_identities(list(settings.miners), "miners")
+    parse_identities(list(settings.gateways), "gateways")
+    if settings.trusted_miner is not None:
+        (trusted,) = parse_identities([settings.trusted_miner.identity], "trusted_miner.identity")
+        if trusted in parse_identities(list(settings.miners), "miners"):
+            raise ConfigError(
+                "invalid setting 'trusted_miner': it must not also be in 'miners' "
+                "(organic and streaming jobs would be routed to it)"
+            )
     try:
         whitelist = Whitelist(settings.streaming_whitelist)
     except ValueError as exc:
@@ -47,6 +58,17 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
     synthetic = SyntheticStore(engine)
     rounds = RoundRunner(str(signer.identity), directory, synthetic, settings.synthetic)
     scorer = Scorer(synthetic, chain, settings.synthetic)
+    spotcheck = SpotChecker(
+        signer,
+        engine,
+        store,
+        synthetic,
+        settings.spotcheck,
+        settings.gateways,
+        settings.trusted_miner,
+        settings.tls,
+        settings.default_executor_class,
+    )
     admin_prefix = (
         "/"
         + validator_admin_pb2.DESCRIPTOR.services_by_name["ValidatorAdminService"].full_name
@@ -89,7 +111,7 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
             ServiceRegistration(
                 validator_admin_pb2.DESCRIPTOR.services_by_name["ValidatorAdminService"].full_name,
                 validator_admin_pb2_grpc.add_ValidatorAdminServiceServicer_to_server,
-                ValidatorAdminServicer(rounds, scorer),
+                ValidatorAdminServicer(rounds, scorer, spotcheck),
             ),
         ],
         authenticator=auth,
@@ -99,15 +121,21 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
 
     async def close_all() -> None:
         await manager.close()
+        await spotcheck.close()
         await directory.close()
         await chain.close()
         await engine.dispose()
 
+    background: list[Callable[[], Awaitable[None]]] = (
+        [rounds.run_forever, scorer.run_forever] if settings.synthetic.enabled else []
+    )
+    if settings.spotcheck.enabled and spotcheck.configured:
+        background.append(spotcheck.run_forever)
     return ServiceApp(
         name="validator",
         signer=signer,
         servers=[server],
-        background=[rounds.run_forever, scorer.run_forever] if settings.synthetic.enabled else [],
+        background=background,
         closers=[close_all],
         grace_s=settings.shutdown_grace_s,
     )

@@ -10,8 +10,10 @@ A miner's score over the window (the last epoch):
   miner or its executor; a job's own failure is not the miner's);
 * penalties: the sum of the amounts in the ``penalties`` table (the streaming checks add them);
 
-floored at zero. Weights are the scores normalised over registered miners, set through the chain
-adapter every epoch (the local roster appends them to its ledger).
+floored at zero, then multiplied by the smallest factor of the miner's active sanctions (a spot
+check that proves a wrong response cuts or zeroes the weight for a period; see
+services/validator/spotcheck.py). Weights are the scores normalised over registered miners, set
+through the chain adapter every epoch (the local roster appends them to its ledger).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from horde.v1 import common_pb2
 from services.core import metrics
 from services.core.chain import ChainAdapter, normalise_weights
 from services.core.config import SyntheticSettings
-from services.core.db import jobs, penalties, synthetic_results, synthetic_rounds, weight_settings
+from services.core.db import (
+    jobs,
+    miner_sanctions,
+    penalties,
+    synthetic_results,
+    synthetic_rounds,
+    weight_settings,
+)
 from services.core.identity import Identity
 from services.validator.synthetic import SyntheticStore
 
@@ -47,10 +56,11 @@ class MinerScore:
     penalty: float
     reason: str
     weight: float = 0.0
+    factor: float = 1.0  # smallest factor of the active sanctions (1: none)
 
     @property
     def score(self) -> float:
-        return max(0.0, self.synthetic + self.organic - self.penalty)
+        return max(0.0, self.synthetic + self.organic - self.penalty) * self.factor
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,18 @@ class Scorer:
                     .group_by(penalties.c.miner_hotkey)
                 )
             ).fetchall()
+            sanction_rows = (
+                await conn.execute(
+                    sa.select(
+                        miner_sanctions.c.miner_hotkey,
+                        miner_sanctions.c.factor,
+                        miner_sanctions.c.until_ns,
+                        miner_sanctions.c.reason,
+                    )
+                    .where(miner_sanctions.c.until_ns > (now_ns or time.time_ns()))
+                    .order_by(miner_sanctions.c.factor, miner_sanctions.c.id.desc())
+                )
+            ).fetchall()
 
         classes = self._settings.classes
         passed: dict[str, dict[str, int]] = defaultdict(dict)
@@ -169,8 +191,11 @@ class Scorer:
             target = completed if state == common_pb2.JOB_STATE_COMPLETED else horde_failed
             target[miner] += int(count)
         pen = {m: (float(total or 0.0), int(n)) for m, total, n in penalty_rows}
+        sanctions: dict[str, tuple[float, int, str]] = {}
+        for miner, factor, until_ns, why in sanction_rows:
+            sanctions.setdefault(miner, (float(factor), int(until_ns), str(why)))
 
-        miners = sorted({*passed, *failed, *completed, *horde_failed, *pen})
+        miners = sorted({*passed, *failed, *completed, *horde_failed, *pen, *sanctions})
         out = []
         for miner in miners:
             by_class = passed.get(miner, {})
@@ -195,7 +220,16 @@ class Scorer:
                 f"{completed[miner]} completed, {horde_failed[miner]} horde_failed; "
                 f"penalties -{penalty:.3f} ({n_pen})"
             )
-            out.append(MinerScore(miner, _ss58(miner), synthetic, organic_score, penalty, reason))
+            factor = 1.0
+            if miner in sanctions:
+                factor, until_ns, why = sanctions[miner]
+                until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until_ns / 1e9))
+                reason += f"; weight x{factor:g} until {until}: {why}"
+            out.append(
+                MinerScore(
+                    miner, _ss58(miner), synthetic, organic_score, penalty, reason, factor=factor
+                )
+            )
         weighted, error = await self._weigh(out)
         weighted.sort(key=lambda s: (-s.weight, -s.score, s.miner))
         return Scores(tuple(weighted), window_s, rounds, error)
@@ -259,4 +293,4 @@ class Scorer:
 
 
 def _with(s: MinerScore, weight: float, reason: str) -> MinerScore:
-    return MinerScore(s.miner, s.ss58, s.synthetic, s.organic, s.penalty, reason, weight)
+    return MinerScore(s.miner, s.ss58, s.synthetic, s.organic, s.penalty, reason, weight, s.factor)

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import db
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 def url(path: Path) -> str:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from horde.v1 import synthetic_pb2 as horde_dot_v1_dot_synthetic__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehorde/v1/validator_admin.proto\x12\x08horde.v1\x1a\x18horde/v1/synthetic.proto\"&\n\x0fRunRoundRequest\x12\x13\n\x0bset_weights\x18\x01 \x01(\x08\"\x7f\n\x10MinerRoundResult\x12\x14\n\x0cminer_hotkey\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12,\n\x08verdicts\x18\x03 \x03(\x0b\x32\x1a.horde.v1.SyntheticVerdict\x12\x18\n\x10\x65xecutor_classes\x18\x04 \x03(\t\"\x93\x01\n\x10RunRoundResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12*\n\x06miners\x18\x03 \x03(\x0b\x32\x1a.horde.v1.MinerRoundResult\x12\x19\n\x11weights_reference\x18\x04 \x01(\t\x12\x15\n\rweights_error\x18\x05 \x01(\t\"\x13\n\x11GetWeightsRequest\"\xa1\x01\n\x0bMinerWeight\x12\x14\n\x0cminer_hotkey\x18\x01 \x01(\t\x12\x0c\n\x04ss58\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0fsynthetic_score\x18\x06 \x01(\x01\x12\x15\n\rorganic_score\x18\x07 \x01(\x01\x12\x0f\n\x07penalty\x18\x08 \x01(\x01\"\x96\x01\n\x12GetWeightsResponse\x12%\n\x06miners\x18\x01 \x03(\x0b\x32\x15.horde.v1.MinerWeight\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x1e\n\x16last_weights_reference\x18\x04 \x01(\t\x12\x17\n\x0flast_weights_ns\x18\x05 \x01(\x03\x32\xa3\x01\n\x15ValidatorAdminService\x12\x41\n\x08RunRound\x12\x19.horde.v1.RunRoundRequest\x1a\x1a.horde.v1.RunRoundResponse\x12G\n\nGetWeights\x12\x1b.horde.v1.GetWeightsRequest\x1a\x1c.horde.v1.GetWeightsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehorde/v1/validator_admin.proto\x12\x08horde.v1\x1a\x18horde/v1/synthetic.proto\"&\n\x0fRunRoundRequest\x12\x13\n\x0bset_weights\x18\x01 \x01(\x08\"\x7f\n\x10MinerRoundResult\x12\x14\n\x0cminer_hotkey\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12,\n\x08verdicts\x18\x03 \x03(\x0b\x32\x1a.horde.v1.SyntheticVerdict\x12\x18\n\x10\x65xecutor_classes\x18\x04 \x03(\t\"\x93\x01\n\x10RunRoundResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12*\n\x06miners\x18\x03 \x03(\x0b\x32\x1a.horde.v1.MinerRoundResult\x12\x19\n\x11weights_reference\x18\x04 \x01(\t\x12\x15\n\rweights_error\x18\x05 \x01(\t\"\x13\n\x11GetWeightsRequest\"\xa1\x01\n\x0bMinerWeight\x12\x14\n\x0cminer_hotkey\x18\x01 \x01(\t\x12\x0c\n\x04ss58\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0fsynthetic_score\x18\x06 \x01(\x01\x12\x15\n\rorganic_score\x18\x07 \x01(\x01\x12\x0f\n\x07penalty\x18\x08 \x01(\x01\"\x96\x01\n\x12GetWeightsResponse\x12%\n\x06miners\x18\x01 \x03(\x0b\x32\x15.horde.v1.MinerWeight\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x1e\n\x16last_weights_reference\x18\x04 \x01(\t\x12\x17\n\x0flast_weights_ns\x18\x05 \x01(\x03\"+\n\x13RunSpotCheckRequest\x12\x14\n\x0cimage_digest\x18\x01 \x01(\t\"\x90\x01\n\x10SpotCheckVerdict\x12\x14\n\x0cminer_hotkey\x18\x01 \x01(\t\x12\x10\n\x08job_uuid\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0e\n\x06passed\x18\x04 \x01(\x08\x12\x12\n\ncomparator\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x13\n\x0b\x65vidence_id\x18\x07 \x01(\x03\"\xe1\x01\n\x0cSpotCheckRun\x12\x10\n\x08\x63heck_id\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\t\x12\x14\n\x0cimage_digest\x18\x04 \x01(\t\x12\x18\n\x10trusted_job_uuid\x18\x05 \x01(\t\x12\r\n\x05pairs\x18\x06 \x01(\r\x12\x12\n\nmismatches\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nduration_s\x18\t \x01(\x01\x12,\n\x08verdicts\x18\n \x03(\x0b\x32\x1a.horde.v1.SpotCheckVerdict\"z\n\x14RunSpotCheckResponse\x12\x16\n\x0esamples_pulled\x18\x01 \x01(\r\x12\x13\n\x0bpull_errors\x18\x02 \x03(\t\x12&\n\x06\x63hecks\x18\x03 \x03(\x0b\x32\x16.horde.v1.SpotCheckRun\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"-\n\x15\x45xportEvidenceRequest\x12\x14\n\x0cminer_hotkey\x18\x01 \x01(\t\".\n\x16\x45xportEvidenceResponse\x12\x14\n\x0crecords_json\x18\x01 \x03(\t2\xc7\x02\n\x15ValidatorAdminService\x12\x41\n\x08RunRound\x12\x19.horde.v1.RunRoundRequest\x1a\x1a.horde.v1.RunRoundResponse\x12G\n\nGetWeights\x12\x1b.horde.v1.GetWeightsRequest\x1a\x1c.horde.v1.GetWeightsResponse\x12M\n\x0cRunSpotCheck\x12\x1d.horde.v1.RunSpotCheckRequest\x1a\x1e.horde.v1.RunSpotCheckResponse\x12S\n\x0e\x45xportEvidence\x12\x1f.horde.v1.ExportEvidenceRequest\x1a .horde.v1.ExportEvidenceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MINERWEIGHT']._serialized_end=572
   _globals['_GETWEIGHTSRESPONSE']._serialized_start=575
   _globals['_GETWEIGHTSRESPONSE']._serialized_end=725
-  _globals['_VALIDATORADMINSERVICE']._serialized_start=728
-  _globals['_VALIDATORADMINSERVICE']._serialized_end=891
+  _globals['_RUNSPOTCHECKREQUEST']._serialized_start=727
+  _globals['_RUNSPOTCHECKREQUEST']._serialized_end=770
+  _globals['_SPOTCHECKVERDICT']._serialized_start=773
+  _globals['_SPOTCHECKVERDICT']._serialized_end=917
+  _globals['_SPOTCHECKRUN']._serialized_start=920
+  _globals['_SPOTCHECKRUN']._serialized_end=1145
+  _globals['_RUNSPOTCHECKRESPONSE']._serialized_start=1147
+  _globals['_RUNSPOTCHECKRESPONSE']._serialized_end=1269
+  _globals['_EXPORTEVIDENCEREQUEST']._serialized_start=1271
+  _globals['_EXPORTEVIDENCEREQUEST']._serialized_end=1316
+  _globals['_EXPORTEVIDENCERESPONSE']._serialized_start=1318
+  _globals['_EXPORTEVIDENCERESPONSE']._serialized_end=1364
+  _globals['_VALIDATORADMINSERVICE']._serialized_start=1367
+  _globals['_VALIDATORADMINSERVICE']._serialized_end=1694
 # @@protoc_insertion_point(module_scope)

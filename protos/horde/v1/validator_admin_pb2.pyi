@@ -225,3 +225,215 @@ class GetWeightsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetWeightsResponse: _TypeAlias = GetWeightsResponse  # noqa: Y015
+
+@_typing.final
+class RunSpotCheckRequest(_message.Message):
+    """RunSpotCheckRequest asks for a spot check now, whatever the batch size and age thresholds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    image_digest: _builtins.str
+    """Only this image digest ("" for every image with unchecked pairs)."""
+    def __init__(
+        self,
+        *,
+        image_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_digest", b"image_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSpotCheckRequest: _TypeAlias = RunSpotCheckRequest  # noqa: Y015
+
+@_typing.final
+class SpotCheckVerdict(_message.Message):
+    """SpotCheckVerdict is the outcome for one replayed pair (or one organic job re-run)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINER_HOTKEY_FIELD_NUMBER: _builtins.int
+    JOB_UUID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    COMPARATOR_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    EVIDENCE_ID_FIELD_NUMBER: _builtins.int
+    miner_hotkey: _builtins.str
+    """Identity string of the miner that served the checked response."""
+    job_uuid: _builtins.str
+    """The checked job."""
+    seq: _builtins.int
+    """Request number within the job (0 for an organic job)."""
+    passed: _builtins.bool
+    """True when the miner's output agrees with the trusted instance's."""
+    comparator: _builtins.str
+    """Comparator used ("sha256", "numeric(...)", "sha256-files")."""
+    detail: _builtins.str
+    """Human-readable account of the comparison."""
+    evidence_id: _builtins.int
+    """Id of the evidence record of a mismatch (0 when none)."""
+    def __init__(
+        self,
+        *,
+        miner_hotkey: _builtins.str = ...,
+        job_uuid: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        passed: _builtins.bool = ...,
+        comparator: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        evidence_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparator", b"comparator", "detail", b"detail", "evidence_id", b"evidence_id", "job_uuid", b"job_uuid", "miner_hotkey", b"miner_hotkey", "passed", b"passed", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpotCheckVerdict: _TypeAlias = SpotCheckVerdict  # noqa: Y015
+
+@_typing.final
+class SpotCheckRun(_message.Message):
+    """SpotCheckRun is one trusted instance: a batch of one image, or one organic re-run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECK_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    TRUSTED_JOB_UUID_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    VERDICTS_FIELD_NUMBER: _builtins.int
+    check_id: _builtins.int
+    """Id of the check."""
+    kind: _builtins.str
+    """"streaming" or "organic"."""
+    image: _builtins.str
+    """Image reference replayed."""
+    image_digest: _builtins.str
+    """Image digest replayed ("" for organic jobs)."""
+    trusted_job_uuid: _builtins.str
+    """The job on the trusted miner (torn down when the check ended)."""
+    pairs: _builtins.int
+    """Pairs compared."""
+    mismatches: _builtins.int
+    """Pairs whose outputs differ."""
+    error: _builtins.str
+    """Why the check could not run ("" when it did); no verdicts then."""
+    duration_s: _builtins.float
+    """Seconds the check took, start-up and teardown included."""
+    @_builtins.property
+    def verdicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpotCheckVerdict]:
+        """One verdict per pair."""
+
+    def __init__(
+        self,
+        *,
+        check_id: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        image: _builtins.str = ...,
+        image_digest: _builtins.str = ...,
+        trusted_job_uuid: _builtins.str = ...,
+        pairs: _builtins.int = ...,
+        mismatches: _builtins.int = ...,
+        error: _builtins.str = ...,
+        duration_s: _builtins.float = ...,
+        verdicts: _abc.Iterable[Global___SpotCheckVerdict] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_id", b"check_id", "duration_s", b"duration_s", "error", b"error", "image", b"image", "image_digest", b"image_digest", "kind", b"kind", "mismatches", b"mismatches", "pairs", b"pairs", "trusted_job_uuid", b"trusted_job_uuid", "verdicts", b"verdicts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpotCheckRun: _TypeAlias = SpotCheckRun  # noqa: Y015
+
+@_typing.final
+class RunSpotCheckResponse(_message.Message):
+    """RunSpotCheckResponse reports the checks run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLES_PULLED_FIELD_NUMBER: _builtins.int
+    PULL_ERRORS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    samples_pulled: _builtins.int
+    """Verified samples pulled from the gateways just before."""
+    error: _builtins.str
+    """Why no check could run at all ("" when checks could run)."""
+    @_builtins.property
+    def pull_errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Gateways that could not be reached, with why."""
+
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpotCheckRun]:
+        """Checks run."""
+
+    def __init__(
+        self,
+        *,
+        samples_pulled: _builtins.int = ...,
+        pull_errors: _abc.Iterable[_builtins.str] | None = ...,
+        checks: _abc.Iterable[Global___SpotCheckRun] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "error", b"error", "pull_errors", b"pull_errors", "samples_pulled", b"samples_pulled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSpotCheckResponse: _TypeAlias = RunSpotCheckResponse  # noqa: Y015
+
+@_typing.final
+class ExportEvidenceRequest(_message.Message):
+    """ExportEvidenceRequest selects evidence records."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINER_HOTKEY_FIELD_NUMBER: _builtins.int
+    miner_hotkey: _builtins.str
+    """Only records against this miner ("" for all)."""
+    def __init__(
+        self,
+        *,
+        miner_hotkey: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["miner_hotkey", b"miner_hotkey"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportEvidenceRequest: _TypeAlias = ExportEvidenceRequest  # noqa: Y015
+
+@_typing.final
+class ExportEvidenceResponse(_message.Message):
+    """ExportEvidenceResponse holds evidence records."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_JSON_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Records, oldest first, each one JSON document (services/validator/evidence.py)."""
+
+    def __init__(
+        self,
+        *,
+        records_json: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records_json", b"records_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportEvidenceResponse: _TypeAlias = ExportEvidenceResponse  # noqa: Y015

@@ -46,6 +46,16 @@ class ValidatorAdminServiceStub:
                 request_serializer=horde_dot_v1_dot_validator__admin__pb2.GetWeightsRequest.SerializeToString,
                 response_deserializer=horde_dot_v1_dot_validator__admin__pb2.GetWeightsResponse.FromString,
                 _registered_method=True)
+        self.RunSpotCheck = channel.unary_unary(
+                '/horde.v1.ValidatorAdminService/RunSpotCheck',
+                request_serializer=horde_dot_v1_dot_validator__admin__pb2.RunSpotCheckRequest.SerializeToString,
+                response_deserializer=horde_dot_v1_dot_validator__admin__pb2.RunSpotCheckResponse.FromString,
+                _registered_method=True)
+        self.ExportEvidence = channel.unary_unary(
+                '/horde.v1.ValidatorAdminService/ExportEvidence',
+                request_serializer=horde_dot_v1_dot_validator__admin__pb2.ExportEvidenceRequest.SerializeToString,
+                response_deserializer=horde_dot_v1_dot_validator__admin__pb2.ExportEvidenceResponse.FromString,
+                _registered_method=True)
 
 
 class ValidatorAdminServiceServicer:
@@ -67,6 +77,20 @@ class ValidatorAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunSpotCheck(self, request, context):
+        """Pull the gateways' samples and check everything gathered on the trusted miner now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportEvidence(self, request, context):
+        """Evidence records of spot-check mismatches, in the JSON form `horde evidence verify` checks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ValidatorAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +103,16 @@ def add_ValidatorAdminServiceServicer_to_server(servicer, server):
                     servicer.GetWeights,
                     request_deserializer=horde_dot_v1_dot_validator__admin__pb2.GetWeightsRequest.FromString,
                     response_serializer=horde_dot_v1_dot_validator__admin__pb2.GetWeightsResponse.SerializeToString,
+            ),
+            'RunSpotCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunSpotCheck,
+                    request_deserializer=horde_dot_v1_dot_validator__admin__pb2.RunSpotCheckRequest.FromString,
+                    response_serializer=horde_dot_v1_dot_validator__admin__pb2.RunSpotCheckResponse.SerializeToString,
+            ),
+            'ExportEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportEvidence,
+                    request_deserializer=horde_dot_v1_dot_validator__admin__pb2.ExportEvidenceRequest.FromString,
+                    response_serializer=horde_dot_v1_dot_validator__admin__pb2.ExportEvidenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +171,60 @@ class ValidatorAdminService:
             '/horde.v1.ValidatorAdminService/GetWeights',
             horde_dot_v1_dot_validator__admin__pb2.GetWeightsRequest.SerializeToString,
             horde_dot_v1_dot_validator__admin__pb2.GetWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunSpotCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/horde.v1.ValidatorAdminService/RunSpotCheck',
+            horde_dot_v1_dot_validator__admin__pb2.RunSpotCheckRequest.SerializeToString,
+            horde_dot_v1_dot_validator__admin__pb2.RunSpotCheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/horde.v1.ValidatorAdminService/ExportEvidence',
+            horde_dot_v1_dot_validator__admin__pb2.ExportEvidenceRequest.SerializeToString,
+            horde_dot_v1_dot_validator__admin__pb2.ExportEvidenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class ValidatorAdminServiceStub:
     """Run one synthetic round against every known miner now and return its verdicts."""
     GetWeights: _grpc.UnaryUnaryMultiCallable[_validator_admin_pb2.GetWeightsRequest, _validator_admin_pb2.GetWeightsResponse]
     """Current per-miner scores, the normalised weights they give, and the reason for each."""
+    RunSpotCheck: _grpc.UnaryUnaryMultiCallable[_validator_admin_pb2.RunSpotCheckRequest, _validator_admin_pb2.RunSpotCheckResponse]
+    """Pull the gateways' samples and check everything gathered on the trusted miner now."""
+    ExportEvidence: _grpc.UnaryUnaryMultiCallable[_validator_admin_pb2.ExportEvidenceRequest, _validator_admin_pb2.ExportEvidenceResponse]
+    """Evidence records of spot-check mismatches, in the JSON form `horde evidence verify` checks."""
 
 @_typing.type_check_only
 class ValidatorAdminServiceAsyncStub(ValidatorAdminServiceStub):
@@ -51,6 +55,10 @@ class ValidatorAdminServiceAsyncStub(ValidatorAdminServiceStub):
     """Run one synthetic round against every known miner now and return its verdicts."""
     GetWeights: _aio.UnaryUnaryMultiCallable[_validator_admin_pb2.GetWeightsRequest, _validator_admin_pb2.GetWeightsResponse]  # type: ignore[assignment]
     """Current per-miner scores, the normalised weights they give, and the reason for each."""
+    RunSpotCheck: _aio.UnaryUnaryMultiCallable[_validator_admin_pb2.RunSpotCheckRequest, _validator_admin_pb2.RunSpotCheckResponse]  # type: ignore[assignment]
+    """Pull the gateways' samples and check everything gathered on the trusted miner now."""
+    ExportEvidence: _aio.UnaryUnaryMultiCallable[_validator_admin_pb2.ExportEvidenceRequest, _validator_admin_pb2.ExportEvidenceResponse]  # type: ignore[assignment]
+    """Evidence records of spot-check mismatches, in the JSON form `horde evidence verify` checks."""
 
 class ValidatorAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """ValidatorAdminService is the validator operator's control surface: run a synthetic round now and
@@ -72,5 +80,21 @@ class ValidatorAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_validator_admin_pb2.GetWeightsResponse, _abc.Awaitable[_validator_admin_pb2.GetWeightsResponse]]:
         """Current per-miner scores, the normalised weights they give, and the reason for each."""
+
+    @_abc_1.abstractmethod
+    def RunSpotCheck(
+        self,
+        request: _validator_admin_pb2.RunSpotCheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_validator_admin_pb2.RunSpotCheckResponse, _abc.Awaitable[_validator_admin_pb2.RunSpotCheckResponse]]:
+        """Pull the gateways' samples and check everything gathered on the trusted miner now."""
+
+    @_abc_1.abstractmethod
+    def ExportEvidence(
+        self,
+        request: _validator_admin_pb2.ExportEvidenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_validator_admin_pb2.ExportEvidenceResponse, _abc.Awaitable[_validator_admin_pb2.ExportEvidenceResponse]]:
+        """Evidence records of spot-check mismatches, in the JSON form `horde evidence verify` checks."""
 
 def add_ValidatorAdminServiceServicer_to_server(servicer: ValidatorAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,235 @@
+"""`horde validator spotcheck`, `horde validator evidence export` and `horde evidence verify`.
+
+The first two call the validator's ValidatorAdminService (the key must be in its `admins`;
+`horde dev up` enrols its client key). `horde evidence verify FILE` needs no network: it checks
+each record from signatures alone (services/validator/evidence.py) and exits 0 only when every
+record proves a mismatch; otherwise it prints the reason for each record that does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
+
+SPOTCHECK_TIMEOUT_S = 1800.0
+EXPORT_TIMEOUT_S = 60.0
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
+    p.add_argument("--validator", help="validator host:port")
+    p.add_argument("--validator-identity", help="validator identity (sr25519:<hex>)")
+    p.add_argument("--key", type=Path, help="admin key file (listed in the validator's admins)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def register_validator(actions: Any) -> None:
+    """Add `spotcheck` and `evidence export` to the `horde validator` sub-commands."""
+    spot = actions.add_parser(
+        "spotcheck", help="check the gathered streaming samples on the trusted miner now"
+    )
+    _client_args(spot)
+    spot.add_argument("--image-digest", default="", help="only this image digest")
+    spot.set_defaults(func=_spotcheck)
+    evidence = actions.add_parser("evidence", help="evidence of spot-check mismatches")
+    sub = evidence.add_subparsers(dest="evidence_action", required=True)
+    export = sub.add_parser("export", help="write the evidence records")
+    _client_args(export)
+    export.add_argument("--miner", default="", help="only records against this miner identity")
+    export.add_argument("--out", type=Path, help="write the records here, one JSON record a line")
+    export.set_defaults(func=_export)
+
+
+def register(sub: Any) -> None:
+    """Add `horde evidence verify`."""
+    evidence = sub.add_parser("evidence", help="spot-check evidence").add_subparsers(
+        dest="action", required=True
+    )
+    verify = evidence.add_parser(
+        "verify", help="check evidence records offline, from signatures alone"
+    )
+    verify.add_argument("file", type=Path)
+    verify.add_argument("--json", action="store_true", help="print one JSON document")
+    verify.set_defaults(func=_verify)
+
+
+def _call(args: argparse.Namespace, name: str, fn: Any) -> int:
+    from services.cli.client import CliError, validator_target
+
+    try:
+        target = validator_target(args.dev, args.validator, args.validator_identity, args.key)
+    except CliError as exc:
+        print(f"horde validator {name}: {exc}", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        async with target.channel() as channel:
+            result: int = await fn(validator_admin_pb2_grpc.ValidatorAdminServiceStub(channel))
+            return result
+
+    try:
+        return asyncio.run(go())
+    except grpc.aio.AioRpcError as exc:
+        print(f"horde validator {name}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def spotcheck_to_dict(resp: validator_admin_pb2.RunSpotCheckResponse) -> dict[str, Any]:
+    return {
+        "samples_pulled": resp.samples_pulled,
+        "pull_errors": list(resp.pull_errors),
+        "error": resp.error,
+        "checks": [
+            {
+                "check_id": c.check_id,
+                "kind": c.kind,
+                "image": c.image,
+                "image_digest": c.image_digest,
+                "trusted_job_uuid": c.trusted_job_uuid,
+                "pairs": c.pairs,
+                "mismatches": c.mismatches,
+                "error": c.error,
+                "duration_s": round(c.duration_s, 3),
+                "verdicts": [
+                    {
+                        "miner": v.miner_hotkey,
+                        "job_uuid": v.job_uuid,
+                        "seq": v.seq,
+                        "passed": v.passed,
+                        "comparator": v.comparator,
+                        "detail": v.detail,
+                        "evidence_id": v.evidence_id,
+                    }
+                    for v in c.verdicts
+                ],
+            }
+            for c in resp.checks
+        ],
+    }
+
+
+def _spotcheck(args: argparse.Namespace) -> int:
+    async def fn(stub: validator_admin_pb2_grpc.ValidatorAdminServiceStub) -> int:
+        resp = await stub.RunSpotCheck(
+            validator_admin_pb2.RunSpotCheckRequest(image_digest=args.image_digest),
+            timeout=SPOTCHECK_TIMEOUT_S,
+        )
+        doc = spotcheck_to_dict(resp)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_spotcheck(doc)
+        return 1 if doc["error"] or any(c["error"] for c in doc["checks"]) else 0
+
+    return _call(args, "spotcheck", fn)
+
+
+def _print_spotcheck(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(
+        f"{doc['samples_pulled']} new sample(s) pulled from the gateways", highlight=False
+    )
+    for problem in doc["pull_errors"]:
+        console.print(f"[yellow]pull failed:[/yellow] {problem}", highlight=False)
+    if doc["error"]:
+        console.print(f"[red]{doc['error']}[/red]", highlight=False)
+    if not doc["checks"]:
+        console.print("nothing to check", highlight=False)
+    for c in doc["checks"]:
+        head = f"check {c['check_id']} ({c['kind']}) {c['image']} {c['image_digest'][:19]}"
+        if c["error"]:
+            console.print(f"{head}: [red]could not run: {c['error']}[/red]", highlight=False)
+            continue
+        verdict = (
+            "[green]PASSED[/green]"
+            if not c["mismatches"]
+            else f"[red]FAILED: {c['mismatches']} mismatch(es)[/red]"
+        )
+        console.print(
+            f"{head}: {c['pairs']} pair(s) replayed on trusted job {c['trusted_job_uuid']} in "
+            f"{c['duration_s']:.2f}s (torn down): {verdict}",
+            highlight=False,
+        )
+        by_miner: dict[str, list[int]] = {}
+        for v in c["verdicts"]:
+            counts = by_miner.setdefault(v["miner"], [0, 0])
+            counts[0 if v["passed"] else 1] += 1
+        for miner, (ok, bad) in by_miner.items():
+            console.print(f"    miner {miner[:28]}...: {ok} matched, {bad} differ", highlight=False)
+        for v in c["verdicts"]:
+            if not v["passed"]:
+                console.print(
+                    f"    [red]x[/red] job {v['job_uuid']} seq {v['seq']}: {v['detail']} "
+                    f"(evidence {v['evidence_id']})",
+                    highlight=False,
+                )
+
+
+def _export(args: argparse.Namespace) -> int:
+    async def fn(stub: validator_admin_pb2_grpc.ValidatorAdminServiceStub) -> int:
+        resp = await stub.ExportEvidence(
+            validator_admin_pb2.ExportEvidenceRequest(miner_hotkey=args.miner),
+            timeout=EXPORT_TIMEOUT_S,
+        )
+        records = [json.loads(r) for r in resp.records_json]
+        if args.out is not None:
+            args.out.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            print(f"{len(records)} evidence record(s) written to {args.out}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"evidence": records}, indent=2, sort_keys=True))
+        elif args.out is None:
+            for r in records:
+                print(json.dumps(r, sort_keys=True))
+        return 0
+
+    return _call(args, "evidence export", fn)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from services.validator.evidence import EvidenceError, load_records, verify_record
+
+    try:
+        records = load_records(args.file.read_text())
+    except (OSError, EvidenceError) as exc:
+        print(f"horde evidence verify: {exc}", file=sys.stderr)
+        return 2
+    results: list[dict[str, Any]] = []
+    for index, record in enumerate(records, start=1):
+        try:
+            ok = verify_record(record)
+            results.append(
+                {
+                    "record": index,
+                    "valid": True,
+                    "miner": ok.miner_hotkey,
+                    "job_uuid": ok.job_uuid,
+                    "seq": ok.seq,
+                    "comparator": ok.comparator,
+                    "detail": ok.detail,
+                }
+            )
+        except EvidenceError as exc:
+            results.append({"record": index, "valid": False, "reason": str(exc)})
+    bad = [r for r in results if not r["valid"]]
+    if args.json:
+        print(json.dumps({"records": results, "valid": len(results) - len(bad)}, indent=2))
+    else:
+        for r in results:
+            if r["valid"]:
+                print(
+                    f"record {r['record']}: valid: miner {r['miner']} job {r['job_uuid']} "
+                    f"seq {r['seq']}: {r['detail']}"
+                )
+            else:
+                print(f"record {r['record']}: invalid: {r['reason']}")
+        print(f"{len(results) - len(bad)} valid, {len(bad)} invalid", file=sys.stderr)
+    return 1 if bad or not results else 0
