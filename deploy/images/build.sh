@@ -25,12 +25,32 @@ say() { printf '[build.sh] %s\n' "$*" >&2; }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
-# True when $1 should be (re)built.
+# A digest of a build context (every file's path and content) plus extra inputs ($2...), so an
+# image is rebuilt exactly when what it is built from changed.
+context_hash() {
+    local dir="$1"
+    shift
+    {
+        (cd "$dir" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+        printf '%s\n' "$@"
+    } | sha256sum | cut -d' ' -f1
+}
+
+built_hash() {
+    docker image inspect --format '{{ index .Config.Labels "io.horde.context-hash" }}' "$1" \
+        2>/dev/null || true
+}
+
+# True when image $1 should be (re)built for context hash $2.
 needs_build() {
     if [[ "$REBUILD" == "1" ]] || ! image_exists "$1"; then
         return 0
     fi
-    say "$1 exists, skipping (HORDE_REBUILD=1 to rebuild)"
+    if [[ "$(built_hash "$1")" != "$2" ]]; then
+        say "$1 is out of date with its build context, rebuilding"
+        return 0
+    fi
+    say "$1 is up to date (HORDE_REBUILD=1 to rebuild anyway)"
     return 1
 }
 
@@ -107,18 +127,23 @@ docker_build() {
 
 command -v docker >/dev/null 2>&1 || { say "error: docker CLI not found"; exit 1; }
 
-if needs_build "$BASE_IMAGE"; then
+base_hash="$(context_hash "$HERE/base")"
+if needs_build "$BASE_IMAGE" "$base_hash"; then
     debian_base="$(pick_debian_base)"
-    docker_build "$BASE_IMAGE" "$HERE/base" --build-arg "DEBIAN_BASE=$debian_base"
+    docker_build "$BASE_IMAGE" "$HERE/base" --build-arg "DEBIAN_BASE=$debian_base" \
+        --label "io.horde.context-hash=$base_hash"
 fi
+base_id="$(docker image inspect --format '{{.Id}}' "$BASE_IMAGE")"
 
 for dockerfile in "$HERE"/*/Dockerfile; do
     dir="$(dirname "$dockerfile")"
     name="$(basename "$dir")"
     [[ "$name" == "base" ]] && continue
     tag="horde/$name:latest"
-    if needs_build "$tag"; then
-        docker_build "$tag" "$dir" --build-arg "BASE=$BASE_IMAGE"
+    # Derived images also depend on the exact base they were built on.
+    hash="$(context_hash "$dir" "$base_id")"
+    if needs_build "$tag" "$hash"; then
+        docker_build "$tag" "$dir" --build-arg "BASE=$BASE_IMAGE" --label "io.horde.context-hash=$hash"
     fi
 done
 
