@@ -184,8 +184,8 @@ async def real_setup() -> AsyncIterator[Setup]:
                 image="horde/demo-llm:latest",
                 direct=lambda job: Target("http://job/", _relay_socket(work_dirs, job)),
                 baseline=(
-                    "the same horde/demo-llm container, called over its relay's unix socket "
-                    "(same service process, same relay hop; no gateway, no job proxy)"
+                    "the same horde/demo-llm container, called with aiohttp over its relay's "
+                    "unix socket (same service process, same relay hop; no gateway, no job proxy)"
                 ),
             )
         finally:

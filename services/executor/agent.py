@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -82,8 +81,16 @@ class ExecutorAgent:
         if self._job is not None and not self._job.done():
             log.warning("job_aborted", job_uuid=self._job_uuid, reason=reason)
             self._job.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await self._job
+            except asyncio.CancelledError:
+                # The job's own cancellation is expected; ours (the executor shutting down
+                # while the job cleans up) must go on, or the shutdown waits for the link.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            except Exception:
+                pass
         self._job = None
 
     async def _session(self) -> None:

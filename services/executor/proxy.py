@@ -3,7 +3,8 @@
 Only the gateway named when the session started may call (`StreamSessions` is the listener's
 allow policy, so every other caller is refused before a handler runs). For each request the proxy
 checks the client's timestamp against its own clock, POSTs the body to the service in the job's
-container (over the unix socket of the job's relay, see services/executor/streaming.py), relays the
+container (over the unix socket of the job's relay, see services/executor/streaming.py; with the
+keep-alive client of services/executor/http1.py), relays the
 response as it arrives and signs a receipt with the job's key over exactly the bytes it forwarded
 and returned (DESIGN.md's 128-byte blob).
 
@@ -23,7 +24,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 import grpc
 import nacl.signing
 import structlog
@@ -41,13 +41,13 @@ from services.core.errors import (
 from services.core.identity import Identity
 from services.core.receipts import sign_receipt
 from services.core.server import current_caller
+from services.executor.http1 import Http1Client, HttpError
 
 log = structlog.get_logger("horde.executor.proxy")
 
 FRAME_BYTES = 1024 * 1024
 # Response frames a stream may have queued before the HTTP read waits for the gateway.
 MAX_QUEUED_FRAMES = 64
-NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
 
 Clock = Callable[[], int]
 
@@ -64,7 +64,7 @@ class LiveStream:
     job_uuid: str
     gateway: str
     key: nacl.signing.SigningKey | None
-    http: aiohttp.ClientSession  # bound to the job's relay socket
+    client: Http1Client  # keep-alive connection(s) to the job's relay socket
     request_path: str
     next_seq: int = 1
     closed_reason: str = ""
@@ -290,27 +290,24 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
             out.put_nowait(job_proxy_pb2.StreamResponse(response=frame))
 
         try:
-            async with live.http.post(
-                live.request_path,
-                data=bytes(request.body),
-                headers={"Content-Type": "application/octet-stream"},
-                timeout=NO_TIMEOUT,
-            ) as resp:
+            resp = await live.client.post(
+                live.request_path, bytes(request.body), b"application/octet-stream"
+            )
+            try:
                 status = resp.status
-                if resp.content_length is not None:
-                    body = await resp.read()
-                    digest.update(body)
-                    parts = [body[i : i + FRAME_BYTES] for i in range(0, len(body), FRAME_BYTES)]
-                    parts = parts or [b""]
-                    for part in parts[:-1]:
-                        await emit(part, False, status)
-                    await emit(parts[-1], True, status)
-                    return
-                async for chunk in resp.content.iter_chunked(FRAME_BYTES):
-                    digest.update(chunk)
-                    await emit(chunk, False, status)
-                await emit(b"", True, status)
-        except (aiohttp.ClientError, OSError) as exc:
+                held: bytes | None = None  # one piece held back: the last goes with the receipt
+                async for piece in resp.iter_body(FRAME_BYTES):
+                    digest.update(piece)
+                    if held is not None:
+                        await emit(held, False, status)
+                    held = piece
+                    if resp.chunked:  # token streaming: relay each chunk as it comes
+                        await emit(held, False, status)
+                        held = None
+                await emit(held or b"", True, status)
+            finally:
+                resp.close()
+        except HttpError as exc:
             if live.closed_reason:
                 raise JobEnded(f"the streaming job ended: {live.closed_reason}") from None
-            raise Unavailable(f"the job's service did not answer request {seq}: {exc!r}") from None
+            raise Unavailable(f"the job's service did not answer request {seq}: {exc}") from None

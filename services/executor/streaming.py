@@ -49,6 +49,7 @@ from aiodocker.exceptions import DockerError
 from horde.v1 import common_pb2, executor_pb2, job_pb2, streaming_pb2
 
 from services.core.proto_util import event, result
+from services.executor.http1 import Http1Client
 from services.executor.jobs import JobContext, JobFailure, Send, failed
 from services.executor.proxy import LiveStream, StreamSessions
 from services.executor.sandbox import (
@@ -227,7 +228,8 @@ class _Job:
     extra_dir: Path
     service: ServiceSpec
     names: list[str] = field(default_factory=list)  # containers to remove, relay first
-    http: aiohttp.ClientSession | None = None
+    http: aiohttp.ClientSession | None = None  # health checks and extra-data notices
+    client: Http1Client | None = None  # the job proxy's requests
     relay_fd: int | None = None  # O_PATH handle on the relay's socket directory
     live: LiveStream | None = None
     extra: asyncio.Queue[streaming_pb2.ExtraData] = field(default_factory=asyncio.Queue)
@@ -460,12 +462,12 @@ class StreamingJobRunner:
         timings.append(_timing(stage, t0))
 
         key = nacl.signing.SigningKey.generate()
-        assert job.http is not None
+        assert job.client is not None
         job.live = LiveStream(
             job_uuid=job.job_uuid,
             gateway=ctx.start.gateway_identity,
             key=key,
-            http=job.http,
+            client=job.client,
             request_path=job.service.request_path,
         )
         self._sessions.add(job.live)
@@ -620,6 +622,8 @@ class StreamingJobRunner:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
             auto_decompress=False,
         )
+        socket_path = f"/proc/self/fd/{job.relay_fd}/{SOCKET_NAME}"
+        job.client = Http1Client(lambda: asyncio.open_unix_connection(socket_path))
         log.info("streaming_started", job_uuid=job.job_uuid, container=base)
         return service, (stdout, stderr, reader)
 
@@ -760,6 +764,8 @@ class StreamingJobRunner:
                 for task in list(job.tasks):
                     task.cancel()
                 await asyncio.gather(*job.tasks, return_exceptions=True)
+                if job.client is not None:
+                    await job.client.close()
                 if job.http is not None:
                     await job.http.close()
                 if job.relay_fd is not None:

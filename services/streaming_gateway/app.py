@@ -8,7 +8,7 @@ import grpc
 from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2_grpc
 
 from services.core.app import ServiceApp
-from services.core.auth import Authenticator, MethodPolicy, StaticPolicy
+from services.core.auth import Authenticator, MethodPolicy, StaticPolicy, sign_call
 from services.core.chain import ChainAdapter
 from services.core.config import GatewaySettings
 from services.core.db import open_database
@@ -91,7 +91,11 @@ async def start_gateway(
     )
 
     def dial_proxy(endpoint: str, identity: str) -> grpc.aio.Channel:
-        return open_channel(endpoint, signer=signer, callee=identity)
+        # No signing interceptor: the session signs its one proxy stream (proxy_metadata).
+        return open_channel(endpoint)
+
+    def proxy_metadata(method: str, callee: str) -> list[tuple[str, str]]:
+        return sign_call(signer, method, callee)
 
     deps = GatewayDeps(
         config=SessionConfig(
@@ -107,6 +111,7 @@ async def start_gateway(
         dial_proxy=dial_proxy,
         writer=writer,
         miner_check=chain_miner_check(chain) if chain is not None else None,
+        proxy_metadata=proxy_metadata,
     )
     auth = Authenticator(
         signer.identity,

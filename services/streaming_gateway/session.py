@@ -74,8 +74,12 @@ class ValidatorLink(Protocol):
     def ReportBadReceipt(self, request: Any, *, timeout: float) -> Any: ...
 
 
-# Opens a channel to a job proxy whose calls are signed for its identity.
+# Opens a channel to a job proxy whose calls are signed for its identity (or, with
+# `GatewayDeps.proxy_metadata`, a plain channel: the stream then carries that metadata).
 ProxyDialer = Callable[[str, str], grpc.aio.Channel]
+# Authentication metadata for one call of a method on a callee.
+CallSigner = Callable[[str, str], list[tuple[str, str]]]
+PROXY_STREAM_METHOD = "/horde.v1.JobProxyService/Stream"
 # Why a miner may not serve sessions (None: it may).
 MinerCheck = Callable[[str], Awaitable[str | None]]
 
@@ -87,6 +91,9 @@ class GatewayDeps:
     dial_proxy: ProxyDialer
     writer: ReceiptWriter
     miner_check: MinerCheck | None = None
+    # Signs the proxy stream itself, so its channel needs no client interceptor (an interceptor
+    # puts every write of the stream through an extra queue and task).
+    proxy_metadata: CallSigner | None = None
     rng: random.Random = field(default_factory=random.SystemRandom)
     clock_ns: Callable[[], int] = time.time_ns
 
@@ -282,7 +289,10 @@ class Session:
         self._checker = ReceiptChecker.for_certificate(payload, self._cfg.skew_ns / 1e9)
         self._proxy_channel = self._deps.dial_proxy(ready.proxy_endpoint, ready.proxy_identity)
         stub = job_proxy_pb2_grpc.JobProxyServiceStub(self._proxy_channel)
-        self._proxy_call = stub.Stream(timeout=limit_s + CALL_SLACK_S)
+        metadata = None
+        if self._deps.proxy_metadata is not None:
+            metadata = self._deps.proxy_metadata(PROXY_STREAM_METHOD, ready.proxy_identity)
+        self._proxy_call = stub.Stream(timeout=limit_s + CALL_SLACK_S, metadata=metadata)
         try:
             await self._proxy_call.write(
                 job_proxy_pb2.StreamRequest(open=job_proxy_pb2.StreamOpen(job_uuid=ready.job_uuid))

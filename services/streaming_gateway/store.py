@@ -27,6 +27,10 @@ from services.core.receipts import StreamReceipt
 log = structlog.get_logger("horde.gateway.store")
 
 MAX_BATCH = 1000
+# How long the writer lets receipts gather before a transaction (unless a flush or a full batch
+# cuts it short): a few commits per second under load instead of one per response, which kept
+# the gateway's event loop busy with SQLAlchemy between a request and its response.
+BATCH_WINDOW_S = 0.05
 WRITE_RETRIES = 5
 
 
@@ -174,6 +178,7 @@ class ReceiptWriter:
         self.store = store
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()  # a flush is waiting, or a batch is full
 
     def start(self) -> None:
         if self._task is None:
@@ -183,6 +188,8 @@ class ReceiptWriter:
         self._queue.put_nowait(receipt)
         if sample is not None:
             self._queue.put_nowait(sample)
+        if self._queue.qsize() >= MAX_BATCH:
+            self._hurry.set()
 
     async def flush(self) -> None:
         """Return once everything submitted before this call is stored."""
@@ -191,6 +198,7 @@ class ReceiptWriter:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(done)
+        self._hurry.set()
         await done
 
     async def close(self) -> None:
@@ -223,6 +231,11 @@ class ReceiptWriter:
         while True:
             batch = _Batch()
             self._add(batch, await self._queue.get())
+            if not batch.waiters and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BATCH_WINDOW_S):
+                        await self._hurry.wait()
+            self._hurry.clear()
             await self._write(self._drain(batch))
 
     async def _write(self, batch: _Batch) -> None:

@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -95,6 +95,19 @@ async def database_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path
     )
     assert admin.returncode == 0, admin.stderr
     return f"{base}/{name}"
+
+
+@pytest.fixture
+def new_database_url(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[str], Awaitable[str]]:
+    """`database_url` as a fixture: test modules cannot import this conftest by name when
+    another test directory's conftest was imported first (tests/streaming_exec)."""
+
+    async def make(kind: str) -> str:
+        return await database_url(kind, request, tmp_path)
+
+    return make
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

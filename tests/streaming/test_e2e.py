@@ -237,3 +237,30 @@ async def test_horde_stream_against_horde_dev_up(images: None, tmp_path: Path) -
         if drain is not None:
             drain.cancel()
     assert proc.returncode == 0
+
+
+async def test_stopping_the_network_mid_session_ends_it_and_removes_the_job(
+    images: None, tmp_path: Path
+) -> None:
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(dev_up(tmp_path / "devnet", [], stop=stop, ready=ready))
+    async with asyncio.timeout(60):
+        await ready.wait()
+    env = DevEnv.load(tmp_path / "devnet")
+    signer = load_key_file(env.client_key)
+    channel = open_channel(env.address("gateway"), signer=signer, callee=env.identity("gateway"))
+    client = StreamClient(channel, validator_identity=env.identity("validator"))
+    try:
+        ready_msg = await client.open(LLM_IMAGE, time_limit_s=120)
+        assert (await client.request(b"still open")).body == expected(b"still open")
+        # Ctrl-C with the session still open: every service stops within its grace, the
+        # executor removes the job's containers on the way out.
+        stop.set()
+        async with asyncio.timeout(30):
+            await task
+    finally:
+        client.cancel()
+        await channel.close()
+        stop.set()
+        await asyncio.wait({task}, timeout=30)
+    assert await job_containers(ready_msg.job_uuid) == []

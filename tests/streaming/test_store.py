@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nacl.signing
 import pytest
-from conftest import database_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from streaming_support import WHITELIST, Harness, answer
 
@@ -34,11 +32,13 @@ def receipt(job: uuid.UUID, seq: int) -> StreamReceipt:
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[GatewayStore]:
+async def store(
+    request: pytest.FixtureRequest, new_database_url: Callable[[str], Awaitable[str]]
+) -> AsyncIterator[GatewayStore]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    sql = SqlStore(await open_database(await database_url(request.param, request, tmp_path)))
+    sql = SqlStore(await open_database(await new_database_url(request.param)))
     try:
         yield sql
     finally:
