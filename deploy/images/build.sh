@@ -135,13 +135,31 @@ if needs_build "$BASE_IMAGE" "$base_hash"; then
 fi
 base_id="$(docker image inspect --format '{{.Id}}' "$BASE_IMAGE")"
 
-for dockerfile in "$HERE"/*/Dockerfile; do
+# Images built on horde/base first, then those built on another Horde image (their Dockerfile
+# names it, e.g. `ARG LLM=horde/demo-llm:latest`), so every parent exists and is current.
+ordered=()
+for pass in first second; do
+    for dockerfile in "$HERE"/*/Dockerfile; do
+        name="$(basename "$(dirname "$dockerfile")")"
+        [[ "$name" == "base" ]] && continue
+        if grep -Eq 'horde/[a-z0-9-]+:' "$dockerfile" && ! grep -q 'horde/base:' "$dockerfile"; then
+            [[ "$pass" == "second" ]] && ordered+=("$dockerfile")
+        else
+            [[ "$pass" == "first" ]] && ordered+=("$dockerfile")
+        fi
+    done
+done
+
+for dockerfile in "${ordered[@]}"; do
     dir="$(dirname "$dockerfile")"
     name="$(basename "$dir")"
-    [[ "$name" == "base" ]] && continue
     tag="horde/$name:latest"
-    # Derived images also depend on the exact base they were built on.
-    hash="$(context_hash "$dir" "$base_id")"
+    # Derived images also depend on the exact images they are built on.
+    parents=("$base_id")
+    for parent in $(grep -Eo 'horde/[a-z0-9-]+:[a-z0-9.-]+' "$dockerfile" | sort -u); do
+        parents+=("$(docker image inspect --format '{{.Id}}' "$parent" 2>/dev/null || echo "$parent")")
+    done
+    hash="$(context_hash "$dir" "${parents[@]}")"
     if needs_build "$tag" "$hash"; then
         docker_build "$tag" "$dir" --build-arg "BASE=$BASE_IMAGE" --label "io.horde.context-hash=$hash"
     fi

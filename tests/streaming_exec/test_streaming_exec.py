@@ -415,8 +415,10 @@ async def test_a_killed_executor_ends_the_session_as_executor_lost(bare_net: Net
 
 
 def test_the_dishonest_image_serves_the_same_model() -> None:
-    dishonest = DEMO_LLM.parents[1] / "demo-llm-dishonest" / "server.py"
-    assert dishonest.read_bytes() == DEMO_LLM.read_bytes()
+    """The dishonest image is horde/demo-llm with another DISHONEST_RATE, nothing else."""
+    dockerfile = (DEMO_LLM.parents[1] / "demo-llm-dishonest" / "Dockerfile").read_text()
+    assert "ARG LLM=horde/demo-llm:latest" in dockerfile and "FROM ${LLM}" in dockerfile
+    assert "COPY" not in dockerfile and "ENV DISHONEST_RATE=0.1" in dockerfile
 
 
 async def test_the_dishonest_model_answers_a_share_of_prompts_wrongly(net: Network) -> None:
