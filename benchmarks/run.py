@@ -11,7 +11,6 @@ not completing, docker missing) does (exit status 1).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks import PartResult, organic, streaming, synthetic
+from services.core.loop import run as run_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "build" / "bench.json"
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     build = args.out.resolve().parent
     build.mkdir(parents=True, exist_ok=True)
     try:
-        results = asyncio.run(run_parts(names, runs, build))
+        results = run_loop(run_parts(names, runs, build))
     except organic.BenchError as exc:
         console.print(f"[bold red]benchmark failed:[/bold red] {exc}")
         return 1

@@ -239,9 +239,14 @@ async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
     """Open the sessions once (one job each), then time both paths on the same jobs."""
     n = REQUESTS_PER_RUN
     signer = load_key_file(setup.client_key)
-    channel = open_channel(setup.gateway, signer=signer, callee=setup.gateway_identity)
+    channel = open_channel(setup.gateway)  # each session signs its own call
     clients = [
-        StreamClient(channel, validator_identity=setup.validator_identity)
+        StreamClient(
+            channel,
+            signer=signer,
+            callee=setup.gateway_identity,
+            validator_identity=setup.validator_identity,
+        )
         for _ in range(max(CONCURRENCY))
     ]
     https: list[aiohttp.ClientSession] = []

@@ -41,6 +41,7 @@ from services.core.chain import Neuron, write_roster
 from services.core.config import GatewaySettings, load_settings
 from services.core.identity import Ed25519Signer, HotkeySigner, write_key_file
 from services.core.logging import configure_logging
+from services.core.loop import run as run_loop
 from services.core.receipts import sign_receipt
 from services.core.server import ServiceRegistration, create_server
 from services.streaming_gateway.app import start_gateway
@@ -225,9 +226,9 @@ async def network(url: str, state_dir: Path) -> None:
 
 def main() -> None:
     if sys.argv[1] == "job":
-        asyncio.run(job())
+        run_loop(job())
     else:
-        asyncio.run(network(sys.argv[2], Path(sys.argv[3])))
+        run_loop(network(sys.argv[2], Path(sys.argv[3])))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from services.core.config import (
 )
 from services.core.identity import create_key_file, load_key_file
 from services.core.logging import configure_logging
+from services.core.loop import run as run_loop
 from services.executor.app import start_executor
 from services.miner.app import start_miner
 from services.streaming_gateway.app import start_gateway
@@ -178,9 +179,9 @@ async def gateway(state_dir: Path) -> None:
 def main() -> None:
     what, state = sys.argv[1], Path(sys.argv[2])
     if what == "network":
-        asyncio.run(network(state, int(sys.argv[3])))
+        run_loop(network(state, int(sys.argv[3])))
     elif what == "gateway":
-        asyncio.run(gateway(state))
+        run_loop(gateway(state))
     else:
         raise SystemExit(f"unknown role {what!r}")
 

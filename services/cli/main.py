@@ -24,6 +24,7 @@ from services.core.config import (
 from services.core.errors import ConfigError
 from services.core.identity import create_key_file
 from services.core.logging import configure_logging
+from services.core.loop import run as run_loop
 from services.core.receipts import verify_lines
 
 
@@ -67,7 +68,7 @@ def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> i
         await app.serve_forever()
 
     try:
-        asyncio.run(main())
+        run_loop(main())
     except ConfigError as exc:
         print(f"horde {kind}: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +158,7 @@ def _dev_up(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     try:
-        asyncio.run(dev_up(args.state_dir, args.allow_image))
+        run_loop(dev_up(args.state_dir, args.allow_image))
     except ConfigError as exc:
         print(f"horde dev up: configuration error: {exc}", file=sys.stderr)
         return 2

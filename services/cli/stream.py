@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
+from services.core.loop import run as run_loop
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("stream", help="open a streaming session and send requests")
@@ -39,7 +41,7 @@ def register(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(_run(args))
+        return run_loop(_run(args))
     except _UsageError as exc:
         print(f"horde stream: {exc}", file=sys.stderr)
         return 2
@@ -128,9 +130,14 @@ async def _run(args: argparse.Namespace) -> int:
             receipts_file = args.receipts.open("w")
         except OSError as exc:
             raise _UsageError(f"--receipts {args.receipts}: {exc.strerror or exc}") from None
-    channel = open_channel(address, signer=signer, callee=identity)
+    channel = open_channel(address)  # the session signs its own call
     client = StreamClient(
-        channel, validator_identity=validator_identity, on_event=on_event, on_chunk=on_chunk
+        channel,
+        signer=signer,
+        callee=identity,
+        validator_identity=validator_identity,
+        on_event=on_event,
+        on_chunk=on_chunk,
     )
     latencies: list[float] = []
     status = 0

@@ -46,8 +46,6 @@ from services.executor.http1 import Http1Client, HttpError
 log = structlog.get_logger("horde.executor.proxy")
 
 FRAME_BYTES = 1024 * 1024
-# Response frames a stream may have queued before the HTTP read waits for the gateway.
-MAX_QUEUED_FRAMES = 64
 
 Clock = Callable[[], int]
 
@@ -68,7 +66,7 @@ class LiveStream:
     request_path: str
     next_seq: int = 1
     closed_reason: str = ""
-    _streams: set[asyncio.Queue[_Out]] = field(default_factory=set)
+    _streams: set[_ProxyStream] = field(default_factory=set)
     stream_open: bool = False
 
     @property
@@ -86,12 +84,46 @@ class LiveStream:
             return
         self.closed_reason = reason
         self.key = None
-        for queue in self._streams:
-            queue.put_nowait(JobEnded(f"the streaming job ended: {reason}"))
+        for stream in self._streams:
+            stream.end(JobEnded(f"the streaming job ended: {reason}"))
 
 
-# What a proxy stream's writer yields: a frame, an error ending the call, or None (done).
-_Out = job_proxy_pb2.StreamResponse | HordeError | None
+# What ends a proxy stream: an error ending the call, or None (done).
+_Out = HordeError | None
+
+
+class _ProxyStream:
+    """One open proxy stream: the handler's task answers requests and writes to the call."""
+
+    def __init__(
+        self,
+        pending: asyncio.Queue[_Request | _Out],
+        task: asyncio.Task[object] | None,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.pending = pending
+        self.task = task
+        self.context = context
+        self.ended: HordeError | None = None
+        self.writing = False
+
+    def end(self, exc: HordeError) -> None:
+        """End the stream with `exc` now, even while a request waits on the job's service."""
+        if self.ended is not None:
+            return
+        self.ended = exc
+        self.pending.put_nowait(exc)
+        if self.task is not None and not self.writing:
+            self.task.cancel()
+
+    async def write(self, msg: job_proxy_pb2.StreamResponse) -> None:
+        self.writing = True
+        try:
+            await self.context.write(msg)
+        finally:
+            self.writing = False
+        if self.ended is not None:
+            raise self.ended
 
 
 class StreamSessions:
@@ -146,11 +178,12 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
         self._max_request = max_request_bytes
         self._clock = clock_ns
 
-    async def Stream(
+    # Writes with context.write() rather than as a generator: one hop less per frame.
+    async def Stream(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[job_proxy_pb2.StreamRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[job_proxy_pb2.StreamResponse]:
+    ) -> None:
         caller = str(current_caller())
         requests = aiter(request_iterator)
         first = await anext(requests, None)
@@ -165,40 +198,46 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
         if live.stream_open:
             raise FailedPrecondition(f"streaming job {job_uuid} already has an open proxy stream")
         live.stream_open = True
-        out: asyncio.Queue[_Out] = asyncio.Queue()
-        credits = asyncio.Semaphore(MAX_QUEUED_FRAMES)
-        pending: asyncio.Queue[_Request | None] = asyncio.Queue()
-        live._streams.add(out)
-        bound = log.bind(job_uuid=job_uuid)
-        reader = asyncio.create_task(self._read(live, requests, pending, out))
-        worker = asyncio.create_task(self._work(live, pending, out, credits))
+        # Requests read ahead of the one being answered; an error (or None: done) ends the call.
+        pending: asyncio.Queue[_Request | _Out] = asyncio.Queue()
+        stream = _ProxyStream(pending, asyncio.current_task(), context)
+        live._streams.add(stream)
+        reader = asyncio.create_task(self._read(live, requests, pending))
         try:
-            if live.closed_reason:
-                raise JobEnded(f"the streaming job ended: {live.closed_reason}")
-            while True:
-                item = await out.get()
+            try:
+                if live.closed_reason:
+                    raise JobEnded(f"the streaming job ended: {live.closed_reason}")
+                # Answered here, in the handler's own task, written straight to the call.
+                while isinstance(item := await pending.get(), _Request):
+                    await self._forward(live, item, stream)
                 if item is None:
                     return
-                if isinstance(item, HordeError):
-                    bound.info("proxy_stream_ended", reason=item.message)
-                    raise item
-                credits.release()
-                yield item
+                raise item
+            except asyncio.CancelledError:
+                # `LiveStream.close()` cancels a stream waiting on its job: end it with the reason.
+                task = stream.task
+                if stream.ended is None or task is None or task.uncancel() > 0:
+                    raise
+                raise stream.ended from None
+            except HordeError as exc:
+                log.info("proxy_stream_ended", job_uuid=job_uuid, reason=exc.message)
+                raise
+            except Exception as exc:
+                log.exception("proxy_error", job_uuid=live.job_uuid)
+                raise Unavailable(f"job proxy error: {exc!r}") from None
         finally:
-            for task in (reader, worker):
-                task.cancel()
-            for task in (reader, worker):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            live._streams.discard(out)
+            stream.task = None
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            live._streams.discard(stream)
             live.stream_open = False
 
     async def _read(
         self,
         live: LiveStream,
         requests: AsyncIterator[job_proxy_pb2.StreamRequest],
-        pending: asyncio.Queue[_Request | None],
-        out: asyncio.Queue[_Out],
+        pending: asyncio.Queue[_Request | _Out],
     ) -> None:
         current: _Request | None = None
         try:
@@ -236,34 +275,16 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
                 raise InvalidArgument(f"the stream ended in the middle of request {current.seq}")
             pending.put_nowait(None)
         except HordeError as exc:
-            out.put_nowait(exc)
+            pending.put_nowait(exc)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             # The gateway went away; the call is being torn down.
-            out.put_nowait(None)
-
-    async def _work(
-        self,
-        live: LiveStream,
-        pending: asyncio.Queue[_Request | None],
-        out: asyncio.Queue[_Out],
-        credits: asyncio.Semaphore,
-    ) -> None:
-        try:
-            while (request := await pending.get()) is not None:
-                await self._forward(live, request, out, credits)
-            out.put_nowait(None)
-        except HordeError as exc:
-            out.put_nowait(exc)
-        except Exception as exc:
-            log.exception("proxy_error", job_uuid=live.job_uuid)
-            out.put_nowait(Unavailable(f"job proxy error: {exc!r}"))
+            pending.put_nowait(None)
 
     async def _forward(
         self,
         live: LiveStream,
         request: _Request,
-        out: asyncio.Queue[_Out],
-        credits: asyncio.Semaphore,
+        stream: _ProxyStream,
     ) -> None:
         seq = request.seq
         digest = hashlib.sha256()
@@ -286,8 +307,7 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
                     digest.digest(),
                 )
                 frame.receipt.CopyFrom(receipt.to_proto())
-            await credits.acquire()
-            out.put_nowait(job_proxy_pb2.StreamResponse(response=frame))
+            await stream.write(job_proxy_pb2.StreamResponse(response=frame))
 
         try:
             resp = await live.client.post(

@@ -16,13 +16,17 @@ from typing import Any
 import grpc
 from horde.v1 import gateway_pb2, gateway_pb2_grpc, job_pb2, receipts_pb2, streaming_pb2
 
+from services.core.auth import sign_call
+from services.core.identity import Signer
 from services.core.receipts import StreamReceipt
 from services.streaming_gateway.checks import ReceiptChecker, check_certificate
+from services.streaming_gateway.session import final_status
 
 # Deadline of a whole session when the caller gives no time limit: the gateway's default limit
 # plus its start-up allowance.
 DEFAULT_SESSION_DEADLINE_S = 3600 + 600 + 120
 EXTRA_CHUNK = 1024 * 1024
+SESSION_METHOD = "/horde.v1.GatewayService/Session"
 
 
 class SessionEnded(Exception):
@@ -50,16 +54,24 @@ class Response:
 
 
 class StreamClient:
+    """With `signer` and `callee`, the session call carries its own signed metadata, so `channel`
+    can be a plain one (a signing interceptor puts every write of the stream through an extra
+    queue and task); without them, `channel` must sign its calls itself."""
+
     def __init__(
         self,
         channel: grpc.aio.Channel,
         *,
+        signer: Signer | None = None,
+        callee: str | None = None,
         skew_s: float = 2.0,
         validator_identity: str | None = None,
         on_event: Callable[[job_pb2.JobEvent], None] | None = None,
         on_chunk: Callable[[int, bytes], None] | None = None,
     ) -> None:
         self._stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        self._signer = signer
+        self._callee = callee
         self._skew_s = skew_s
         self._validator = validator_identity
         self._on_event = on_event
@@ -80,7 +92,10 @@ class StreamClient:
         env: dict[str, str] | None = None,
     ) -> gateway_pb2.SessionReady:
         deadline = time_limit_s + 600 + 120 if time_limit_s else DEFAULT_SESSION_DEADLINE_S
-        self._call = self._stub.Session(timeout=deadline)
+        metadata = None
+        if self._signer is not None and self._callee is not None:
+            metadata = sign_call(self._signer, SESSION_METHOD, self._callee)
+        self._call = self._stub.Session(timeout=deadline, metadata=metadata)
         await self._send(
             gateway_pb2.SessionRequest(
                 open=gateway_pb2.SessionOpen(
@@ -210,7 +225,7 @@ class StreamClient:
         try:
             await self._call.write(msg)
         except grpc.aio.AioRpcError as exc:
-            raise self._ended(exc) from None
+            raise self._ended(await final_status(self._call, exc)) from None
         except (grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
             # The call already finished; read why.
             while True:

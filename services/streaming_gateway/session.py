@@ -45,6 +45,9 @@ from services.streaming_gateway.checks import (
 from services.streaming_gateway.store import ReceiptWriter, SampleRecord
 
 log = structlog.get_logger("horde.gateway.session")
+# Label children looked up once, not per receipt.
+_RECEIPTS_VERIFIED = metrics.RECEIPTS.labels("verified")
+_RECEIPTS_REJECTED = metrics.RECEIPTS.labels("rejected")
 
 # Bodies larger than this are relayed and hashed but not kept for sampling.
 MAX_SAMPLE_BYTES = 16 * 1024 * 1024
@@ -298,7 +301,8 @@ class Session:
                 job_proxy_pb2.StreamRequest(open=job_proxy_pb2.StreamOpen(job_uuid=ready.job_uuid))
             )
         except grpc.aio.AioRpcError as exc:
-            self._finish(_Ending(f"job proxy: {_rpc_error(exc)}"))
+            final = await final_status(self._proxy_call, exc)
+            self._finish(_Ending(f"job proxy: {_rpc_error(final)}"))
             return
         self._spawn(self._read_proxy())
         self._ready = True
@@ -364,7 +368,7 @@ class Session:
             if frame.seq != self._next_seq:
                 raise InvalidArgument(f"request seq {frame.seq}: expected {self._next_seq}")
             check_client_clock(frame.client_timestamp_ns, now, self._cfg.skew_ns)
-            current = _Pending(seq=frame.seq, arrived_ns=now, sent_ns=self._deps.clock_ns())
+            current = _Pending(seq=frame.seq, arrived_ns=now, sent_ns=now)
             self._current = current
             self._pending[frame.seq] = current
             self._idle.clear()
@@ -382,7 +386,7 @@ class Session:
                 job_proxy_pb2.StreamRequest(
                     request=streaming_pb2.StreamRequestFrame(
                         seq=frame.seq,
-                        client_timestamp_ns=self._deps.clock_ns(),
+                        client_timestamp_ns=now,
                         body=frame.body,
                         last=frame.last,
                     )
@@ -421,13 +425,13 @@ class Session:
                 received_ns=received,
             )
         except BadReceipt as exc:
-            metrics.RECEIPTS.labels("rejected").inc()
+            _RECEIPTS_REJECTED.inc()
             self._log.warning("bad_receipt", seq=frame.seq, reason=exc.reason)
             if exc.receipt is None and frame.HasField("receipt"):
                 exc.receipt = frame.receipt
             self._finish(_Ending(exc.reason, bad_receipt=exc))
             return
-        metrics.RECEIPTS.labels("verified").inc()
+        _RECEIPTS_VERIFIED.inc()
         metrics.GATEWAY_LATENCY.observe((received - pending.arrived_ns) / 1e9)
         self._deps.writer.submit(receipt, self._maybe_sample(pending, frame))
         del self._pending[frame.seq]
@@ -624,3 +628,13 @@ class _Internal(HordeError):
 
     def __init__(self) -> None:
         super().__init__("internal gateway error (logged by the gateway)")
+
+
+async def final_status(call: Any, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The status a call really ended with. A write racing the peer's end of the call (e.g. a
+    refusal) fails with a generic INTERNAL; reading the finished call gives the peer's status."""
+    try:
+        await call.read()
+    except grpc.aio.AioRpcError as final:
+        return final
+    return exc

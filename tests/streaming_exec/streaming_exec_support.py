@@ -320,8 +320,18 @@ class Proxy:
         self.seq = 0
         self._clock = clock_ns
 
+    async def _write(self, request: job_proxy_pb2.StreamRequest) -> None:
+        try:
+            await self.call.write(request)
+        except grpc.aio.AioRpcError:
+            # The proxy may have ended the call already (e.g. refused the caller) while this
+            # write was in flight; the write then fails with a generic INTERNAL. Reading
+            # surfaces the call's real status.
+            await self.call.read()
+            raise
+
     async def open(self) -> None:
-        await self.call.write(
+        await self._write(
             job_proxy_pb2.StreamRequest(open=job_proxy_pb2.StreamOpen(job_uuid=self.job_uuid))
         )
 
@@ -338,7 +348,7 @@ class Proxy:
                 body=part,
                 last=index == len(parts) - 1,
             )
-            await self.call.write(job_proxy_pb2.StreamRequest(request=frame))
+            await self._write(job_proxy_pb2.StreamRequest(request=frame))
         return seq
 
     async def receive(self) -> Answer:
