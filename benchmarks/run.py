@@ -11,6 +11,7 @@ not completing, docker missing) does (exit status 1).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -21,7 +22,6 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks import PartResult, organic, streaming, synthetic
-from services.core.loop import run as run_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "build" / "bench.json"
@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     build = args.out.resolve().parent
     build.mkdir(parents=True, exist_ok=True)
     try:
-        results = run_loop(run_parts(names, runs, build))
+        # The default loop here: the organic part forks `docker run` while gRPC threads are
+        # live, and a child forked by uvloop then can crash before it execs. The streaming
+        # part's processes run on uvloop themselves (services.core.loop).
+        results = asyncio.run(run_parts(names, runs, build))
     except organic.BenchError as exc:
         console.print(f"[bold red]benchmark failed:[/bold red] {exc}")
         return 1
