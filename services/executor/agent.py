@@ -15,6 +15,7 @@ from horde.v1 import (
     executor_pb2_grpc,
     job_pb2,
     manifest_pb2,
+    miner_pb2,
     synthetic_pb2,
 )
 
@@ -22,7 +23,7 @@ from services.core.config import TLSSettings
 from services.core.identity import Signer
 from services.core.proto_util import result
 from services.core.server import open_channel
-from services.executor.jobs import JobContext, OrganicJobRunner
+from services.executor.jobs import JobContext, OrganicJobRunner, Send
 from services.executor.streaming import StreamingJobRunner
 from services.executor.synthetic import InProcessSolver, SyntheticSolver, answer
 
@@ -137,8 +138,7 @@ class ExecutorAgent:
                     heartbeat.cancel()
                 call.cancel()
 
-    async def _heartbeat(self, send: object, interval: float) -> None:
-        assert callable(send)
+    async def _heartbeat(self, send: Send, interval: float) -> None:
         while True:
             await send(
                 executor_pb2.ConnectRequest(
@@ -149,10 +149,7 @@ class ExecutorAgent:
             )
             await asyncio.sleep(interval)
 
-    async def _start_job(self, start: object, send: object) -> None:
-        from horde.v1 import miner_pb2
-
-        assert isinstance(start, miner_pb2.RunJobStart) and callable(send)
+    async def _start_job(self, start: miner_pb2.RunJobStart, send: Send) -> None:
         if self._job is not None and not self._job.done():
             await send(
                 executor_pb2.ConnectRequest(
@@ -182,7 +179,7 @@ class ExecutorAgent:
             return
         self._inputs = asyncio.Queue()
         self._job_uuid = start.job_uuid
-        ctx = JobContext(start=start, inputs=self._inputs, send=send)  # type: ignore[arg-type]
+        ctx = JobContext(start=start, inputs=self._inputs, send=send)
         log.info(
             "job_started", job_uuid=start.job_uuid, image=start.spec.image, kind=start.job_kind
         )
