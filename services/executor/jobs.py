@@ -491,6 +491,16 @@ class OrganicJobRunner:
         if target == "upload":
             await self._upload(ctx.spec.output.upload, output_dir)
             return files
+        cap = ctx.spec.output.stream.max_bytes if target == "stream" else 0
+        total = sum(f.size_bytes for f in files)
+        if cap and total > cap:
+            # Checked before a byte is sent, so the client never gets a truncated set of files.
+            raise failed(
+                common_pb2.FAILURE_REASON_OUTPUT_TOO_LARGE,
+                common_pb2.STAGE_OUTPUT_UPLOAD,
+                f"files under /output total {total} bytes, over the {cap}-byte cap for outputs "
+                "returned inline (use an upload URL for more)",
+            )
         for meta, path in zip(files, paths, strict=True):
             offset = 0
             with path.open("rb") as fh:

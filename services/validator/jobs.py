@@ -132,6 +132,12 @@ class JobManager:
         image_digest: str = "",
     ) -> LiveJob:
         fill_timeouts(spec)
+        if kind == "organic" and spec.output.WhichOneof("target") != "upload":
+            # Inline outputs are capped by the validator whatever the client asked for.
+            asked = spec.output.stream.max_bytes
+            spec.output.stream.max_bytes = (
+                min(asked, self._max_output) if asked else self._max_output
+            )
         await self._store.create(job_uuid, client, kind, spec)
         job = LiveJob(
             job_uuid=job_uuid,

@@ -642,3 +642,16 @@ async def test_job_waits_for_executors_reconnecting_after_a_miner_restart(net: N
     run = await job.finished(within=90)
     assert run.result is not None, run.describe()
     assert run.result.state == S.JOB_STATE_COMPLETED, run.describe()
+
+
+async def test_inline_outputs_over_the_clients_cap_fail_before_any_byte_is_sent(
+    net: Network,
+) -> None:
+    spec = python_job("open('/output/big.bin', 'wb').write(b'x' * 4096)")
+    spec.output.stream.max_bytes = 1000
+    run = await net.run_job(spec)
+    res = assert_result(
+        run, S.JOB_STATE_FAILED, S.FAILURE_REASON_OUTPUT_TOO_LARGE, S.STAGE_OUTPUT_UPLOAD
+    )
+    assert "4096 bytes, over the 1000-byte cap" in res.detail
+    assert run.files() == {}  # no truncated file reached the client
