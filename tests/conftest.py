@@ -1,4 +1,5 @@
-"""Database fixtures: a fresh SQLite file, and a real PostgreSQL server started for the session."""
+"""Fixtures every test directory may use: fresh databases, SQLite and a real PostgreSQL server
+started once for the session (Debian's postgresql package; .ci/run installs it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,22 +80,38 @@ def postgres_server() -> Iterator[str]:
 _counter = iter(range(10**6))
 
 
+async def database_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of `kind` ("sqlite" or "postgresql")."""
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'horde.db'}"
+    base = request.getfixturevalue("postgres_server")
+    name = f"horde_test_{os.getpid()}_{next(_counter)}"
+    admin = await asyncio.to_thread(
+        subprocess.run,
+        ["psql", base.replace("+asyncpg", "") + "/postgres", "-c", f"CREATE DATABASE {name}"],
+        capture_output=True,
+        text=True,
+    )
+    assert admin.returncode == 0, admin.stderr
+    return f"{base}/{name}"
+
+
+@pytest.fixture
+def new_database_url(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[str], Awaitable[str]]:
+    """`database_url` as a fixture: test modules cannot import this conftest by name when
+    another test directory's conftest was imported first (tests/streaming_exec)."""
+
+    async def make(kind: str) -> str:
+        return await database_url(kind, request, tmp_path)
+
+    return make
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'horde.db'}"
-    else:
-        base = request.getfixturevalue("postgres_server")
-        name = f"horde_test_{os.getpid()}_{next(_counter)}"
-        admin = await asyncio.to_thread(
-            subprocess.run,
-            ["psql", base.replace("+asyncpg", "") + "/postgres", "-c", f"CREATE DATABASE {name}"],
-            capture_output=True,
-            text=True,
-        )
-        assert admin.returncode == 0, admin.stderr
-        url = f"{base}/{name}"
-    eng = await open_database(url)
+    eng = await open_database(await database_url(request.param, request, tmp_path))
     try:
         yield eng
     finally:
