@@ -9,25 +9,17 @@ record proves a mismatch; otherwise it prints the reason for each record that do
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import grpc
 from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
+
+from services.cli.validator_cmds import admin_call, client_args
 
 SPOTCHECK_TIMEOUT_S = 1800.0
 EXPORT_TIMEOUT_S = 60.0
-
-
-def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
-    p.add_argument("--validator", help="validator host:port")
-    p.add_argument("--validator-identity", help="validator identity (sr25519:<hex>)")
-    p.add_argument("--key", type=Path, help="admin key file (listed in the validator's admins)")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def register_validator(actions: Any) -> None:
@@ -35,13 +27,13 @@ def register_validator(actions: Any) -> None:
     spot = actions.add_parser(
         "spotcheck", help="check the gathered streaming samples on the trusted miner now"
     )
-    _client_args(spot)
+    client_args(spot)
     spot.add_argument("--image-digest", default="", help="only this image digest")
     spot.set_defaults(func=_spotcheck)
     evidence = actions.add_parser("evidence", help="evidence of spot-check mismatches")
     sub = evidence.add_subparsers(dest="evidence_action", required=True)
     export = sub.add_parser("export", help="write the evidence records")
-    _client_args(export)
+    client_args(export)
     export.add_argument("--miner", default="", help="only records against this miner identity")
     export.add_argument("--out", type=Path, help="write the records here, one JSON record a line")
     export.set_defaults(func=_export)
@@ -58,27 +50,6 @@ def register(sub: Any) -> None:
     verify.add_argument("file", type=Path)
     verify.add_argument("--json", action="store_true", help="print one JSON document")
     verify.set_defaults(func=_verify)
-
-
-def _call(args: argparse.Namespace, name: str, fn: Any) -> int:
-    from services.cli.client import CliError, validator_target
-
-    try:
-        target = validator_target(args.dev, args.validator, args.validator_identity, args.key)
-    except CliError as exc:
-        print(f"horde validator {name}: {exc}", file=sys.stderr)
-        return 2
-
-    async def go() -> int:
-        async with target.channel() as channel:
-            result: int = await fn(validator_admin_pb2_grpc.ValidatorAdminServiceStub(channel))
-            return result
-
-    try:
-        return asyncio.run(go())
-    except grpc.aio.AioRpcError as exc:
-        print(f"horde validator {name}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
 
 
 def spotcheck_to_dict(resp: validator_admin_pb2.RunSpotCheckResponse) -> dict[str, Any]:
@@ -128,7 +99,7 @@ def _spotcheck(args: argparse.Namespace) -> int:
             _print_spotcheck(doc)
         return 1 if doc["error"] or any(c["error"] for c in doc["checks"]) else 0
 
-    return _call(args, "spotcheck", fn)
+    return admin_call(args, "spotcheck", fn)
 
 
 def _print_spotcheck(doc: dict[str, Any]) -> None:
@@ -191,7 +162,7 @@ def _export(args: argparse.Namespace) -> int:
                 print(json.dumps(r, sort_keys=True))
         return 0
 
-    return _call(args, "evidence export", fn)
+    return admin_call(args, "evidence export", fn)
 
 
 def _verify(args: argparse.Namespace) -> int:

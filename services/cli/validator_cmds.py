@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,15 @@ WEIGHTS_TIMEOUT_S = 30.0
 def register(actions: Any) -> None:
     """Add `weights` and `round` to the `horde validator` sub-commands."""
     weights = actions.add_parser("weights", help="scores and weights, with the reason for each")
-    _client_args(weights)
+    client_args(weights)
     weights.set_defaults(func=_run)
     rnd = actions.add_parser("round", help="run a synthetic round now and print its results")
-    _client_args(rnd)
+    client_args(rnd)
     rnd.add_argument("--set-weights", action="store_true", help="set weights right after the round")
     rnd.set_defaults(func=_run)
 
 
-def _client_args(p: argparse.ArgumentParser) -> None:
+def client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
     p.add_argument("--validator", help="validator host:port")
     p.add_argument("--validator-identity", help="validator identity (sr25519:<hex>)")
@@ -41,36 +42,47 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-def _run(args: argparse.Namespace) -> int:
+AdminCall = Callable[[validator_admin_pb2_grpc.ValidatorAdminServiceStub], Awaitable[int]]
+
+
+def admin_call(args: argparse.Namespace, name: str, fn: AdminCall) -> int:
+    """Run `fn` against the validator's admin service named by --dev or --validator/--key;
+    usage problems exit 2, refused or failed calls exit 1 with the status and its reason."""
     from services.cli.client import CliError, validator_target
 
     try:
         target = validator_target(args.dev, args.validator, args.validator_identity, args.key)
     except CliError as exc:
-        print(f"horde validator {args.action}: {exc}", file=sys.stderr)
+        print(f"horde validator {name}: {exc}", file=sys.stderr)
         return 2
 
     async def go() -> int:
         async with target.channel() as channel:
-            stub = validator_admin_pb2_grpc.ValidatorAdminServiceStub(channel)
-            if args.action == "round":
-                resp = await stub.RunRound(
-                    validator_admin_pb2.RunRoundRequest(set_weights=args.set_weights),
-                    timeout=ROUND_TIMEOUT_S,
-                )
-                _print_round(resp, args.json)
-            else:
-                weights = await stub.GetWeights(
-                    validator_admin_pb2.GetWeightsRequest(), timeout=WEIGHTS_TIMEOUT_S
-                )
-                _print_weights(weights, args.json)
-        return 0
+            return await fn(validator_admin_pb2_grpc.ValidatorAdminServiceStub(channel))
 
     try:
         return asyncio.run(go())
     except grpc.aio.AioRpcError as exc:
-        print(f"horde validator {args.action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"horde validator {name}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    async def fn(stub: validator_admin_pb2_grpc.ValidatorAdminServiceStub) -> int:
+        if args.action == "round":
+            resp = await stub.RunRound(
+                validator_admin_pb2.RunRoundRequest(set_weights=args.set_weights),
+                timeout=ROUND_TIMEOUT_S,
+            )
+            _print_round(resp, args.json)
+        else:
+            weights = await stub.GetWeights(
+                validator_admin_pb2.GetWeightsRequest(), timeout=WEIGHTS_TIMEOUT_S
+            )
+            _print_weights(weights, args.json)
+        return 0
+
+    return admin_call(args, args.action, fn)
 
 
 def round_to_dict(resp: validator_admin_pb2.RunRoundResponse) -> dict[str, Any]:
