@@ -28,7 +28,6 @@ from horde.v1 import (
     common_pb2,
     job_pb2,
     job_proxy_pb2,
-    job_proxy_pb2_grpc,
     receipts_pb2,
     streaming_pb2,
     validator_pb2,
@@ -39,9 +38,10 @@ from services.core.auth import Authenticator, StaticPolicy
 from services.core.certificates import sign_certificate
 from services.core.chain import Neuron, write_roster
 from services.core.config import GatewaySettings, load_settings
-from services.core.identity import Ed25519Signer, HotkeySigner, write_key_file
+from services.core.identity import Ed25519Signer, HotkeySigner, Identity, write_key_file
 from services.core.logging import configure_logging
 from services.core.loop import run as run_loop
+from services.core.proxy_wire import ProxyServer, ResponseWriter
 from services.core.receipts import sign_receipt
 from services.core.server import ServiceRegistration, create_server
 from services.streaming_gateway.app import start_gateway
@@ -66,23 +66,25 @@ async def job() -> None:
     await asyncio.Event().wait()
 
 
-class ForwardingProxy(job_proxy_pb2_grpc.JobProxyServiceServicer):
+class ForwardingProxy:
+    """A stand-in job proxy (a proxy_wire StreamHandler) forwarding to an aiohttp echo job."""
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.keys: dict[str, nacl.signing.SigningKey] = {}
 
-    async def Stream(
+    async def __call__(
         self,
-        request_iterator: AsyncIterator[job_proxy_pb2.StreamRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[job_proxy_pb2.StreamResponse]:
-        first = await anext(aiter(request_iterator))
-        job_uuid = first.open.job_uuid
+        caller: Identity,
+        opened: job_proxy_pb2.StreamOpen,
+        requests: AsyncIterator[streaming_pb2.StreamRequestFrame],
+        out: ResponseWriter,
+    ) -> None:
+        job_uuid = opened.job_uuid
         key = self.keys[job_uuid]
         async with aiohttp.ClientSession() as http:
             body = b""
-            async for msg in request_iterator:
-                frame = msg.request
+            async for frame in requests:
                 if not body:
                     started = time.time_ns()
                 body += frame.body
@@ -100,8 +102,8 @@ class ForwardingProxy(job_proxy_pb2_grpc.JobProxyServiceServicer):
                     hashlib.sha256(body).digest(),
                     hashlib.sha256(output).digest(),
                 )
-                yield job_proxy_pb2.StreamResponse(
-                    response=streaming_pb2.StreamResponseFrame(
+                await out.write(
+                    streaming_pb2.StreamResponseFrame(
                         seq=frame.seq,
                         body=output,
                         last=True,
@@ -185,19 +187,8 @@ async def network(url: str, state_dir: Path) -> None:
         authenticator=Authenticator(validator.identity, allow),
         service_label="validator",
     )
-    pserver = await create_server(
-        "127.0.0.1:0",
-        [
-            ServiceRegistration(
-                "horde.v1.JobProxyService",
-                job_proxy_pb2_grpc.add_JobProxyServiceServicer_to_server,
-                proxy,
-            )
-        ],
-        authenticator=Authenticator(proxy_key.identity, allow),
-        service_label="proxy",
-    )
-    fake.endpoint = f"127.0.0.1:{pserver.port}"
+    pserver = ProxyServer(proxy, Authenticator(proxy_key.identity, allow), label="proxy")
+    fake.endpoint = f"127.0.0.1:{await pserver.start('127.0.0.1:0')}"
     app = await start_gateway(
         load_settings(
             GatewaySettings,

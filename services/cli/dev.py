@@ -185,11 +185,13 @@ async def dev_up(
         async with asyncio.timeout(30):
             await agent.connected.wait()
             await trusted_agent.connected.wait()
+        services: dict[str, dict[str, str]] = {
+            app.name: {"address": f"127.0.0.1:{app.port}", "identity": app.identity}
+            for app in apps
+        }
+        services["executor"]["proxy"] = agent.proxy_endpoint
         endpoints = {
-            "services": {
-                app.name: {"address": f"127.0.0.1:{app.port}", "identity": app.identity}
-                for app in apps
-            },
+            "services": services,
             "client_key": str(paths["client"]),
             "client_identity": str(ids["client"]),
             "roster": str(roster),
@@ -197,6 +199,7 @@ async def dev_up(
                 "address": trusted_addr,
                 "identity": str(ids["trusted_miner"]),
                 "executor": f"127.0.0.1:{trusted_executor.port}",
+                "executor_proxy": trusted_agent.proxy_endpoint,
             },
             "allowed_images": images,
             "streaming_images": STREAMING_IMAGES,

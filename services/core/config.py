@@ -89,10 +89,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be host:port with a port between 0 and 65535")
-        return value
+        return _host_port(value)
 
     @classmethod
     def settings_customise_sources(
@@ -265,8 +262,17 @@ class ExecutorSettings(ServiceSettings):
     # Executor class; empty means derived from the hardware probe.
     executor_class: str = ""
     allowed_images: list[str] = ["horde/base:latest", "horde/demo-job:latest"]
-    # Host gateways dial for the job proxy of streaming jobs (served on `listen`'s port).
+    # host:port of the job proxy of streaming jobs (a port of its own, not gRPC: see
+    # docs/protocol.md); port 0 picks a free port. Gateways must be able to reach it.
+    proxy_listen: str = "127.0.0.1:0"
+    # Host gateways dial for the job proxy (with proxy_listen's port).
     proxy_advertise_host: str = "127.0.0.1"
+
+    @field_validator("proxy_listen")
+    @classmethod
+    def _proxy_listen(cls, value: str) -> str:
+        return _host_port(value)
+
     # The job proxy refuses a request whose client timestamp is further than this from its clock.
     proxy_clock_skew_s: float = Field(default=2.0, gt=0, le=600)
     # Test-only: shifts the job proxy's clock (request checks and receipt timestamps), in ns.
@@ -304,6 +310,13 @@ class GatewaySettings(ServiceSettings):
 
 
 S = TypeVar("S", bound=ServiceSettings)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port with a port between 0 and 65535")
+    return value
 
 
 def load_settings(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:

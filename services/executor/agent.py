@@ -58,6 +58,11 @@ class ExecutorAgent:
         self.connected = asyncio.Event()
         self.executor_id = ""
 
+    @property
+    def proxy_endpoint(self) -> str:
+        """Where gateways reach this executor's job proxy ("" without streaming)."""
+        return self._streaming.proxy_endpoint if self._streaming is not None else ""
+
     async def run_forever(self) -> None:
         """Keep the link up, reconnecting with jittered backoff."""
         backoff = 0.2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import structlog
-from horde.v1 import job_proxy_pb2, job_proxy_pb2_grpc, manifest_pb2
+from horde.v1 import manifest_pb2
 
 from services import __version__
 from services.core.app import ServiceApp
@@ -13,12 +13,13 @@ from services.core.auth import Authenticator
 from services.core.config import ExecutorSettings
 from services.core.errors import ConfigError
 from services.core.identity import Identity, Signer
+from services.core.proxy_wire import ProxyServer
 from services.core.runtime import load_signer
-from services.core.server import ServiceRegistration, create_server
+from services.core.server import create_server
 from services.executor.agent import ExecutorAgent
 from services.executor.hardware import executor_class, probe
 from services.executor.jobs import OrganicJobRunner
-from services.executor.proxy import JobProxyServicer, StreamSessions
+from services.executor.proxy import JobProxy, StreamSessions
 from services.executor.sandbox import DockerRuntime, SandboxLimits
 from services.executor.streaming import StreamingJobRunner
 from services.executor.synthetic import DockerSolver
@@ -65,11 +66,12 @@ async def start_executor(
         version=__version__,
     )
     synthetic = DockerSolver(runtime, limits, work_dir, gpus=-1 if hardware.gpus else 0)
-    # The executor's own listener: health, and the job proxy of streaming jobs. Only the gateway
-    # of a running session may call (the sessions are the allow policy).
+    # The executor's gRPC listener serves health (and reflection); the job proxy of streaming jobs
+    # has a port of its own (services/core/proxy_wire.py). Only the gateway of a running session
+    # may open a proxy stream (the sessions are the allow policy).
     sessions = StreamSessions()
     offset_ns = settings.proxy_clock_offset_ns
-    proxy = JobProxyServicer(
+    proxy = JobProxy(
         sessions,
         skew_s=settings.proxy_clock_skew_s,
         max_request_bytes=settings.streaming_max_request_mb * 2**20,
@@ -77,25 +79,17 @@ async def start_executor(
     )
     auth = Authenticator(signer.identity, sessions, max_skew_s=settings.auth.max_clock_skew_s)
     server = await create_server(
-        settings.listen,
-        [
-            ServiceRegistration(
-                job_proxy_pb2.DESCRIPTOR.services_by_name["JobProxyService"].full_name,
-                job_proxy_pb2_grpc.add_JobProxyServiceServicer_to_server,
-                proxy,
-            )
-        ],
-        authenticator=auth,
-        service_label="executor",
-        tls=settings.tls,
+        settings.listen, [], authenticator=auth, service_label="executor", tls=settings.tls
     )
+    proxy_server = ProxyServer(proxy, auth, label="executor")
+    proxy_port = await proxy_server.start(settings.proxy_listen)
     streaming = StreamingJobRunner(
         runtime,
         set(settings.allowed_images),
         limits,
         work_dir,
         sessions,
-        f"{settings.proxy_advertise_host}:{server.port}",
+        f"{settings.proxy_advertise_host}:{proxy_port}",
         gpus=-1 if hardware.gpus else 0,
         extra_limit_bytes=settings.extra_data_limit_mb * 2**20,
     )
@@ -111,6 +105,7 @@ async def start_executor(
     )
 
     async def close_all() -> None:
+        await proxy_server.stop()
         await streaming.close()
         await runtime.sweep()
         await runtime.close()

@@ -1,12 +1,13 @@
-"""The job proxy: JobProxyService on the executor's listener, one stream per running session.
+"""The job proxy: one stream per running session, on the executor's proxy port, in the framed
+protocol of services/core/proxy_wire.py (horde/v1/job_proxy.proto's messages over TCP).
 
-Only the gateway named when the session started may call (`StreamSessions` is the listener's
-allow policy, so every other caller is refused before a handler runs). For each request the proxy
-checks the client's timestamp against its own clock, POSTs the body to the service in the job's
-container (over the unix socket of the job's relay, see services/executor/streaming.py; with the
-keep-alive client of services/executor/http1.py), relays the
-response as it arrives and signs a receipt with the job's key over exactly the bytes it forwarded
-and returned (DESIGN.md's 128-byte blob).
+Only the gateway named when the session started may connect (`StreamSessions` is the proxy
+port's allow policy, so every other caller is refused before a handler runs). For each request
+the proxy checks the client's timestamp against its own clock, POSTs the body to the service in
+the job's container (over the unix socket of the job's relay, see services/executor/streaming.py;
+with the keep-alive client of services/executor/http1.py), relays the response as it arrives and
+signs a receipt with the job's key over exactly the bytes it forwarded and returned
+(DESIGN.md's 128-byte blob).
 
 Requests are answered one after another in seq order, while the next ones are already read (and
 their arrival time taken for `timestamp_from_ns`): receipts then never run backwards. A response
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 import nacl.signing
 import structlog
-from horde.v1 import job_proxy_pb2, job_proxy_pb2_grpc, streaming_pb2
+from horde.v1 import job_proxy_pb2, streaming_pb2
 
 from services.core.errors import (
     FailedPrecondition,
@@ -39,8 +40,8 @@ from services.core.errors import (
     Unavailable,
 )
 from services.core.identity import Identity
+from services.core.proxy_wire import ResponseWriter
 from services.core.receipts import sign_receipt
-from services.core.server import current_caller
 from services.executor.http1 import Http1Client, HttpError
 
 log = structlog.get_logger("horde.executor.proxy")
@@ -99,11 +100,11 @@ class _ProxyStream:
         self,
         pending: asyncio.Queue[_Request | _Out],
         task: asyncio.Task[object] | None,
-        context: grpc.aio.ServicerContext,
+        out: ResponseWriter,
     ) -> None:
         self.pending = pending
         self.task = task
-        self.context = context
+        self.out = out
         self.ended: HordeError | None = None
         self.writing = False
 
@@ -116,10 +117,10 @@ class _ProxyStream:
         if self.task is not None and not self.writing:
             self.task.cancel()
 
-    async def write(self, msg: job_proxy_pb2.StreamResponse) -> None:
+    async def write(self, frame: streaming_pb2.StreamResponseFrame) -> None:
         self.writing = True
         try:
-            await self.context.write(msg)
+            await self.out.write(frame)
         finally:
             self.writing = False
         if self.ended is not None:
@@ -164,7 +165,9 @@ class _Request:
     body: bytearray = field(default_factory=bytearray)
 
 
-class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
+class JobProxy:
+    """Serves the proxy streams of the running streaming jobs (a proxy_wire StreamHandler)."""
+
     def __init__(
         self,
         sessions: StreamSessions,
@@ -178,18 +181,15 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
         self._max_request = max_request_bytes
         self._clock = clock_ns
 
-    # Writes with context.write() rather than as a generator: one hop less per frame.
-    async def Stream(  # type: ignore[override]
+    async def __call__(
         self,
-        request_iterator: AsyncIterator[job_proxy_pb2.StreamRequest],
-        context: grpc.aio.ServicerContext,
+        caller_identity: Identity,
+        opened: job_proxy_pb2.StreamOpen,
+        requests: AsyncIterator[streaming_pb2.StreamRequestFrame],
+        out: ResponseWriter,
     ) -> None:
-        caller = str(current_caller())
-        requests = aiter(request_iterator)
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("payload") != "open":
-            raise InvalidArgument("the first message of a proxy stream must be `open`")
-        job_uuid = first.open.job_uuid
+        caller = str(caller_identity)
+        job_uuid = opened.job_uuid
         live = self._sessions.get(job_uuid)
         if live is None:
             raise NotFound(f"no streaming job {job_uuid} is running on this executor")
@@ -200,7 +200,7 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
         live.stream_open = True
         # Requests read ahead of the one being answered; an error (or None: done) ends the call.
         pending: asyncio.Queue[_Request | _Out] = asyncio.Queue()
-        stream = _ProxyStream(pending, asyncio.current_task(), context)
+        stream = _ProxyStream(pending, asyncio.current_task(), out)
         live._streams.add(stream)
         reader = asyncio.create_task(self._read(live, requests, pending))
         try:
@@ -236,15 +236,12 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
     async def _read(
         self,
         live: LiveStream,
-        requests: AsyncIterator[job_proxy_pb2.StreamRequest],
+        requests: AsyncIterator[streaming_pb2.StreamRequestFrame],
         pending: asyncio.Queue[_Request | _Out],
     ) -> None:
         current: _Request | None = None
         try:
-            async for msg in requests:
-                if msg.WhichOneof("payload") != "request":
-                    raise InvalidArgument("only request frames may follow `open`")
-                frame = msg.request
+            async for frame in requests:
                 now = self._clock()
                 off = frame.client_timestamp_ns - now
                 if abs(off) > self._skew_ns:
@@ -276,9 +273,6 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
             pending.put_nowait(None)
         except HordeError as exc:
             pending.put_nowait(exc)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            # The gateway went away; the call is being torn down.
-            pending.put_nowait(None)
 
     async def _forward(
         self,
@@ -307,7 +301,7 @@ class JobProxyServicer(job_proxy_pb2_grpc.JobProxyServiceServicer):
                     digest.digest(),
                 )
                 frame.receipt.CopyFrom(receipt.to_proto())
-            await stream.write(job_proxy_pb2.StreamResponse(response=frame))
+            await stream.write(frame)
 
         try:
             resp = await live.client.post(

@@ -8,12 +8,13 @@ import grpc
 from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2_grpc
 
 from services.core.app import ServiceApp
-from services.core.auth import Authenticator, MethodPolicy, StaticPolicy, sign_call
+from services.core.auth import Authenticator, MethodPolicy, StaticPolicy
 from services.core.chain import ChainAdapter
 from services.core.config import GatewaySettings
 from services.core.db import open_database
 from services.core.errors import ConfigError, InvalidArgument
 from services.core.identity import Identity, Signer
+from services.core.proxy_wire import ProxyLink
 from services.core.runtime import load_signer, open_chain, parse_identities
 from services.core.server import ServiceRegistration, create_server, current_caller, open_channel
 from services.streaming_gateway.session import GatewayDeps, MinerCheck, Session, SessionConfig
@@ -90,12 +91,8 @@ async def start_gateway(
         settings.validator_address, signer=signer, callee=validator or None, tls=settings.tls
     )
 
-    def dial_proxy(endpoint: str, identity: str) -> grpc.aio.Channel:
-        # No signing interceptor: the session signs its one proxy stream (proxy_metadata).
-        return open_channel(endpoint)
-
-    def proxy_metadata(method: str, callee: str) -> list[tuple[str, str]]:
-        return sign_call(signer, method, callee)
+    async def dial_proxy(endpoint: str, identity: str, job_uuid: str) -> ProxyLink:
+        return await ProxyLink.connect(endpoint, signer=signer, callee=identity, job_uuid=job_uuid)
 
     deps = GatewayDeps(
         config=SessionConfig(
@@ -111,7 +108,6 @@ async def start_gateway(
         dial_proxy=dial_proxy,
         writer=writer,
         miner_check=chain_miner_check(chain) if chain is not None else None,
-        proxy_metadata=proxy_metadata,
     )
     auth = Authenticator(
         signer.identity,

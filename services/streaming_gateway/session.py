@@ -24,8 +24,6 @@ from horde.v1 import (
     common_pb2,
     gateway_pb2,
     job_pb2,
-    job_proxy_pb2,
-    job_proxy_pb2_grpc,
     receipts_pb2,
     streaming_pb2,
     validator_pb2,
@@ -34,6 +32,7 @@ from horde.v1 import (
 from services.core import metrics
 from services.core.errors import FailedPrecondition, HordeError, InvalidArgument
 from services.core.proto_util import TERMINAL_STATES, reason_name, state_name
+from services.core.proxy_wire import ProxyError, ProxyLink
 from services.streaming_gateway.checks import (
     BadReceipt,
     CertificateError,
@@ -77,12 +76,8 @@ class ValidatorLink(Protocol):
     def ReportBadReceipt(self, request: Any, *, timeout: float) -> Any: ...
 
 
-# Opens a channel to a job proxy whose calls are signed for its identity (or, with
-# `GatewayDeps.proxy_metadata`, a plain channel: the stream then carries that metadata).
-ProxyDialer = Callable[[str, str], grpc.aio.Channel]
-# Authentication metadata for one call of a method on a callee.
-CallSigner = Callable[[str, str], list[tuple[str, str]]]
-PROXY_STREAM_METHOD = "/horde.v1.JobProxyService/Stream"
+# Opens a proxy stream (services/core/proxy_wire.py): (endpoint, proxy identity, job uuid).
+ProxyDialer = Callable[[str, str, str], Awaitable[ProxyLink]]
 # Why a miner may not serve sessions (None: it may).
 MinerCheck = Callable[[str], Awaitable[str | None]]
 
@@ -94,9 +89,6 @@ class GatewayDeps:
     dial_proxy: ProxyDialer
     writer: ReceiptWriter
     miner_check: MinerCheck | None = None
-    # Signs the proxy stream itself, so its channel needs no client interceptor (an interceptor
-    # puts every write of the stream through an extra queue and task).
-    proxy_metadata: CallSigner | None = None
     rng: random.Random = field(default_factory=random.SystemRandom)
     clock_ns: Callable[[], int] = time.time_ns
 
@@ -152,7 +144,7 @@ def _result_reason(result: job_pb2.JobResult) -> str:
     return f"{text}: {result.detail}" if result.detail else text
 
 
-def _rpc_error(exc: grpc.aio.AioRpcError) -> str:
+def _rpc_error(exc: grpc.aio.AioRpcError | ProxyError) -> str:
     return f"{exc.code().name}: {exc.details() or ''}".rstrip(": ")
 
 
@@ -179,8 +171,7 @@ class Session:
         self._certificate: receipts_pb2.JobCertificate | None = None
         self._payload: receipts_pb2.JobCertificatePayload | None = None
         self._checker: ReceiptChecker | None = None
-        self._proxy_channel: grpc.aio.Channel | None = None
-        self._proxy_call: Any = None
+        self._proxy: ProxyLink | None = None
         self._ready = False
         self._next_seq = 1
         self._current: _Pending | None = None  # request whose frames are still arriving
@@ -290,19 +281,12 @@ class Session:
         self._certificate = ready.certificate
         self._payload = payload
         self._checker = ReceiptChecker.for_certificate(payload, self._cfg.skew_ns / 1e9)
-        self._proxy_channel = self._deps.dial_proxy(ready.proxy_endpoint, ready.proxy_identity)
-        stub = job_proxy_pb2_grpc.JobProxyServiceStub(self._proxy_channel)
-        metadata = None
-        if self._deps.proxy_metadata is not None:
-            metadata = self._deps.proxy_metadata(PROXY_STREAM_METHOD, ready.proxy_identity)
-        self._proxy_call = stub.Stream(timeout=limit_s + CALL_SLACK_S, metadata=metadata)
         try:
-            await self._proxy_call.write(
-                job_proxy_pb2.StreamRequest(open=job_proxy_pb2.StreamOpen(job_uuid=ready.job_uuid))
+            self._proxy = await self._deps.dial_proxy(
+                ready.proxy_endpoint, ready.proxy_identity, ready.job_uuid
             )
-        except grpc.aio.AioRpcError as exc:
-            final = await final_status(self._proxy_call, exc)
-            self._finish(_Ending(f"job proxy: {_rpc_error(final)}"))
+        except ProxyError as exc:
+            self._finish(_Ending(f"job proxy: {_rpc_error(exc)}"))
             return
         self._spawn(self._read_proxy())
         self._ready = True
@@ -340,13 +324,13 @@ class Session:
         self._finish(_Ending("closed by the client"))
 
     async def _read_proxy(self) -> None:
-        call = self._proxy_call
+        assert self._proxy is not None
         try:
-            async for msg in call:
-                await self._on_response(msg.response)
+            async for frame in self._proxy:
+                await self._on_response(frame)
                 if self._end.done():
                     return
-        except grpc.aio.AioRpcError as exc:
+        except ProxyError as exc:
             if self._end.done():
                 return
             code = exc.code()
@@ -381,18 +365,12 @@ class Session:
             current.input_sha256 = current.request_hash.digest()
             self._current = None
             self._next_seq += 1
+        assert self._proxy is not None
         try:
-            await self._proxy_call.write(
-                job_proxy_pb2.StreamRequest(
-                    request=streaming_pb2.StreamRequestFrame(
-                        seq=frame.seq,
-                        client_timestamp_ns=now,
-                        body=frame.body,
-                        last=frame.last,
-                    )
-                )
-            )
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            # The gateway's own clock goes on: the proxy checks it against its own.
+            frame.client_timestamp_ns = now
+            await self._proxy.write(frame)
+        except ProxyError as exc:
             # The proxy stream broke; its reader reports why.
             self._log.debug("proxy_write_failed", error=repr(exc))
 
@@ -544,13 +522,10 @@ class Session:
         Cancelling the StartStreamingJob call stops the job (the validator's contract)."""
         for task in self._tasks:
             task.cancel()
-        for call in (self._proxy_call, self._start_call):
-            if call is not None:
-                call.cancel()
-        channel = self._proxy_channel
-        if channel is not None:
-            task = asyncio.get_running_loop().create_task(channel.close())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if self._start_call is not None:
+            self._start_call.cancel()
+        if self._proxy is not None:
+            self._proxy.close()
         self._log.info("session_ended", reason="client cancelled the session")
 
     async def _teardown(self, ending: _Ending) -> None:
@@ -561,8 +536,8 @@ class Session:
         for task in self._tasks:
             if task is not self._validator_task:
                 task.cancel()
-        if self._proxy_call is not None:
-            self._proxy_call.cancel()
+        if self._proxy is not None:
+            self._proxy.close()
         if ending.bad_receipt is not None and self._job_uuid:
             await self._report(ending.bad_receipt)
         if self._job_uuid and not self._job_ended:
@@ -574,8 +549,8 @@ class Session:
         if self._validator_task is not None:
             self._validator_task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._proxy_channel is not None:
-            await self._proxy_channel.close()
+        if self._proxy is not None:
+            await self._proxy.aclose()
         await self._deps.writer.flush()
         self._log.info(
             "session_ended",

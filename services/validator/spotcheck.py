@@ -51,8 +51,6 @@ from horde.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
     job_pb2,
-    job_proxy_pb2,
-    job_proxy_pb2_grpc,
     miner_pb2,
     miner_pb2_grpc,
     receipts_pb2,
@@ -74,6 +72,7 @@ from services.core.db import (
     spot_verdicts,
 )
 from services.core.identity import Identity, Signer
+from services.core.proxy_wire import ProxyError, ProxyLink
 from services.core.receipts import ReceiptError, StreamReceipt
 from services.core.server import open_channel
 from services.validator.comparators import for_image
@@ -530,40 +529,41 @@ class TrustedMinerClient:
         """Send the requests to the trusted instance's job proxy in order; check each receipt."""
         payload = verify_certificate(ready.certificate, miner=self.identity, job_uuid=job_uuid)
         out: list[Replayed] = []
-        async with open_channel(
-            ready.proxy_endpoint, signer=self._signer, callee=ready.proxy_identity
-        ) as channel:
-            call = job_proxy_pb2_grpc.JobProxyServiceStub(channel).Stream(
-                timeout=REPLAY_TIMEOUT_S + 2 * len(requests)
+        try:
+            link = await ProxyLink.connect(
+                ready.proxy_endpoint,
+                signer=self._signer,
+                callee=ready.proxy_identity,
+                job_uuid=job_uuid,
             )
-            try:
-                await call.write(
-                    job_proxy_pb2.StreamRequest(open=job_proxy_pb2.StreamOpen(job_uuid=job_uuid))
-                )
+        except ProxyError as exc:
+            raise SpotCheckError(f"trusted job proxy: {exc}") from None
+        try:
+            async with asyncio.timeout(REPLAY_TIMEOUT_S + 2 * len(requests)):
                 for seq, body in enumerate(requests, start=1):
                     frame = streaming_pb2.StreamRequestFrame(
                         seq=seq, client_timestamp_ns=time.time_ns(), body=body, last=True
                     )
-                    await call.write(job_proxy_pb2.StreamRequest(request=frame))
+                    await link.write(frame)
                     parts: list[bytes] = []
                     while True:
-                        msg = await call.read()
-                        if msg is grpc.aio.EOF:
+                        answer_frame = await link.read()
+                        if answer_frame is None:
                             raise SpotCheckError(f"the trusted job proxy ended at request {seq}")
-                        parts.append(msg.response.body)
-                        if msg.response.last:
-                            receipt = msg.response.receipt
+                        parts.append(answer_frame.body)
+                        if answer_frame.last:
+                            receipt = answer_frame.receipt
                             break
                     answer = b"".join(parts)
                     _check_trusted_receipt(receipt, payload, seq, body, answer)
                     out.append(Replayed(answer, receipt))
-                await call.done_writing()
-            except grpc.aio.AioRpcError as exc:
-                raise SpotCheckError(
-                    f"trusted job proxy: {exc.code().name}: {exc.details()}"
-                ) from None
-            finally:
-                call.cancel()
+                link.done_writing()
+        except ProxyError as exc:
+            raise SpotCheckError(f"trusted job proxy: {exc}") from None
+        except TimeoutError:
+            raise SpotCheckError("the trusted job proxy did not answer in time") from None
+        finally:
+            await link.aclose()
         return out
 
 

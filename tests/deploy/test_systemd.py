@@ -87,7 +87,9 @@ def _install(tmp_path: Path) -> dict[str, Path]:
     for service in SERVICES:
         text = (CONFIGS / f"{service}.toml").read_text()
         text = text.replace("/etc/horde", str(etc)).replace("/var/lib/horde", str(var))
-        text = re.sub(r'^listen = ".*"$', 'listen = "127.0.0.1:0"', text, flags=re.MULTILINE)
+        text = re.sub(
+            r'^(listen|proxy_listen) = ".*"$', r'\1 = "127.0.0.1:0"', text, flags=re.MULTILINE
+        )
         text = text.replace(
             "sr25519:" + "0" * 64,
             str(signers["miner" if service == "executor" else "validator"].identity),

@@ -1,5 +1,6 @@
 """Fakes for the gateway tests: a validator that starts "streaming jobs" and a job proxy that
-serves them. Both are real gRPC servers on port 0 with real authentication; every job has a real
+serves them. Both are real servers on port 0 (gRPC, and the job proxy's framed TCP protocol) with
+real authentication; every job has a real
 Ed25519 key certified by a real miner hotkey, and the proxy signs real receipts. Each job's
 `Behaviour` makes the proxy misbehave on purpose (tamper, skew its clock, chunk its answers).
 """
@@ -21,7 +22,6 @@ from horde.v1 import (
     common_pb2,
     job_pb2,
     job_proxy_pb2,
-    job_proxy_pb2_grpc,
     receipts_pb2,
     streaming_pb2,
     validator_pb2,
@@ -34,7 +34,8 @@ from services.core.certificates import sign_certificate
 from services.core.chain import Neuron, write_roster
 from services.core.config import GatewaySettings, load_settings
 from services.core.errors import FailedPrecondition, NotFound
-from services.core.identity import Ed25519Signer, HotkeySigner, Signer
+from services.core.identity import Ed25519Signer, HotkeySigner, Identity, Signer
+from services.core.proxy_wire import ProxyServer, ResponseWriter
 from services.core.receipts import sign_receipt
 from services.core.server import RunningServer, ServiceRegistration, create_server, current_caller
 from services.streaming_gateway.app import start_gateway
@@ -73,24 +74,26 @@ class FakeJob:
     stop_reason: str = ""
 
 
-class FakeProxy(job_proxy_pb2_grpc.JobProxyServiceServicer):
+class FakeProxy:
+    """A job proxy (a proxy_wire StreamHandler) answering with `Behaviour`."""
+
     def __init__(self) -> None:
         self.jobs: dict[str, FakeJob] = {}
 
-    async def Stream(
+    async def __call__(
         self,
-        request_iterator: AsyncIterator[job_proxy_pb2.StreamRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[job_proxy_pb2.StreamResponse]:
-        first = await anext(aiter(request_iterator))
-        job = self.jobs.get(first.open.job_uuid)
+        caller: Identity,
+        opened: job_proxy_pb2.StreamOpen,
+        requests: AsyncIterator[streaming_pb2.StreamRequestFrame],
+        out: ResponseWriter,
+    ) -> None:
+        job = self.jobs.get(opened.job_uuid)
         if job is None:
-            raise NotFound(f"no job {first.open.job_uuid}")
+            raise NotFound(f"no job {opened.job_uuid}")
         b = job.behaviour
         body = b""
         started = 0
-        async for msg in request_iterator:
-            frame = msg.request
+        async for frame in requests:
             now = time.time_ns() + b.clock_offset_ns
             if not body and started == 0:
                 started = now
@@ -102,14 +105,14 @@ class FakeProxy(job_proxy_pb2_grpc.JobProxyServiceServicer):
             body += frame.body
             if not frame.last:
                 continue
-            for out in self._answer(job, frame.seq, body, started):
-                yield out
+            for response in self._answer(job, frame.seq, body, started):
+                await out.write(response)
             job.served += 1
             body, started = b"", 0
 
     def _answer(
         self, job: FakeJob, seq: int, body: bytes, started: int
-    ) -> list[job_proxy_pb2.StreamResponse]:
+    ) -> list[streaming_pb2.StreamResponseFrame]:
         b = job.behaviour
         output = b.respond(body)
         finished = time.time_ns() + b.clock_offset_ns
@@ -136,7 +139,7 @@ class FakeProxy(job_proxy_pb2_grpc.JobProxyServiceServicer):
             )
             if last and tamper != "missing":
                 frame.receipt.CopyFrom(receipt.to_proto())
-            frames.append(job_proxy_pb2.StreamResponse(response=frame))
+            frames.append(frame)
         return frames
 
 
@@ -291,6 +294,7 @@ class Harness:
     fake_proxy: FakeProxy
     fake_validator: FakeValidator
     servers: list[RunningServer] = field(default_factory=list)
+    proxy_server: ProxyServer | None = None
     gateways: list[ServiceApp] = field(default_factory=list)
 
     @property
@@ -323,6 +327,8 @@ class Harness:
             await self.stop_gateway(app)
         for server in self.servers:
             await server.stop(None)
+        if self.proxy_server is not None:
+            await self.proxy_server.stop()
 
 
 async def start_harness(root: Path) -> Harness:
@@ -359,22 +365,15 @@ async def start_harness(root: Path) -> Harness:
             service_label="fake-validator",
         )
     )
-    proxy_server = await create_server(
-        "127.0.0.1:0",
-        [
-            ServiceRegistration(
-                "horde.v1.JobProxyService",
-                job_proxy_pb2_grpc.add_JobProxyServiceServicer_to_server,
-                fake_proxy,
-            )
-        ],
-        authenticator=Authenticator(
+    proxy_server = ProxyServer(
+        fake_proxy,
+        Authenticator(
             proxy_signer.identity, StaticPolicy({str(gateway.identity)}, "the session's gateway")
         ),
-        service_label="fake-proxy",
+        label="fake-proxy",
     )
-    harness.servers.append(proxy_server)
-    fake_validator.proxy_endpoint = f"127.0.0.1:{proxy_server.port}"
+    harness.proxy_server = proxy_server
+    fake_validator.proxy_endpoint = f"127.0.0.1:{await proxy_server.start('127.0.0.1:0')}"
     return harness
 
 

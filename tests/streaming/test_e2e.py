@@ -150,8 +150,8 @@ async def test_a_session_through_the_real_network(images: None, tmp_path: Path) 
             job_uuid = ready.job_uuid
             assert client.certificate is not None
             # The certificate names the endpoint the gateway was given (ready.proxy_endpoint,
-            # checked by the gateway): the executor's listener.
-            assert client.certificate.endpoint == env.address("executor")
+            # checked by the gateway): the executor's job proxy port.
+            assert client.certificate.endpoint == env.data["services"]["executor"]["proxy"]
             assert await job_containers(job_uuid), "the job's containers should be running"
             prompts = [f"prompt {i}: tell me about streaming".encode() for i in range(N_REQUESTS)]
             prompts[3] = b"x" * 1024

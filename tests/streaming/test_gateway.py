@@ -354,7 +354,8 @@ async def test_a_crashed_job_proxy_ends_the_session_with_a_clear_reason(harness:
     app = await harness.start_gateway()
     client, channel = await open_session(harness, app)
     await client.request(b"one")
-    await harness.servers[1].stop(None)  # the executor (and its proxy) is gone
+    assert harness.proxy_server is not None
+    await harness.proxy_server.stop()  # the executor (and its proxy) is gone
     with pytest.raises(SessionEnded) as info:
         await client.request(b"two")
     await channel.close()

@@ -25,8 +25,6 @@ import grpc
 from horde.v1 import (
     common_pb2,
     job_pb2,
-    job_proxy_pb2,
-    job_proxy_pb2_grpc,
     miner_pb2,
     miner_pb2_grpc,
     streaming_pb2,
@@ -38,6 +36,7 @@ from services.core.app import ServiceApp
 from services.core.chain import Neuron, write_roster
 from services.core.config import ExecutorSettings, MinerSettings, ValidatorSettings, load_settings
 from services.core.identity import Signer, create_key_file
+from services.core.proxy_wire import ProxyError, ProxyLink
 from services.core.receipts import StreamReceipt
 from services.core.server import open_channel
 from services.executor.agent import ExecutorAgent
@@ -312,30 +311,31 @@ class Answer:
 
 
 class Proxy:
-    """The gateway's stream to a job proxy."""
+    """The gateway's stream to a job proxy (services/core/proxy_wire.py)."""
 
-    def __init__(self, call: Any, job_uuid: str, clock_ns: Callable[[], int]) -> None:
-        self.call = call
-        self.job_uuid = job_uuid
+    def __init__(
+        self,
+        ready: validator_pb2.StreamingJobReady,
+        signer: Signer,
+        clock_ns: Callable[[], int],
+    ) -> None:
+        self.ready = ready
+        self.job_uuid = ready.job_uuid
+        self.signer = signer
+        self.link: ProxyLink | None = None
         self.seq = 0
         self._clock = clock_ns
 
-    async def _write(self, request: job_proxy_pb2.StreamRequest) -> None:
-        try:
-            await self.call.write(request)
-        except grpc.aio.AioRpcError:
-            # The proxy may have ended the call already (e.g. refused the caller) while this
-            # write was in flight; the write then fails with a generic INTERNAL. Reading
-            # surfaces the call's real status.
-            await self.call.read()
-            raise
-
     async def open(self) -> None:
-        await self._write(
-            job_proxy_pb2.StreamRequest(open=job_proxy_pb2.StreamOpen(job_uuid=self.job_uuid))
+        self.link = await ProxyLink.connect(
+            self.ready.proxy_endpoint,
+            signer=self.signer,
+            callee=self.ready.proxy_identity,
+            job_uuid=self.job_uuid,
         )
 
     async def send(self, body: bytes, *, pieces: int = 1, seq: int | None = None) -> int:
+        assert self.link is not None
         if seq is None:
             self.seq += 1
             seq = self.seq
@@ -348,16 +348,17 @@ class Proxy:
                 body=part,
                 last=index == len(parts) - 1,
             )
-            await self._write(job_proxy_pb2.StreamRequest(request=frame))
+            await self.link.write(frame)
         return seq
 
     async def receive(self) -> Answer:
+        assert self.link is not None
         frames: list[streaming_pb2.StreamResponseFrame] = []
         while True:
-            msg = await self.call.read()
-            assert msg is not grpc.aio.EOF, "the proxy stream ended mid-response"
-            frames.append(msg.response)
-            if msg.response.last:
+            frame = await self.link.read()
+            assert frame is not None, "the proxy stream ended mid-response"
+            frames.append(frame)
+            if frame.last:
                 return Answer(frames)
 
     async def ask(self, body: bytes, **kwargs: Any) -> Answer:
@@ -367,8 +368,19 @@ class Proxy:
     async def op(self, **req: Any) -> Any:
         return (await self.ask(json.dumps(req).encode())).json()
 
+    async def ended(self) -> ProxyError | None:
+        """Read to the end of the stream: how the proxy ended it (None: OK)."""
+        assert self.link is not None
+        try:
+            while await self.link.read() is not None:
+                pass
+        except ProxyError as exc:
+            return exc
+        return None
+
     def close(self) -> None:
-        self.call.cancel()
+        if self.link is not None:
+            self.link.close()
 
 
 # --------------------------------------------------------------------------------------- network
@@ -566,9 +578,7 @@ class Network:
         clock_ns: Callable[[], int] = time.time_ns,
         open_stream: bool = True,
     ) -> Proxy:
-        ch = self.channel(ready.proxy_endpoint, self.keys.signers[who], ready.proxy_identity)
-        call = job_proxy_pb2_grpc.JobProxyServiceStub(ch).Stream(timeout=CALL_TIMEOUT_S)
-        proxy = Proxy(call, ready.job_uuid, clock_ns)
+        proxy = Proxy(ready, self.keys.signers[who], clock_ns)
         self._proxies.append(proxy)
         if open_stream:
             await proxy.open()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from horde.v1 import streaming_pb2 as horde_dot_v1_dot_streaming__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18horde/v1/job_proxy.proto\x12\x08horde.v1\x1a\x18horde/v1/streaming.proto\"q\n\rStreamRequest\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.horde.v1.StreamOpenH\x00\x12/\n\x07request\x18\x02 \x01(\x0b\x32\x1c.horde.v1.StreamRequestFrameH\x00\x42\t\n\x07payload\"\x1e\n\nStreamOpen\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\"A\n\x0eStreamResponse\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.horde.v1.StreamResponseFrame2R\n\x0fJobProxyService\x12?\n\x06Stream\x12\x17.horde.v1.StreamRequest\x1a\x18.horde.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18horde/v1/job_proxy.proto\x12\x08horde.v1\x1a\x18horde/v1/streaming.proto\"q\n\rStreamRequest\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.horde.v1.StreamOpenH\x00\x12/\n\x07request\x18\x02 \x01(\x0b\x32\x1c.horde.v1.StreamRequestFrameH\x00\x42\t\n\x07payload\"v\n\nStreamOpen\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61llee\x18\x03 \x01(\t\x12\x14\n\x0ctimestamp_ns\x18\x04 \x01(\x03\x12\r\n\x05nonce\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"r\n\x0eStreamResponse\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1d.horde.v1.StreamResponseFrameH\x00\x12\"\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x13.horde.v1.StreamEndH\x00\x42\t\n\x07payload\"*\n\tStreamEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMREQUEST']._serialized_start=64
   _globals['_STREAMREQUEST']._serialized_end=177
   _globals['_STREAMOPEN']._serialized_start=179
-  _globals['_STREAMOPEN']._serialized_end=209
-  _globals['_STREAMRESPONSE']._serialized_start=211
-  _globals['_STREAMRESPONSE']._serialized_end=276
-  _globals['_JOBPROXYSERVICE']._serialized_start=278
-  _globals['_JOBPROXYSERVICE']._serialized_end=360
+  _globals['_STREAMOPEN']._serialized_end=297
+  _globals['_STREAMRESPONSE']._serialized_start=299
+  _globals['_STREAMRESPONSE']._serialized_end=413
+  _globals['_STREAMEND']._serialized_start=415
+  _globals['_STREAMEND']._serialized_end=457
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,15 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class StreamRequest(_message.Message):
-    """StreamRequest is one message from the gateway to the job proxy."""
+    """The job proxy runs in the executor for each streaming job; only the session's gateway (or, for
+    a trusted replay, the validator that started the job) may connect. It is not a gRPC service:
+    it speaks these messages over one plain TCP connection per stream, each message framed as a
+    4-byte big-endian length followed by the serialized message (at most 8 MiB). The caller sends
+    StreamRequest messages (`open` first, then request frames, then half-closes); the proxy answers
+    with StreamResponse messages and ends every stream with one `end` message before it closes.
+
+    StreamRequest is one message from the gateway to the job proxy.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -27,7 +35,7 @@ class StreamRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___StreamOpen:
-        """First message: which job."""
+        """First message: which job, and who asks."""
 
     @_builtins.property
     def request(self) -> _streaming_pb2.StreamRequestFrame:
@@ -51,21 +59,45 @@ Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
 
 @_typing.final
 class StreamOpen(_message.Message):
-    """StreamOpen names the job a proxy stream is for."""
+    """StreamOpen names the job a proxy stream is for and authenticates the caller, exactly as the
+    x-horde-* metadata authenticates a gRPC call (docs/protocol.md): the signature covers
+    "horde.rpc-auth.v1\\0\\0" + method + "\\0" + callee + "\\0" + timestamp_ns + "\\0" + nonce, with
+    method "/horde.v1.JobProxyService/Stream".
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_UUID_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    CALLEE_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_NS_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     job_uuid: _builtins.str
     """The job."""
+    caller: _builtins.str
+    """The caller's identity ("ed25519:<hex>" or an ss58 hotkey)."""
+    callee: _builtins.str
+    """The executor's identity the stream is meant for (the job proxy's identity)."""
+    timestamp_ns: _builtins.int
+    """The caller's clock when it signed, unix ns."""
+    nonce: _builtins.str
+    """A fresh random string of 16 to 128 characters (replays are refused)."""
+    signature: _builtins.bytes
+    """The caller's signature over the message above."""
     def __init__(
         self,
         *,
         job_uuid: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        callee: _builtins.str = ...,
+        timestamp_ns: _builtins.int = ...,
+        nonce: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_uuid", b"job_uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callee", b"callee", "caller", b"caller", "job_uuid", b"job_uuid", "nonce", b"nonce", "signature", b"signature", "timestamp_ns", b"timestamp_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -78,19 +110,53 @@ class StreamResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESPONSE_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def response(self) -> _streaming_pb2.StreamResponseFrame:
         """A response frame (the last one of each request carries the receipt)."""
+
+    @_builtins.property
+    def end(self) -> Global___StreamEnd:
+        """The proxy ends the stream; nothing follows."""
 
     def __init__(
         self,
         *,
         response: _streaming_pb2.StreamResponseFrame | None = ...,
+        end: Global___StreamEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "payload", b"payload", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "payload", b"payload", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["response", "end"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
+
+@_typing.final
+class StreamEnd(_message.Message):
+    """StreamEnd says why the job proxy ended a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A gRPC status code number: 0 (OK) when the caller half-closed and every request was answered."""
+    message: _builtins.str
+    """Why, for people."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
+Global___StreamEnd: _TypeAlias = StreamEnd  # noqa: Y015

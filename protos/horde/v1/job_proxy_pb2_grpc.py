@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from horde.v1 import job_proxy_pb2 as horde_dot_v1_dot_job__proxy__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -23,79 +22,3 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
-
-
-class JobProxyServiceStub:
-    """JobProxyService runs in the executor for each streaming job; only the session's gateway may call.
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.Stream = channel.stream_stream(
-                '/horde.v1.JobProxyService/Stream',
-                request_serializer=horde_dot_v1_dot_job__proxy__pb2.StreamRequest.SerializeToString,
-                response_deserializer=horde_dot_v1_dot_job__proxy__pb2.StreamResponse.FromString,
-                _registered_method=True)
-
-
-class JobProxyServiceServicer:
-    """JobProxyService runs in the executor for each streaming job; only the session's gateway may call.
-    """
-
-    def Stream(self, request_iterator, context):
-        """Requests in, responses with receipts out, for one job.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_JobProxyServiceServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'Stream': grpc.stream_stream_rpc_method_handler(
-                    servicer.Stream,
-                    request_deserializer=horde_dot_v1_dot_job__proxy__pb2.StreamRequest.FromString,
-                    response_serializer=horde_dot_v1_dot_job__proxy__pb2.StreamResponse.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'horde.v1.JobProxyService', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('horde.v1.JobProxyService', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class JobProxyService:
-    """JobProxyService runs in the executor for each streaming job; only the session's gateway may call.
-    """
-
-    @staticmethod
-    def Stream(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/horde.v1.JobProxyService/Stream',
-            horde_dot_v1_dot_job__proxy__pb2.StreamRequest.SerializeToString,
-            horde_dot_v1_dot_job__proxy__pb2.StreamResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)

@@ -5,16 +5,9 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from horde.v1 import job_proxy_pb2 as _job_proxy_pb2
 import abc as _abc_1
 import grpc as _grpc
-import sys
 import typing as _typing
-
-if sys.version_info >= (3, 11):
-    from typing import Self as _Self
-else:
-    from typing_extensions import Self as _Self
 
 _T = _typing.TypeVar("_T")
 
@@ -25,34 +18,3 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
-
-class JobProxyServiceStub:
-    """JobProxyService runs in the executor for each streaming job; only the session's gateway may call."""
-
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> JobProxyServiceAsyncStub: ...
-    Stream: _grpc.StreamStreamMultiCallable[_job_proxy_pb2.StreamRequest, _job_proxy_pb2.StreamResponse]
-    """Requests in, responses with receipts out, for one job."""
-
-@_typing.type_check_only
-class JobProxyServiceAsyncStub(JobProxyServiceStub):
-    """JobProxyService runs in the executor for each streaming job; only the session's gateway may call."""
-
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    Stream: _aio.StreamStreamMultiCallable[_job_proxy_pb2.StreamRequest, _job_proxy_pb2.StreamResponse]  # type: ignore[assignment]
-    """Requests in, responses with receipts out, for one job."""
-
-class JobProxyServiceServicer(metaclass=_abc_1.ABCMeta):
-    """JobProxyService runs in the executor for each streaming job; only the session's gateway may call."""
-
-    @_abc_1.abstractmethod
-    def Stream(
-        self,
-        request_iterator: _MaybeAsyncIterator[_job_proxy_pb2.StreamRequest],
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_job_proxy_pb2.StreamResponse], _abc.AsyncIterator[_job_proxy_pb2.StreamResponse]]:
-        """Requests in, responses with receipts out, for one job."""
-
-def add_JobProxyServiceServicer_to_server(servicer: JobProxyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
