@@ -186,8 +186,7 @@ async def dev_up(
             await agent.connected.wait()
             await trusted_agent.connected.wait()
         services: dict[str, dict[str, str]] = {
-            app.name: {"address": f"127.0.0.1:{app.port}", "identity": app.identity}
-            for app in apps
+            app.name: {"address": f"127.0.0.1:{app.port}", "identity": app.identity} for app in apps
         }
         services["executor"]["proxy"] = agent.proxy_endpoint
         endpoints = {
