@@ -285,11 +285,14 @@ async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
     return out
 
 
-def report(setup: Setup, runs: int, results: dict[int, dict[str, Measure]]) -> PartResult:
+def report(
+    mode: str, baseline: str, runs: int, results: dict[int, dict[str, Measure]]
+) -> PartResult:
     one = results[1]
     figures: dict[str, Any] = {
-        "mode": setup.mode,
-        "direct_baseline": setup.baseline,
+        "mode": mode,
+        "direct_baseline": baseline,
+        "client_loop": "uvloop (as `horde stream`), one process for both paths",
         "payload_bytes": PAYLOAD_BYTES,
         "requests_per_session_per_run": REQUESTS_PER_RUN,
         "runs": runs,
@@ -297,7 +300,7 @@ def report(setup: Setup, runs: int, results: dict[int, dict[str, Measure]]) -> P
         "added_p99_ms": round(one["horde"].pct(0.99) - one["direct"].pct(0.99), 3),
     }
     table = Table(
-        title=f"streaming: 1 KiB requests, {setup.mode}, {runs} runs x {REQUESTS_PER_RUN} "
+        title=f"streaming: 1 KiB requests, {mode}, {runs} runs x {REQUESTS_PER_RUN} "
         "requests per session, interleaved"
     )
     for col in ("sessions", "path", "req/s", "p50 ms", "p99 ms", "mean ms"):
@@ -324,13 +327,13 @@ def report(setup: Setup, runs: int, results: dict[int, dict[str, Measure]]) -> P
     )
     verdict = "PASS" if passed else "MISS"
     summary = (
-        f"direct baseline: {setup.baseline}\n"
+        f"direct baseline: {baseline}\n"
         f"{verdict}: throughput ratio {figures['throughput_ratio_1']} (1 session), "
         f"{figures['throughput_ratio_16']} (16 sessions), target >= {TARGET_RATIO}; added "
         f"latency p50 {figures['added_p50_ms']} ms (target <= {TARGET_ADDED_P50_MS}), p99 "
         f"{figures['added_p99_ms']} ms"
     )
-    if setup.mode == "fake-proxy":
+    if mode == "fake-proxy":
         summary += (
             "\nNOTE: measured against a stand-in job proxy and an echo job "
             "(benchmarks/streaming_fake.py), not the executor's job proxy and horde/demo-llm."
@@ -338,8 +341,46 @@ def report(setup: Setup, runs: int, results: dict[int, dict[str, Measure]]) -> P
     return PartResult("streaming", figures, [table], passed, summary)
 
 
-async def run(runs: int, build: Path) -> PartResult:
+async def _measure_here(runs: int) -> dict[str, Any]:
     fake = os.environ.get("HORDE_BENCH_STREAMING", "").strip() == "fake"
     async with fake_setup() if fake else real_setup() as setup:
         results = await measure(setup, runs)
-    return report(setup, runs, results)
+    return {
+        "mode": setup.mode,
+        "baseline": setup.baseline,
+        "results": {
+            str(sessions): {
+                path: [m.requests, m.wall_s, m.latencies_s] for path, m in by_path.items()
+            }
+            for sessions, by_path in results.items()
+        },
+    }
+
+
+async def run(runs: int, build: Path) -> PartResult:
+    """Measure in a child process on uvloop, the loop `horde stream` runs on (the benchmark
+    runner itself stays on asyncio's loop, which the organic part needs to fork `docker run`);
+    the direct and the Horde path are timed from the same child, on the same loop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.streaming", str(runs), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    lines = out.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise BenchError(f"the streaming measurement failed (exit status {proc.returncode})")
+    data = json.loads(lines[-1])
+    results = {
+        int(sessions): {path: Measure(*m) for path, m in by_path.items()}
+        for sessions, by_path in data["results"].items()
+    }
+    return report(data["mode"], data["baseline"], runs, results)
+
+
+def main() -> None:
+    from services.core.loop import run as run_loop
+
+    print(json.dumps(run_loop(_measure_here(int(sys.argv[1])))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
