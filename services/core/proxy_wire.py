@@ -44,12 +44,14 @@ from services.core.auth import (
 )
 from services.core.errors import HordeError, InvalidArgument
 from services.core.identity import Identity, Signer
+from services.core.server import MAX_MESSAGE_BYTES
 
 log = structlog.get_logger("horde.proxy_wire")
 
 # The method name the open's signature covers (the job proxy's name since it was a gRPC service).
 PROXY_METHOD = "/horde.v1.JobProxyService/Stream"
-MAX_FRAME_BYTES = 8 * 1024 * 1024
+# A frame carries what one gRPC message brought the gateway, plus a few bytes of wrapping.
+MAX_FRAME_BYTES = MAX_MESSAGE_BYTES + 64 * 1024
 OPEN_TIMEOUT_S = 10.0
 # How long a proxy waits for the caller to close after the end of a stream.
 LINGER_S = 2.0
@@ -302,9 +304,12 @@ class ProxyServer:
 
     async def start(self, listen: str) -> int:
         host, port = split_endpoint(listen)
-        self._server = await asyncio.start_server(
-            self._serve, host or None, port, limit=MAX_FRAME_BYTES + 4, backlog=1024
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, host or None, port, limit=MAX_FRAME_BYTES + 4, backlog=1024
+            )
+        except OSError as exc:
+            raise OSError(f"the job proxy cannot listen on {listen}: {exc.strerror}") from exc
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("proxy_listening", service=self._label, host=host, port=self.port)
         return self.port

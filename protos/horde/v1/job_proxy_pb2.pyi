@@ -22,9 +22,10 @@ class StreamRequest(_message.Message):
     """The job proxy runs in the executor for each streaming job; only the session's gateway (or, for
     a trusted replay, the validator that started the job) may connect. It is not a gRPC service:
     it speaks these messages over one plain TCP connection per stream, each message framed as a
-    4-byte big-endian length followed by the serialized message (at most 8 MiB). The caller sends
-    StreamRequest messages (`open` first, then request frames, then half-closes); the proxy answers
-    with StreamResponse messages and ends every stream with one `end` message before it closes.
+    4-byte big-endian length followed by the serialized message (at most 8 MiB + 64 KiB). The
+    caller sends StreamRequest messages (`open` first, then request frames, then half-closes); the
+    proxy answers with StreamResponse messages and ends every stream with one `end` message before
+    it closes.
 
     StreamRequest is one message from the gateway to the job proxy.
     """
