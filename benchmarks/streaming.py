@@ -39,6 +39,7 @@ from rich.table import Table
 
 from benchmarks import PartResult
 from benchmarks.organic import BenchError
+from benchmarks.streaming_floor import floor
 from services.core.identity import load_key_file
 from services.core.server import open_channel
 from services.streaming_gateway.client import StreamClient
@@ -79,11 +80,23 @@ class Setup:
     baseline: str
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (every process, containers too)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Measure:
     requests: int
     wall_s: float
     latencies_s: list[float]
+    cpu_s: float = 0.0  # machine-wide busy CPU during the measurement
 
     @property
     def rps(self) -> float:
@@ -99,7 +112,12 @@ class Measure:
             sum(p.requests for p in parts),
             sum(p.wall_s for p in parts),
             [x for p in parts for x in p.latencies_s],
+            sum(p.cpu_s for p in parts),
         )
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_s / self.requests * 1e6
 
 
 def payload(i: int) -> bytes:
@@ -269,10 +287,12 @@ async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
                 order = ["direct", "horde"] if r % 2 == 0 else ["horde", "direct"]
                 for name in order:
                     base += sessions * n
+                    cpu0 = busy_cpu_s()
                     if name == "direct":
                         m = await _direct(https[:sessions], targets[:sessions], n, base)
                     else:
                         m = await _horde(clients[:sessions], n, base)
+                    m.cpu_s = busy_cpu_s() - cpu0
                     parts[name].append(m)
             out[sessions] = {k: Measure.merge(v) for k, v in parts.items()}
         await asyncio.gather(*(c.close("benchmark done") for c in clients))
@@ -285,8 +305,33 @@ async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
     return out
 
 
+def ceilings(results: dict[int, dict[str, Measure]], floor: dict[str, float]) -> dict[str, float]:
+    """The best throughput ratios the design allows here, from the floor figures: at 1 session
+    (latency-bound) the direct mean latency over itself plus one gRPC and one framed-TCP round
+    trip, one signature and two verifications; at 16 sessions (CPU-bound: the machine is busy)
+    the direct path's CPU per request over itself plus the CPU of the same extra work."""
+    crypto_us = floor["ed25519_sign_us"] + 2 * floor["ed25519_verify_us"]
+    direct_ms = statistics.fmean(results[1]["direct"].latencies_s) * 1000
+    extra_ms = floor["grpc_rtt_p50_ms"] + floor["framed_tcp_rtt_p50_ms"] + crypto_us / 1000
+    out = {"ceiling_ratio_1": round(direct_ms / (direct_ms + extra_ms), 3)}
+    many = max(results)
+    direct_cpu = results[many]["direct"].cpu_us_per_request
+    if direct_cpu > 0 and f"grpc_cpu_us_per_round_trip_{many}" in floor:
+        extra_cpu = (
+            floor[f"grpc_cpu_us_per_round_trip_{many}"]
+            + floor[f"framed_tcp_cpu_us_per_round_trip_{many}"]
+            + crypto_us
+        )
+        out[f"ceiling_ratio_{many}"] = round(direct_cpu / (direct_cpu + extra_cpu), 3)
+    return out
+
+
 def report(
-    mode: str, baseline: str, runs: int, results: dict[int, dict[str, Measure]]
+    mode: str,
+    baseline: str,
+    runs: int,
+    results: dict[int, dict[str, Measure]],
+    floor: dict[str, float] | None = None,
 ) -> PartResult:
     one = results[1]
     figures: dict[str, Any] = {
@@ -312,6 +357,8 @@ def report(
             figures[f"{path}_rps_{sessions}"] = round(m.rps, 1)
             figures[f"{path}_p50_ms_{sessions}"] = round(m.pct(0.5), 3)
             figures[f"{path}_p99_ms_{sessions}"] = round(m.pct(0.99), 3)
+            if m.cpu_s > 0:
+                figures[f"{path}_cpu_us_per_request_{sessions}"] = round(m.cpu_us_per_request, 1)
             table.add_row(
                 str(sessions),
                 path,
@@ -333,6 +380,19 @@ def report(
         f"latency p50 {figures['added_p50_ms']} ms (target <= {TARGET_ADDED_P50_MS}), p99 "
         f"{figures['added_p99_ms']} ms"
     )
+    if floor:
+        figures.update({f"floor_{k}": v for k, v in floor.items()})
+        figures.update(ceilings(results, floor))
+        summary += (
+            f"\nfloor (measured alone, this run): gRPC round trip p50 "
+            f"{floor['grpc_rtt_p50_ms']} ms ({floor['grpc_cpu_us_per_round_trip_1']} us CPU; "
+            f"{floor['grpc_cpu_us_per_round_trip_16']} us with 16 streams), framed TCP "
+            f"{floor['framed_tcp_rtt_p50_ms']} ms ({floor['framed_tcp_cpu_us_per_round_trip_1']}"
+            f" us; {floor['framed_tcp_cpu_us_per_round_trip_16']} us), Ed25519 sign "
+            f"{floor['ed25519_sign_us']} us, verify {floor['ed25519_verify_us']} us (x2); best "
+            f"ratios the design allows here: {figures['ceiling_ratio_1']} (1 session), "
+            f"{figures.get(f'ceiling_ratio_{max(results)}', 'n/a')} ({max(results)} sessions)"
+        )
     if mode == "fake-proxy":
         summary += (
             "\nNOTE: measured against a stand-in job proxy and an echo job "
@@ -350,10 +410,11 @@ async def _measure_here(runs: int) -> dict[str, Any]:
         "baseline": setup.baseline,
         "results": {
             str(sessions): {
-                path: [m.requests, m.wall_s, m.latencies_s] for path, m in by_path.items()
+                path: [m.requests, m.wall_s, m.latencies_s, m.cpu_s] for path, m in by_path.items()
             }
             for sessions, by_path in results.items()
         },
+        "floor": await floor(),
     }
 
 
@@ -373,7 +434,7 @@ async def run(runs: int, build: Path) -> PartResult:
         int(sessions): {path: Measure(*m) for path, m in by_path.items()}
         for sessions, by_path in data["results"].items()
     }
-    return report(data["mode"], data["baseline"], runs, results)
+    return report(data["mode"], data["baseline"], runs, results, data["floor"])
 
 
 def main() -> None:
