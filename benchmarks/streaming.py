@@ -4,7 +4,12 @@ sessions (each session sends its requests one after another, as `horde stream` d
 
 Figures (build/bench.json, section "streaming"): throughput_ratio_1 and throughput_ratio_16
 (Horde requests/s over direct requests/s), added_p50_ms and added_p99_ms (latency through Horde
-minus direct, one session), and the raw figures beside them. `mode` says what stood behind the
+minus direct, one session), and the raw figures beside them: requests/s, latencies, and the
+machine's busy CPU per request on each path. The `floor_*` figures (benchmarks/streaming_floor.py)
+measure, in the same run, what the design adds at the least (one gRPC and one framed-TCP round
+trip, one Ed25519 signature, two verifications), and `ceiling_ratio_1` / `ceiling_ratio_16` are
+the best ratios those alone would allow. The measuring client runs in a child process on uvloop,
+as `horde stream` does. `mode` says what stood behind the
 gateway:
 
 * "real" (the default): the production services, each network part in its own process
