@@ -32,6 +32,7 @@ import structlog
 from google.protobuf.message import DecodeError, Message
 from horde.v1 import job_proxy_pb2, streaming_pb2
 
+from services.core import metrics
 from services.core.auth import (
     H_CALLEE,
     H_CALLER,
@@ -334,6 +335,7 @@ class ProxyServer:
         peer = writer.get_extra_info("peername")
         caller: Identity | None = None
         linger = True
+        started = time.perf_counter()
         try:
             try:
                 async with asyncio.timeout(self._open_timeout_s):
@@ -356,6 +358,7 @@ class ProxyServer:
             await self._handler(caller, opened, _request_frames(reader), out)
         except AuthFailure as exc:
             code, message = exc.code, exc.reason
+            metrics.AUTH_FAILURES.labels(self._label, code.name).inc()
         except HordeError as exc:
             code, message = exc.code, exc.message
         except ConnectionError:
@@ -370,6 +373,11 @@ class ProxyServer:
         finally:
             self._conns.discard(task)
             out.end(code, message)
+            # Counted as an RPC of the method the open is signed for (dashboards need no change).
+            metrics.RPCS.labels(self._label, PROXY_METHOD, code.name).inc()
+            metrics.RPC_SECONDS.labels(self._label, PROXY_METHOD).observe(
+                time.perf_counter() - started
+            )
             log.info(
                 "proxy_stream",
                 service=self._label,

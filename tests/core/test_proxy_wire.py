@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from horde.v1 import job_proxy_pb2, streaming_pb2
+from prometheus_client import REGISTRY
 
 from services.core.auth import Authenticator, StaticPolicy
 from services.core.errors import InvalidArgument
 from services.core.identity import Ed25519Signer, Identity
 from services.core.proxy_wire import (
     MAX_FRAME_BYTES,
+    PROXY_METHOD,
     ProxyError,
     ProxyLink,
     ProxyServer,
@@ -153,11 +155,20 @@ async def test_a_badly_signed_open_is_unauthenticated(net: Net, tamper: str) -> 
     assert expected[tamper] in reply.end.message
 
 
-async def test_a_stranger_is_denied(net: Net) -> None:
+def counted(code: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "horde_rpcs_total", {"service": "job-proxy", "method": PROXY_METHOD, "code": code}
+    )
+    return value or 0.0
+
+
+async def test_a_stranger_is_denied_and_counted(net: Net) -> None:
+    before = counted("PERMISSION_DENIED")
     err = await refusal(await net.link(net.stranger))
     assert err.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "is not the gateway" in err.details()
     assert net.handler.callers == []
+    assert counted("PERMISSION_DENIED") == before + 1
 
 
 @pytest.mark.parametrize(
