@@ -54,6 +54,7 @@ CONCURRENCY = (1, 16)
 REQUESTS_PER_RUN = 40  # per session and per run count
 WARMUP = 50
 TARGET_RATIO = 0.6
+WINDOW = 8  # requests in flight in the pipelined figure
 TARGET_ADDED_P50_MS = 1.0
 START_TIMEOUT_S = 60.0
 SESSION_LIMIT_S = 3600
@@ -258,6 +259,16 @@ async def _horde(clients: list[StreamClient], n: int, base: int) -> Measure:
     return Measure(len(clients) * n, wall, latencies)
 
 
+async def _horde_pipelined(client: StreamClient, n: int, base: int) -> Measure:
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    async for res in client.pipeline((payload(base + i) for i in range(n)), window=WINDOW):
+        latencies.append(res.latency_s)
+        if res.http_status != 200 or not res.body:
+            raise BenchError(f"request through Horde failed: HTTP {res.http_status}")
+    return Measure(n, time.perf_counter() - t0, latencies)
+
+
 async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
     """Open the sessions once (one job each), then time both paths on the same jobs."""
     n = REQUESTS_PER_RUN
@@ -299,6 +310,16 @@ async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
                         m = await _horde(clients[:sessions], n, base)
                     m.cpu_s = busy_cpu_s() - cpu0
                     parts[name].append(m)
+            if sessions == 1:
+                # One more figure, not in the ratio: the same session with WINDOW requests in
+                # flight (`horde stream --window`); one HTTP/1.1 connection cannot do that.
+                parts["horde_pipelined"] = []
+                for _ in range(runs):
+                    base += n
+                    cpu0 = busy_cpu_s()
+                    m = await _horde_pipelined(clients[0], n, base)
+                    m.cpu_s = busy_cpu_s() - cpu0
+                    parts["horde_pipelined"].append(m)
             out[sessions] = {k: Measure.merge(v) for k, v in parts.items()}
         await asyncio.gather(*(c.close("benchmark done") for c in clients))
     finally:
@@ -358,6 +379,10 @@ def report(
     for sessions, by_path in results.items():
         ratio = by_path["horde"].rps / by_path["direct"].rps
         figures[f"throughput_ratio_{sessions}"] = round(ratio, 3)
+        if "horde_pipelined" in by_path:
+            pipelined = by_path["horde_pipelined"].rps / by_path["direct"].rps
+            figures[f"pipelined_ratio_{sessions}"] = round(pipelined, 3)
+            figures["pipelined_window"] = WINDOW
         for path, m in by_path.items():
             figures[f"{path}_rps_{sessions}"] = round(m.rps, 1)
             figures[f"{path}_p50_ms_{sessions}"] = round(m.pct(0.5), 3)
@@ -385,6 +410,12 @@ def report(
         f"latency p50 {figures['added_p50_ms']} ms (target <= {TARGET_ADDED_P50_MS}), p99 "
         f"{figures['added_p99_ms']} ms"
     )
+    if "pipelined_ratio_1" in figures:
+        summary += (
+            f"\nnot in the ratio: one session with {WINDOW} requests in flight (`horde stream "
+            f"--window {WINDOW}`) carries {figures['pipelined_ratio_1']} of the direct "
+            "connection's requests/s"
+        )
     if floor:
         figures.update({f"floor_{k}": v for k, v in floor.items()})
         figures.update(ceilings(results, floor))

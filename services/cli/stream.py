@@ -1,13 +1,14 @@
 """`horde stream`: a streaming session from the command line.
 
     horde stream [--dev DIR | --gateway ADDR --gateway-identity ID --key FILE] --image IMG
-                 [--input FILE] [--receipts OUT.jsonl] [--class C] [--json]
+                 [--input FILE] [--receipts OUT.jsonl] [--class C] [--json] [--window N]
 
 Each line of --input (or of stdin; on a terminal, typed interactively) is one request body, sent
 byte for byte without its line ending; each response is printed as one line (newlines inside it
 escaped as \\n), or with --json as one JSON object. Every receipt is checked here as well against
 the session's certificate; --receipts writes them in DESIGN.md's JSON form, one a line, which
-`horde receipts verify` accepts. Exit status: 0 when every request got a verified response, 1
+`horde receipts verify` accepts. --window N keeps up to N requests in flight (answers still
+arrive in order). Exit status: 0 when every request got a verified response, 1
 when the session ended early or a receipt failed, 2 for usage or connection problems.
 """
 
@@ -36,6 +37,13 @@ def register(sub: Any) -> None:
     p.add_argument("--input", type=Path, help="file of requests, one a line (default: stdin)")
     p.add_argument("--receipts", type=Path, help="write receipts here, one JSON line each")
     p.add_argument("--json", action="store_true", help="one JSON object per response")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="requests in flight at once (default 1: each waits for the answer before it); "
+        "more raises throughput, answers still come in order",
+    )
     p.set_defaults(func=main)
 
 
@@ -84,6 +92,8 @@ def _one_line(body: bytes) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.window < 1:
+        raise _UsageError("--window must be at least 1")
     from services.cli.devenv import DevEnv
     from services.core.identity import KeyFileError, load_key_file
     from services.core.server import open_channel
@@ -148,8 +158,7 @@ async def _run(args: argparse.Namespace) -> int:
             )
             miner = client.certificate.miner_hotkey if client.certificate else "?"
             print(f"session ready: job {ready.job_uuid} (miner {miner})", file=sys.stderr)
-            async for body in requests:
-                res = await client.request(body)
+            async for res in client.pipeline(requests, window=args.window):
                 latencies.append(res.latency_s)
                 if args.json:
                     doc = {

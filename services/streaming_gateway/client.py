@@ -1,5 +1,5 @@
-"""A client's side of a gateway session: open, request after request (each receipt checked here
-too, against the certificate the session announced), extra data, close.
+"""A client's side of a gateway session: open, requests one after another or pipelined (each
+receipt checked here too, against the certificate the session announced), extra data, close.
 
 Used by `horde stream`, the benchmark, the demo and the tests.
 """
@@ -7,9 +7,11 @@ Used by `horde stream`, the benchmark, the demo and the tests.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,25 @@ class SessionEnded(Exception):
         self.reason = reason
         self.closed = closed
         self.code = code
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A request on its way: what its response and receipt are checked against."""
+
+    seq: int
+    input_sha256: bytes
+    sent_ns: int  # wall clock, for the receipt's timestamps
+    started: float  # perf_counter, for the latency
+
+
+async def _aiter(items: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 @dataclass(frozen=True)
@@ -126,18 +147,65 @@ class StreamClient:
 
     async def request(self, body: bytes) -> Response:
         """Send one request and wait for its whole response; check its receipt."""
+        return await self._receive(await self._send_request(body))
+
+    async def pipeline(
+        self, bodies: AsyncIterable[bytes] | Iterable[bytes], *, window: int = 1
+    ) -> AsyncIterator[Response]:
+        """Send the requests with up to `window` of them in flight (the job proxy answers them in
+        order), yielding each response, receipt checked, in order. `window` 1 is one request
+        after another; more keeps the session busy while answers travel back (a response's
+        latency then includes its wait behind the ones before it)."""
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        in_flight: collections.deque[_Sent] = collections.deque()
+        slots = asyncio.Semaphore(window)
+        sent_more = asyncio.Event()
+
+        async def send_all() -> None:
+            try:
+                async for body in _aiter(bodies):
+                    await slots.acquire()
+                    in_flight.append(await self._send_request(body))
+                    sent_more.set()
+            finally:
+                sent_more.set()
+
+        sender = asyncio.ensure_future(send_all())
+        try:
+            while True:
+                while not in_flight and not sender.done():
+                    sent_more.clear()
+                    await sent_more.wait()
+                if not in_flight:
+                    sender.result()  # the requests ran out (or sending failed: raise why)
+                    return
+                response = await self._receive(in_flight[0])
+                in_flight.popleft()
+                slots.release()
+                yield response
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SessionEnded):
+                await sender
+
+    async def _send_request(self, body: bytes) -> _Sent:
         assert self._checker is not None, "open() first"
         self._seq += 1
-        seq = self._seq
-        t0 = time.perf_counter()
-        sent_ns = time.time_ns()
+        sent = _Sent(self._seq, hashlib.sha256(body).digest(), time.time_ns(), time.perf_counter())
         await self._send(
             gateway_pb2.SessionRequest(
                 request=streaming_pb2.StreamRequestFrame(
-                    seq=seq, client_timestamp_ns=sent_ns, body=body, last=True
+                    seq=sent.seq, client_timestamp_ns=sent.sent_ns, body=body, last=True
                 )
             )
         )
+        return sent
+
+    async def _receive(self, sent: _Sent) -> Response:
+        """Read the response to `sent` (events may come between its frames); check its receipt."""
+        assert self._checker is not None
+        seq = sent.seq
         parts: list[bytes] = []
         while True:
             msg = await self._read()
@@ -155,15 +223,15 @@ class StreamClient:
                 self._on_chunk(seq, frame.body)
             if frame.last:
                 break
-        latency = time.perf_counter() - t0
+        latency = time.perf_counter() - sent.started
         received_ns = time.time_ns()
         output = b"".join(parts)
         receipt = self._checker.check(
             frame.receipt if frame.HasField("receipt") else None,
             seq=seq,
-            input_sha256=hashlib.sha256(body).digest(),
+            input_sha256=sent.input_sha256,
             output_sha256=hashlib.sha256(output).digest(),
-            sent_ns=sent_ns,
+            sent_ns=sent.sent_ns,
             received_ns=received_ns,
         )
         return Response(seq, output, frame.http_status, receipt, latency)

@@ -60,6 +60,9 @@ class Behaviour:
     tamper: str | None = None  # "output", "input", "seq", "key", "job", "backwards", "missing"
     tamper_seq: int = 1  # the request whose receipt is tampered
     respond: Callable[[bytes], bytes] = answer
+    # Answer only once this many requests have arrived (so a client that waits for each answer
+    # before sending the next one would wait forever).
+    answer_in_batches_of: int = 1
 
 
 @dataclass
@@ -71,6 +74,7 @@ class FakeJob:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     extra: dict[str, bytes] = field(default_factory=dict)
     served: int = 0
+    most_held: int = 0  # most requests that had arrived unanswered at once
     stop_reason: str = ""
 
 
@@ -93,6 +97,7 @@ class FakeProxy:
         b = job.behaviour
         body = b""
         started = 0
+        held: list[tuple[int, bytes, int]] = []  # requests read but not answered yet
         async for frame in requests:
             now = time.time_ns() + b.clock_offset_ns
             if not body and started == 0:
@@ -105,10 +110,21 @@ class FakeProxy:
             body += frame.body
             if not frame.last:
                 continue
-            for response in self._answer(job, frame.seq, body, started):
+            held.append((frame.seq, body, started))
+            job.most_held = max(job.most_held, len(held))
+            body, started = b"", 0
+            if len(held) >= b.answer_in_batches_of:
+                await self._flush(job, held, out)
+        await self._flush(job, held, out)
+
+    async def _flush(
+        self, job: FakeJob, held: list[tuple[int, bytes, int]], out: ResponseWriter
+    ) -> None:
+        for seq, body, started in held:
+            for response in self._answer(job, seq, body, started):
                 await out.write(response)
             job.served += 1
-            body, started = b"", 0
+        held.clear()
 
     def _answer(
         self, job: FakeJob, seq: int, body: bytes, started: int

@@ -124,6 +124,35 @@ async def test_a_bad_receipt_ends_the_session_and_is_reported(
     assert len(await stored_receipts(harness, client.job_uuid)) == 1
 
 
+async def test_a_bad_receipt_in_a_pipeline_ends_it_after_the_good_answers(
+    harness: Harness,
+) -> None:
+    harness.fake_validator.next_behaviour = Behaviour(tamper="output", tamper_seq=5)
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    answered: list[int] = []
+    with pytest.raises(SessionEnded) as info:
+        async for res in client.pipeline([f"r{i}".encode() for i in range(1, 21)], window=4):
+            res.receipt.verify()
+            answered.append(res.seq)
+    await channel.close()
+    assert answered == [1, 2, 3, 4]  # in order; the fifth's receipt ended the session
+    closed = info.value.closed
+    assert closed is not None and closed.bad_receipt and closed.reason.startswith("receipt 5: ")
+    assert len(await stored_receipts(harness, client.job_uuid)) == 4
+
+
+async def test_a_pipeline_window_must_be_positive(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    with pytest.raises(ValueError, match="window"):
+        async for _ in client.pipeline([b"x"], window=0):
+            pass
+    assert (await client.request(b"still fine")).seq == 1
+    await client.close()
+    await channel.close()
+
+
 @pytest.mark.parametrize("offset_s", [5.0, -5.0])
 async def test_a_job_proxy_with_a_skewed_clock_refuses_requests(
     harness: Harness, offset_s: float

@@ -97,8 +97,39 @@ async def test_a_tampered_response_fails_the_command(harness: Harness, tmp_path:
     assert "receipt 2: output hash does not match" in err
 
 
+async def test_a_window_keeps_requests_in_flight_and_answers_stay_in_order(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # The fake job answers only once 4 requests are waiting: only a pipelined client gets through.
+    harness.fake_validator.next_behaviour = Behaviour(answer_in_batches_of=4)
+    app = await harness.start_gateway()
+    lines = [f"request {i}".encode() for i in range(12)]  # three batches of 4
+    requests = tmp_path / "requests.txt"
+    requests.write_bytes(b"\n".join(lines) + b"\n")
+    receipts = tmp_path / "receipts.jsonl"
+    code, out, err = await horde(
+        "stream",
+        *target(harness, app, tmp_path),
+        "--input",
+        str(requests),
+        "--window",
+        "4",
+        "--receipts",
+        str(receipts),
+    )
+    assert code == 0, err
+    assert out.splitlines() == [answer(line).decode() for line in lines]
+    assert "12 responses, receipts verified" in err
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.served == 12 and job.most_held == 4
+    code, _, err = await horde("receipts", "verify", str(receipts))
+    assert code == 0 and "12 valid, 0 invalid" in err
+
+
 async def test_usage_errors_exit_2(tmp_path: Path) -> None:
     code, _, err = await horde("stream", "--image", WHITELIST)
     assert code == 2 and "--dev DIR" in err
     code, _, err = await horde("stream", "--dev", str(tmp_path), "--image", WHITELIST)
     assert code == 2 and "horde dev up" in err
+    code, _, err = await horde("stream", "--window", "0", "--image", WHITELIST)
+    assert code == 2 and "--window must be at least 1" in err
