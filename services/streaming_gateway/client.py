@@ -22,7 +22,6 @@ from services.core.auth import sign_call
 from services.core.identity import Signer
 from services.core.receipts import StreamReceipt
 from services.streaming_gateway.checks import ReceiptChecker, check_certificate
-from services.streaming_gateway.session import final_status
 
 # Deadline of a whole session when the caller gives no time limit: the gateway's default limit
 # plus its start-up allowance.
@@ -321,3 +320,13 @@ class StreamClient:
     @staticmethod
     def _ended(exc: grpc.aio.AioRpcError) -> SessionEnded:
         return SessionEnded(f"{exc.code().name}: {exc.details()}", code=exc.code())
+
+
+async def final_status(call: Any, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The status a call really ended with. A write racing the peer's end of the call (e.g. a
+    refusal) fails with a generic INTERNAL; reading the finished call gives the peer's status."""
+    try:
+        await call.read()
+    except grpc.aio.AioRpcError as final:
+        return final
+    return exc

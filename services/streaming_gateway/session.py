@@ -213,7 +213,7 @@ class Session:
             ),
             timeout=self._cfg.startup_timeout_s + limit + CALL_SLACK_S,
         )
-        self._validator_task = self._spawn(self._follow_validator(limit))
+        self._validator_task = self._spawn(self._follow_validator())
         self._spawn(self._read_client(requests))
         try:
             ending = await self._end
@@ -229,7 +229,7 @@ class Session:
 
     # --- the three feeds --------------------------------------------------------------------
 
-    async def _follow_validator(self, limit_s: int) -> None:
+    async def _follow_validator(self) -> None:
         call = self._start_call
         try:
             async for msg in call:
@@ -241,7 +241,7 @@ class Session:
                     if self._ready:
                         self._finish(_Ending("validator sent a second ready message"))
                         return
-                    await self._on_ready(msg.ready, limit_s)
+                    await self._on_ready(msg.ready)
                 elif kind == "result":
                     self._job_ended = True
                     self._job_uuid = self._job_uuid or msg.result.job_uuid
@@ -259,7 +259,7 @@ class Session:
         self._job_ended = True
         self._finish(_Ending("validator closed the job stream without a result"))
 
-    async def _on_ready(self, ready: validator_pb2.StreamingJobReady, limit_s: int) -> None:
+    async def _on_ready(self, ready: validator_pb2.StreamingJobReady) -> None:
         self._job_uuid = ready.job_uuid
         self._log = self._log.bind(job_uuid=ready.job_uuid)
         try:
@@ -603,13 +603,3 @@ class _Internal(HordeError):
 
     def __init__(self) -> None:
         super().__init__("internal gateway error (logged by the gateway)")
-
-
-async def final_status(call: Any, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
-    """The status a call really ended with. A write racing the peer's end of the call (e.g. a
-    refusal) fails with a generic INTERNAL; reading the finished call gives the peer's status."""
-    try:
-        await call.read()
-    except grpc.aio.AioRpcError as final:
-        return final
-    return exc
