@@ -4,36 +4,16 @@ it leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import aiodocker
 import pytest
+from docker_images import ensure_images
 
 from services.executor.sandbox import JOB_LABEL, DockerRuntime
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "deploy" / "images" / "build.sh"
 REQUIRED_IMAGES = ("horde/base:latest", "horde/demo-job:latest")
-
-
-def _docker_usable() -> str | None:
-    """None when the Docker CLI and daemon answer, else why not."""
-    if shutil.which("docker") is None:
-        return "docker CLI not found"
-    probe = subprocess.run(
-        ["docker", "version", "--format", "{{.Server.Version}}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return f"Docker daemon not reachable: {probe.stderr.strip()}"
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -42,25 +22,7 @@ def horde_images() -> tuple[str, ...]:
 
     Fails (never skips) when Docker is unavailable: these tests are the sandbox's proof.
     """
-    reason = _docker_usable()
-    if reason is not None:
-        pytest.fail(f"{reason} (the executor tests need a Docker engine; .ci/run starts one)")
-    missing = subprocess.run(
-        ["docker", "image", "inspect", *REQUIRED_IMAGES],
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
-    if missing.returncode != 0:
-        build = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-            check=False,
-        )
-        if build.returncode != 0:
-            pytest.fail(f"{BUILD_SCRIPT} failed:\n{build.stdout}\n{build.stderr}")
+    ensure_images(REQUIRED_IMAGES)
     return REQUIRED_IMAGES
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,16 +11,15 @@ from pathlib import Path
 import aiodocker
 import pytest
 from aiohttp import BodyPartReader, web
+from docker_images import docker_problem, ensure_images
 from horde.v1 import validator_pb2_grpc
 from organic_support import (
-    BUILD_SCRIPT,
     HORDE_BIN,
     IMAGES,
     SESSION_JOBS,
     HttpServer,
     Keys,
     Network,
-    docker_problem,
     labelled_objects,
     make_keys,
     wait_no_job_objects,
@@ -33,20 +31,7 @@ from services.executor.sandbox import LABEL
 @pytest.fixture(scope="session")
 def horde_images() -> list[str]:
     """Horde's job images, built with deploy/images/build.sh when missing."""
-    problem = docker_problem()
-    if problem is not None:
-        if os.environ.get("HORDE_REQUIRE_DOCKER") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    have = subprocess.run(
-        ["docker", "image", "inspect", *IMAGES], capture_output=True, timeout=30, check=False
-    )
-    if have.returncode != 0:
-        build = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=1800, check=False
-        )
-        if build.returncode != 0:
-            pytest.fail(f"{BUILD_SCRIPT} failed:\n{build.stdout}\n{build.stderr}")
+    ensure_images(IMAGES)
     return IMAGES
 
 

@@ -16,8 +16,6 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
-import subprocess
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -48,7 +46,6 @@ from services.miner.app import start_miner
 from services.validator.app import start_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "deploy" / "images" / "build.sh"
 HORDE_BIN = REPO_ROOT / ".venv" / "bin" / "horde"
 BASE_IMAGE = "horde/base:latest"
 DEMO_IMAGE = "horde/demo-job:latest"
@@ -71,21 +68,6 @@ S = common_pb2
 
 
 # --------------------------------------------------------------------------------------- docker
-
-
-def docker_problem() -> str | None:
-    if shutil.which("docker") is None:
-        return "docker CLI not found"
-    probe = subprocess.run(
-        ["docker", "version", "--format", "{{.Server.Version}}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return f"Docker daemon not reachable: {probe.stderr.strip()}"
-    return None
 
 
 async def labelled_objects(docker: aiodocker.Docker, label: str) -> list[tuple[str, str, str]]:

@@ -12,10 +12,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
-import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +20,7 @@ from types import ModuleType
 
 import aiodocker
 import pytest
+from docker_images import ensure_images
 
 from services.cli.dev import STREAMING_IMAGES, dev_up
 from services.cli.devenv import DevEnv
@@ -43,38 +41,9 @@ IMAGES = ["horde/base:latest", "horde/demo-job:latest", *STREAMING_IMAGES]
 N_REQUESTS = 12
 
 
-def _docker_problem() -> str | None:
-    if shutil.which("docker") is None:
-        return "docker CLI not found"
-    probe = subprocess.run(
-        ["docker", "version", "--format", "{{.Server.Version}}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return f"Docker daemon not reachable: {probe.stderr.strip()}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def images() -> None:
-    problem = _docker_problem()
-    if problem is not None:
-        if os.environ.get("HORDE_REQUIRE_DOCKER") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    have = subprocess.run(
-        ["docker", "image", "inspect", *IMAGES], capture_output=True, timeout=30, check=False
-    )
-    if have.returncode != 0:
-        script = REPO_ROOT / "deploy" / "images" / "build.sh"
-        build = subprocess.run(
-            ["bash", str(script)], capture_output=True, text=True, timeout=1800, check=False
-        )
-        if build.returncode != 0:
-            pytest.fail(f"{script} failed:\n{build.stdout}\n{build.stderr}")
+    ensure_images(IMAGES)
 
 
 def _demo_llm() -> ModuleType:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiodocker
 import pytest
+from docker_images import ensure_images
 from streaming_exec_support import (
-    BUILD_SCRIPT,
     IMAGES,
     Keys,
     Network,
-    docker_problem,
     job_objects,
     make_keys,
     wait_for,
@@ -24,20 +21,7 @@ from streaming_exec_support import (
 @pytest.fixture(scope="session")
 def horde_images() -> list[str]:
     """Horde's images, demo-llm included, built with deploy/images/build.sh when missing."""
-    problem = docker_problem()
-    if problem is not None:
-        if os.environ.get("HORDE_REQUIRE_DOCKER") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    have = subprocess.run(
-        ["docker", "image", "inspect", *IMAGES], capture_output=True, timeout=30, check=False
-    )
-    if have.returncode != 0:
-        build = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=1800, check=False
-        )
-        if build.returncode != 0:
-            pytest.fail(f"{BUILD_SCRIPT} failed:\n{build.stdout}\n{build.stderr}")
+    ensure_images(IMAGES)
     return IMAGES
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -46,7 +44,6 @@ from services.miner.app import start_miner
 from services.validator.app import start_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "deploy" / "images" / "build.sh"
 HORDE_BIN = REPO_ROOT / ".venv" / "bin" / "horde"
 BASE_IMAGE = "horde/base:latest"
 LLM_IMAGE = "horde/demo-llm:latest"
@@ -138,21 +135,6 @@ server.serve_forever()
 
 
 # --------------------------------------------------------------------------------------- docker
-
-
-def docker_problem() -> str | None:
-    if shutil.which("docker") is None:
-        return "docker CLI not found"
-    probe = subprocess.run(
-        ["docker", "version", "--format", "{{.Server.Version}}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return f"Docker daemon not reachable: {probe.stderr.strip()}"
-    return None
 
 
 async def job_objects(docker: aiodocker.Docker, job_uuids: set[str]) -> list[str]:

@@ -4,11 +4,9 @@ sandbox, through a real miner, for a validator round."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
+from docker_images import ensure_images
 from horde.v1 import validator_admin_pb2
 from synthetic_support import WAIT_S, SynthNet
 
@@ -16,23 +14,12 @@ from services.core.config import ExecutorSettings, SyntheticClass, load_settings
 from services.core.identity import Ed25519Signer
 from services.executor.app import start_executor
 
-BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "images" / "build.sh"
 IMAGE = "horde/synthetic:latest"
 
 
 @pytest.fixture(scope="module")
 def synthetic_image() -> str:
-    if shutil.which("docker") is None:
-        pytest.skip("docker CLI not found")
-    if subprocess.run(["docker", "version"], capture_output=True, check=False).returncode:
-        pytest.skip("Docker daemon not reachable")
-    have = subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True, check=False)
-    if have.returncode != 0:
-        build = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=1800, check=False
-        )
-        if build.returncode != 0:
-            pytest.fail(f"{BUILD_SCRIPT} failed:\n{build.stdout}\n{build.stderr}")
+    ensure_images([IMAGE])
     return IMAGE
 
 
