@@ -37,11 +37,16 @@ def signing_message(method: str, callee: str, timestamp_ns: int, nonce: str) -> 
     )
 
 
-def sign_call(signer: Signer, method: str, callee: str) -> list[tuple[str, str]]:
-    """Metadata authenticating one call of `method` on `callee`."""
+def call_signature(signer: Signer, method: str, callee: str) -> tuple[int, str, bytes]:
+    """A fresh (timestamp_ns, nonce, signature) authenticating one call of `method` on `callee`."""
     ts = time.time_ns()
     nonce = secrets.token_hex(16)
-    sig = signer.sign(signing_message(method, callee, ts, nonce))
+    return ts, nonce, signer.sign(signing_message(method, callee, ts, nonce))
+
+
+def sign_call(signer: Signer, method: str, callee: str) -> list[tuple[str, str]]:
+    """Metadata authenticating one call of `method` on `callee`."""
+    ts, nonce, sig = call_signature(signer, method, callee)
     return [
         (H_CALLER, str(signer.identity)),
         (H_CALLEE, callee),

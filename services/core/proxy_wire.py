@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +40,7 @@ from services.core.auth import (
     H_TIMESTAMP,
     Authenticator,
     AuthFailure,
-    signing_message,
+    call_signature,
 )
 from services.core.errors import HordeError, InvalidArgument
 from services.core.identity import Identity, Signer
@@ -123,15 +122,14 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def signed_open(signer: Signer, callee: str, job_uuid: str) -> job_proxy_pb2.StreamOpen:
-    ts = time.time_ns()
-    nonce = secrets.token_hex(16)
+    ts, nonce, signature = call_signature(signer, PROXY_METHOD, callee)
     return job_proxy_pb2.StreamOpen(
         job_uuid=job_uuid,
         caller=str(signer.identity),
         callee=callee,
         timestamp_ns=ts,
         nonce=nonce,
-        signature=signer.sign(signing_message(PROXY_METHOD, callee, ts, nonce)),
+        signature=signature,
     )
 
 

@@ -31,7 +31,7 @@ from horde.v1 import (
 
 from services.core import metrics
 from services.core.errors import FailedPrecondition, HordeError, InvalidArgument
-from services.core.proto_util import TERMINAL_STATES, reason_name, state_name
+from services.core.proto_util import TERMINAL_STATES, event, reason_name, state_name
 from services.core.proxy_wire import ProxyError, ProxyLink
 from services.streaming_gateway.checks import (
     BadReceipt,
@@ -476,13 +476,8 @@ class Session:
         self._log.info("extra_data", file=name, outcome=message)
         await self._write(
             gateway_pb2.SessionResponse(
-                event=job_pb2.JobEvent(
-                    job_uuid=job_uuid,
-                    state=common_pb2.JOB_STATE_RUNNING,
-                    stage=common_pb2.STAGE_EXECUTION,
-                    timestamp_ns=time.time_ns(),
-                    message=message,
-                    progress=-1.0,
+                event=event(
+                    job_uuid, common_pb2.JOB_STATE_RUNNING, common_pb2.STAGE_EXECUTION, message
                 )
             )
         )

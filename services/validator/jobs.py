@@ -281,9 +281,9 @@ class JobManager:
         try:
             await self._finish(job, res)
         finally:
-            if job.spool is not None:
-                shutil.rmtree(job.spool, ignore_errors=True)
             self._live.pop(job.job_uuid, None)
+            if job.spool is not None:
+                await asyncio.to_thread(shutil.rmtree, job.spool, True)
 
     async def _route(self, job: LiveJob) -> job_pb2.JobResult:
         spec = job.spec
