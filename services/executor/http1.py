@@ -120,7 +120,7 @@ class Http1Client:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._closed = False
 
-    async def post(self, path: str, body: bytes, content_type: bytes) -> Response:
+    async def post(self, path: str, body: bytes | bytearray, content_type: bytes) -> Response:
         head = b"".join(
             (
                 b"POST ",

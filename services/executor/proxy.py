@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import grpc
 import nacl.signing
@@ -67,10 +68,9 @@ class LiveStream:
     request_path: str
     next_seq: int = 1
     closed_reason: str = ""
-    _streams: set[_ProxyStream] = field(default_factory=set)
-    stream_open: bool = False
+    stream: _ProxyStream | None = None  # the open proxy stream (one at a time)
 
-    @property
+    @cached_property
     def uuid(self) -> uuid.UUID:
         return uuid.UUID(self.job_uuid)
 
@@ -85,8 +85,11 @@ class LiveStream:
             return
         self.closed_reason = reason
         self.key = None
-        for stream in self._streams:
-            stream.end(JobEnded(f"the streaming job ended: {reason}"))
+        if self.stream is not None:
+            self.stream.end(self.ended())
+
+    def ended(self) -> JobEnded:
+        return JobEnded(f"the streaming job ended: {self.closed_reason}")
 
 
 # What ends a proxy stream: an error ending the call, or None (done).
@@ -195,18 +198,17 @@ class JobProxy:
             raise NotFound(f"no streaming job {job_uuid} is running on this executor")
         if caller != live.gateway:
             raise PermissionDenied(f"{caller} is not the gateway of streaming job {job_uuid}")
-        if live.stream_open:
+        if live.stream is not None:
             raise FailedPrecondition(f"streaming job {job_uuid} already has an open proxy stream")
-        live.stream_open = True
         # Requests read ahead of the one being answered; an error (or None: done) ends the call.
         pending: asyncio.Queue[_Request | _Out] = asyncio.Queue()
         stream = _ProxyStream(pending, asyncio.current_task(), out)
-        live._streams.add(stream)
+        live.stream = stream
         reader = asyncio.create_task(self._read(live, requests, pending))
         try:
             try:
                 if live.closed_reason:
-                    raise JobEnded(f"the streaming job ended: {live.closed_reason}")
+                    raise live.ended()
                 # Answered here, in the handler's own task, written straight to the call.
                 while isinstance(item := await pending.get(), _Request):
                     await self._forward(live, item, stream)
@@ -230,8 +232,7 @@ class JobProxy:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            live._streams.discard(stream)
-            live.stream_open = False
+            live.stream = None
 
     async def _read(
         self,
@@ -290,7 +291,7 @@ class JobProxy:
             if last:
                 key = live.key
                 if key is None:
-                    raise JobEnded(f"the streaming job ended: {live.closed_reason}")
+                    raise live.ended()
                 receipt = sign_receipt(
                     key,
                     live.uuid,
@@ -305,7 +306,7 @@ class JobProxy:
 
         try:
             resp = await live.client.post(
-                live.request_path, bytes(request.body), b"application/octet-stream"
+                live.request_path, request.body, b"application/octet-stream"
             )
             try:
                 status = resp.status
@@ -323,5 +324,5 @@ class JobProxy:
                 resp.close()
         except HttpError as exc:
             if live.closed_reason:
-                raise JobEnded(f"the streaming job ended: {live.closed_reason}") from None
+                raise live.ended() from None
             raise Unavailable(f"the job's service did not answer request {seq}: {exc}") from None

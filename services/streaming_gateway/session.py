@@ -107,8 +107,7 @@ class _Pending:
     """A request in flight: what the receipt will be checked against."""
 
     seq: int
-    arrived_ns: int  # gateway clock when the client's first frame arrived
-    sent_ns: int  # gateway clock when its first frame went to the proxy
+    arrived_ns: int  # gateway clock when the client's first frame arrived (and went on)
     request_hash: Any = field(default_factory=hashlib.sha256)
     response_hash: Any = field(default_factory=hashlib.sha256)
     request_parts: list[bytes] | None = field(default_factory=list)
@@ -352,7 +351,13 @@ class Session:
             if frame.seq != self._next_seq:
                 raise InvalidArgument(f"request seq {frame.seq}: expected {self._next_seq}")
             check_client_clock(frame.client_timestamp_ns, now, self._cfg.skew_ns)
-            current = _Pending(seq=frame.seq, arrived_ns=now, sent_ns=now)
+            sampling = self._cfg.sample_rate > 0  # else the bodies are never kept
+            current = _Pending(
+                seq=frame.seq,
+                arrived_ns=now,
+                request_parts=[] if sampling else None,
+                response_parts=[] if sampling else None,
+            )
             self._current = current
             self._pending[frame.seq] = current
             self._idle.clear()
@@ -399,7 +404,7 @@ class Session:
                 seq=frame.seq,
                 input_sha256=pending.input_sha256,
                 output_sha256=pending.response_hash.digest(),
-                sent_ns=pending.sent_ns,
+                sent_ns=pending.arrived_ns,
                 received_ns=received,
             )
         except BadReceipt as exc:
