@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import sys
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,13 +236,20 @@ def print_result(console: Console, doc: dict[str, Any], output_dir: Path | None)
         out.print("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in doc["stage_seconds"].items()))
 
 
+@contextlib.contextmanager
+def _refused_as_cli_error() -> Iterator[None]:
+    """A failed call becomes one line: `CODE: details`."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise CliError(f"{exc.code().name}: {exc.details()}") from None
+
+
 async def job_status(target: Target, job_uuid: str, as_json: bool) -> int:
     async with target.channel() as channel:
         stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-        try:
+        with _refused_as_cli_error():
             resp = await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            raise CliError(f"{exc.code().name}: {exc.details()}") from None
     job = resp.job
     doc = {"job_uuid": job.job_uuid, "state": state_name(job.state), "image": job.spec.image}
     if job.HasField("result"):
@@ -255,12 +263,10 @@ async def job_status(target: Target, job_uuid: str, as_json: bool) -> int:
 async def job_cancel(target: Target, job_uuid: str) -> int:
     async with target.channel() as channel:
         stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-        try:
+        with _refused_as_cli_error():
             resp = await stub.CancelJob(
                 validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30
             )
-        except grpc.aio.AioRpcError as exc:
-            raise CliError(f"{exc.code().name}: {exc.details()}") from None
     print(f"{job_uuid} {state_name(resp.state)}")
     return 0
 
@@ -268,10 +274,8 @@ async def job_cancel(target: Target, job_uuid: str) -> int:
 async def job_list(target: Target, limit: int, as_json: bool) -> int:
     async with target.channel() as channel:
         stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-        try:
+        with _refused_as_cli_error():
             resp = await stub.ListJobs(validator_pb2.ListJobsRequest(limit=limit), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            raise CliError(f"{exc.code().name}: {exc.details()}") from None
     rows = [
         {
             "job_uuid": j.job_uuid,

@@ -23,9 +23,10 @@ from services.core.identity import Signer
 from services.core.receipts import StreamReceipt
 from services.streaming_gateway.checks import ReceiptChecker, check_certificate
 
-# Deadline of a whole session when the caller gives no time limit: the gateway's default limit
-# plus its start-up allowance.
-DEFAULT_SESSION_DEADLINE_S = 3600 + 600 + 120
+# A session's call deadline: its time limit (the gateway's default limit, 3600 s, when the caller
+# gives none) plus the gateway's start-up allowance (600 s) and some slack.
+SESSION_DEADLINE_SLACK_S = 600 + 120
+DEFAULT_SESSION_DEADLINE_S = 3600 + SESSION_DEADLINE_SLACK_S
 EXTRA_CHUNK = 1024 * 1024
 SESSION_METHOD = "/horde.v1.GatewayService/Session"
 
@@ -111,7 +112,9 @@ class StreamClient:
         time_limit_s: int = 0,
         env: dict[str, str] | None = None,
     ) -> gateway_pb2.SessionReady:
-        deadline = time_limit_s + 600 + 120 if time_limit_s else DEFAULT_SESSION_DEADLINE_S
+        deadline = (
+            time_limit_s + SESSION_DEADLINE_SLACK_S if time_limit_s else DEFAULT_SESSION_DEADLINE_S
+        )
         metadata = None
         if self._signer is not None and self._callee is not None:
             metadata = sign_call(self._signer, SESSION_METHOD, self._callee)
