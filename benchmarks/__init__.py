@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
+import services  # noqa: F401  (first: sets gRPC's runtime options before anything imports grpc)
+
 
 @dataclass
 class PartResult:
