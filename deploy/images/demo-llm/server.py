@@ -18,8 +18,8 @@ Environment: HORDE_PORT (or PORT, default 8000), DISHONEST_RATE (share of prompt
 wrongly, default 0; horde/demo-llm-dishonest sets 0.1). Which prompts get a wrong answer is
 itself a function of the prompt, so a dishonest answer is reproducible too.
 
-This file is kept identical in deploy/images/demo-llm and deploy/images/demo-llm-dishonest (each
-image directory is its own build context); tests check the two copies match.
+horde/demo-llm-dishonest is built FROM this image (deploy/images/demo-llm-dishonest/Dockerfile)
+and only sets DISHONEST_RATE: one server, one model.
 """
 
 from __future__ import annotations
@@ -111,6 +111,9 @@ def parse(body: bytes) -> tuple[bytes, int, bool, float]:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the job proxy reuses its connection
+    # Buffered: a response's head and body leave in one write (flushed once the handler returns;
+    # streamed chunks are flushed one by one), not as two segments the peer must wake up for.
+    wbufsize = 64 * 1024
     server_version = "demo-llm/1"
     announced: list[dict[str, object]] = []
     lock = threading.Lock()
@@ -170,6 +173,7 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(delay)
             data = piece.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
 
     def _extra(self, body: bytes) -> None:
