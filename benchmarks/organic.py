@@ -27,7 +27,8 @@ from rich.table import Table
 
 from benchmarks import PartResult, median, p90
 from services.cli.client import Target, _requests, validator_target
-from services.cli.dev import ENDPOINTS, dev_up
+from services.cli.dev import dev_up
+from services.cli.devenv import ENDPOINTS
 from services.core.logging import configure_logging
 from services.core.proto_util import reason_name, stage_name, state_name
 

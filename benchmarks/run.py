@@ -52,7 +52,8 @@ def run_count(args: argparse.Namespace) -> int:
 
 
 def merge(out: Path, results: list[PartResult]) -> dict[str, Any]:
-    """Merge each part's figures under its name, keeping whatever else the file holds."""
+    """Put each part's figures under its name (replacing that part's figures from an earlier run,
+    so no figure the part no longer measures lingers), keeping the other parts' sections."""
     doc: dict[str, Any] = {}
     if out.is_file():
         try:
@@ -62,11 +63,7 @@ def merge(out: Path, results: list[PartResult]) -> dict[str, Any]:
         if isinstance(loaded, dict):
             doc = loaded
     for res in results:
-        section = doc.get(res.name)
-        if not isinstance(section, dict):
-            section = {}
-        section.update(res.figures)
-        doc[res.name] = section
+        doc[res.name] = dict(res.figures)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

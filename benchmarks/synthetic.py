@@ -177,8 +177,8 @@ async def serve_miner(
             pool.register(conn)
             tasks.append(asyncio.create_task(executor(conn)))
 
-        async def stop(grace: float | None = None) -> None:
-            await server.stop(grace)
+        async def stop(grace_s: float | None = None) -> None:
+            await server.stop(grace_s)
             await engine.dispose()
 
     print(json.dumps({"port": port}), flush=True)
