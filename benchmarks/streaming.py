@@ -5,7 +5,9 @@ sessions (each session sends its requests one after another, as `horde stream` d
 Figures (build/bench.json, section "streaming"): throughput_ratio_1 and throughput_ratio_16
 (Horde requests/s over direct requests/s), added_p50_ms and added_p99_ms (latency through Horde
 minus direct, one session), and the raw figures beside them: requests/s, latencies, and the
-machine's busy CPU per request on each path. The `floor_*` figures (benchmarks/streaming_floor.py)
+machine's busy CPU per request on each path, and that CPU split by process (`*_by_process`: the
+measuring client, the gateway, the executors' process, and the rest: job containers, relays,
+kernel). The `floor_*` figures (benchmarks/streaming_floor.py)
 measure, in the same run, what the design adds at the least (one gRPC and one framed-TCP round
 trip, one Ed25519 signature, two verifications), and `ceiling_ratio_1` / `ceiling_ratio_16` are
 the best ratios those alone would allow. The measuring client runs in a child process on uvloop,
@@ -35,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ from rich.table import Table
 
 from benchmarks import PartResult
 from benchmarks.organic import BenchError
-from benchmarks.streaming_floor import floor
+from benchmarks.streaming_floor import floor, process_cpu_s
 from services.core.identity import load_key_file
 from services.core.server import open_channel
 from services.streaming_gateway.client import StreamClient
@@ -84,6 +86,7 @@ class Setup:
     image: str
     direct: Callable[[str], Target]  # job uuid -> its direct endpoint
     baseline: str
+    processes: dict[str, int] = field(default_factory=dict)  # role -> pid, for the CPU split
 
 
 def busy_cpu_s() -> float:
@@ -97,12 +100,33 @@ def busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_snapshot(processes: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far: the machine's busy total, this (the measuring client's) process, and
+    each of `processes`."""
+    snap = {"machine": busy_cpu_s(), "client": time.process_time()}
+    for role, pid in processes.items():
+        try:
+            snap[role] = process_cpu_s(pid)
+        except OSError:
+            snap[role] = 0.0
+    return snap
+
+
 @dataclass
 class Measure:
     requests: int
     wall_s: float
     latencies_s: list[float]
     cpu_s: float = 0.0  # machine-wide busy CPU during the measurement
+    cpu_by_process: dict[str, float] = field(default_factory=dict)  # role -> CPU s; and "rest"
+
+    def took_cpu(self, before: dict[str, float], after: dict[str, float]) -> None:
+        """Record the CPU used between two `cpu_snapshot`s; what no named process used (job
+        containers, relays, kernel, anything else) is "rest"."""
+        used = {k: max(after[k] - before[k], 0.0) for k in before}
+        self.cpu_s = used.pop("machine")
+        used["rest"] = max(self.cpu_s - sum(used.values()), 0.0)
+        self.cpu_by_process = used
 
     @property
     def rps(self) -> float:
@@ -114,16 +138,26 @@ class Measure:
 
     @staticmethod
     def merge(parts: list[Measure]) -> Measure:
+        by_process: dict[str, float] = {}
+        for p in parts:
+            for role, cpu in p.cpu_by_process.items():
+                by_process[role] = by_process.get(role, 0.0) + cpu
         return Measure(
             sum(p.requests for p in parts),
             sum(p.wall_s for p in parts),
             [x for p in parts for x in p.latencies_s],
             sum(p.cpu_s for p in parts),
+            by_process,
         )
 
     @property
     def cpu_us_per_request(self) -> float:
         return self.cpu_s / self.requests * 1e6
+
+    def cpu_us_per_request_by_process(self) -> dict[str, float]:
+        return {
+            role: round(cpu / self.requests * 1e6, 1) for role, cpu in self.cpu_by_process.items()
+        }
 
 
 def payload(i: int) -> bytes:
@@ -170,6 +204,7 @@ async def fake_setup() -> AsyncIterator[Setup]:
                 image="bench/echo:latest",
                 direct=lambda _job: Target(info["url"]),
                 baseline="an aiohttp echo job over TCP (stand-in)",
+                processes={"job (stand-in)": job.pid, "gateway and proxy (stand-ins)": net.pid},
             )
         finally:
             for proc in procs:
@@ -211,6 +246,8 @@ async def real_setup() -> AsyncIterator[Setup]:
                     "the same horde/demo-llm container, called with aiohttp over its relay's "
                     "unix socket (same service process, same relay hop; no gateway, no job proxy)"
                 ),
+                # The network process runs the validator and the miner too; they idle meanwhile.
+                processes={"gateway": gw.pid, "executors": net.pid},
             )
         finally:
             for proc in reversed(procs):
@@ -303,12 +340,12 @@ async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
                 order = ["direct", "horde"] if r % 2 == 0 else ["horde", "direct"]
                 for name in order:
                     base += sessions * n
-                    cpu0 = busy_cpu_s()
+                    before = cpu_snapshot(setup.processes)
                     if name == "direct":
                         m = await _direct(https[:sessions], targets[:sessions], n, base)
                     else:
                         m = await _horde(clients[:sessions], n, base)
-                    m.cpu_s = busy_cpu_s() - cpu0
+                    m.took_cpu(before, cpu_snapshot(setup.processes))
                     parts[name].append(m)
             if sessions == 1:
                 # One more figure, not in the ratio: the same session with WINDOW requests in
@@ -316,9 +353,9 @@ async def measure(setup: Setup, runs: int) -> dict[int, dict[str, Measure]]:
                 parts["horde_pipelined"] = []
                 for _ in range(runs):
                     base += n
-                    cpu0 = busy_cpu_s()
+                    before = cpu_snapshot(setup.processes)
                     m = await _horde_pipelined(clients[0], n, base)
-                    m.cpu_s = busy_cpu_s() - cpu0
+                    m.took_cpu(before, cpu_snapshot(setup.processes))
                     parts["horde_pipelined"].append(m)
             out[sessions] = {k: Measure.merge(v) for k, v in parts.items()}
         await asyncio.gather(*(c.close("benchmark done") for c in clients))
@@ -389,6 +426,9 @@ def report(
             figures[f"{path}_p99_ms_{sessions}"] = round(m.pct(0.99), 3)
             if m.cpu_s > 0:
                 figures[f"{path}_cpu_us_per_request_{sessions}"] = round(m.cpu_us_per_request, 1)
+                figures[f"{path}_cpu_us_per_request_{sessions}_by_process"] = (
+                    m.cpu_us_per_request_by_process()
+                )
             table.add_row(
                 str(sessions),
                 path,
@@ -415,6 +455,17 @@ def report(
             f"\nnot in the ratio: one session with {WINDOW} requests in flight (`horde stream "
             f"--window {WINDOW}`) carries {figures['pipelined_ratio_1']} of the direct "
             "connection's requests/s"
+        )
+    many = max(results)
+    split = {
+        path: results[many][path].cpu_us_per_request_by_process()
+        for path in ("direct", "horde")
+        if results[many][path].cpu_by_process
+    }
+    if split:
+        summary += f"\nCPU per request with {many} sessions, by process (us): " + "; ".join(
+            f"{path} " + ", ".join(f"{role} {us:.0f}" for role, us in by_role.items())
+            for path, by_role in split.items()
         )
     if floor:
         figures.update({f"floor_{k}": v for k, v in floor.items()})
@@ -446,7 +497,8 @@ async def _measure_here(runs: int) -> dict[str, Any]:
         "baseline": setup.baseline,
         "results": {
             str(sessions): {
-                path: [m.requests, m.wall_s, m.latencies_s, m.cpu_s] for path, m in by_path.items()
+                path: [m.requests, m.wall_s, m.latencies_s, m.cpu_s, m.cpu_by_process]
+                for path, m in by_path.items()
             }
             for sessions, by_path in results.items()
         },

@@ -71,8 +71,10 @@ async def _framed_server() -> None:
     await server.serve_forever()
 
 
-def _cpu_s(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds process `pid` (all its threads) has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -90,9 +92,9 @@ async def _ping_pong(kind: str, rounds: Rounds) -> dict[str, float]:
         await rounds(port, WARMUP, 1)
         out: dict[str, float] = {}
         for streams in STREAMS:
-            server0, client0 = _cpu_s(proc.pid), time.process_time()
+            server0, client0 = process_cpu_s(proc.pid), time.process_time()
             rtts = await rounds(port, ROUND_TRIPS, streams)
-            cpu = _cpu_s(proc.pid) - server0 + time.process_time() - client0
+            cpu = process_cpu_s(proc.pid) - server0 + time.process_time() - client0
             out[f"cpu_us_per_round_trip_{streams}"] = round(cpu / ROUND_TRIPS * 1e6, 1)
             if streams == 1:
                 out["rtt_p50_ms"] = round(statistics.median(rtts) * 1000, 3)
