@@ -25,7 +25,7 @@ from services.core.errors import ConfigError
 from services.core.identity import create_key_file
 from services.core.logging import configure_logging
 from services.core.loop import run as run_loop
-from services.core.receipts import verify_lines
+from services.core.receipts import summarize_jobs, verify_lines
 
 
 def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> int:
@@ -91,18 +91,46 @@ def _keys_new(args: argparse.Namespace) -> int:
 
 
 def _receipts_verify(args: argparse.Namespace) -> int:
+    pinned: list[bytes] = []
+    for text in args.job_key:
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            print(
+                f"horde receipts verify: --job-key {text!r} is not 64 hex digits (a 32-byte key)",
+                file=sys.stderr,
+            )
+            return 2
+        pinned.append(key)
+    stdin = str(args.file) == "-"
+    name = "standard input" if stdin else str(args.file)
     try:
-        lines = Path(args.file).read_text().splitlines()
+        data = sys.stdin.buffer.read() if stdin else Path(args.file).read_bytes()
     except OSError as exc:
         print(f"horde receipts verify: {exc}", file=sys.stderr)
         return 2
-    checks = verify_lines(lines)
+    checks = verify_lines(data.splitlines(), pinned_keys=pinned or None)
+    if not checks:
+        print(f"horde receipts verify: no receipts in {name}", file=sys.stderr)
+        return 1
     bad = [c for c in checks if c.error is not None]
     for check in bad:
         print(f"line {check.line}: invalid: {check.error}")
     good = len(checks) - len(bad)
     print(f"{good} valid, {len(bad)} invalid", file=sys.stderr)
-    return 1 if bad or not checks else 0
+    for job in summarize_jobs(checks):
+        print(job.describe(), file=sys.stderr)
+    if pinned:
+        meaning = "signed by a job key given with --job-key"
+    else:
+        meaning = "signed by the job key the receipt names (compare it with the job certificate)"
+    print(
+        f"valid = {meaning}, the same key on all of a job's receipts, no job and seq repeated",
+        file=sys.stderr,
+    )
+    return 1 if bad else 0
 
 
 def _client_target(args: argparse.Namespace) -> Any:
@@ -166,7 +194,12 @@ def _dev_up(args: argparse.Namespace) -> int:
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
+    p.add_argument(
+        "--dev",
+        type=Path,
+        help="state dir of a `horde dev up` network (fills in whichever of --validator, "
+        "--validator-identity and --key are not given)",
+    )
     p.add_argument("--validator", help="validator host:port")
     p.add_argument(
         "--validator-identity", help="validator identity (sr25519:<hex> or ed25519:<hex>)"
@@ -215,7 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     verify = receipts.add_parser("verify", help="verify receipts in JSON form, one a line")
-    verify.add_argument("file", type=Path)
+    verify.add_argument("file", type=Path, help="receipts file, or - for standard input")
+    verify.add_argument(
+        "--job-key",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="expected job public key (from the job certificate); repeat for several jobs. "
+        "A receipt signed by any other key is invalid",
+    )
     verify.set_defaults(func=_receipts_verify)
 
     stream.register(sub)

@@ -12,8 +12,9 @@ import hashlib
 import json
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import nacl.exceptions
@@ -255,24 +256,131 @@ def _hex(data: Mapping[str, Any], key: str, size: int) -> bytes:
 
 @dataclass(frozen=True)
 class ReceiptCheck:
-    """Result of checking one line of a receipts file."""
+    """Result of checking one line of a receipts file.
+
+    ``receipt`` is set exactly when the line is valid (``error`` is None).
+    """
 
     line: int
     receipt: StreamReceipt | None
     error: str | None
 
 
-def verify_lines(lines: list[str]) -> list[ReceiptCheck]:
-    """Check receipts in JSON form, one a line (blank lines skipped)."""
+def verify_lines(
+    lines: Iterable[str | bytes], *, pinned_keys: Collection[bytes] | None = None
+) -> list[ReceiptCheck]:
+    """Check receipts in JSON form, one a line (blank lines skipped); line numbers start at 1.
+
+    A line is valid when it is UTF-8 JSON of a well-formed receipt whose signature verifies under
+    the job_public_key it carries, and, across the lines given:
+
+    - every receipt of one job carries the same job_public_key: the key of that job's first valid
+      receipt; a receipt naming another key is invalid and the reason names that first line;
+    - no (job, seq) appears twice: a repeat is invalid and the reason names the first line;
+    - when ``pinned_keys`` is given, the key is one of them (say, the key in the job certificate).
+    """
+    pinned = None if pinned_keys is None else frozenset(bytes(k) for k in pinned_keys)
+    job_keys: dict[uuid.UUID, tuple[bytes, int]] = {}
+    seen: dict[tuple[uuid.UUID, int], int] = {}
     checks: list[ReceiptCheck] = []
     for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
+        if isinstance(raw, bytes):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                checks.append(ReceiptCheck(number, None, "not UTF-8 text"))
+                continue
+        else:
+            text = raw
+        if not text.strip():
             continue
         try:
-            receipt = StreamReceipt.from_json(raw)
+            receipt = StreamReceipt.from_json(text)
             receipt.verify()
         except ReceiptError as exc:
             checks.append(ReceiptCheck(number, None, str(exc)))
             continue
+        except RecursionError:  # json.loads on very deeply nested arrays or objects
+            checks.append(ReceiptCheck(number, None, "not JSON: nested too deeply"))
+            continue
+        except ValueError as exc:  # json.loads on an integer beyond Python's digit limit
+            checks.append(ReceiptCheck(number, None, f"not JSON: {str(exc).split(';')[0]}"))
+            continue
+        error = _consistency_error(receipt, pinned, job_keys, seen)
+        if error is not None:
+            checks.append(ReceiptCheck(number, None, error))
+            continue
+        job_keys.setdefault(receipt.job_uuid, (receipt.job_public_key, number))
+        seen[(receipt.job_uuid, receipt.seq)] = number
         checks.append(ReceiptCheck(number, receipt, None))
     return checks
+
+
+def _consistency_error(
+    receipt: StreamReceipt,
+    pinned: frozenset[bytes] | None,
+    job_keys: Mapping[uuid.UUID, tuple[bytes, int]],
+    seen: Mapping[tuple[uuid.UUID, int], int],
+) -> str | None:
+    key = receipt.job_public_key
+    if pinned is not None and key not in pinned:
+        return f"not signed by a pinned job key (job_public_key {key.hex()[:16]}…)"
+    first = job_keys.get(receipt.job_uuid)
+    if first is not None and first[0] != key:
+        return (
+            f"job_public_key {key.hex()[:16]}… contradicts line {first[1]}'s key "
+            f"{first[0].hex()[:16]}… for job {receipt.job_uuid}"
+        )
+    earlier = seen.get((receipt.job_uuid, receipt.seq))
+    if earlier is not None:
+        return f"duplicate of line {earlier}: job {receipt.job_uuid} seq {receipt.seq}"
+    return None
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """The valid receipts of one job in a checked file."""
+
+    job_uuid: uuid.UUID
+    job_public_key: bytes
+    valid: int
+    first_seq: int
+    last_seq: int
+    gaps: tuple[tuple[int, int], ...]  # inclusive ranges of seqs missing between first and last
+
+    def describe(self, max_gaps: int = 8) -> str:
+        """One line: job, count, seq range and gaps, and the key's first 16 hex digits."""
+        if self.first_seq == self.last_seq:
+            seqs = f"seq {self.first_seq}"
+        else:
+            seqs = f"seqs {self.first_seq}-{self.last_seq}"
+        if self.gaps:
+            parts = [str(a) if a == b else f"{a}-{b}" for a, b in self.gaps[:max_gaps]]
+            if len(self.gaps) > max_gaps:
+                parts.append(f"and {len(self.gaps) - max_gaps} more gaps")
+            gaps = "missing " + ", ".join(parts)
+        else:
+            gaps = "no gaps"
+        return (
+            f"job {self.job_uuid}: {self.valid} valid, {seqs}, {gaps}, "
+            f"key {self.job_public_key.hex()[:16]}"
+        )
+
+
+def summarize_jobs(checks: Iterable[ReceiptCheck]) -> list[JobSummary]:
+    """One summary per job with valid receipts, in the order jobs first appear."""
+    seqs: dict[uuid.UUID, list[int]] = {}
+    keys: dict[uuid.UUID, bytes] = {}
+    for check in checks:
+        if check.receipt is None:
+            continue
+        seqs.setdefault(check.receipt.job_uuid, []).append(check.receipt.seq)
+        keys.setdefault(check.receipt.job_uuid, check.receipt.job_public_key)
+    summaries = []
+    for job, numbers in seqs.items():
+        ordered = sorted(set(numbers))
+        gaps = tuple((a + 1, b - 1) for a, b in pairwise(ordered) if b - a > 1)
+        summaries.append(JobSummary(job, keys[job], len(numbers), ordered[0], ordered[-1], gaps))
+    return summaries
