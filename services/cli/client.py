@@ -17,7 +17,7 @@ import grpc
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 from rich.console import Console
 
-from services.cli.devenv import DevEnv
+from services.cli.devenv import DevEnv, DevEnvError
 from services.core.identity import Signer, load_key_file
 from services.core.proto_util import reason_name, stage_name, state_name
 from services.core.server import open_channel
@@ -43,13 +43,14 @@ def validator_target(
     dev: Path | None, address: str | None, identity: str | None, key: Path | None
 ) -> Target:
     if dev is not None:
+        # The network's endpoints and client key, unless given explicitly as well.
         try:
             env = DevEnv.load(dev)
-        except FileNotFoundError as exc:
+        except DevEnvError as exc:
             raise CliError(str(exc)) from None
-        return Target(
-            env.address("validator"), env.identity("validator"), load_key_file(env.client_key)
-        )
+        address = address or env.address("validator")
+        identity = identity or env.identity("validator")
+        key = key or env.client_key
     if not (address and identity and key):
         raise CliError(
             "give --dev DIR, or --validator ADDR with --validator-identity ID and --key FILE"

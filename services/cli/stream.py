@@ -1,39 +1,81 @@
 """`horde stream`: a streaming session from the command line.
 
-    horde stream [--dev DIR | --gateway ADDR --gateway-identity ID --key FILE] --image IMG
+    horde stream [--dev DIR] [--gateway ADDR --gateway-identity ID --key FILE] --image IMG
                  [--input FILE] [--receipts OUT.jsonl] [--class C] [--json] [--window N]
 
 Each line of --input (or of stdin; on a terminal, typed interactively) is one request body, sent
-byte for byte without its line ending; each response is printed as one line (newlines inside it
-escaped as \\n), or with --json as one JSON object. Every receipt is checked here as well against
-the session's certificate; --receipts writes them in DESIGN.md's JSON form, one a line, which
+byte for byte without its line ending (LF or CRLF); a body over 1 MiB travels as several frames
+(the job proxy's limit per request, 64 MiB by default, applies). Each response is printed as one
+line (newlines inside it escaped as \\n), or with --json as one JSON object. Every receipt is
+checked here as well against the session's certificate; --receipts writes them in DESIGN.md's
+JSON form, one a line, as they arrive (the file is created once the session is ready), which
 `horde receipts verify` accepts. --window N keeps up to N requests in flight (answers still
-arrive in order). Exit status: 0 when every request got a verified response, 1
-when the session ended early or a receipt failed, 2 for usage or connection problems.
+arrive in order). --dev DIR fills in whichever of --gateway, --gateway-identity and --key are
+not given.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
 from services.core.loop import run as run_loop
 
+EPILOG = """exit status: 0 when every request got a response with a verified receipt; 1 when the
+session could not be opened (the gateway unreachable or refusing included) or ended early, or a
+receipt failed its checks, or the receipts file could not be written; 2 for usage problems (bad
+options, unreadable input or key files); 130 when interrupted (Ctrl-C): the session is cancelled
+and the receipts received so far stay in --receipts; 141 when the output was closed early (e.g.
+piped into `head`)."""
+
+MAX_TIME_LIMIT_S = 2**32 - 1  # SessionOpen.time_limit_s is a uint32
+
+
+def _time_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 0 <= value <= MAX_TIME_LIMIT_S:
+        raise argparse.ArgumentTypeError(
+            f"{value}: expected 0 (the gateway's default) to {MAX_TIME_LIMIT_S} seconds"
+        )
+    return value
+
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("stream", help="open a streaming session and send requests")
-    p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
+    p = sub.add_parser(
+        "stream",
+        help="open a streaming session and send requests",
+        description="Open a streaming session at a gateway, send each input line as one "
+        "request, print each response and check every receipt.",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--dev",
+        type=Path,
+        help="state dir of a `horde dev up` network (fills in whichever of --gateway, "
+        "--gateway-identity and --key are not given)",
+    )
     p.add_argument("--gateway", help="gateway host:port")
     p.add_argument("--gateway-identity", help="gateway identity (ed25519:<hex>)")
     p.add_argument("--key", type=Path, help="client key file (`horde keys new`)")
     p.add_argument("--image", required=True, help="image on the validator's streaming whitelist")
     p.add_argument("--class", dest="executor_class", default="", help="executor class")
-    p.add_argument("--time-limit", type=int, default=0, help="session time limit in seconds")
+    p.add_argument(
+        "--time-limit",
+        type=_time_limit,
+        default=0,
+        help="session time limit in seconds (default 0: the gateway's default, 3600 unless "
+        "its operator changed it)",
+    )
     p.add_argument("--input", type=Path, help="file of requests, one a line (default: stdin)")
     p.add_argument("--receipts", type=Path, help="write receipts here, one JSON line each")
     p.add_argument("--json", action="store_true", help="one JSON object per response")
@@ -61,6 +103,14 @@ class _UsageError(Exception):
     pass
 
 
+class _OutputClosed(Exception):
+    """stdout went away (a closed pipe): stop quietly."""
+
+
+def _strip_eol(line: bytes) -> bytes:
+    return line.removesuffix(b"\n").removesuffix(b"\r")
+
+
 def _lines_of_file(path: Path) -> list[bytes]:
     try:
         data = path.read_bytes()
@@ -69,7 +119,7 @@ def _lines_of_file(path: Path) -> list[bytes]:
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the final newline ends the last line, it does not start another
-    return lines
+    return [line.removesuffix(b"\r") for line in lines]
 
 
 async def _stdin_lines(prompt: bool) -> AsyncIterator[bytes]:
@@ -79,12 +129,26 @@ async def _stdin_lines(prompt: bool) -> AsyncIterator[bytes]:
         line = await asyncio.to_thread(sys.stdin.buffer.readline)
         if not line:
             return
-        yield line.removesuffix(b"\n")
+        yield _strip_eol(line)
 
 
 async def _file_lines(lines: list[bytes]) -> AsyncIterator[bytes]:
     for line in lines:
         yield line
+
+
+def _check_receipts_path(path: Path) -> None:
+    """Refuse a --receipts path that cannot be written before a session starts for nothing; the
+    file itself is created only once the session is ready (a failed start leaves an existing
+    file as it was)."""
+    if path.is_dir():
+        raise _UsageError(f"--receipts {path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise _UsageError(f"--receipts {path}: no such directory {parent}")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise _UsageError(f"--receipts {path}: permission denied")
 
 
 def _one_line(body: bytes) -> str:
@@ -94,52 +158,62 @@ def _one_line(body: bytes) -> str:
 async def _run(args: argparse.Namespace) -> int:
     if args.window < 1:
         raise _UsageError("--window must be at least 1")
-    from services.cli.devenv import DevEnv
-    from services.core.identity import KeyFileError, load_key_file
+    from services.cli.devenv import DevEnv, DevEnvError
+    from services.core.identity import Identity, KeyFileError, load_key_file
     from services.core.server import open_channel
     from services.streaming_gateway.checks import BadReceipt, CertificateError
     from services.streaming_gateway.client import SessionEnded, StreamClient
 
+    address, identity, key = args.gateway, args.gateway_identity, args.key
     validator_identity: str | None = None
     if args.dev is not None:
         try:
             env = DevEnv.load(args.dev)
-        except FileNotFoundError as exc:
+        except DevEnvError as exc:
             raise _UsageError(str(exc)) from None
-        address, identity, key = env.address("gateway"), env.identity("gateway"), env.client_key
+        address = address or env.address("gateway")
+        identity = identity or env.identity("gateway")
+        key = key or env.client_key
         validator_identity = env.identity("validator")
-    elif args.gateway and args.gateway_identity and args.key:
-        address, identity, key = args.gateway, args.gateway_identity, args.key
-    else:
+    if not (address and identity and key):
         raise _UsageError(
             "give --dev DIR, or --gateway ADDR with --gateway-identity ID and --key FILE"
         )
     try:
+        identity = str(Identity.parse(identity))
+    except ValueError as exc:
+        raise _UsageError(f"--gateway-identity: {exc}") from None
+    try:
         signer = load_key_file(key)
     except (KeyFileError, OSError) as exc:
         raise _UsageError(str(exc)) from None
+    if args.receipts is not None:
+        _check_receipts_path(args.receipts)
+    interactive = args.input is None and sys.stdin.isatty()
     requests = (
         _file_lines(_lines_of_file(args.input))
         if args.input is not None
-        else _stdin_lines(prompt=sys.stdin.isatty())
+        else _stdin_lines(prompt=interactive)
     )
     live = sys.stdout.isatty() and not args.json and args.input is None
     out = sys.stdout
+
+    def write_out(text: str, end: str = "\n") -> None:
+        try:
+            out.write(text + end)
+            out.flush()
+        except BrokenPipeError:
+            raise _OutputClosed from None
 
     def on_event(event: Any) -> None:
         print(f"[{event.job_uuid[:8]}] {event.message}", file=sys.stderr)
 
     def on_chunk(_seq: int, body: bytes) -> None:
         if live:
-            out.write(_one_line(body))
-            out.flush()
+            write_out(_one_line(body), end="")
 
     receipts_file: IO[str] | None = None
-    if args.receipts is not None:
-        try:
-            receipts_file = args.receipts.open("w")
-        except OSError as exc:
-            raise _UsageError(f"--receipts {args.receipts}: {exc.strerror or exc}") from None
+    saved = 0
     channel = open_channel(address)  # the session signs its own call
     client = StreamClient(
         channel,
@@ -151,32 +225,66 @@ async def _run(args: argparse.Namespace) -> int:
     )
     latencies: list[float] = []
     status = 0
+
+    async def answers() -> AsyncGenerator[Any, None]:
+        if interactive:  # typed by hand: the next prompt only once the answer is printed
+            async for body in requests:
+                yield await client.request(body)
+        else:
+            async with contextlib.aclosing(client.pipeline(requests, window=args.window)) as rs:
+                async for res in rs:
+                    yield res
+
     try:
         try:
             ready = await client.open(
                 args.image, executor_class=args.executor_class, time_limit_s=args.time_limit
             )
-            miner = client.certificate.miner_hotkey if client.certificate else "?"
-            print(f"session ready: job {ready.job_uuid} (miner {miner})", file=sys.stderr)
-            async for res in client.pipeline(requests, window=args.window):
-                latencies.append(res.latency_s)
-                if args.json:
-                    doc = {
-                        "seq": res.seq,
-                        "http_status": res.http_status,
-                        "response": res.body.decode(errors="replace"),
-                        "latency_ms": round(res.latency_s * 1000, 3),
-                        "receipt": res.receipt.to_json_dict(),
-                    }
-                    print(json.dumps(doc), file=out, flush=True)
-                elif live:
-                    print(file=out, flush=True)
-                else:
-                    print(_one_line(res.body), file=out, flush=True)
-                if receipts_file is not None:
-                    receipts_file.write(res.receipt.to_json() + "\n")
-                    receipts_file.flush()
-            closed = await client.close("client done")
+            cert = client.certificate
+            miner = cert.miner_hotkey if cert else "?"
+            job_key = cert.job_public_key.hex() if cert else "?"
+            # The job key is what `horde receipts verify --job-key` pins the receipts to.
+            print(
+                f"session ready: job {ready.job_uuid} (miner {miner}; job key {job_key})",
+                file=sys.stderr,
+            )
+            if args.receipts is not None:
+                try:
+                    receipts_file = args.receipts.open("w")
+                except OSError as exc:
+                    raise _UsageError(
+                        f"--receipts {args.receipts}: {exc.strerror or exc}"
+                    ) from None
+            async with contextlib.aclosing(answers()) as responses:
+                async for res in responses:
+                    latencies.append(res.latency_s)
+                    if args.json:
+                        doc = {
+                            "seq": res.seq,
+                            "http_status": res.http_status,
+                            "response": res.body.decode(errors="replace"),
+                            "latency_ms": round(res.latency_s * 1000, 3),
+                            "receipt": res.receipt.to_json_dict(),
+                        }
+                        write_out(json.dumps(doc))
+                    elif live:
+                        write_out("")
+                    else:
+                        write_out(_one_line(res.body))
+                    if receipts_file is not None:
+                        try:
+                            receipts_file.write(res.receipt.to_json() + "\n")
+                            receipts_file.flush()
+                        except OSError as exc:
+                            print(
+                                f"horde stream: cannot write receipts to {args.receipts}: "
+                                f"{exc.strerror or exc}; ending the session",
+                                file=sys.stderr,
+                            )
+                            status = 1
+                            break
+                        saved += 1
+            closed = await client.close("client done" if status == 0 else "client failed")
             if closed is not None:
                 print(f"session closed: {closed.reason}", file=sys.stderr)
         except SessionEnded as exc:
@@ -186,11 +294,31 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"horde stream: refusing the job's answer: {exc}", file=sys.stderr)
             client.cancel()
             status = 1
+        except _OutputClosed:
+            client.cancel()
+            status = 141
+        except asyncio.CancelledError:  # Ctrl-C: asyncio cancels this task, then raises it
+            kept = f"; {saved} receipts kept in {args.receipts}" if receipts_file else ""
+            print(
+                f"\nhorde stream: interrupted after {len(latencies)} responses; session "
+                f"cancelled{kept}",
+                file=sys.stderr,
+            )
+            raise
     finally:
         client.cancel()
         await channel.close()
         if receipts_file is not None:
-            receipts_file.close()
+            try:
+                receipts_file.close()
+            except OSError:
+                pass  # already reported when writing failed
+    if status == 141:
+        # Nothing more can reach the closed pipe; keep the interpreter's final flush quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return status
     if latencies:
         ordered = sorted(latencies)
         p50 = ordered[len(ordered) // 2] * 1000

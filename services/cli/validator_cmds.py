@@ -35,7 +35,12 @@ def register(actions: Any) -> None:
 
 
 def client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dev", type=Path, help="state dir of a `horde dev up` network")
+    p.add_argument(
+        "--dev",
+        type=Path,
+        help="state dir of a `horde dev up` network (fills in whichever of --validator, "
+        "--validator-identity and --key are not given)",
+    )
     p.add_argument("--validator", help="validator host:port")
     p.add_argument("--validator-identity", help="validator identity (sr25519:<hex>)")
     p.add_argument("--key", type=Path, help="admin key file (listed in the validator's admins)")

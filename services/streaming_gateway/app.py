@@ -36,6 +36,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         request_iterator: AsyncIterator[gateway_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        # Accepted: say so at once (StreamClient waits for it before its first write, so that a
+        # refusal is never mistaken for a broken write).
+        await context.send_initial_metadata(())
         session = Session(self._deps, str(current_caller()), context.write)
         await session.run(request_iterator)
 

@@ -11,7 +11,7 @@ import collections
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,9 @@ from services.streaming_gateway.checks import ReceiptChecker, check_certificate
 SESSION_DEADLINE_SLACK_S = 600 + 120
 DEFAULT_SESSION_DEADLINE_S = 3600 + SESSION_DEADLINE_SLACK_S
 EXTRA_CHUNK = 1024 * 1024
+# A request body larger than this goes as several frames (a gRPC message is capped at 8 MiB; the
+# job proxy's own limit on a whole request, 64 MiB by default, is what bounds a body).
+REQUEST_FRAME_BYTES = 1024 * 1024
 SESSION_METHOD = "/horde.v1.GatewayService/Session"
 
 
@@ -119,6 +122,14 @@ class StreamClient:
         if self._signer is not None and self._callee is not None:
             metadata = sign_call(self._signer, SESSION_METHOD, self._callee)
         self._call = self._stub.Session(timeout=deadline, metadata=metadata)
+        # The gateway sends its initial metadata once it has accepted the call. Waiting for it
+        # before the first write means a refusal (authentication, enrolment) is read as the
+        # gateway's own status; a write racing the refusal would fail instead, and grpc.aio then
+        # reports a generic INTERNAL error in place of the gateway's reason.
+        await self._call.initial_metadata()
+        if self._call.done():
+            code = await self._call.code()
+            raise SessionEnded(f"{code.name}: {await self._call.details()}", code=code)
         await self._send(
             gateway_pb2.SessionRequest(
                 open=gateway_pb2.SessionOpen(
@@ -153,7 +164,7 @@ class StreamClient:
 
     async def pipeline(
         self, bodies: AsyncIterable[bytes] | Iterable[bytes], *, window: int = 1
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncGenerator[Response, None]:
         """Send the requests with up to `window` of them in flight (the job proxy answers them in
         order), yielding each response, receipt checked, in order. `window` 1 is one request
         after another; more keeps the session busy while answers travel back (a response's
@@ -192,16 +203,32 @@ class StreamClient:
                 await sender
 
     async def _send_request(self, body: bytes) -> _Sent:
+        """Send one request: one frame, or REQUEST_FRAME_BYTES pieces when the body is larger."""
         assert self._checker is not None, "open() first"
         self._seq += 1
         sent = _Sent(self._seq, hashlib.sha256(body).digest(), time.time_ns(), time.perf_counter())
-        await self._send(
-            gateway_pb2.SessionRequest(
-                request=streaming_pb2.StreamRequestFrame(
-                    seq=sent.seq, client_timestamp_ns=sent.sent_ns, body=body, last=True
+        if len(body) <= REQUEST_FRAME_BYTES:
+            await self._send(
+                gateway_pb2.SessionRequest(
+                    request=streaming_pb2.StreamRequestFrame(
+                        seq=sent.seq, client_timestamp_ns=sent.sent_ns, body=body, last=True
+                    )
                 )
             )
-        )
+            return sent
+        view = memoryview(body)
+        for offset in range(0, len(body), REQUEST_FRAME_BYTES):
+            piece = view[offset : offset + REQUEST_FRAME_BYTES]
+            await self._send(
+                gateway_pb2.SessionRequest(
+                    request=streaming_pb2.StreamRequestFrame(
+                        seq=sent.seq,
+                        client_timestamp_ns=time.time_ns(),
+                        body=bytes(piece),
+                        last=offset + REQUEST_FRAME_BYTES >= len(body),
+                    )
+                )
+            )
         return sent
 
     async def _receive(self, sent: _Sent) -> Response:

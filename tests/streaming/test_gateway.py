@@ -469,3 +469,22 @@ async def test_half_close_answers_what_is_in_flight_then_ends(harness: Harness) 
 
 def _sqlite_url(path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
+
+
+async def test_a_refused_client_always_learns_the_gateway_s_reason(harness: Harness) -> None:
+    # The client waits for the gateway's initial metadata before its first write: a write racing
+    # the refusal would otherwise fail, and grpc.aio would report INTERNAL instead of the reason.
+    from services.core.identity import Ed25519Signer
+
+    app = await harness.start_gateway()
+    codes = []
+    for _ in range(20):
+        stranger = Ed25519Signer.generate()
+        channel = open_channel(f"127.0.0.1:{app.port}")
+        client = StreamClient(channel, signer=stranger, callee=app.identity)
+        with pytest.raises(SessionEnded) as ended:
+            await client.open(WHITELIST)
+        codes.append(ended.value.code)
+        assert "not an enrolled client" in ended.value.reason
+        await channel.close()
+    assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 
 from streaming_support import WHITELIST, Behaviour, Harness, answer
 
 from services.core.app import ServiceApp
-from services.core.identity import write_key_file
+from services.core.identity import Ed25519Signer, write_key_file
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 
@@ -133,3 +134,172 @@ async def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "horde dev up" in err
     code, _, err = await horde("stream", "--window", "0", "--image", WHITELIST)
     assert code == 2 and "--window must be at least 1" in err
+
+
+async def test_a_failed_start_leaves_an_existing_receipts_file_alone(
+    harness: Harness, tmp_path: Path
+) -> None:
+    app = await harness.start_gateway()
+    receipts = tmp_path / "receipts.jsonl"
+    receipts.write_text('{"kept": "from an earlier session"}\n')
+    argv = target(harness, app, tmp_path)
+    argv[argv.index(WHITELIST)] = "horde/not-whitelisted:latest"
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\n")
+    code, _, err = await horde(
+        "stream", *argv, "--input", str(requests), "--receipts", str(receipts)
+    )
+    assert code == 1 and "not on the streaming whitelist" in err
+    assert receipts.read_text() == '{"kept": "from an earlier session"}\n'
+
+
+async def test_a_request_over_the_grpc_message_limit_goes_in_frames(
+    harness: Harness, tmp_path: Path
+) -> None:
+    harness.fake_validator.next_behaviour = Behaviour(chunks=16)  # the answer comes back in pieces
+    app = await harness.start_gateway()
+    big = bytes(range(256)).replace(b"\n", b"N") * (9 * 4096)  # 9 MiB: over gRPC's 8 MiB
+    requests = tmp_path / "requests.txt"
+    requests.write_bytes(b"small\n" + big + b"\n")
+    receipts = tmp_path / "receipts.jsonl"
+    code, out, err = await horde(
+        "stream", *target(harness, app, tmp_path), "--input", str(requests), "--json",
+        "--receipts", str(receipts),
+    )  # fmt: skip
+    assert code == 0, err
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert [d["seq"] for d in docs] == [1, 2]
+    assert docs[1]["response"].encode(errors="replace") == answer(big).decode(
+        errors="replace"
+    ).encode(errors="replace")
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.served == 2
+    code, _, err = await horde("receipts", "verify", str(receipts))
+    assert code == 0 and "2 valid, 0 invalid" in err
+
+
+async def test_crlf_line_endings_are_not_part_of_the_request(
+    harness: Harness, tmp_path: Path
+) -> None:
+    app = await harness.start_gateway()
+    requests = tmp_path / "requests.txt"
+    requests.write_bytes(b"one\r\ntwo\r\n")
+    code, out, err = await horde(
+        "stream", *target(harness, app, tmp_path), "--input", str(requests)
+    )
+    assert code == 0, err
+    assert out.splitlines() == ["echo:eno", "echo:owt"]
+
+
+async def test_receipts_that_cannot_be_written_end_the_session_cleanly(
+    harness: Harness, tmp_path: Path
+) -> None:
+    app = await harness.start_gateway()
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\ntwo\n")
+    code, _, err = await horde(
+        "stream", *target(harness, app, tmp_path), "--input", str(requests),
+        "--receipts", "/dev/full",
+    )  # fmt: skip
+    assert code == 1
+    assert "cannot write receipts to /dev/full: No space left on device" in err
+    assert "Traceback" not in err
+    assert "session closed" in err  # closed, not abandoned
+
+
+async def test_a_closed_output_pipe_stops_quietly(harness: Harness, tmp_path: Path) -> None:
+    app = await harness.start_gateway()
+    requests = tmp_path / "requests.txt"
+    requests.write_text("".join(f"request {i}\n" for i in range(2000)))
+    proc = await asyncio.create_subprocess_exec(
+        HORDE, "stream", *target(harness, app, tmp_path), "--input", str(requests),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert await proc.stdout.readline() == b"echo:0 tseuqer\n"
+    proc.stdout.feed_eof()
+    transport = proc._transport  # type: ignore[attr-defined]
+    transport.get_pipe_transport(1).close()  # what `| head -1` does once it has its line
+    err = (await proc.stderr.read()).decode()
+    assert await proc.wait() == 141, err
+    assert "Traceback" not in err
+
+
+async def test_ctrl_c_cancels_the_session_and_says_so(harness: Harness, tmp_path: Path) -> None:
+    # The fake job answers only once 4 requests wait: one request alone waits forever.
+    harness.fake_validator.next_behaviour = Behaviour(answer_in_batches_of=4)
+    app = await harness.start_gateway()
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\n")
+    receipts = tmp_path / "receipts.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        HORDE, "stream", *target(harness, app, tmp_path), "--input", str(requests),
+        "--receipts", str(receipts),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = b""
+    while b"session ready" not in seen:
+        line = await proc.stderr.readline()
+        assert line, seen
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    err = (await proc.stderr.read()).decode()
+    assert await proc.wait() == 130
+    assert "interrupted after 0 responses; session cancelled; 0 receipts kept in" in err
+    assert "Traceback" not in err
+
+
+async def test_dev_fills_in_only_what_is_not_given(harness: Harness, tmp_path: Path) -> None:
+    app = await harness.start_gateway()
+    client_key = tmp_path / "client.json"
+    write_key_file(client_key, harness.client)
+    dev = tmp_path / "devnet"
+    dev.mkdir()
+    (dev / "endpoints.json").write_text(
+        json.dumps(
+            {
+                "services": {
+                    "gateway": {"address": f"127.0.0.1:{app.port}", "identity": app.identity},
+                    "validator": {
+                        "address": "127.0.0.1:1",
+                        "identity": str(harness.validator_signer.identity),
+                    },
+                },
+                "client_key": str(client_key),
+            }
+        )
+    )
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\n")
+    common = ["stream", "--dev", str(dev), "--image", WHITELIST, "--input", str(requests)]
+    code, out, err = await horde(*common)
+    assert code == 0 and out == "echo:eno\n", err
+    stranger = tmp_path / "stranger.json"
+    write_key_file(stranger, Ed25519Signer.generate())
+    code, _, err = await horde(*common, "--key", str(stranger))  # the explicit key is used
+    assert code == 1 and "PERMISSION_DENIED" in err and "not an enrolled client" in err, err
+    (dev / "endpoints.json").write_text('{"services": {}}')
+    code, _, err = await horde(*common)
+    assert code == 2 and "is not a readable `horde dev up` endpoints file" in err
+
+
+async def test_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
+    for value in ("-1", str(2**32), "soon"):
+        code, _, err = await horde("stream", "--time-limit", value, "--image", WHITELIST)
+        assert code == 2 and "--time-limit" in err and "Traceback" not in err, err
+    key = tmp_path / "client.json"
+    write_key_file(key, Ed25519Signer.generate())
+    code, _, err = await horde(
+        "stream", "--gateway", "127.0.0.1:1", "--gateway-identity", "garbage", "--key", str(key),
+        "--image", WHITELIST,
+    )  # fmt: skip
+    assert code == 2 and "--gateway-identity: invalid identity 'garbage'" in err
+    gateway = str(Ed25519Signer.generate().identity)
+    code, _, err = await horde(
+        "stream", "--gateway", "127.0.0.1:1", "--gateway-identity", gateway, "--key", str(key),
+        "--image", WHITELIST, "--receipts", str(tmp_path / "no" / "r.jsonl"),
+    )  # fmt: skip
+    assert code == 2 and "no such directory" in err
