@@ -23,6 +23,8 @@ class ServiceApp:
     servers: list[RunningServer]
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run before the servers stop, given the grace period: end long-lived calls with a reason.
+    drainers: list[Callable[[float], Awaitable[None]]] = field(default_factory=list)
     grace_s: float = 5.0
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -43,6 +45,7 @@ class ServiceApp:
         grace = self.grace_s if grace_s is None else grace_s
         for srv in self.servers:
             await srv.set_serving(False)
+        await self._drain(grace)
         await asyncio.gather(*(srv.server.stop(grace) for srv in self.servers))
         for task in self._tasks:
             task.cancel()
@@ -51,6 +54,13 @@ class ServiceApp:
                 await task
         self._tasks.clear()
         await self.close()
+
+    async def _drain(self, grace_s: float) -> None:
+        for drainer in self.drainers:
+            try:
+                await drainer(grace_s)
+            except Exception as exc:
+                log.warning("drain_failed", service=self.name, error=repr(exc))
 
     async def close(self) -> None:
         for closer in reversed(self.closers):
@@ -70,6 +80,7 @@ class ServiceApp:
             stop=stop,
             on_stop=self.close,
             on_ready=ready,
+            on_drain=self._drain,
         )
 
 

@@ -322,8 +322,11 @@ async def serve_until_signal(
     stop: asyncio.Event | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     on_ready: Callable[[], None] | None = None,
+    on_drain: Callable[[float], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully: health says
+    NOT_SERVING, `on_drain(grace_s)` ends long-lived calls in their own words, the servers stop
+    (calls still running after `grace_s` are cancelled), then `on_stop`."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -346,6 +349,8 @@ async def serve_until_signal(
             await stop.wait()
             for srv in running:
                 await srv.set_serving(False)
+            if on_drain is not None:
+                await on_drain(grace_s)
             await asyncio.gather(*(srv.server.stop(grace_s) for srv in running))
             for task in tasks:
                 task.cancel()

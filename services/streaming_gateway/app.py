@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2_grpc
@@ -12,7 +14,7 @@ from services.core.auth import Authenticator, MethodPolicy, StaticPolicy
 from services.core.chain import ChainAdapter
 from services.core.config import GatewaySettings
 from services.core.db import open_database
-from services.core.errors import ConfigError, InvalidArgument
+from services.core.errors import ConfigError, InvalidArgument, Unavailable
 from services.core.identity import Identity, Signer
 from services.core.proxy_wire import ProxyLink
 from services.core.runtime import load_signer, open_chain, parse_identities
@@ -25,10 +27,25 @@ DEFAULT_SAMPLES = 100
 MAX_SAMPLES = 1000
 
 
+SHUTDOWN_REASON = "the gateway is shutting down"
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, deps: GatewayDeps, store: GatewayStore) -> None:
         self._deps = deps
         self._store = store
+        self._sessions: dict[Session, asyncio.Task[Any]] = {}
+        self._draining = False
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new sessions; end the open ones with SHUTDOWN_REASON (their jobs stopped, their
+        receipts stored, SessionClosed sent) and wait up to `grace_s` for them to finish."""
+        self._draining = True
+        open_sessions = dict(self._sessions)
+        for session in open_sessions:
+            session.shut_down(SHUTDOWN_REASON)
+        if open_sessions:
+            await asyncio.wait(open_sessions.values(), timeout=grace_s)
 
     # Written with context.write (several tasks answer one session), so not a generator.
     async def Session(  # type: ignore[override]
@@ -36,11 +53,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         request_iterator: AsyncIterator[gateway_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        if self._draining:
+            raise Unavailable(SHUTDOWN_REASON)
         # Accepted: say so at once (StreamClient waits for it before its first write, so that a
         # refusal is never mistaken for a broken write).
         await context.send_initial_metadata(())
         session = Session(self._deps, str(current_caller()), context.write)
-        await session.run(request_iterator)
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions[session] = task
+        try:
+            await session.run(request_iterator)
+        finally:
+            del self._sessions[session]
 
     async def ListSamples(
         self, request: gateway_pb2.ListSamplesRequest, context: grpc.aio.ServicerContext
@@ -125,13 +150,14 @@ async def start_gateway(
         ),
         max_skew_s=settings.auth.max_clock_skew_s,
     )
+    servicer = GatewayServicer(deps, store)
     server = await create_server(
         settings.listen,
         [
             ServiceRegistration(
                 SERVICE,
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                GatewayServicer(deps, store),
+                servicer,
             )
         ],
         authenticator=auth,
@@ -151,5 +177,6 @@ async def start_gateway(
         signer=signer,
         servers=[server],
         closers=[close_all],
+        drainers=[servicer.drain],
         grace_s=settings.shutdown_grace_s,
     )

@@ -226,6 +226,11 @@ class Session:
         if ending.error is not None:
             raise ending.error
 
+    def shut_down(self, reason: str) -> None:
+        """End the session now with `reason` (the gateway is stopping): the job is stopped, the
+        receipts stored, and the client gets SessionClosed with the reason."""
+        self._finish(_Ending(reason))
+
     # --- the three feeds --------------------------------------------------------------------
 
     async def _follow_validator(self) -> None:

@@ -397,12 +397,15 @@ async def test_a_crashed_gateway_ends_the_session_and_the_job(harness: Harness) 
     app = await harness.start_gateway()
     client, channel = await open_session(harness, app)
     await client.request(b"one")
-    await harness.stop_gateway(app)
+    # A crash, not a graceful stop (that ends sessions in words, see the next test): the gRPC
+    # server goes away at once, cancelling its calls.
+    await app.servers[0].server.stop(None)
     with pytest.raises(SessionEnded) as info:
         await client.request(b"two")
     await channel.close()
     assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert await harness.fake_validator.wait_ended(client.job_uuid)
+    await harness.stop_gateway(app)
 
 
 async def test_a_client_that_goes_away_stops_the_job(harness: Harness) -> None:
@@ -488,3 +491,19 @@ async def test_a_refused_client_always_learns_the_gateway_s_reason(harness: Harn
         assert "not an enrolled client" in ended.value.reason
         await channel.close()
     assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED}
+
+
+async def test_a_gateway_shutting_down_ends_its_sessions_in_words(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    first = await client.request(b"before")
+    stopping = asyncio.create_task(app.stop(10.0))
+    with pytest.raises(SessionEnded) as ended:
+        await client.next_event()  # what a client reads next: the gateway's SessionClosed
+    assert ended.value.reason == "the gateway is shutting down"
+    assert ended.value.closed is not None and not ended.value.closed.bad_receipt
+    await stopping
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.stop_reason == "stopped: the gateway is shutting down"
+    assert await stored_receipts(harness, client.job_uuid) == [first.receipt.to_json()]
+    await channel.close()
