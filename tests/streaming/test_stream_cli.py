@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
+import select
 import signal
 import sys
+import time
 from pathlib import Path
 
 from streaming_support import WHITELIST, Behaviour, Harness, answer
@@ -303,3 +307,58 @@ async def test_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
         "--image", WHITELIST, "--receipts", str(tmp_path / "no" / "r.jsonl"),
     )  # fmt: skip
     assert code == 2 and "no such directory" in err
+
+
+class _Terminal:
+    """The master end of a pty: what the program wrote, read up to markers in order."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.seen = b""
+        self.pos = 0  # where the next search starts
+
+    def until(self, marker: bytes, timeout_s: float = 30.0) -> bytes:
+        """What came after the previous marker, up to and including `marker`."""
+        deadline = time.monotonic() + timeout_s
+        while (at := self.seen.find(marker, self.pos)) < 0:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {marker!r} in {self.seen[self.pos :]!r}"
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # EIO: the other end closed
+                    chunk = b""
+                assert chunk, f"the terminal closed before {marker!r}: {self.seen[self.pos :]!r}"
+                self.seen += chunk
+        start, self.pos = self.pos, at + len(marker)
+        return self.seen[start : self.pos]
+
+
+async def test_on_a_terminal_the_next_prompt_follows_the_answer(
+    harness: Harness, tmp_path: Path
+) -> None:
+    app = await harness.start_gateway()
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        HORDE, "stream", *target(harness, app, tmp_path),
+        stdin=slave, stdout=slave, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    term = _Terminal(master)
+    try:
+        await asyncio.to_thread(term.until, b"session ready")
+        await asyncio.to_thread(term.until, b"> ")
+        for word in (b"one", b"two"):
+            os.write(master, word + b"\n")
+            after = await asyncio.to_thread(term.until, b"> ")
+            # The answer comes before the next prompt (typing waits for the answer).
+            assert b"echo:" + word[::-1] in after, after
+        os.write(master, b"\x04")  # Ctrl-D: end of input
+        await asyncio.to_thread(term.until, b"2 responses, receipts verified")
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
