@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
 import json
+import re
 import sys
 import tarfile
 from collections.abc import AsyncIterator, Iterator
@@ -18,8 +20,8 @@ from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 from rich.console import Console
 
 from services.cli.devenv import DevEnv, DevEnvError
-from services.core.identity import Signer, load_key_file
-from services.core.proto_util import reason_name, stage_name, state_name
+from services.core.identity import KeyFileError, Signer, load_key_file
+from services.core.proto_util import TERMINAL_STATES, reason_name, stage_name, state_name
 from services.core.server import open_channel
 
 CHUNK = 1024 * 1024
@@ -55,7 +57,24 @@ def validator_target(
         raise CliError(
             "give --dev DIR, or --validator ADDR with --validator-identity ID and --key FILE"
         )
-    return Target(address, identity, load_key_file(key))
+    try:
+        signer = load_key_file(key)
+    except (KeyFileError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    return Target(address, identity, signer)
+
+
+# Control characters (C0 but tab and newline, DEL, C1): on a terminal they could move the cursor,
+# retitle the window or hide text, so job-controlled text shown there has them escaped.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: str, terminal: bool) -> str:
+    """`text` as printed: verbatim into a pipe or file, control characters escaped (\\xNN) on a
+    terminal."""
+    if not terminal:
+        return text
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 @dataclass
@@ -66,6 +85,16 @@ class Inline:
 
 def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
     out: list[Inline | job_pb2.InputVolume] = []
+    names: dict[str, str] = {}  # top-level name under /volume -> the --input it comes from
+
+    def claim(name: str, raw: str) -> None:
+        other = names.setdefault(name, raw)
+        if other != raw:
+            raise CliError(
+                f"--input {raw}: {name!r} would land under /volume beside the same name from "
+                f"--input {other}"
+            )
+
     for raw in paths:
         if raw.startswith(("http://", "https://")):
             url, _, fragment = raw.partition("#")
@@ -75,6 +104,8 @@ def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
             continue
         path = Path(raw)
         if path.is_dir():
+            for child in path.iterdir():
+                claim(child.name, raw)
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as tar:
                 for child in sorted(path.iterdir()):
@@ -88,6 +119,7 @@ def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
                 )
             )
         elif path.is_file():
+            claim(path.name, raw)
             data = path.read_bytes()
             volume = job_pb2.InputVolume(
                 inline_file=job_pb2.InlineFile(
@@ -155,6 +187,8 @@ async def run_job(
     output_dir: Path | None,
     as_json: bool,
 ) -> int:
+    """Submit, follow and print one job. Ctrl-C cancels the job (once the validator has accepted
+    it) before the command ends."""
     inline: list[tuple[int, bytes]] = []
     for item in inputs:
         if isinstance(item, Inline):
@@ -166,6 +200,8 @@ async def run_job(
     live = console.is_terminal and not as_json
     final: job_pb2.JobResult | None = None
     files: dict[str, Any] = {}
+    unwritten: dict[str, str] = {}  # output path -> why it could not be written here
+    job_uuid = ""
     try:
         async with target.channel() as channel:
             stub = validator_pb2_grpc.ValidatorServiceStub(channel)
@@ -178,27 +214,38 @@ async def run_job(
                     kind = msg.WhichOneof("payload")
                     if kind == "event":
                         ev = msg.event
-                        text = f"{state_name(ev.state)} [{stage_name(ev.stage)}] {ev.message}"
+                        job_uuid = job_uuid or ev.job_uuid
+                        text = shown(
+                            f"{state_name(ev.state)} [{stage_name(ev.stage)}] {ev.message}",
+                            console.is_terminal,
+                        )
                         if status is not None:
-                            status.update(f"{ev.job_uuid[:8]} {text}")
+                            status.update(f"{ev.job_uuid} {text}")
                         elif not as_json:
                             print(f"{ev.job_uuid} {text}", file=sys.stderr)
                     elif kind == "output_chunk" and output_dir is not None:
-                        chunk = msg.output_chunk
-                        path = _safe_output_path(output_dir, chunk.path)
-                        if chunk.path not in files:
-                            path.parent.mkdir(parents=True, exist_ok=True)
-                            files[chunk.path] = path.open("wb")
-                        files[chunk.path].write(chunk.data)
-                        if chunk.last:
-                            files.pop(chunk.path).close()
+                        _write_output(output_dir, msg.output_chunk, files, unwritten)
                     elif kind == "result":
                         final = msg.result
+            except asyncio.CancelledError:  # Ctrl-C
+                if status is not None:
+                    status.stop()
+                    status = None
+                await _cancel_on_interrupt(stub, job_uuid)
+                raise
             finally:
                 if status is not None:
                     status.stop()
     except grpc.aio.AioRpcError as exc:
-        raise CliError(f"validator refused the job: {exc.code().name}: {exc.details()}") from None
+        why = f"{exc.code().name}: {exc.details()}"
+        if job_uuid:
+            raise CliError(
+                f"lost the validator while following job {job_uuid} ({why}); ask again with "
+                f"`horde job status {job_uuid}`"
+            ) from None
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            raise CliError(f"cannot reach the validator at {target.address}: {why}") from None
+        raise CliError(f"validator refused the job: {why}") from None
     finally:
         for fh in files.values():
             fh.close()
@@ -206,35 +253,86 @@ async def run_job(
         raise CliError("the validator closed the stream without a result")
     doc = result_json(final)
     if as_json:
+        if unwritten:
+            doc["outputs_not_written"] = unwritten
         print(json.dumps(doc, indent=2))
     else:
-        print_result(console, doc, output_dir)
+        print_result(doc, output_dir)
+    for path, why in unwritten.items():
+        print(f"horde job run: output {path} not written: {why}", file=sys.stderr)
     ok = final.state == common_pb2.JOB_STATE_COMPLETED and doc["exit_code"] == 0
-    return 0 if ok else 1
+    return 0 if ok and not unwritten else 1
 
 
-def print_result(console: Console, doc: dict[str, Any], output_dir: Path | None) -> None:
-    out = Console()
-    colour = "green" if doc["state"] == "completed" else "red"
-    line = f"[bold]{doc['job_uuid']}[/bold] [{colour}]{doc['state']}[/{colour}]"
+def _write_output(
+    root: Path, chunk: job_pb2.OutputChunk, files: dict[str, Any], unwritten: dict[str, str]
+) -> None:
+    """Write one chunk of an output file under `root`; a file that cannot be written here is
+    noted in `unwritten` (and skipped), the others still arrive."""
+    if chunk.path in unwritten:
+        return
+    try:
+        if chunk.path not in files:
+            path = _safe_output_path(root, chunk.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files[chunk.path] = path.open("wb")
+        files[chunk.path].write(chunk.data)
+        if chunk.last:
+            files.pop(chunk.path).close()
+    except (OSError, CliError) as exc:
+        fh = files.pop(chunk.path, None)
+        if fh is not None:
+            fh.close()
+        unwritten[chunk.path] = (
+            str(exc) if isinstance(exc, CliError) else f"{exc.strerror or exc} ({exc.filename})"
+        )
+
+
+async def _cancel_on_interrupt(
+    stub: validator_pb2_grpc.ValidatorServiceStub, job_uuid: str
+) -> None:
+    if not job_uuid:
+        print("\nhorde job run: interrupted before the validator accepted the job", file=sys.stderr)
+        return
+    try:
+        resp = await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=10)
+        outcome = state_name(resp.state)
+    except grpc.aio.AioRpcError as exc:
+        outcome = f"not cancelled ({exc.code().name}: {exc.details()}); try `horde job cancel`"
+    print(f"\nhorde job run: interrupted: job {job_uuid} {outcome}", file=sys.stderr)
+
+
+def print_result(doc: dict[str, Any], output_dir: Path | None) -> None:
+    """The result as text. The job's stdout and stderr come out as they were (on a terminal
+    with control characters escaped), not re-wrapped."""
+    terminal = sys.stdout.isatty()
+    state = doc["state"]
+    if terminal:
+        colour = "32" if state == "completed" else "31"  # green / red
+        state = f"\x1b[{colour}m{state}\x1b[0m"
+    line = f"{doc['job_uuid']} {state}"
     if doc["reason"]:
-        line += f" ({doc['reason']} in {doc['stage']}: {doc['detail']})"
-    out.print(line)
+        line += shown(f" ({doc['reason']} in {doc['stage']}: {doc['detail']})", terminal)
+    print(line)
     if doc["exit_code"] is not None:
-        out.print(f"exit code {doc['exit_code']}")
-    if doc["stdout"]:
-        out.print("[bold]stdout[/bold]")
-        out.print(doc["stdout"], markup=False, highlight=False, end="")
-    if doc["stderr"]:
-        out.print("[bold]stderr[/bold]")
-        out.print(doc["stderr"], markup=False, highlight=False, end="")
+        print(f"exit code {doc['exit_code']}")
+    for stream in ("stdout", "stderr"):
+        if doc[stream]:
+            print(f"--- {stream}" + (" (truncated)" if doc[f"{stream}_truncated"] else ""))
+            text = shown(doc[stream], terminal)
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
     for o in doc["outputs"]:
         where = f" -> {output_dir / o['path']}" if output_dir else ""
-        out.print(
-            f"output {o['path']} ({o['size_bytes']} bytes, sha256 {o['sha256'][:16]}...){where}"
+        print(
+            shown(
+                f"output {o['path']} ({o['size_bytes']} bytes, sha256 {o['sha256'][:16]}...)"
+                f"{where}",
+                terminal,
+            )
         )
     if doc["stage_seconds"]:
-        out.print("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in doc["stage_seconds"].items()))
+        print("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in doc["stage_seconds"].items()))
+    sys.stdout.flush()
 
 
 @contextlib.contextmanager
@@ -255,20 +353,37 @@ async def job_status(target: Target, job_uuid: str, as_json: bool) -> int:
     doc = {"job_uuid": job.job_uuid, "state": state_name(job.state), "image": job.spec.image}
     if job.HasField("result"):
         doc["result"] = result_json(job.result)
-    print(
-        json.dumps(doc, indent=2) if as_json else f"{job.job_uuid} {doc['state']} {job.spec.image}"
-    )
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    line = f"{job.job_uuid} {doc['state']} {job.spec.image}"
+    if job.HasField("result"):
+        res = doc["result"]
+        if res["reason"]:
+            line += f" ({res['reason']} in {res['stage']}: {res['detail']})"
+        if res["exit_code"] is not None:
+            line += f", exit code {res['exit_code']}"
+    print(shown(line, sys.stdout.isatty()))
     return 0
 
 
-async def job_cancel(target: Target, job_uuid: str) -> int:
+async def job_cancel(target: Target, job_uuid: str, as_json: bool = False) -> int:
+    """Cancel a job; a job that had already ended is left as it was (and said so)."""
     async with target.channel() as channel:
         stub = validator_pb2_grpc.ValidatorServiceStub(channel)
         with _refused_as_cli_error():
             resp = await stub.CancelJob(
                 validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30
             )
-    print(f"{job_uuid} {state_name(resp.state)}")
+    state = state_name(resp.state)
+    cancelled = resp.state == common_pb2.JOB_STATE_CANCELLED
+    already = resp.state in TERMINAL_STATES and not cancelled
+    if as_json:
+        print(json.dumps({"job_uuid": job_uuid, "state": state, "already_ended": already}))
+    elif already:
+        print(f"{job_uuid} {state} (it had already ended: nothing to cancel)")
+    else:
+        print(f"{job_uuid} {state}")
     return 0
 
 

@@ -164,14 +164,18 @@ def _job(args: argparse.Namespace) -> int:
             if args.timeout:
                 spec.timeouts.execution_s = args.timeout
             if args.output:
-                args.output.mkdir(parents=True, exist_ok=True)
+                try:
+                    args.output.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    why = exc.strerror or exc
+                    raise client.CliError(f"--output {args.output}: {why}") from None
             return await client.run_job(
                 target, spec, client.build_inputs(args.input), args.output, args.json
             )
         if args.job_cmd == "status":
             return await client.job_status(target, args.job_uuid, args.json)
         if args.job_cmd == "cancel":
-            return await client.job_cancel(target, args.job_uuid)
+            return await client.job_cancel(target, args.job_uuid, args.json)
         return await client.job_list(target, args.limit, args.json)
 
     try:
@@ -179,6 +183,21 @@ def _job(args: argparse.Namespace) -> int:
     except client.CliError as exc:
         print(f"horde job {args.job_cmd}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was in flight already said what became of it
+        return 130
+
+
+def _bounded_int(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value}: {what} must be {lo} to {hi}")
+        return value
+
+    return parse
 
 
 def _dev_up(args: argparse.Namespace) -> int:
@@ -270,7 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_dev_up)
 
     job = sub.add_parser("job", help="organic jobs").add_subparsers(dest="job_cmd", required=True)
-    run = job.add_parser("run", help="run a job and wait for its result")
+    run = job.add_parser(
+        "run",
+        help="run a job and wait for its result",
+        description="Run IMAGE (with COMMAND, if given) as an organic job and wait for its "
+        "result. Ctrl-C cancels the job. Exit status: 0 when the job completed with exit code 0, "
+        "1 when it failed, was rejected or cancelled, or an output could not be written here, "
+        "2 for usage and connection problems, 130 when interrupted.",
+    )
     _add_client_args(run)
     run.add_argument("--class", dest="job_class", help="executor class")
     run.add_argument(
@@ -278,11 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH",
-        help="file or directory placed under /volume (or URL#sha256=HEX)",
+        help="file or directory placed under /volume (a directory's contents), or "
+        "URL#sha256=HEX downloaded by the executor; repeat for several",
     )
     run.add_argument("--output", type=Path, help="directory to write /output files into")
-    run.add_argument("--env", action="append", default=[], metavar="K=V")
-    run.add_argument("--timeout", type=int, help="execution time limit in seconds")
+    run.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="environment variable for the job's command; repeat for several",
+    )
+    run.add_argument(
+        "--timeout",
+        type=_bounded_int(1, 2**32 - 1, "--timeout"),
+        help="execution time limit in seconds (default: the network's, 600 s)",
+    )
     run.add_argument("image")
     run.add_argument("command", nargs=argparse.REMAINDER)
     for name, helptext in (("status", "show a job"), ("cancel", "cancel a job")):
@@ -291,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job_uuid")
     lst = job.add_parser("list", help="list recent jobs")
     _add_client_args(lst)
-    lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument(
+        "--limit",
+        type=_bounded_int(1, 2**32 - 1, "--limit"),
+        default=20,
+        help="most recent jobs to list (default 20)",
+    )
     for p in job.choices.values():
         p.set_defaults(func=_job)
     return parser

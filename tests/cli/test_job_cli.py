@@ -1,0 +1,169 @@
+"""`horde job` as a user runs it, against a real `horde dev up` network (real Docker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from docker_images import ensure_images
+
+from services.cli.client import shown
+
+BIN = Path(sys.executable).parent
+BASE = "horde/base:latest"
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    ensure_images([BASE])
+    state = tmp_path_factory.mktemp("devnet")
+    log = (state.parent / "dev.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "horde"), "dev", "up", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "dev network up" in proc.stdout.readline(), (state.parent / "dev.log").read_text()
+        yield state
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        log.close()
+
+
+def horde(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "horde"), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_job_output_comes_out_verbatim_into_a_pipe(dev: Path) -> None:
+    code = "import sys; print('x' * 100); print('a\\tb'); sys.stdout.write('\\x1b[2Jend')"
+    out = horde("job", "run", "--dev", str(dev), BASE, "--", "python3", "-c", code)
+    assert out.returncode == 0, out.stderr
+    assert "x" * 100 + "\na\tb\n\x1b[2Jend\n" in out.stdout  # not re-wrapped, not re-spaced
+
+
+def test_control_characters_are_escaped_on_a_terminal_only() -> None:
+    text = "ok\tline\n\x1b]0;title\x07\x1b[2J\r\x9b"
+    assert shown(text, terminal=False) == text
+    assert shown(text, terminal=True) == "ok\tline\n\\x1b]0;title\\x07\\x1b[2J\\x0d\\x9b"
+
+
+def test_ctrl_c_cancels_the_running_job(dev: Path) -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "horde"), "job", "run", "--dev", str(dev), BASE, "--", "sleep", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    job_uuid = ""
+    while True:  # progress lines: "<uuid> <state> [<stage>] ..."
+        line = proc.stderr.readline()
+        assert line, "horde job run ended before the job ran"
+        if " running " in line:
+            job_uuid = line.split()[0]
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"interrupted: job {job_uuid} cancelled" in err
+    assert "Traceback" not in err
+    status = horde("job", "status", "--dev", str(dev), "--json", job_uuid)
+    assert json.loads(status.stdout)["state"] == "cancelled"
+    again = horde("job", "cancel", "--dev", str(dev), "--json", job_uuid)
+    assert json.loads(again.stdout) == {
+        "job_uuid": job_uuid,
+        "state": "cancelled",
+        "already_ended": False,
+    }
+
+
+def test_cancelling_a_finished_job_says_nothing_was_cancelled(dev: Path) -> None:
+    run = horde("job", "run", "--dev", str(dev), "--json", BASE, "--", "true")
+    job_uuid = json.loads(run.stdout)["job_uuid"]
+    out = horde("job", "cancel", "--dev", str(dev), job_uuid)
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"{job_uuid} completed (it had already ended: nothing to cancel)"
+
+
+def test_an_output_that_cannot_be_written_here_is_reported(dev: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    (out_dir / "a.txt").mkdir(parents=True)  # where the job's /output/a.txt would go
+    code = "open('/output/a.txt', 'w').write('A'); open('/output/b.txt', 'w').write('B')"
+    out = horde(
+        "job", "run", "--dev", str(dev), "--output", str(out_dir), BASE, "--", "python3", "-c", code
+    )
+    assert out.returncode == 1
+    assert "output a.txt not written: Is a directory" in out.stderr
+    assert (out_dir / "b.txt").read_text() == "B"  # the others still arrive
+    assert "Traceback" not in out.stderr
+
+
+def test_usage_problems_are_one_line_exit_2(dev: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x.txt").write_text("1")
+    (b / "x.txt").write_text("2")
+    a_file = tmp_path / "file"
+    a_file.write_text("not a directory")
+    bad_key = tmp_path / "key.json"
+    bad_key.write_text("{")
+    cases = [
+        (["job", "list", "--dev", str(dev), "--limit", "-1"], "--limit"),
+        (["job", "run", "--dev", str(dev), "--timeout", "-5", BASE], "--timeout"),
+        (["job", "run", "--dev", str(dev), "--output", str(a_file), BASE], "--output"),
+        (
+            [
+                "job",
+                "run",
+                "--dev",
+                str(dev),
+                "--input",
+                str(a / "x.txt"),
+                "--input",
+                str(b / "x.txt"),
+                BASE,
+            ],
+            "would land under /volume beside the same name",
+        ),
+        (["job", "run", "--dev", str(dev), "--key", str(bad_key), BASE], str(bad_key)),
+    ]
+    for argv, needle in cases:
+        out = horde(*argv)
+        assert out.returncode == 2, (argv, out.stderr)
+        assert needle in out.stderr and "Traceback" not in out.stderr, (argv, out.stderr)
+
+
+def test_status_text_names_the_reason_and_exit_code(dev: Path) -> None:
+    run = horde("job", "run", "--dev", str(dev), "--json", BASE, "--", "sh", "-c", "exit 3")
+    job_uuid = json.loads(run.stdout)["job_uuid"]
+    out = horde("job", "status", "--dev", str(dev), job_uuid)
+    assert out.stdout.startswith(f"{job_uuid} failed {BASE} (nonzero_exit in execution")
+    assert out.stdout.rstrip().endswith("exit code 3")
+
+
+def test_unreachable_validator_is_not_called_a_refusal(tmp_path: Path) -> None:
+    key = tmp_path / "client.json"
+    assert horde("keys", "new", "--kind", "ed25519", "--out", str(key)).returncode == 0
+    started = time.monotonic()
+    out = horde(
+        "job", "run", "--validator", "127.0.0.1:1", "--validator-identity",
+        "ed25519:" + "11" * 32, "--key", str(key), BASE,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "cannot reach the validator at 127.0.0.1:1: UNAVAILABLE" in out.stderr
+    assert time.monotonic() - started < 60
+    assert os.path.exists(key)
