@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,16 +14,26 @@ import grpc
 import structlog
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 
-from services.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.core.errors import HordeError, InvalidArgument, NotFound, ResourceExhausted
 from services.core.proto_util import TERMINAL_STATES, result
 from services.core.server import current_caller
 from services.executor.archive import ArchiveError, clean_member_name
 from services.validator.jobs import JobManager
 from services.validator.store import JobStore, chunks
-from services.validator.streaming import StreamingRpcs
+from services.validator.streaming import StreamingRpcs, parse_job_uuid
 
 log = structlog.get_logger("horde.validator")
 OUTPUT_CHUNK = 1024 * 1024
+# A SubmitJob refused while the client is still uploading inputs is not answered at once: the
+# rest of the upload is read and thrown away first, and the refusal is sent once the client
+# half-closes. Answering earlier fails the client's pending write, and grpc.aio then reports the
+# call as INTERNAL ("Internal error from Core") instead of the validator's status. At most this
+# many bytes past the cap (and never more than the cap again) are read from a refused upload; a
+# client that sends more is cut off mid-stream, as is one that declares more than that up front.
+REFUSED_UPLOAD_DRAIN_BYTES = 256 * 1024 * 1024
+# ...and a client that sends nothing for this long gets the refusal anyway (e.g. one that keeps
+# the stream open after its inputs, to be able to cancel).
+REFUSED_UPLOAD_IDLE_S = 5.0
 
 
 def validate_spec(spec: job_pb2.JobSpec) -> None:
@@ -74,6 +86,8 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         self._allowed = allowed_images
         self._default_class = default_class
         self._max_input = max_input_bytes
+        # Bytes read from one upload at most (stored ones included) before it is cut off.
+        self._read_limit = max_input_bytes + min(max_input_bytes, REFUSED_UPLOAD_DRAIN_BYTES)
 
     async def SubmitJob(
         self,
@@ -89,6 +103,20 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         validate_spec(spec)
         if not spec.executor_class:
             spec.executor_class = self._default_class
+        declared = sum(
+            getattr(v, v.WhichOneof("source") or "").size_bytes
+            for v in spec.inputs
+            if v.WhichOneof("source") in ("inline_archive", "inline_file")
+        )
+        if declared > self._max_input:
+            # Refused before any input byte is stored (nothing on disk, nothing in the DB).
+            refusal = ResourceExhausted(
+                f"inline inputs exceed the validator's cap of {self._max_input} bytes "
+                f"(the spec declares {declared})"
+            )
+            if declared <= self._read_limit:
+                await self._discard_upload(requests, 0)
+            raise refusal
         job_uuid, spool = self._manager.new_spool()
         if spec.image not in self._allowed:
             res = result(
@@ -105,8 +133,6 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         try:
             await self._spool_inputs(spec, requests, spool)
         except BaseException:
-            import shutil
-
             shutil.rmtree(spool, ignore_errors=True)
             raise
         job = await self._manager.submit(job_uuid, spec, client, spool)
@@ -157,44 +183,75 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
                     raise InvalidArgument(
                         f"the stream ended before the bytes of input(s) {missing}"
                     )
-                if msg.WhichOneof("payload") != "input_chunk":
-                    raise InvalidArgument(
-                        "expected input_chunk messages until every inline input is sent"
-                    )
-                chunk = msg.input_chunk
-                if chunk.volume_index not in pending:
-                    raise InvalidArgument(
-                        f"input_chunk for input {chunk.volume_index}, "
-                        "which is not an open inline input"
-                    )
-                total += len(chunk.data)
-                if total > self._max_input:
-                    raise ResourceExhausted(
-                        f"inline inputs exceed the validator's cap of {self._max_input} bytes"
-                    )
-                files[chunk.volume_index].write(chunk.data)
-                digests[chunk.volume_index].update(chunk.data)
-                sizes[chunk.volume_index] += len(chunk.data)
-                if chunk.last:
-                    declared = pending.pop(chunk.volume_index)
-                    i = chunk.volume_index
-                    if declared.size_bytes and sizes[i] != declared.size_bytes:
-                        raise InvalidArgument(
-                            f"spec.inputs[{i}]: got {sizes[i]} bytes, "
-                            f"declared {declared.size_bytes}"
-                        )
-                    if declared.sha256 and digests[i].hexdigest() != declared.sha256.lower():
-                        raise InvalidArgument(f"spec.inputs[{i}]: sha256 mismatch")
-                    if not declared.size_bytes:
-                        declared.size_bytes = sizes[i]
+                total += msg.ByteSize()
+                try:
+                    self._spool_chunk(msg, pending, files, digests, sizes)
+                except HordeError:
+                    # Refused mid-upload: read the rest first, so the client sees this status.
+                    await self._discard_upload(requests, total)
+                    raise
         finally:
             for fh in files.values():
                 fh.close()
 
+    def _spool_chunk(
+        self,
+        msg: validator_pb2.SubmitJobRequest,
+        pending: dict[int, job_pb2.InlineArchive | job_pb2.InlineFile],
+        files: dict[int, io.BufferedWriter],
+        digests: dict[int, hashlib._Hash],
+        sizes: dict[int, int],
+    ) -> None:
+        """Store one input chunk; a HordeError refuses the upload."""
+        if msg.WhichOneof("payload") != "input_chunk":
+            raise InvalidArgument("expected input_chunk messages until every inline input is sent")
+        chunk = msg.input_chunk
+        if chunk.volume_index not in pending:
+            raise InvalidArgument(
+                f"input_chunk for input {chunk.volume_index}, which is not an open inline input"
+            )
+        if sum(sizes.values()) + len(chunk.data) > self._max_input:
+            raise ResourceExhausted(
+                f"inline inputs exceed the validator's cap of {self._max_input} bytes"
+            )
+        i = chunk.volume_index
+        files[i].write(chunk.data)
+        digests[i].update(chunk.data)
+        sizes[i] += len(chunk.data)
+        if chunk.last:
+            declared = pending.pop(i)
+            if declared.size_bytes and sizes[i] != declared.size_bytes:
+                raise InvalidArgument(
+                    f"spec.inputs[{i}]: got {sizes[i]} bytes, declared {declared.size_bytes}"
+                )
+            if declared.sha256 and digests[i].hexdigest() != declared.sha256.lower():
+                raise InvalidArgument(f"spec.inputs[{i}]: sha256 mismatch")
+            if not declared.size_bytes:
+                declared.size_bytes = sizes[i]
+
+    async def _discard_upload(
+        self, requests: AsyncIterator[validator_pb2.SubmitJobRequest], read: int
+    ) -> None:
+        """Read and drop the rest of a refused upload (`read` bytes of it already read) until the
+        client half-closes, goes idle, or the upload passes the read limit. The caller then
+        raises its refusal: after a half-close (or while idle) every write of the client has
+        succeeded and it reads that status; past the limit the stream is cut off mid-write."""
+        while read <= self._read_limit:
+            try:
+                async with asyncio.timeout(REFUSED_UPLOAD_IDLE_S):
+                    msg = await anext(requests, None)
+            except TimeoutError:
+                return
+            if msg is None:
+                return
+            read += msg.ByteSize()
+        log.info("refused_upload_cut_off", read_bytes=read, limit=self._read_limit)
+
     async def WatchJob(
         self, request: validator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.WatchJobResponse]:
-        job = self._manager.live(request.job_uuid)
+        job_uuid = parse_job_uuid(request.job_uuid)
+        job = self._manager.live(job_uuid)
         if job is not None:
             async for item in self._manager.follow(job):
                 if isinstance(item, job_pb2.JobEvent):
@@ -202,10 +259,10 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
                 elif isinstance(item, job_pb2.JobResult):
                     yield validator_pb2.WatchJobResponse(result=item)
             return
-        record = await self._store.get(request.job_uuid)
+        record = await self._store.get(job_uuid)
         if record is None:
-            raise NotFound(f"no job {request.job_uuid}")
-        for ev in await self._store.events(request.job_uuid):
+            raise NotFound(f"no job {job_uuid}")
+        for ev in await self._store.events(job_uuid):
             yield validator_pb2.WatchJobResponse(event=ev)
         if record.state in TERMINAL_STATES:
             yield validator_pb2.WatchJobResponse(result=record.result)
@@ -213,19 +270,21 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
     async def GetJob(
         self, request: validator_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.GetJobResponse:
-        record = await self._store.get(request.job_uuid)
+        job_uuid = parse_job_uuid(request.job_uuid)
+        record = await self._store.get(job_uuid)
         if record is None:
-            raise NotFound(f"no job {request.job_uuid}")
+            raise NotFound(f"no job {job_uuid}")
         return validator_pb2.GetJobResponse(job=record)
 
     async def CancelJob(
         self, request: validator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.CancelJobResponse:
-        record = await self._store.get(request.job_uuid)
+        job_uuid = parse_job_uuid(request.job_uuid)
+        record = await self._store.get(job_uuid)
         if record is None:
-            raise NotFound(f"no job {request.job_uuid}")
-        await self._manager.cancel(request.job_uuid)
-        record = await self._store.get(request.job_uuid)
+            raise NotFound(f"no job {job_uuid}")
+        await self._manager.cancel(job_uuid)
+        record = await self._store.get(job_uuid)
         assert record is not None
         return validator_pb2.CancelJobResponse(state=record.state)
 
@@ -245,8 +304,9 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
     async def DownloadOutputs(
         self, request: validator_pb2.DownloadOutputsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.DownloadOutputsResponse]:
-        record = await self._store.get(request.job_uuid)
+        job_uuid = parse_job_uuid(request.job_uuid)
+        record = await self._store.get(job_uuid)
         if record is None:
-            raise NotFound(f"no job {request.job_uuid}")
-        for chunk in chunks(await self._store.outputs(request.job_uuid), OUTPUT_CHUNK):
+            raise NotFound(f"no job {job_uuid}")
+        for chunk in chunks(await self._store.outputs(job_uuid), OUTPUT_CHUNK):
             yield validator_pb2.DownloadOutputsResponse(chunk=chunk)

@@ -54,6 +54,22 @@ STOP_WAIT_S = 30.0
 # How long AddExtraData waits for the executor to confirm each file once its last chunk is sent.
 PLACE_WAIT_S = 60.0
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# The spellings of a UUID that `parse_job_uuid` accepts (uuid.UUID alone would also take
+# surrounding spaces, "+" or "_" between the digits: int(..., 16) does).
+_UUID_TEXT = re.compile(r"(?:urn:uuid:)?\{?[0-9A-Fa-f-]+\}?")
+
+
+def parse_job_uuid(value: str) -> str:
+    """The canonical (lowercase, hyphenated) form of a job uuid given in any case or spelling
+    Python's uuid module reads; InvalidArgument when `value` is not a UUID. Every job lookup of
+    the validator's job and streaming APIs goes through here."""
+    try:
+        if _UUID_TEXT.fullmatch(value):
+            return str(uuid.UUID(value))
+    except ValueError:
+        pass
+    shown = value if len(value) <= 80 else value[:80] + "..."
+    raise InvalidArgument(f"job_uuid {shown!r} is not a UUID")
 
 
 class Unimplemented(HordeError):
@@ -204,6 +220,7 @@ class StreamingJobs:
         return job
 
     async def stop(self, job_uuid: str, reason: str, caller: str) -> job_pb2.JobResult:
+        job_uuid = parse_job_uuid(job_uuid)
         if self._manager.live(job_uuid) is None:
             record = await self._store.get(job_uuid)
             if record is None:
@@ -232,7 +249,7 @@ class StreamingJobs:
         msg = await anext(it, None)
         if msg is None or not msg.job_uuid:
             raise InvalidArgument("the first AddExtraData message must name the job")
-        job_uuid = msg.job_uuid
+        job_uuid = parse_job_uuid(msg.job_uuid)
         job = self._own_job(job_uuid, caller)
         if job.ready is None:
             raise FailedPrecondition(f"streaming job {job_uuid} is not ready yet")
@@ -240,7 +257,7 @@ class StreamingJobs:
         waiters: list[tuple[str, asyncio.Future[streaming_pb2.ExtraDataPlaced]]] = []
         total = 0
         while msg is not None:
-            if msg.job_uuid and msg.job_uuid != job_uuid:
+            if msg.job_uuid and parse_job_uuid(msg.job_uuid) != job_uuid:
                 raise InvalidArgument("every AddExtraData message must be for the same job")
             data = msg.data
             if not _plain_name(data.file_name):
@@ -288,17 +305,16 @@ class StreamingJobs:
             raise FailedPrecondition(f"streaming job {job.job_uuid} has ended")
 
     async def report(self, request: validator_pb2.ReportBadReceiptRequest, caller: str) -> None:
-        record = await self._store.get(request.job_uuid)
+        job_uuid = parse_job_uuid(request.job_uuid)
+        record = await self._store.get(job_uuid)
         if record is None:
-            raise NotFound(f"no job {request.job_uuid}")
+            raise NotFound(f"no job {job_uuid}")
         if record.client != caller:
-            raise PermissionDenied(f"job {request.job_uuid} was started by another caller")
+            raise PermissionDenied(f"job {job_uuid} was started by another caller")
         try:
             # The certificate's signature must hold, whenever the receipt was made.
             payload = parse_certificate(request.certificate)
-            verify_certificate(
-                request.certificate, job_uuid=request.job_uuid, now_ns=payload.not_before_ns
-            )
+            verify_certificate(request.certificate, job_uuid=job_uuid, now_ns=payload.not_before_ns)
         except CertificateError as exc:
             raise InvalidArgument(f"certificate: {exc}") from None
         if payload.validator_hotkey != self._identity:
@@ -310,12 +326,12 @@ class StreamingJobs:
             payload.miner_hotkey,
             "bad_receipt_report",
             0.0,
-            f"job {request.job_uuid}: {request.reason}",
+            f"job {job_uuid}: {request.reason}",
             request.SerializeToString(),
         )
         log.warning(
             "bad_receipt_reported",
-            job_uuid=request.job_uuid,
+            job_uuid=job_uuid,
             miner=payload.miner_hotkey,
             reason=request.reason,
         )

@@ -1,0 +1,382 @@
+"""The validator's job API answers refusals with its own status and reason, and leaves nothing
+behind: uploads over the inline-input cap (declared up front or not) are RESOURCE_EXHAUSTED at
+the client (not grpc.aio's "INTERNAL: Internal error from Core"), with no spool file and no job
+row left; job lookups take a job uuid in any spelling and refuse one that is not a UUID."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from horde.v1 import common_pb2, job_pb2, streaming_pb2, validator_pb2, validator_pb2_grpc
+
+from services.core.app import ServiceApp
+from services.core.chain import Neuron, write_roster
+from services.core.config import ValidatorSettings, load_settings
+from services.core.db import open_database
+from services.core.errors import InvalidArgument
+from services.core.identity import Ed25519Signer, HotkeySigner
+from services.core.server import open_channel
+from services.validator import service
+from services.validator.app import start_validator
+from services.validator.store import JobStore
+from services.validator.streaming import parse_job_uuid
+
+CAP = 512 * 1024  # the validator's max_inline_input_bytes in these tests
+CHUNK = 64 * 1024
+IMAGE = "horde/base:latest"
+CAP_REASON = f"inline inputs exceed the validator's cap of {CAP} bytes"
+
+
+@dataclass
+class Validator:
+    app: ServiceApp
+    stub: validator_pb2_grpc.ValidatorServiceStub
+    settings: ValidatorSettings
+
+    @property
+    def spool(self) -> Path:
+        return self.settings.state_dir / "spool"
+
+    async def job_rows(self) -> list[str]:
+        engine = await open_database(self.settings.database("validator"))
+        try:
+            records, _ = await JobStore(engine).list_jobs(500, None, None)
+        finally:
+            await engine.dispose()
+        return [r.job_uuid for r in records]
+
+    async def assert_nothing_left(self) -> None:
+        assert list(self.spool.iterdir()) == [], "spooled inputs left behind"
+        assert await self.job_rows() == [], "job rows left behind"
+
+
+@pytest.fixture
+async def v(tmp_path: Path) -> AsyncIterator[Validator]:
+    signer, client = HotkeySigner.generate(), Ed25519Signer.generate()
+    roster = tmp_path / "roster.toml"
+    write_roster(roster, [Neuron(uid=0, hotkey=signer.identity.ss58, validator_permit=True)])
+    settings = load_settings(
+        ValidatorSettings,
+        state_dir=tmp_path,
+        roster_file=roster,
+        clients=[str(client.identity)],
+        allowed_images=[IMAGE],
+        streaming_whitelist=[],
+        max_inline_input_bytes=CAP,
+    )
+    app = await start_validator(settings, signer)
+    try:
+        async with open_channel(
+            f"127.0.0.1:{app.port}", signer=client, callee=str(signer.identity)
+        ) as channel:
+            yield Validator(app, validator_pb2_grpc.ValidatorServiceStub(channel), settings)
+    finally:
+        await app.stop(0)
+
+
+def inline_file(name: str, declared: int, data: bytes = b"") -> job_pb2.InputVolume:
+    sha = hashlib.sha256(data).hexdigest() if data else ""
+    return job_pb2.InputVolume(
+        inline_file=job_pb2.InlineFile(file_name=name, size_bytes=declared, sha256=sha)
+    )
+
+
+def spec_with(*inputs: job_pb2.InputVolume, image: str = IMAGE) -> job_pb2.JobSpec:
+    return job_pb2.JobSpec(
+        image=image,
+        command=["true"],
+        inputs=list(inputs),
+        output=job_pb2.OutputSpec(stream=job_pb2.StreamOutput()),
+    )
+
+
+def uploads(
+    spec: job_pb2.JobSpec,
+    inline: dict[int, bytes],
+    *,
+    hold: asyncio.Event | None = None,
+    sent: list[int] | None = None,
+) -> AsyncIterator[validator_pb2.SubmitJobRequest]:
+    """The requests of a SubmitJob: the spec, then each input in CHUNK-sized pieces; with
+    ``hold`` the stream stays open (no half-close) until the event is set; the sizes of the
+    chunks grpc took are appended to ``sent``."""
+
+    def pieces() -> Iterator[validator_pb2.SubmitJobRequest]:
+        yield validator_pb2.SubmitJobRequest(spec=spec)
+        for index, data in inline.items():
+            for offset in range(0, len(data), CHUNK):
+                yield validator_pb2.SubmitJobRequest(
+                    input_chunk=job_pb2.InputChunk(
+                        volume_index=index,
+                        data=data[offset : offset + CHUNK],
+                        last=offset + CHUNK >= len(data),
+                    )
+                )
+
+    async def gen() -> AsyncIterator[validator_pb2.SubmitJobRequest]:
+        for request in pieces():
+            yield request
+            if sent is not None:
+                sent.append(len(request.input_chunk.data))
+        if hold is not None:
+            await hold.wait()
+
+    return gen()
+
+
+async def submit_refused(
+    v: Validator,
+    spec: job_pb2.JobSpec,
+    inline: dict[int, bytes],
+    *,
+    hold: asyncio.Event | None = None,
+    sent: list[int] | None = None,
+) -> grpc.aio.AioRpcError:
+    call = v.stub.SubmitJob(uploads(spec, inline, hold=hold, sent=sent), timeout=30)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for msg in call:
+            raise AssertionError(f"a refused job answered {msg}")
+    return err.value
+
+
+def blob(size: int) -> bytes:
+    return bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+
+# ------------------------------------------------------------------------- the inline-input cap
+
+
+@pytest.mark.parametrize("size", [CAP + 1, CAP + CAP // 2, 2 * CAP])
+async def test_declared_over_the_cap_is_resource_exhausted(v: Validator, size: int) -> None:
+    data = blob(size)
+    err = await submit_refused(v, spec_with(inline_file("in.bin", size, data)), {0: data})
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert err.details() == f"{CAP_REASON} (the spec declares {size})"
+    await v.assert_nothing_left()
+
+
+async def test_declared_sizes_are_summed_over_inputs(v: Validator) -> None:
+    half = blob(CAP // 2 + 10)
+    spec = spec_with(inline_file("a", len(half), half), inline_file("b", len(half), half))
+    err = await submit_refused(v, spec, {0: half, 1: half})
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert err.details() == f"{CAP_REASON} (the spec declares {2 * len(half)})"
+    await v.assert_nothing_left()
+
+
+@pytest.mark.parametrize("declared", [0, 1024], ids=["undeclared", "declared_less"])
+@pytest.mark.parametrize("size", [CAP + 1, CAP + CAP // 2, 2 * CAP])
+async def test_sent_over_the_cap_is_resource_exhausted(
+    v: Validator, declared: int, size: int
+) -> None:
+    data = blob(size)
+    err = await submit_refused(v, spec_with(inline_file("in.bin", declared)), {0: data})
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert err.details() == CAP_REASON
+    await v.assert_nothing_left()
+
+
+async def test_sent_over_the_cap_across_inputs(v: Validator) -> None:
+    first, second = blob(CAP // 2), blob(CAP)
+    spec = spec_with(inline_file("a", 0), inline_file("b", 0))
+    err = await submit_refused(v, spec, {0: first, 1: second})
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert err.details() == CAP_REASON
+    await v.assert_nothing_left()
+
+
+async def test_refused_client_that_holds_the_stream_open_gets_the_status(
+    v: Validator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that keeps its stream open after the inputs (to be able to cancel) is answered
+    once it has been idle for a while, not when it half-closes."""
+    monkeypatch.setattr(service, "REFUSED_UPLOAD_IDLE_S", 0.3)
+    hold = asyncio.Event()
+    try:
+        data = blob(CAP + CHUNK)
+        err = await submit_refused(v, spec_with(inline_file("in.bin", 0)), {0: data}, hold=hold)
+    finally:
+        hold.set()
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert err.details() == CAP_REASON
+    await v.assert_nothing_left()
+
+
+@pytest.mark.parametrize("declared", [0, 20 * CAP], ids=["undeclared", "declared"])
+async def test_upload_far_past_the_cap_is_cut_off(v: Validator, declared: int) -> None:
+    """Past the cap twice over the validator stops reading (or, when the spec says so, does
+    not start): the call fails at once and the validator stays healthy."""
+    data = blob(20 * CAP)
+    sent: list[int] = []
+    err = await submit_refused(v, spec_with(inline_file("in.bin", declared)), {0: data}, sent=sent)
+    # Cut off mid-upload the client may see the validator's status or grpc.aio's INTERNAL.
+    assert err.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL), err
+    assert sum(sent) < len(data) // 2, "the validator read on past its limit"
+    await v.assert_nothing_left()
+    data = blob(CAP + 1)
+    err = await submit_refused(v, spec_with(inline_file("in.bin", 0)), {0: data})
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+
+
+async def test_other_refusals_mid_upload_keep_their_status(v: Validator) -> None:
+    """A sha256 mismatch on the first input, found while the client still uploads the second,
+    is INVALID_ARGUMENT at the client too."""
+    first, second = blob(CAP // 4), blob(CAP // 2)
+    bad = inline_file("a", len(first))
+    bad.inline_file.sha256 = "00" * 32
+    err = await submit_refused(v, spec_with(bad, inline_file("b", 0)), {0: first, 1: second})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert err.details() == "spec.inputs[0]: sha256 mismatch"
+    await v.assert_nothing_left()
+
+
+async def test_upload_of_exactly_the_cap_is_accepted(v: Validator) -> None:
+    data = blob(CAP)
+    call = v.stub.SubmitJob(
+        uploads(spec_with(inline_file("in.bin", len(data), data)), {0: data}), timeout=30
+    )
+    try:
+        first = await call.read()
+    finally:
+        call.cancel()
+    assert isinstance(first, validator_pb2.SubmitJobResponse)
+    assert first.event.state == common_pb2.JOB_STATE_ACCEPTED, first
+
+
+# ------------------------------------------------------------------------- job uuids in lookups
+
+
+BAD_UUIDS = [
+    "not-a-uuid",
+    "",
+    " " + str(uuid.UUID(int=7)),
+    "0" * 31 + "_",
+    str(uuid.UUID(int=7)) + "\n",
+]
+
+
+@pytest.mark.parametrize("value", BAD_UUIDS)
+def test_parse_job_uuid_refuses_what_is_not_a_uuid(value: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_job_uuid(value)
+    assert str(err.value) == f"job_uuid {value!r} is not a UUID"
+
+
+def test_parse_job_uuid_gives_the_canonical_form() -> None:
+    canonical = "0f8a1c2e-3b4d-4e5f-8a6b-7c8d9e0f1a2b"
+    for spelling in (
+        canonical,
+        canonical.upper(),
+        canonical.replace("-", ""),
+        "{" + canonical.upper() + "}",
+        "urn:uuid:" + canonical,
+    ):
+        assert parse_job_uuid(spelling) == canonical
+
+
+async def rejected_job(v: Validator) -> str:
+    """A job the validator stored (refused: its image is not on the allow-list)."""
+    call = v.stub.SubmitJob(uploads(spec_with(image="horde/not-allowed:latest"), {}), timeout=30)
+    answers = [msg async for msg in call]
+    assert answers[-1].result.state == common_pb2.JOB_STATE_REJECTED
+    return str(answers[-1].result.job_uuid)
+
+
+async def lookup_errors(v: Validator, job_uuid: str) -> dict[str, grpc.aio.AioRpcError]:
+    """Every job lookup of the API with ``job_uuid``: the error each answered."""
+
+    async def get() -> object:
+        return await v.stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid), timeout=10)
+
+    async def cancel() -> object:
+        return await v.stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=10)
+
+    async def watch() -> object:
+        return [m async for m in v.stub.WatchJob(validator_pb2.WatchJobRequest(job_uuid=job_uuid))]
+
+    async def download() -> object:
+        req = validator_pb2.DownloadOutputsRequest(job_uuid=job_uuid)
+        return [m async for m in v.stub.DownloadOutputs(req, timeout=10)]
+
+    async def stop() -> object:
+        req = validator_pb2.StopStreamingJobRequest(job_uuid=job_uuid, reason="test")
+        return await v.stub.StopStreamingJob(req, timeout=10)
+
+    async def report() -> object:
+        req = validator_pb2.ReportBadReceiptRequest(job_uuid=job_uuid, reason="test")
+        return await v.stub.ReportBadReceipt(req, timeout=10)
+
+    async def extra() -> object:
+        async def requests() -> AsyncIterator[validator_pb2.AddExtraDataRequest]:
+            yield validator_pb2.AddExtraDataRequest(
+                job_uuid=job_uuid, data=streaming_pb2.ExtraData(file_name="f", data=b"x", last=True)
+            )
+
+        return await v.stub.AddExtraData(requests(), timeout=10)
+
+    errors = {}
+    for name, rpc in [
+        ("GetJob", get),
+        ("CancelJob", cancel),
+        ("WatchJob", watch),
+        ("DownloadOutputs", download),
+        ("StopStreamingJob", stop),
+        ("ReportBadReceipt", report),
+        ("AddExtraData", extra),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rpc()
+        errors[name] = err.value
+    return errors
+
+
+@pytest.mark.parametrize("value", ["not-a-uuid", "12345", str(uuid.uuid4())[:-1] + "g"])
+async def test_malformed_job_uuid_is_invalid_argument_in_every_lookup(
+    v: Validator, value: str
+) -> None:
+    for name, err in (await lookup_errors(v, value)).items():
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err)
+        assert err.details() == f"job_uuid {value!r} is not a UUID", name
+
+
+async def test_unknown_job_uuid_is_not_found_in_its_canonical_form(v: Validator) -> None:
+    canonical = str(uuid.uuid4())
+    for name in ("GetJob", "CancelJob", "WatchJob", "DownloadOutputs", "StopStreamingJob"):
+        err = (await lookup_errors(v, canonical.upper()))[name]
+        assert err.code() == grpc.StatusCode.NOT_FOUND, (name, err)
+        assert canonical in (err.details() or ""), (name, err.details())
+
+
+async def test_job_uuid_in_any_case_or_spelling_finds_the_job(v: Validator) -> None:
+    job_uuid = await rejected_job(v)
+    for spelling in (job_uuid.upper(), job_uuid.replace("-", ""), "{" + job_uuid + "}"):
+        got = await v.stub.GetJob(validator_pb2.GetJobRequest(job_uuid=spelling), timeout=10)
+        assert got.job.job_uuid == job_uuid
+        assert got.job.state == common_pb2.JOB_STATE_REJECTED
+        cancelled = await v.stub.CancelJob(
+            validator_pb2.CancelJobRequest(job_uuid=spelling), timeout=10
+        )
+        assert cancelled.state == common_pb2.JOB_STATE_REJECTED
+        watched = [
+            m async for m in v.stub.WatchJob(validator_pb2.WatchJobRequest(job_uuid=spelling))
+        ]
+        assert watched[-1].result.job_uuid == job_uuid
+        downloaded = [
+            m
+            async for m in v.stub.DownloadOutputs(
+                validator_pb2.DownloadOutputsRequest(job_uuid=spelling), timeout=10
+            )
+        ]
+        assert downloaded == []
+        # The streaming API's lookups find it too: a finished job's stop answers its result.
+        stopped = await v.stub.StopStreamingJob(
+            validator_pb2.StopStreamingJobRequest(job_uuid=spelling, reason="test"), timeout=10
+        )
+        assert stopped.result.job_uuid == job_uuid
