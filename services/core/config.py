@@ -286,6 +286,11 @@ class ExecutorSettings(ServiceSettings):
     pids_limit: int = Field(default=256, gt=0)
     output_limit_mb: int = Field(default=64, gt=0)
     work_dir: Path = Path("./state/executor-work")
+    # Let organic jobs' URL inputs (and their redirects) be downloaded from, and output uploads go
+    # to, addresses that are not public: loopback, private networks, link-local (cloud metadata),
+    # CGNAT. Off by default, as a client could otherwise reach services on the miner's host and
+    # network (SSRF).
+    job_urls_allow_private: bool = False
 
 
 class GatewaySettings(ServiceSettings):

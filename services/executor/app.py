@@ -58,6 +58,7 @@ async def start_executor(
         limits,
         work_dir,
         gpus=-1 if hardware.gpus else 0,
+        job_urls_allow_private=settings.job_urls_allow_private,
     )
     manifest = manifest_pb2.ExecutorManifest(
         executor_class=klass,

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import aiohttp
 import structlog
+from aiohttp.resolver import DefaultResolver
 from horde.v1 import common_pb2, executor_pb2, job_pb2, miner_pb2
+from yarl import URL
 
 from services.core.proto_util import event, result
 from services.executor.archive import ArchiveError, clean_member_name, safe_extract
@@ -25,6 +27,14 @@ from services.executor.sandbox import (
     DockerRuntime,
     ImageError,
     SandboxLimits,
+)
+from services.executor.urlguard import (
+    GuardedResolver,
+    NonPublicAddressError,
+    allow_all,
+    check_url,
+    guarded_get,
+    is_public,
 )
 
 log = structlog.get_logger("horde.executor.job")
@@ -72,6 +82,20 @@ def _captured(data: bytes, truncated: bool, total: int) -> job_pb2.CapturedOutpu
     )
 
 
+def _refusal(url: str, exc: NonPublicAddressError) -> str:
+    """Why a URL input was refused, telling nothing the client did not know: the address only
+    for a literal IP host (never what a name resolved to on the miner's host), no query."""
+    where = url.split("?", 1)[0]
+    if exc.url is not None and exc.url != URL(url):
+        where += f" (redirected to {exc.url.with_query(None).with_fragment(None)})"
+    what = (
+        f"resolves to {exc.address}, which is not a public address"
+        if exc.address is not None
+        else "resolves to no public address"
+    )
+    return f"{where} {what} (executor setting job_urls_allow_private)"
+
+
 @dataclass
 class JobContext:
     start: miner_pb2.RunJobStart
@@ -95,12 +119,15 @@ class OrganicJobRunner:
         limits: SandboxLimits,
         work_dir: Path,
         gpus: int = 0,
+        job_urls_allow_private: bool = False,
     ) -> None:
         self._runtime = runtime
         self._allowed = allowed_images
         self._limits = limits
         self._work_dir = work_dir
         self._gpus = gpus
+        # URL inputs connect only to public addresses unless the operator allows private ones.
+        self._url_policy = allow_all if job_urls_allow_private else is_public
 
     async def run(self, ctx: JobContext) -> None:
         """Run the job to a result, which is always sent (also on failure and cancellation)."""
@@ -282,7 +309,7 @@ class OrganicJobRunner:
                 declared = getattr(volume, source)
                 await self._receive(ctx, index, spool, declared.size_bytes, declared.sha256)
             elif source == "url":
-                await self._download(volume.url, spool)
+                await self._download(index, volume.url, spool)
             else:
                 raise failed(
                     common_pb2.FAILURE_REASON_INVALID_INPUT, stage, f"input {index} has no source"
@@ -360,12 +387,12 @@ class OrganicJobRunner:
                 f"input {index}: sha256 mismatch",
             )
 
-    async def _download(self, url: job_pb2.UrlInput, spool: Path) -> None:
+    async def _download(self, index: int, url: job_pb2.UrlInput, spool: Path) -> None:
         stage = common_pb2.STAGE_VOLUME_DOWNLOAD
         digest = hashlib.sha256()
         total = 0
         try:
-            async with aiohttp.ClientSession() as session, session.get(url.url) as resp:
+            async with guarded_get(url.url, self._url_policy) as resp:
                 if resp.status != 200:
                     raise failed(
                         common_pb2.FAILURE_REASON_DOWNLOAD_FAILED,
@@ -383,6 +410,12 @@ class OrganicJobRunner:
                             )
                         digest.update(block)
                         fh.write(block)
+        except NonPublicAddressError as exc:
+            raise failed(
+                common_pb2.FAILURE_REASON_DOWNLOAD_FAILED,
+                stage,
+                f"input {index}: {_refusal(url.url, exc)}",
+            ) from None
         except aiohttp.ClientError as exc:
             raise failed(
                 common_pb2.FAILURE_REASON_DOWNLOAD_FAILED, stage, f"download failed: {exc}"
@@ -519,8 +552,13 @@ class OrganicJobRunner:
 
         await asyncio.to_thread(pack)
         data = tar_path.read_bytes()
+        # The same address policy as URL inputs, and no redirects (a 3xx is a failed upload).
+        guarded = GuardedResolver(DefaultResolver(), self._url_policy)
         try:
-            async with aiohttp.ClientSession(headers=dict(upload.headers)) as session:
+            check_url(URL(upload.url), self._url_policy)
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=guarded), headers=dict(upload.headers)
+            ) as session:
                 if upload.method == job_pb2.HTTP_METHOD_POST:
                     form = aiohttp.FormData()
                     for key, value in upload.form_fields.items():
@@ -528,15 +566,23 @@ class OrganicJobRunner:
                     form.add_field(
                         "file", data, filename="output.tar", content_type="application/x-tar"
                     )
-                    async with session.post(upload.url, data=form) as resp:
-                        status = resp.status
+                    async with session.post(upload.url, data=form, allow_redirects=False) as r:
+                        status = r.status
                 else:
-                    async with session.put(upload.url, data=data) as resp:
-                        status = resp.status
-        except aiohttp.ClientError as exc:
+                    async with session.put(upload.url, data=data, allow_redirects=False) as r:
+                        status = r.status
+        except NonPublicAddressError as exc:
+            raise failed(
+                common_pb2.FAILURE_REASON_UPLOAD_FAILED,
+                stage,
+                f"upload to {_refusal(upload.url, exc)}",
+            ) from None
+        except (aiohttp.ClientError, ValueError) as exc:
             raise failed(
                 common_pb2.FAILURE_REASON_UPLOAD_FAILED, stage, f"upload failed: {exc}"
             ) from None
+        finally:
+            await guarded.close()
         if not 200 <= status < 300:
             raise failed(
                 common_pb2.FAILURE_REASON_UPLOAD_FAILED, stage, f"upload answered HTTP {status}"

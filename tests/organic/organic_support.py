@@ -387,7 +387,7 @@ class Network:
         miner, self.miner = self.miner, None
         await miner.stop(1.0)
 
-    def executor_settings(self) -> dict[str, Any]:
+    def executor_settings(self, **overrides: Any) -> dict[str, Any]:
         return {
             "miner_address": self.miner_address,
             "miner_identity": self.keys.identity("miner"),
@@ -397,11 +397,14 @@ class Network:
             "pids_limit": PIDS_LIMIT,
             "output_limit_mb": OUTPUT_LIMIT_MB,
             "cpu_limit": 1.0,
+            # The tests' URL inputs come from an HttpServer on 127.0.0.1.
+            "job_urls_allow_private": True,
             **self._common(),
+            **overrides,
         }
 
-    async def start_executor(self) -> ExecutorAgent:
-        settings = load_settings(ExecutorSettings, **self.executor_settings())
+    async def start_executor(self, **overrides: Any) -> ExecutorAgent:
+        settings = load_settings(ExecutorSettings, **self.executor_settings(**overrides))
         self.executor, self.agent = await start_executor(settings, self.keys.signers["executor"])
         self.executor.start_background()
         async with asyncio.timeout(30):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import uuid
 
 import grpc
 import pytest
@@ -183,8 +184,11 @@ async def test_job_queries_after_completion(
     assert {k: bytes(v) for k, v in files.items()} == demo_outputs(INPUT_FILES)
 
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await stub.GetJob(validator_pb2.GetJobRequest(job_uuid="no-such-job"), timeout=10)
+        await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=str(uuid.uuid4())), timeout=10)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as malformed:
+        await stub.GetJob(validator_pb2.GetJobRequest(job_uuid="no-such-job"), timeout=10)
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_inline_single_file_under_mount_path(net: Network) -> None:
@@ -255,6 +259,62 @@ async def test_url_input_failures(net: Network, http_server: HttpServer, problem
     assert ("expected " + "ab" * 32 if problem == "wrong_sha256" else "HTTP 404") in res.detail
     assert S.JOB_STATE_RUNNING not in run.states
     assert http_server.gets == [name]
+
+
+async def test_url_input_on_loopback_refused_by_default(
+    bare_net: Network, http_server: HttpServer
+) -> None:
+    """A default executor (job_urls_allow_private unset) fetches nothing from its host's
+    loopback: the job fails at the download stage saying why, and the server sees no request."""
+    net = bare_net
+    await net.start_executor(job_urls_allow_private=False)
+    http_server.files["input.txt"] = b"secret on the miner host"
+    url = http_server.url("/files/input.txt")
+    spec = spec_for(
+        DEMO_IMAGE,
+        inputs=[job_pb2.InputVolume(url=job_pb2.UrlInput(url=url + "?token=x", sha256="ab" * 32))],
+    )
+    run = await net.run_job(spec)
+    res = run.result
+    assert res is not None
+    assert (res.state, res.reason, res.stage) == (
+        S.JOB_STATE_FAILED,
+        S.FAILURE_REASON_DOWNLOAD_FAILED,
+        S.STAGE_VOLUME_DOWNLOAD,
+    ), run.describe()
+    assert res.detail == (
+        f"input 0: {url} resolves to 127.0.0.1, which is not a public address "
+        "(executor setting job_urls_allow_private)"
+    )
+    assert S.JOB_STATE_RUNNING not in run.states
+    assert http_server.gets == []
+
+
+async def test_output_upload_to_loopback_refused_by_default(
+    bare_net: Network, http_server: HttpServer
+) -> None:
+    """Uploads follow the URL-input policy: a default executor sends nothing to its host's
+    loopback; the job fails at the upload stage saying why."""
+    net = bare_net
+    await net.start_executor(job_urls_allow_private=False)
+    tar = make_tar(INPUT_FILES)
+    spec = archive_spec(tar)
+    url = http_server.url("/upload/out.tar")
+    spec.output.upload.url = url + "?X-Signature=secret"
+    spec.output.upload.method = job_pb2.HTTP_METHOD_PUT
+    run = await net.run_job(spec, {0: tar})
+    res = run.result
+    assert res is not None
+    assert (res.state, res.reason, res.stage) == (
+        S.JOB_STATE_FAILED,
+        S.FAILURE_REASON_UPLOAD_FAILED,
+        S.STAGE_OUTPUT_UPLOAD,
+    ), run.describe()
+    assert res.detail == (
+        f"upload to {url} resolves to 127.0.0.1, which is not a public address "
+        "(executor setting job_urls_allow_private)"
+    )
+    assert http_server.uploads == {}
 
 
 async def test_output_upload_put(net: Network, http_server: HttpServer) -> None:
