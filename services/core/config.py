@@ -231,6 +231,9 @@ class ValidatorSettings(ServiceSettings):
     max_inline_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     # Largest total size of inline inputs a client may send.
     max_inline_input_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    # Longest stage time limit (spec.timeouts.*) an organic job may ask for: a job asking more is
+    # refused, so no client holds an executor for days.
+    max_stage_timeout_s: int = Field(default=86400, gt=0)
     min_miner_stake: float = 0.0
     # Gateways whose samples this validator checks (identity string -> host:port).
     gateways: dict[str, str] = {}

@@ -90,6 +90,7 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
         set(settings.allowed_images),
         settings.default_executor_class,
         settings.max_inline_input_bytes,
+        settings.max_stage_timeout_s,
     )
     servicer.streaming = StreamingJobs(
         manager,

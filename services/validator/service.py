@@ -36,10 +36,17 @@ REFUSED_UPLOAD_DRAIN_BYTES = 256 * 1024 * 1024
 REFUSED_UPLOAD_IDLE_S = 5.0
 
 
-def validate_spec(spec: job_pb2.JobSpec) -> None:
+def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None) -> None:
     """Raise InvalidArgument naming the first bad field."""
     if not spec.image.strip():
         raise InvalidArgument("spec.image: an image reference is required")
+    if max_stage_timeout_s is not None:
+        for field, value in spec.timeouts.ListFields():
+            if value > max_stage_timeout_s:
+                raise InvalidArgument(
+                    f"spec.timeouts.{field.name}: {value} s exceeds this validator's maximum of "
+                    f"{max_stage_timeout_s} s"
+                )
     for key in spec.env:
         if not key or "=" in key or "\x00" in key:
             raise InvalidArgument(f"spec.env: invalid variable name {key!r}")
@@ -80,8 +87,10 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         allowed_images: set[str],
         default_class: str,
         max_input_bytes: int,
+        max_stage_timeout_s: int | None = None,
     ) -> None:
         self._manager = manager
+        self._max_stage_timeout_s = max_stage_timeout_s
         self._store = store
         self._allowed = allowed_images
         self._default_class = default_class
@@ -100,7 +109,11 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         if first is None or first.WhichOneof("payload") != "spec":
             raise InvalidArgument("the first SubmitJob message must carry the job spec")
         spec = first.spec
-        validate_spec(spec)
+        try:
+            validate_spec(spec, self._max_stage_timeout_s)
+        except InvalidArgument:
+            await self._discard_upload(requests, first.ByteSize())  # so the client reads why
+            raise
         if not spec.executor_class:
             spec.executor_class = self._default_class
         declared = sum(

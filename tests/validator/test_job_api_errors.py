@@ -380,3 +380,17 @@ async def test_job_uuid_in_any_case_or_spelling_finds_the_job(v: Validator) -> N
             validator_pb2.StopStreamingJobRequest(job_uuid=spelling, reason="test"), timeout=10
         )
         assert stopped.result.job_uuid == job_uuid
+
+
+async def test_a_stage_time_limit_above_the_maximum_is_refused(v: Validator) -> None:
+    """No client holds an executor for longer than the validator allows (max_stage_timeout_s);
+    refused while the client still uploads, with the reason it can read."""
+    spec = spec_with(inline_file("a", CAP // 2))
+    spec.timeouts.execution_s = v.settings.max_stage_timeout_s + 1
+    err = await submit_refused(v, spec, {0: blob(CAP // 2)})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert err.details() == (
+        f"spec.timeouts.execution_s: {v.settings.max_stage_timeout_s + 1} s exceeds this "
+        f"validator's maximum of {v.settings.max_stage_timeout_s} s"
+    )
+    await v.assert_nothing_left()
