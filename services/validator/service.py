@@ -50,6 +50,7 @@ def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None)
     for key in spec.env:
         if not key or "=" in key or "\x00" in key:
             raise InvalidArgument(f"spec.env: invalid variable name {key!r}")
+    single_files: dict[str, int] = {}  # path under /volume -> the input that puts a file there
     for index, volume in enumerate(spec.inputs):
         where = f"spec.inputs[{index}]"
         source = volume.WhichOneof("source")
@@ -67,6 +68,12 @@ def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None)
             if not name or "/" in name or name in (".", ".."):
                 raise InvalidArgument(
                     f"{where}.inline_file.file_name: a plain file name is required"
+                )
+            path = f"{volume.mount_path.strip('/')}/{name}".lstrip("/")
+            other = single_files.setdefault(path, index)
+            if other != index:
+                raise InvalidArgument(
+                    f"{where}.inline_file: /volume/{path} is already spec.inputs[{other}]'s"
                 )
         if source == "url":
             if not volume.url.url.startswith(("http://", "https://")):

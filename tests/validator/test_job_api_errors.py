@@ -394,3 +394,12 @@ async def test_a_stage_time_limit_above_the_maximum_is_refused(v: Validator) -> 
         f"validator's maximum of {v.settings.max_stage_timeout_s} s"
     )
     await v.assert_nothing_left()
+
+
+async def test_two_files_for_one_path_under_volume_are_refused(v: Validator) -> None:
+    a, b = blob(10), blob(20)
+    spec = spec_with(inline_file("x.txt", len(a), a), inline_file("x.txt", len(b), b))
+    err = await submit_refused(v, spec, {0: a, 1: b})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert err.details() == "spec.inputs[1].inline_file: /volume/x.txt is already spec.inputs[0]'s"
+    await v.assert_nothing_left()
