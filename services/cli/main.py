@@ -46,7 +46,15 @@ def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> i
     if settings.metrics_port:
         from services.core.metrics import serve_metrics
 
-        serve_metrics(settings.metrics_port)
+        try:
+            serve_metrics(settings.metrics_port)
+        except OSError as exc:
+            print(
+                f"horde {kind}: cannot serve metrics on 127.0.0.1:{settings.metrics_port}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
 
     async def main() -> None:
         if kind == "validator":

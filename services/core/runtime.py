@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.core.chain import BittensorChain, ChainAdapter, LocalRoster
+from services.core.chain import BittensorChain, ChainAdapter, LocalRoster, RosterError
 from services.core.config import ServiceSettings
 from services.core.errors import ConfigError
 from services.core.identity import (
@@ -49,7 +49,14 @@ def open_chain(settings: ServiceSettings, signer: Signer | None = None) -> Chain
         raise ConfigError("invalid setting 'roster_file': the local chain needs a roster file")
     if not Path(settings.roster_file).is_file():
         raise ConfigError(f"invalid setting 'roster_file': file not found: {settings.roster_file}")
-    return LocalRoster(settings.roster_file)
+    # Weights set through the local chain are appended to a ledger in the service's own state
+    # dir (writable under the systemd units, where the roster's directory is read-only).
+    roster = LocalRoster(settings.roster_file, ledger_path=settings.state_dir / "weights.jsonl")
+    try:
+        roster.reload(force=True)  # a malformed roster stops the service here, not at first use
+    except (RosterError, OSError) as exc:
+        raise ConfigError(f"invalid setting 'roster_file': {settings.roster_file}: {exc}") from None
+    return roster
 
 
 def parse_identities(values: list[str], field_name: str) -> set[str]:

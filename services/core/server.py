@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from services.core import metrics
 from services.core.auth import PUBLIC_PREFIXES, Authenticator, AuthFailure, client_interceptors
 from services.core.config import TLSSettings
-from services.core.errors import HordeError
+from services.core.errors import ConfigError, HordeError
 from services.core.identity import Identity, Signer
 
 log = structlog.get_logger("horde.rpc")
@@ -248,7 +248,12 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
         return None
     key, cert = _read(tls.key_file), _read(tls.cert_file)
     if key is None or cert is None:
-        raise ValueError("TLS needs both cert_file and key_file")
+        raise ConfigError("invalid setting 'tls': TLS needs both cert_file and key_file")
+    if tls.require_client_cert and tls.ca_file is None:
+        raise ConfigError(
+            "invalid setting 'tls.require_client_cert': client certificates are checked "
+            "against tls.ca_file, which is not set"
+        )
     return grpc.ssl_server_credentials(
         [(key, cert)],
         root_certificates=_read(tls.ca_file),
@@ -282,7 +287,13 @@ async def create_server(
         server,
     )
     creds = server_credentials(tls) if tls is not None else None
-    port = server.add_secure_port(listen, creds) if creds else server.add_insecure_port(listen)
+    try:
+        port = server.add_secure_port(listen, creds) if creds else server.add_insecure_port(listen)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        hint = " (or the TLS certificate and key do not load)" if creds else ""
+        raise OSError(
+            f"cannot listen on {listen}: the address is in use or not available{hint} ({exc})"
+        ) from None
     if port == 0:
         raise OSError(f"could not bind {listen}")
     await server.start()

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import structlog
 from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2_grpc
 
 from services.core.app import ServiceApp
@@ -22,6 +23,7 @@ from services.core.server import ServiceRegistration, create_server, current_cal
 from services.streaming_gateway.session import GatewayDeps, MinerCheck, Session, SessionConfig
 from services.streaming_gateway.store import GatewayStore, ReceiptWriter, SqlStore
 
+log = structlog.get_logger("horde.gateway")
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 DEFAULT_SAMPLES = 100
 MAX_SAMPLES = 1000
@@ -111,6 +113,14 @@ async def start_gateway(
         settings.chain == "bittensor" or settings.roster_file is not None
     ):
         chain = open_chain(settings, signer)
+    elif settings.require_registered_miner:
+        log.warning(
+            "miner_registration_unchecked",
+            reason="require_registered_miner is on, but the local chain has no roster_file: "
+            "sessions are served by any miner whose certificate verifies",
+        )
+    if not validator:
+        log.warning("no_validator", reason="validator_identity is not set: sessions are refused")
     if store is None:
         store = SqlStore(await open_database(settings.database("gateway")))
     writer = ReceiptWriter(store)

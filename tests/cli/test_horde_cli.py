@@ -117,3 +117,77 @@ def test_job_run_without_target_explains_what_to_give() -> None:
     out = horde("job", "run", "horde/base:latest", "--", "true")
     assert out.returncode == 2
     assert "--dev DIR" in out.stderr
+
+
+def _gateway_config(tmp_path: Path, extra: str = "") -> Path:
+    key = tmp_path / "gw.json"
+    if not key.exists():
+        assert horde("keys", "new", "--out", str(key)).returncode == 0
+    config = tmp_path / "gw.toml"
+    config.write_text(f'key_file = "{key}"\nstate_dir = "{tmp_path}"\n{extra}')
+    return config
+
+
+def test_a_malformed_roster_stops_the_service_at_start(tmp_path: Path) -> None:
+    roster = tmp_path / "roster.toml"
+    roster.write_text('[[neuron]]\nuid = "x"\nhotkey = "5F"\n')
+    key = tmp_path / "v.json"
+    assert horde("keys", "new", "--kind", "hotkey", "--out", str(key)).returncode == 0
+    config = tmp_path / "v.toml"
+    config.write_text(
+        f'key_file = "{key}"\nstate_dir = "{tmp_path}"\nroster_file = "{roster}"\n'
+        'listen = "127.0.0.1:0"\n'
+    )
+    out = horde("validator", "serve", "--config", str(config))
+    assert out.returncode == 2, out.stderr
+    assert f"invalid setting 'roster_file': {roster}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_busy_port_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = horde(
+            "gateway",
+            "serve",
+            "--config",
+            str(_gateway_config(tmp_path, f'listen = "127.0.0.1:{port}"\n')),
+        )
+        assert out.returncode == 1, out.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: the address is in use" in out.stderr
+        assert "Traceback" not in out.stderr
+        config = _gateway_config(tmp_path, 'listen = "127.0.0.1:0"\n')
+        out = horde("gateway", "serve", "--config", str(config), "--metrics-port", str(port))
+        assert out.returncode == 2, out.stderr
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_tls_settings_that_cannot_work_are_configuration_errors(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not a certificate")
+    config = _gateway_config(tmp_path, f'listen = "127.0.0.1:0"\n[tls]\ncert_file = "{cert}"\n')
+    out = horde("gateway", "serve", "--config", str(config))
+    assert out.returncode == 2, out.stderr
+    assert "TLS needs both cert_file and key_file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_the_local_chain_keeps_weights_in_the_state_dir(tmp_path: Path) -> None:
+    from services.core.chain import LocalRoster
+    from services.core.config import ValidatorSettings, load_settings
+    from services.core.runtime import open_chain
+
+    roster = tmp_path / "etc" / "roster.toml"
+    roster.parent.mkdir()
+    roster.write_text("")
+    settings = load_settings(
+        ValidatorSettings, state_dir=tmp_path / "state", roster_file=roster, key_file="k.json"
+    )
+    chain = open_chain(settings)
+    assert isinstance(chain, LocalRoster)
+    assert chain.ledger_path == tmp_path / "state" / "weights.jsonl"

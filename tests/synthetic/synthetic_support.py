@@ -113,7 +113,8 @@ class SynthNet:
 
     @property
     def ledger(self) -> LocalRoster:
-        return LocalRoster(self.roster)
+        """The local chain's weights ledger, kept in the validator's state dir."""
+        return LocalRoster(self.roster, ledger_path=self.root / "validator" / "weights.jsonl")
 
     async def add_miner(
         self,
