@@ -8,6 +8,7 @@ typo in a unit file stops the service instead of being ignored.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -327,6 +328,9 @@ def _host_port(value: str) -> str:
     return value
 
 
+_ENV_PARSE_ERROR = re.compile(r'error parsing value for field "(\w+)" from source "EnvSettings')
+
+
 def load_settings(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
     """Build settings from overrides, env and an optional TOML file; raise ConfigError on any
     problem with one message naming the field."""
@@ -338,6 +342,16 @@ def load_settings(cls: type[S], config_file: Path | None = None, **overrides: An
     except ValidationError as exc:
         raise ConfigError(_describe(exc, cls, config_file)) from None
     except (ValueError, OSError) as exc:
+        env_value = _ENV_PARSE_ERROR.search(str(exc))
+        if env_value is not None:
+            # A list or table from the environment must be JSON; pydantic-settings only says
+            # that it could not parse it.
+            field = env_value.group(1)
+            env = f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+            raise ConfigError(
+                f"invalid setting '{field}' (env {env}): a list or table value must be JSON, "
+                f'e.g. {env}=\'["first", "second"]\''
+            ) from None
         # TOML syntax errors surface here (tomllib.TOMLDecodeError is a ValueError).
         raise ConfigError(f"{config_file}: {exc}") from None
     # pydantic-settings ignores environment variables that match no field; a typo there (an

@@ -37,6 +37,12 @@ async def start_executor(
         miner = Identity.parse(settings.miner_identity)
     except ValueError as exc:
         raise ConfigError(f"invalid setting 'miner_identity': {exc}") from None
+    host, _, port = settings.miner_address.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            f"invalid setting 'miner_address': {settings.miner_address!r}: the miner's "
+            "host:port is required"
+        )
     work_dir = settings.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     hardware = probe(work_dir)

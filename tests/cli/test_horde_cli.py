@@ -191,3 +191,18 @@ def test_the_local_chain_keeps_weights_in_the_state_dir(tmp_path: Path) -> None:
     chain = open_chain(settings)
     assert isinstance(chain, LocalRoster)
     assert chain.ledger_path == tmp_path / "state" / "weights.jsonl"
+
+
+@pytest.mark.parametrize("address", ["", "miner.example", "127.0.0.1:0", "host:99999"])
+def test_an_executor_needs_the_miner_s_host_and_port(tmp_path: Path, address: str) -> None:
+    key = tmp_path / "ex.json"
+    assert horde("keys", "new", "--out", str(key)).returncode == 0
+    config = tmp_path / "ex.toml"
+    config.write_text(
+        f'key_file = "{key}"\nstate_dir = "{tmp_path}"\nwork_dir = "{tmp_path / "work"}"\n'
+        f'miner_identity = "ed25519:{"11" * 32}"\n'
+        + (f'miner_address = "{address}"\n' if address else "")
+    )
+    out = horde("executor", "serve", "--config", str(config))
+    assert out.returncode == 2, out.stderr
+    assert "invalid setting 'miner_address'" in out.stderr and "host:port is required" in out.stderr

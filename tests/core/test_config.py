@@ -108,6 +108,18 @@ def test_bad_env_value_names_field_and_env_var(monkeypatch: pytest.MonkeyPatch) 
         load_settings(GatewaySettings)
 
 
+def test_a_list_from_the_environment_must_be_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HORDE_VALIDATOR_CLIENTS", "ed25519:abc")
+    with pytest.raises(ConfigError) as err:
+        load_settings(ValidatorSettings)
+    assert str(err.value) == (
+        "invalid setting 'clients' (env HORDE_VALIDATOR_CLIENTS): a list or table value must be "
+        'JSON, e.g. HORDE_VALIDATOR_CLIENTS=\'["first", "second"]\''
+    )
+    monkeypatch.setenv("HORDE_VALIDATOR_CLIENTS", '["ed25519:abc"]')
+    assert load_settings(ValidatorSettings).clients == ["ed25519:abc"]
+
+
 def test_bad_listen_address(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(MinerSettings, write(tmp_path / "m.toml", 'listen = "nohost"\n'))
