@@ -41,8 +41,11 @@ class ExecutorAgent:
         synthetic: SyntheticSolver | None = None,
         tls: TLSSettings | None = None,
         streaming: StreamingJobRunner | None = None,
+        on_link: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self._streaming = streaming
+        # Told when the link to the miner comes up (True) or goes down (False): health.
+        self._on_link = on_link
         # TLS towards the miner when it serves TLS (tls.ca_file names the CA to trust).
         self._tls = tls if tls is not None and tls.ca_file else None
         self._signer = signer
@@ -74,6 +77,7 @@ class ExecutorAgent:
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
             self.connected.clear()
+            await self._link_changed(False)
             await self._abort_job("link to the miner lost")
             if time.monotonic() - started > 10:
                 backoff = 0.2
@@ -82,6 +86,13 @@ class ExecutorAgent:
             )
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 10.0)
+
+    async def _link_changed(self, up: bool) -> None:
+        if self._on_link is not None:
+            try:
+                await self._on_link(up)
+            except Exception as exc:  # health is a report: never let it break the link
+                log.warning("link_report_failed", error=repr(exc))
 
     async def _abort_job(self, reason: str) -> None:
         if self._job is not None and not self._job.done():
@@ -125,6 +136,7 @@ class ExecutorAgent:
                         heartbeat = asyncio.create_task(self._heartbeat(send, interval))
                         self.connected.set()
                         log.info("link_up", miner=self._address, executor_id=self.executor_id)
+                        await self._link_changed(True)
                     elif kind == "run_job":
                         await self._start_job(msg.run_job, send)
                     elif kind == "input_chunk":

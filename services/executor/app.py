@@ -109,7 +109,10 @@ async def start_executor(
         synthetic,
         tls=settings.tls,
         streaming=streaming,
+        # Health says SERVING only while the executor can take jobs: its miner link is up.
+        on_link=server.set_serving,
     )
+    await server.set_serving(False)
 
     async def close_all() -> None:
         await proxy_server.stop()

@@ -655,3 +655,21 @@ async def test_inline_outputs_over_the_clients_cap_fail_before_any_byte_is_sent(
     )
     assert "4096 bytes, over the 1000-byte cap" in res.detail
     assert run.files() == {}  # no truncated file reached the client
+
+
+async def test_executor_health_follows_its_miner_link(net: Network) -> None:
+    """SERVING only while the executor can take jobs: its link to the miner is up."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.core.server import open_channel
+
+    assert net.executor is not None
+    async with open_channel(f"127.0.0.1:{net.executor.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        await net.stop_miner()
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await net.start_miner()  # same port: the executor reconnects
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
