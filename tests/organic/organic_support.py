@@ -599,3 +599,22 @@ def spec_for(
 
 def python_job(code: str, *, execution_s: int = 60) -> job_pb2.JobSpec:
     return spec_for(BASE_IMAGE, ["python3", "-c", code], execution_s=execution_s)
+
+
+def assert_result(
+    run: JobRun,
+    state: int,
+    reason: int,
+    stage: int | None = None,
+) -> job_pb2.JobResult:
+    """The run ended in `state` for `reason` (at `stage`, when given), saying why."""
+    res = run.result
+    assert res is not None, run.describe()
+    assert (common_pb2.JobState.Name(res.state), common_pb2.FailureReason.Name(res.reason)) == (
+        common_pb2.JobState.Name(state),
+        common_pb2.FailureReason.Name(reason),
+    ), run.describe()
+    if stage is not None:
+        assert common_pb2.Stage.Name(res.stage) == common_pb2.Stage.Name(stage), run.describe()
+    assert res.detail, "a failure must say why"
+    return res

@@ -25,8 +25,8 @@ from organic_support import (
     MISSING_IMAGE,
     OUTPUT_LIMIT_MB,
     PIDS_LIMIT,
-    JobRun,
     Network,
+    assert_result,
     job_containers,
     job_objects,
     python_job,
@@ -38,24 +38,6 @@ from organic_support import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def assert_result(
-    run: JobRun,
-    state: int,
-    reason: int,
-    stage: int | None = None,
-) -> job_pb2.JobResult:
-    res = run.result
-    assert res is not None, run.describe()
-    assert (S.JobState.Name(res.state), S.FailureReason.Name(res.reason)) == (
-        S.JobState.Name(state),
-        S.FailureReason.Name(reason),
-    ), run.describe()
-    if stage is not None:
-        assert S.Stage.Name(res.stage) == S.Stage.Name(stage), run.describe()
-    assert res.detail, "a failure must say why"
-    return res
 
 
 # ------------------------------------------------------------------------------ the job's faults

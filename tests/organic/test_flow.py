@@ -18,6 +18,7 @@ from organic_support import (
     HttpServer,
     JobRun,
     Network,
+    assert_result,
     make_tar,
     sha256,
     spec_for,
@@ -275,13 +276,9 @@ async def test_url_input_on_loopback_refused_by_default(
         inputs=[job_pb2.InputVolume(url=job_pb2.UrlInput(url=url + "?token=x", sha256="ab" * 32))],
     )
     run = await net.run_job(spec)
-    res = run.result
-    assert res is not None
-    assert (res.state, res.reason, res.stage) == (
-        S.JOB_STATE_FAILED,
-        S.FAILURE_REASON_DOWNLOAD_FAILED,
-        S.STAGE_VOLUME_DOWNLOAD,
-    ), run.describe()
+    res = assert_result(
+        run, S.JOB_STATE_FAILED, S.FAILURE_REASON_DOWNLOAD_FAILED, S.STAGE_VOLUME_DOWNLOAD
+    )
     assert res.detail == (
         f"input 0: {url} resolves to 127.0.0.1, which is not a public address "
         "(executor setting job_urls_allow_private)"
@@ -303,13 +300,9 @@ async def test_output_upload_to_loopback_refused_by_default(
     spec.output.upload.url = url + "?X-Signature=secret"
     spec.output.upload.method = job_pb2.HTTP_METHOD_PUT
     run = await net.run_job(spec, {0: tar})
-    res = run.result
-    assert res is not None
-    assert (res.state, res.reason, res.stage) == (
-        S.JOB_STATE_FAILED,
-        S.FAILURE_REASON_UPLOAD_FAILED,
-        S.STAGE_OUTPUT_UPLOAD,
-    ), run.describe()
+    res = assert_result(
+        run, S.JOB_STATE_FAILED, S.FAILURE_REASON_UPLOAD_FAILED, S.STAGE_OUTPUT_UPLOAD
+    )
     assert res.detail == (
         f"upload to {url} resolves to 127.0.0.1, which is not a public address "
         "(executor setting job_urls_allow_private)"
@@ -347,13 +340,9 @@ async def test_output_upload_refused(net: Network, http_server: HttpServer) -> N
     spec = spec_for(BASE_IMAGE, ["sh", "-c", "echo x > /output/x"])
     spec.output.upload.url = http_server.url("/upload/out.tar")
     run = await net.run_job(spec)
-    res = run.result
-    assert res is not None
-    assert (res.state, res.reason, res.stage) == (
-        S.JOB_STATE_FAILED,
-        S.FAILURE_REASON_UPLOAD_FAILED,
-        S.STAGE_OUTPUT_UPLOAD,
-    ), run.describe()
+    res = assert_result(
+        run, S.JOB_STATE_FAILED, S.FAILURE_REASON_UPLOAD_FAILED, S.STAGE_OUTPUT_UPLOAD
+    )
     assert "403" in res.detail
     assert "out.tar" in http_server.uploads
 
@@ -461,13 +450,7 @@ async def test_stalled_url_download_hits_volume_stage_limit(
     )
     spec.timeouts.volume_download_s = 2
     run = await net.run_job(spec, within=30)
-    res = run.result
-    assert res is not None
-    assert (res.state, res.reason, res.stage) == (
-        S.JOB_STATE_FAILED,
-        S.FAILURE_REASON_TIMEOUT,
-        S.STAGE_VOLUME_DOWNLOAD,
-    ), run.describe()
+    assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_TIMEOUT, S.STAGE_VOLUME_DOWNLOAD)
     assert http_server.gets == ["big.bin"]
     assert S.JOB_STATE_RUNNING not in run.states
 
@@ -492,13 +475,7 @@ async def test_busy_executor_rejects_after_reservation_limit(net: Network) -> No
     spec = spec_for(BASE_IMAGE, ["true"])
     spec.timeouts.reservation_s = 2
     second = await net.run_job(spec, within=30)
-    res = second.result
-    assert res is not None
-    assert (res.state, res.reason, res.stage) == (
-        S.JOB_STATE_REJECTED,
-        S.FAILURE_REASON_BUSY,
-        S.STAGE_RESERVATION,
-    ), second.describe()
+    assert_result(second, S.JOB_STATE_REJECTED, S.FAILURE_REASON_BUSY, S.STAGE_RESERVATION)
     assert second.states == [S.JOB_STATE_ACCEPTED]
     stub = net.client()
     await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=running.job_uuid), timeout=30)
