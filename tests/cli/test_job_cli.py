@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from devnet import dev_network
 from docker_images import ensure_images
 
 from services.cli.client import shown
@@ -23,22 +23,8 @@ BASE = "horde/base:latest"
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ensure_images([BASE])
-    state = tmp_path_factory.mktemp("devnet")
-    log = (state.parent / "dev.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "horde"), "dev", "up", "--state-dir", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert "dev network up" in proc.stdout.readline(), (state.parent / "dev.log").read_text()
+    with dev_network(tmp_path_factory.mktemp("devnet")) as state:
         yield state
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-        log.close()
 
 
 def horde(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -166,4 +152,3 @@ def test_unreachable_validator_is_not_called_a_refusal(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "cannot reach the validator at 127.0.0.1:1: UNAVAILABLE" in out.stderr
     assert time.monotonic() - started < 60
-    assert os.path.exists(key)

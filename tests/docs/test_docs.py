@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from devnet import dev_network as start_dev_network
 from horde.v1 import common_pb2
 
 from services.core.config import (
@@ -58,25 +58,8 @@ def test_every_block_is_runnable_config_or_transcript() -> None:
 
 @pytest.fixture(scope="module")
 def dev_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    state = tmp_path_factory.mktemp("devnet")
-    log = (state.parent / "dev.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "horde"), "dev", "up", "--state-dir", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        # dev up prints one line on stdout once endpoints.json is written (or exits on failure).
-        ready = proc.stdout.readline()
-        assert "dev network up" in ready, (state.parent / "dev.log").read_text()
-        assert (state / "endpoints.json").exists()
+    with start_dev_network(tmp_path_factory.mktemp("devnet")) as state:
         yield state
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-        log.close()
 
 
 @pytest.mark.timeout(300)
