@@ -13,6 +13,7 @@ from horde.v1 import job_pb2
 
 from services import __version__
 from services.cli import spotcheck_cmds, stream, validator_cmds
+from services.cli.args import bounded_int
 from services.core.config import (
     ExecutorSettings,
     GatewaySettings,
@@ -195,19 +196,6 @@ def _job(args: argparse.Namespace) -> int:
         return 130
 
 
-def _bounded_int(lo: int, hi: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value}: {what} must be {lo} to {hi}")
-        return value
-
-    return parse
-
-
 def _dev_up(args: argparse.Namespace) -> int:
     from services.cli.dev import dev_up
 
@@ -325,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--timeout",
-        type=_bounded_int(1, 2**32 - 1, "--timeout"),
+        type=bounded_int(1, 2**32 - 1, "--timeout"),
         help="execution time limit in seconds (default: the network's, 600 s)",
     )
     run.add_argument("image")
@@ -338,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(lst)
     lst.add_argument(
         "--limit",
-        type=_bounded_int(1, 2**32 - 1, "--limit"),
+        type=bounded_int(1, 2**32 - 1, "--limit"),
         default=20,
         help="most recent jobs to list (default 20)",
     )

@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
+from services.cli.args import bounded_int
 from services.core.loop import run as run_loop
 
 EPILOG = """exit status: 0 when every request got a response with a verified receipt; 1 when the
@@ -36,18 +37,6 @@ and the receipts received so far stay in --receipts; 141 when the output was clo
 piped into `head`)."""
 
 MAX_TIME_LIMIT_S = 2**32 - 1  # SessionOpen.time_limit_s is a uint32
-
-
-def _time_limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
-    if not 0 <= value <= MAX_TIME_LIMIT_S:
-        raise argparse.ArgumentTypeError(
-            f"{value}: expected 0 (the gateway's default) to {MAX_TIME_LIMIT_S} seconds"
-        )
-    return value
 
 
 def register(sub: Any) -> None:
@@ -71,7 +60,7 @@ def register(sub: Any) -> None:
     p.add_argument("--class", dest="executor_class", default="", help="executor class")
     p.add_argument(
         "--time-limit",
-        type=_time_limit,
+        type=bounded_int(0, MAX_TIME_LIMIT_S, "--time-limit"),
         default=0,
         help="session time limit in seconds (default 0: the gateway's default, 3600 unless "
         "its operator changed it)",
@@ -143,7 +132,7 @@ def _check_receipts_path(path: Path) -> None:
     file as it was)."""
     if path.is_dir():
         raise _UsageError(f"--receipts {path}: is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if not parent.is_dir():
         raise _UsageError(f"--receipts {path}: no such directory {parent}")
     target = path if path.exists() else parent
