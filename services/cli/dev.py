@@ -112,6 +112,7 @@ async def dev_up(
                 miner_identity=str(ids["miner"]),
                 allowed_images=[*images, *STREAMING_IMAGES],
                 work_dir=state_dir / "executor-work",
+                drain_timeout_s=0,  # the whole network stops at once: no job to drain for
                 **common,
             ),
             signers["executor"],
@@ -142,6 +143,7 @@ async def dev_up(
                 miner_identity=str(ids["trusted_miner"]),
                 allowed_images=[*images, *STREAMING_IMAGES],
                 work_dir=state_dir / "trusted" / "executor-work",
+                drain_timeout_s=0,
                 **trusted_common,
             ),
             signers["trusted_executor"],

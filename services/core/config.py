@@ -295,6 +295,11 @@ class ExecutorSettings(ServiceSettings):
     # CGNAT. Off by default, as a client could otherwise reach services on the miner's host and
     # network (SSRF).
     job_urls_allow_private: bool = False
+    # On SIGTERM, how long the job the executor runs may go on to finish on its own (the miner
+    # routes no new job to a draining executor); a job still running then is stopped and ends
+    # horde_failed (executor_lost). Keep the unit's TimeoutStopSec above this plus
+    # shutdown_grace_s. 0 stops the job at once.
+    drain_timeout_s: float = Field(default=20.0, ge=0)
 
 
 class GatewaySettings(ServiceSettings):

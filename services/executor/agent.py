@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,6 +59,9 @@ class ExecutorAgent:
         self._job: asyncio.Task[None] | None = None
         self._job_uuid = ""
         self._inputs: asyncio.Queue[job_pb2.InputChunk] = asyncio.Queue()
+        # What goes to the miner on the live link (None while the link is down).
+        self._outbox: asyncio.Queue[executor_pb2.ConnectRequest] | None = None
+        self.draining = False
         self.connected = asyncio.Event()
         self.executor_id = ""
 
@@ -86,6 +90,37 @@ class ExecutorAgent:
             )
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 10.0)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shutting down: take no new job, tell the miner (the manifest says draining, so it
+        routes jobs elsewhere), and give the running job up to `timeout_s` to end on its own and
+        its last messages to reach the miner. A job still running after that is stopped by the
+        shutdown (the miner reports it as executor_lost)."""
+        self.draining = True
+        self._manifest.draining = True
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.put_nowait(executor_pb2.ConnectRequest(manifest=self._manifest))
+        job = self._job
+        if job is None or job.done():
+            return
+        if timeout_s <= 0:
+            log.warning("drain_skipped", job_uuid=self._job_uuid, reason="drain_timeout_s is 0")
+            return
+        log.info("draining", job_uuid=self._job_uuid, timeout_s=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        done, _ = await asyncio.wait({job}, timeout=timeout_s)
+        if not done:
+            log.warning("drain_timed_out", job_uuid=self._job_uuid, timeout_s=timeout_s)
+            return
+        # The job's result is queued for the link: wait until it has been handed to gRPC.
+        outbox = self._outbox
+        if outbox is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(max(deadline, loop.time() + 1.0)):
+                    await outbox.join()
+        log.info("drained", job_uuid=self._job_uuid)
 
     async def _link_changed(self, up: bool) -> None:
         if self._on_link is not None:
@@ -117,6 +152,8 @@ class ExecutorAgent:
         async def requests() -> AsyncIterator[executor_pb2.ConnectRequest]:
             while True:
                 yield await outbox.get()
+                # gRPC asks for the next message once it has written this one: done.
+                outbox.task_done()
 
         async def send(msg: executor_pb2.ConnectRequest) -> None:
             outbox.put_nowait(msg)
@@ -127,6 +164,7 @@ class ExecutorAgent:
             stub = executor_pb2_grpc.ExecutorLinkServiceStub(channel)
             call = stub.Connect(requests())
             heartbeat: asyncio.Task[None] | None = None
+            self._outbox = outbox
             try:
                 async for msg in call:
                     kind = msg.WhichOneof("payload")
@@ -149,6 +187,7 @@ class ExecutorAgent:
                     elif kind == "synthetic_challenge":
                         self._start_synthetic(msg.synthetic_challenge, send)
             finally:
+                self._outbox = None
                 for task in self._synthetic_tasks:
                     task.cancel()
                 if heartbeat is not None:
@@ -167,7 +206,12 @@ class ExecutorAgent:
             await asyncio.sleep(interval)
 
     async def _start_job(self, start: miner_pb2.RunJobStart, send: Send) -> None:
-        if self._job is not None and not self._job.done():
+        refusal = ""
+        if self.draining:
+            refusal = "executor is shutting down"
+        elif self._job is not None and not self._job.done():
+            refusal = "executor is already running a job"
+        if refusal:
             await send(
                 executor_pb2.ConnectRequest(
                     result=result(
@@ -175,7 +219,7 @@ class ExecutorAgent:
                         common_pb2.JOB_STATE_REJECTED,
                         common_pb2.FAILURE_REASON_BUSY,
                         common_pb2.STAGE_RESERVATION,
-                        "executor is already running a job",
+                        refusal,
                     )
                 )
             )

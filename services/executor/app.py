@@ -126,6 +126,8 @@ async def start_executor(
         servers=[server],
         background=[agent.run_forever],
         closers=[close_all],
+        # SIGTERM: the running job may finish first (up to drain_timeout_s), no new one starts.
+        drainers=[lambda _grace_s: agent.drain(settings.drain_timeout_s)],
         grace_s=settings.shutdown_grace_s,
     )
     log.info("executor_ready", executor_class=klass, gpus=len(hardware.gpus))

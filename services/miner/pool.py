@@ -110,10 +110,14 @@ class ExecutorPool:
         if not same_class:
             raise NoExecutorOfClass(f"no executor of class {executor_class!r} is connected")
         for conn in same_class:
-            if not conn.busy and not conn.closed:
+            if not conn.busy and not conn.closed and not conn.manifest.draining:
                 conn.job = JobChannel(job_uuid)
                 return conn, conn.job
-        raise AllBusy(f"all {len(same_class)} executor(s) of class {executor_class!r} are busy")
+        draining = sum(1 for c in same_class if c.manifest.draining)
+        raise AllBusy(
+            f"all {len(same_class)} executor(s) of class {executor_class!r} are busy"
+            + (f" ({draining} shutting down)" if draining else "")
+        )
 
     def release(self, conn: ExecutorConn, job: JobChannel) -> None:
         if conn.job is job:

@@ -96,7 +96,7 @@ class MinerDirectory:
                 self._class_seen[e.executor_class] = time.monotonic()
             of_class = [e for e in manifest.executors if e.executor_class == executor_class]
             any_of_class = any_of_class or bool(of_class)
-            free = sum(1 for e in of_class if not e.busy)
+            free = sum(1 for e in of_class if not e.busy and not e.draining)
             if free:
                 scored.append((-free, random.random(), miner))
         scored.sort(key=lambda t: (t[0], t[1]))

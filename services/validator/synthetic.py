@@ -315,6 +315,8 @@ class RoundRunner:
             reason = f"class {executor.executor_class!r} is not scored by this validator"
         elif executor.busy:
             reason = "busy with a job (paid through organic outcomes)"
+        elif executor.draining:
+            reason = "shutting down"
         if not reason:
             return None
         return ExecutorVerdict(

@@ -9,11 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from services.core.chain import Neuron, write_roster
+from services.core.config import ExecutorSettings
 from services.core.identity import create_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +39,7 @@ def test_unit_is_hardened(service: str) -> None:
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
         ("Restart", "on-failure"),
+        ("RestartPreventExitStatus", "2"),  # a configuration error: restarting cannot mend it
     ]:
         assert unit_value(text, key) == [value], f"{key} in horde-{service}.service"
     assert f"/var/lib/horde/{service}" in unit_value(text, "ReadWritePaths")
@@ -129,3 +132,15 @@ def test_exec_start_loads_the_example_config(tmp_path: Path, service: str) -> No
     rest, _ = proc.communicate(timeout=60)
     assert started, "".join(seen) + rest
     assert proc.returncode == 0, "".join(seen) + rest
+
+
+def test_executor_unit_outlasts_its_drain() -> None:
+    """systemd's stop timeout leaves the example executor time to drain its job and shut down,
+    or it would SIGKILL the executor mid-drain (leaving the job's containers behind)."""
+    text = (UNITS / "horde-executor.service").read_text()
+    (stop_timeout,) = unit_value(text, "TimeoutStopSec")
+    config = tomllib.loads((CONFIGS / "executor.toml").read_text())
+    defaults = ExecutorSettings.model_fields
+    drain = config.get("drain_timeout_s", defaults["drain_timeout_s"].default)
+    grace = config.get("shutdown_grace_s", defaults["shutdown_grace_s"].default)
+    assert float(stop_timeout) > drain + grace

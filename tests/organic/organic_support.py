@@ -420,9 +420,9 @@ class Network:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def executor_config(self, key: str = "executor2") -> Path:
+    def executor_config(self, key: str = "executor2", **overrides: Any) -> Path:
         """A TOML config for `horde executor serve` dialling this network's miner."""
-        settings = self.executor_settings()
+        settings = {**self.executor_settings(), **overrides}
         settings["key_file"] = self.keys.paths[key]
         settings["work_dir"] = self.root / f"{key}-work"
         return self._write_toml(key, settings)

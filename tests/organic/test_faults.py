@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from horde.v1 import common_pb2 as S
-from horde.v1 import job_pb2, validator_pb2, validator_pb2_grpc
+from horde.v1 import job_pb2, miner_pb2, validator_pb2, validator_pb2_grpc
 from organic_support import (
     BASE_IMAGE,
     DEMO_IMAGE,
@@ -580,11 +580,62 @@ async def test_unreachable_miner_fails_reservation_as_horde_failed(net: Network)
     await net.start_miner()  # so the fixture's teardown finds the network whole
 
 
-async def test_executor_stopped_mid_job(bare_net: Network) -> None:
-    """SIGTERM (an operator stopping the service) mid-job: the job ends as executor_lost, the
+def assert_clean_exit(code: int | None, log_path: Path) -> None:
+    """A service that exited 0 and logged no error, traceback or leaked task on the way."""
+    log = log_path.read_text()
+    assert code == 0, log[-3000:]
+    for bad in ("Traceback", "Task was destroyed", "Unclosed", "never awaited", '"error"'):
+        assert bad not in log, log[-3000:]
+
+
+async def test_executor_stopped_mid_job_lets_the_job_finish(bare_net: Network) -> None:
+    """SIGTERM (an operator stopping the service) mid-job: the executor drains. The miner
+    routes no new job to it, the running job completes and its result reaches the client, then
+    the executor removes what is left and exits cleanly."""
+    net = bare_net
+    config = net.executor_config("executor2", drain_timeout_s=60)
+    log_path = net.root / "executor2.log"
+    proc = await spawn_executor(net, config, log_path)
+    signalled = False
+    try:
+        await net.wait_executors(1, within=60)
+        job = net.start_job(python_job("import time; time.sleep(4); print('finished')"))
+        running = await job.wait_state(S.JOB_STATE_RUNNING)
+        job_uuid = running.job_uuid
+        await wait_job_container_running(net.docker, job_uuid)
+        proc.send_signal(signal.SIGTERM)
+        signalled = True
+        stub = net.miner_stub()
+
+        async def draining() -> bool:
+            resp = await stub.GetManifest(miner_pb2.GetManifestRequest(), timeout=3)
+            return any(e.draining and e.busy for e in resp.manifest.executors)
+
+        await wait_for(draining, 10, "the miner to list the executor as draining")
+        # A job submitted now is not given to the draining executor.
+        spec = spec_for(BASE_IMAGE, ["true"])
+        spec.timeouts.reservation_s = 1
+        refused = await net.run_job(spec, within=30)
+        assert refused.result is not None, refused.describe()
+        assert refused.result.state == S.JOB_STATE_REJECTED, refused.describe()
+        assert S.JOB_STATE_RUNNING not in refused.states, refused.describe()
+
+        run = await job.finished(within=30)
+        assert run.result is not None and run.result.state == S.JOB_STATE_COMPLETED, run.describe()
+        assert run.result.stdout.data == b"finished\n", run.describe()
+    finally:
+        # Only one SIGTERM: a second one means "exit now" to a Horde service.
+        code = await stop_process(proc, None if signalled else signal.SIGTERM)
+    assert_clean_exit(code, log_path)
+    assert [e["job_uuid"] for e in log_events(log_path, "drained")] == [job_uuid]
+    assert await job_objects(net.docker, [job_uuid]) == []
+
+
+async def test_executor_stopped_mid_job_past_its_drain_timeout(bare_net: Network) -> None:
+    """SIGTERM mid-job, the job outlasting `drain_timeout_s`: the job ends as executor_lost, the
     executor removes the job's container on its way out and exits cleanly."""
     net = bare_net
-    config = net.executor_config("executor2")
+    config = net.executor_config("executor2", drain_timeout_s=1)
     log_path = net.root / "executor2.log"
     proc = await spawn_executor(net, config, log_path)
     signalled = False
@@ -599,13 +650,10 @@ async def test_executor_stopped_mid_job(bare_net: Network) -> None:
         run = await job.finished(within=20)
         assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_EXECUTOR_LOST)
     finally:
-        # Only one SIGTERM: a second one means "exit now" to a Horde service.
         code = await stop_process(proc, None if signalled else signal.SIGTERM)
-    log = log_path.read_text()
-    assert code == 0, log[-3000:]
+    assert_clean_exit(code, log_path)
+    assert [e["job_uuid"] for e in log_events(log_path, "drain_timed_out")] == [job_uuid]
     assert await job_objects(net.docker, [job_uuid]) == []
-    for bad in ("Traceback", "Task was destroyed", "Unclosed", "never awaited", '"error"'):
-        assert bad not in log, log[-3000:]
 
 
 async def test_job_waits_for_executors_reconnecting_after_a_miner_restart(net: Network) -> None:

@@ -109,6 +109,7 @@ class ExecutorManifest(_message.Message):
     EXECUTOR_IDENTITY_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     CACHED_IMAGES_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     executor_id: _builtins.str
     """Miner-local executor id (stable across reconnects)."""
     executor_class: _builtins.str
@@ -119,6 +120,8 @@ class ExecutorManifest(_message.Message):
     """Identity string of the executor's Ed25519 key."""
     version: _builtins.str
     """Horde version the executor runs."""
+    draining: _builtins.bool
+    """True while the executor shuts down: it finishes the job it runs but takes no new one."""
     @_builtins.property
     def hardware(self) -> Global___HardwareInfo:
         """Probed hardware."""
@@ -137,10 +140,11 @@ class ExecutorManifest(_message.Message):
         executor_identity: _builtins.str = ...,
         version: _builtins.str = ...,
         cached_images: _abc.Iterable[_builtins.str] | None = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hardware", b"hardware"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "cached_images", b"cached_images", "executor_class", b"executor_class", "executor_id", b"executor_id", "executor_identity", b"executor_identity", "hardware", b"hardware", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "cached_images", b"cached_images", "draining", b"draining", "executor_class", b"executor_class", "executor_id", b"executor_id", "executor_identity", b"executor_identity", "hardware", b"hardware", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
