@@ -147,6 +147,7 @@ def _one_line(body: bytes) -> str:
 async def _run(args: argparse.Namespace) -> int:
     if args.window < 1:
         raise _UsageError("--window must be at least 1")
+    from services.cli.client import shown
     from services.cli.devenv import DevEnv, DevEnvError
     from services.core.identity import Identity, KeyFileError, load_key_file
     from services.core.server import open_channel
@@ -186,6 +187,13 @@ async def _run(args: argparse.Namespace) -> int:
     )
     live = sys.stdout.isatty() and not args.json and args.input is None
     out = sys.stdout
+    # The job's words (responses, and the events and reasons on stderr) are shown with their
+    # control characters escaped on a terminal, where they could retitle the window or clear it;
+    # into a pipe or file they go verbatim.
+    out_tty, err_tty = sys.stdout.isatty(), sys.stderr.isatty()
+
+    def one_line(body: bytes) -> str:
+        return shown(_one_line(body), out_tty)
 
     def write_out(text: str, end: str = "\n") -> None:
         try:
@@ -195,11 +203,11 @@ async def _run(args: argparse.Namespace) -> int:
             raise _OutputClosed from None
 
     def on_event(event: Any) -> None:
-        print(f"[{event.job_uuid[:8]}] {event.message}", file=sys.stderr)
+        print(f"[{event.job_uuid[:8]}] {shown(event.message, err_tty)}", file=sys.stderr)
 
     def on_chunk(_seq: int, body: bytes) -> None:
         if live:
-            write_out(_one_line(body), end="")
+            write_out(one_line(body), end="")
 
     receipts_file: IO[str] | None = None
     saved = 0
@@ -259,7 +267,7 @@ async def _run(args: argparse.Namespace) -> int:
                     elif live:
                         write_out("")
                     else:
-                        write_out(_one_line(res.body))
+                        write_out(one_line(res.body))
                     if receipts_file is not None:
                         try:
                             receipts_file.write(res.receipt.to_json() + "\n")
@@ -275,9 +283,9 @@ async def _run(args: argparse.Namespace) -> int:
                         saved += 1
             closed = await client.close("client done" if status == 0 else "client failed")
             if closed is not None:
-                print(f"session closed: {closed.reason}", file=sys.stderr)
+                print(f"session closed: {shown(closed.reason, err_tty)}", file=sys.stderr)
         except SessionEnded as exc:
-            print(f"horde stream: session ended: {exc.reason}", file=sys.stderr)
+            print(f"horde stream: session ended: {shown(exc.reason, err_tty)}", file=sys.stderr)
             status = 1
         except (BadReceipt, CertificateError) as exc:
             print(f"horde stream: refusing the job's answer: {exc}", file=sys.stderr)

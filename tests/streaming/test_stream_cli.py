@@ -362,3 +362,38 @@ async def test_on_a_terminal_the_next_prompt_follows_the_answer(
             proc.kill()
             await proc.wait()
         os.close(master)
+
+
+async def test_control_characters_from_the_job_are_escaped_on_a_terminal_only(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A job's response could retitle the user's terminal window or clear the screen: on a
+    terminal its control characters are shown escaped; into a pipe it goes verbatim."""
+    app = await harness.start_gateway()
+    body = b"\x1b]0;pwned\x07 \x1b[2J\tand a tab"
+    requests = tmp_path / "requests.txt"
+    requests.write_bytes(body + b"\n")
+    code, out, err = await horde(
+        "stream", *target(harness, app, tmp_path), "--input", str(requests)
+    )
+    assert code == 0, err
+    assert out == answer(body).decode() + "\n"  # verbatim, escape sequences included
+
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        HORDE, "stream", *target(harness, app, tmp_path), "--input", str(requests),
+        stdin=asyncio.subprocess.DEVNULL, stdout=slave, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    term = _Terminal(master)
+    try:
+        await asyncio.to_thread(term.until, b"receipts verified")
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+    assert b"\x1b" not in term.seen and b"\x07" not in term.seen, term.seen
+    assert b"\\x07denwp;0]\\x1b" in term.seen and b"\tand a tab" not in term.seen, term.seen
+    assert b"bat a dna\t" in term.seen, term.seen  # tabs are harmless: kept
