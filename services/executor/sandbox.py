@@ -231,6 +231,17 @@ def _hardening(limits: SandboxLimits) -> dict[str, Any]:
     }
 
 
+# "failed to create shim task: OCI runtime create failed: runc create failed: unable to start
+# container process: exec: "x": executable file not found in $PATH: unknown": the part a job's
+# author needs.
+_RUNC_START = re.compile(r"unable to start container process: (.*?)(?:: unknown)?$")
+
+
+def _start_error(message: str) -> str:
+    found = _RUNC_START.search(message)
+    return found.group(1) if found else message
+
+
 def build_job_config(
     run: ContainerRun, image_id: str, volume_name: str, instance: str = DEFAULT_INSTANCE
 ) -> dict[str, Any]:
@@ -602,10 +613,15 @@ class DockerRuntime:
                     if exc.status != 400:
                         # 5xx: the engine's problem (e.g. no GPU driver), not the job's.
                         raise SandboxError(f"cannot start the container: {exc.message}") from exc
-                    # 400: bad command, missing binary, ...: the job's fault, reported as a result.
+                    # 400: bad command, missing binary, ...: the job's fault, reported as a result,
+                    # with the status the engine gives it (127 not found, 126 not executable, as
+                    # a shell would).
                     bound.info("sandbox.start_failed", error=exc.message)
+                    state: dict[str, Any] = {}
+                    with contextlib.suppress(DockerError):
+                        state = (await job.show()).get("State") or {}
                     return ContainerResult(
-                        exit_code=None,
+                        exit_code=state.get("ExitCode") or None,
                         timed_out=False,
                         oom_killed=False,
                         pids_exhausted_hint=False,
@@ -615,7 +631,7 @@ class DockerRuntime:
                         stderr_truncated=False,
                         duration_s=0.0,
                         image_id=image_id,
-                        start_error=exc.message,
+                        start_error=_start_error(exc.message),
                     )
                 started = time.monotonic()
                 bound.info("sandbox.started", image=run.image, timeout_s=run.timeout_s)

@@ -207,8 +207,22 @@ async def test_command_that_cannot_start(
         ContainerRun(job_uuid=new_job_uuid(), image=BASE, command=["/no/such/binary"]),
         tmp_path / "out",
     )
-    assert result.exit_code is None
-    assert result.start_error is not None and "/no/such/binary" in result.start_error
+    # What a shell would say: 127, and the reason without the engine's runc preamble.
+    assert result.exit_code == 127
+    error = result.start_error or ""
+    assert error.startswith('exec: "/no/such/binary": ') and "no such file" in error, error
+    assert "runc" not in error and "shim" not in error, error
+
+
+async def test_command_that_is_not_executable(
+    runtime: DockerRuntime, new_job_uuid: Callable[[], str], tmp_path: Path
+) -> None:
+    result = await runtime.run(
+        ContainerRun(job_uuid=new_job_uuid(), image=BASE, command=["/etc"]),
+        tmp_path / "out",
+    )
+    assert result.exit_code == 126
+    assert (result.start_error or "").startswith('exec: "/etc": permission denied')
 
 
 async def test_timeout_kills_and_removes_container(
