@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = job.add_parser(name, help=helptext)
         _add_client_args(p)
         p.add_argument("job_uuid")
-    lst = job.add_parser("list", help="list recent jobs")
+    lst = job.add_parser("list", help="list your recent jobs (a validator admin: every client's)")
     _add_client_args(lst)
     lst.add_argument(
         "--limit",

@@ -40,6 +40,8 @@ jobs = sa.Table(
     sa.Column("miner_hotkey", sa.String(200), nullable=True),
     sa.Column("created_ns", sa.BigInteger, nullable=False),
     sa.Column("updated_ns", sa.BigInteger, nullable=False),
+    # ListJobs for one client: newest first.
+    sa.Index("ix_jobs_client_seq", "client", "seq"),
 )
 
 job_events = sa.Table(

@@ -6,6 +6,8 @@ import time
 
 from horde.v1 import common_pb2, job_pb2
 
+from services.core.errors import InvalidArgument
+
 TERMINAL_STATES = frozenset(
     {
         common_pb2.JOB_STATE_COMPLETED,
@@ -15,6 +17,20 @@ TERMINAL_STATES = frozenset(
         common_pb2.JOB_STATE_CANCELLED,
     }
 )
+
+
+_MAX_CURSOR = 2**63 - 1  # a page position is a signed 64-bit row id
+
+
+def parse_cursor(text: str) -> int | None:
+    """A page cursor as the previous page returned it (decimal); None for the first page.
+    InvalidArgument for anything else, including numbers no database row id can reach."""
+    if not text:
+        return None
+    if text.isascii() and text.isdigit() and len(text) <= 19 and int(text) <= _MAX_CURSOR:
+        return int(text)
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    raise InvalidArgument(f"malformed cursor {shown!r}: pass a next_cursor a page returned")
 
 
 def state_name(state: int) -> str:

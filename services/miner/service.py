@@ -25,7 +25,7 @@ from services.core.certificates import sign_certificate
 from services.core.db import lifecycle_receipts
 from services.core.errors import HordeError, InvalidArgument
 from services.core.identity import Signer
-from services.core.proto_util import TERMINAL_STATES, result
+from services.core.proto_util import TERMINAL_STATES, parse_cursor, result
 from services.core.server import current_caller
 from services.miner.pool import (
     AllBusy,
@@ -120,10 +120,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
     async def ListReceipts(
         self, request: miner_pb2.ListReceiptsRequest, context: grpc.aio.ServicerContext
     ) -> miner_pb2.ListReceiptsResponse:
-        try:
-            cursor = int(request.cursor or "0")
-        except ValueError:
-            raise InvalidArgument(f"malformed cursor {request.cursor!r}") from None
+        cursor = parse_cursor(request.cursor) or 0
         limit = min(request.limit or 100, 1000)
         receipts, next_cursor = await self._receipts.page(cursor, limit)
         states = [lifecycle.parse(r).state for r in receipts]

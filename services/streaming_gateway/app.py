@@ -15,8 +15,9 @@ from services.core.auth import Authenticator, MethodPolicy, StaticPolicy
 from services.core.chain import ChainAdapter
 from services.core.config import GatewaySettings
 from services.core.db import open_database
-from services.core.errors import ConfigError, InvalidArgument, Unavailable
+from services.core.errors import ConfigError, Unavailable
 from services.core.identity import Identity, Signer
+from services.core.proto_util import parse_cursor
 from services.core.proxy_wire import ProxyLink
 from services.core.runtime import load_signer, open_chain, parse_identities
 from services.core.server import ServiceRegistration, create_server, current_caller, open_channel
@@ -72,10 +73,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def ListSamples(
         self, request: gateway_pb2.ListSamplesRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListSamplesResponse:
-        try:
-            after = int(request.cursor) if request.cursor else 0
-        except ValueError:
-            raise InvalidArgument(f"malformed cursor {request.cursor!r}") from None
+        after = parse_cursor(request.cursor) or 0
         limit = min(request.limit or DEFAULT_SAMPLES, MAX_SAMPLES)
         rows = await self._store.samples_after(after, limit)
         reply = gateway_pb2.ListSamplesResponse(next_cursor=str(rows[-1].cursor if rows else after))

@@ -91,6 +91,7 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
         settings.default_executor_class,
         settings.max_inline_input_bytes,
         settings.max_stage_timeout_s,
+        admins,
     )
     servicer.streaming = StreamingJobs(
         manager,

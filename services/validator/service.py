@@ -14,11 +14,18 @@ import grpc
 import structlog
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 
-from services.core.errors import HordeError, InvalidArgument, NotFound, ResourceExhausted
-from services.core.proto_util import TERMINAL_STATES, result
+from services.core.errors import (
+    HordeError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from services.core.proto_util import TERMINAL_STATES, parse_cursor, result
 from services.core.server import current_caller
 from services.executor.archive import ArchiveError, clean_member_name
 from services.validator.jobs import JobManager
+from services.validator.spec_checks import is_sha256_hex, shorten, spec_problem
 from services.validator.store import JobStore, chunks
 from services.validator.streaming import StreamingRpcs, parse_job_uuid
 
@@ -34,12 +41,21 @@ REFUSED_UPLOAD_DRAIN_BYTES = 256 * 1024 * 1024
 # ...and a client that sends nothing for this long gets the refusal anyway (e.g. one that keeps
 # the stream open after its inputs, to be able to cancel).
 REFUSED_UPLOAD_IDLE_S = 5.0
+# A ListJobs page ends early rather than pass this many bytes of jobs: under gRPC's default
+# 4 MiB receive limit of clients, whatever the jobs' results hold (next_cursor goes on).
+LIST_PAGE_BYTES = 3 * 1024 * 1024
 
 
 def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None) -> None:
     """Raise InvalidArgument naming the first bad field."""
-    if not spec.image.strip():
-        raise InvalidArgument("spec.image: an image reference is required")
+    problem = spec_problem(spec)
+    if problem is not None:
+        raise InvalidArgument(problem)
+    if spec.HasField("streaming"):
+        raise InvalidArgument(
+            "spec.streaming: streaming jobs start through a gateway (StartStreamingJob), not "
+            "SubmitJob"
+        )
     if max_stage_timeout_s is not None:
         for field, value in spec.timeouts.ListFields():
             if value > max_stage_timeout_s:
@@ -47,9 +63,6 @@ def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None)
                     f"spec.timeouts.{field.name}: {value} s exceeds this validator's maximum of "
                     f"{max_stage_timeout_s} s"
                 )
-    for key in spec.env:
-        if not key or "=" in key or "\x00" in key:
-            raise InvalidArgument(f"spec.env: invalid variable name {key!r}")
     single_files: dict[str, int] = {}  # path under /volume -> the input that puts a file there
     for index, volume in enumerate(spec.inputs):
         where = f"spec.inputs[{index}]"
@@ -78,8 +91,14 @@ def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None)
         if source == "url":
             if not volume.url.url.startswith(("http://", "https://")):
                 raise InvalidArgument(f"{where}.url.url: must be an http(s) URL")
-            if len(volume.url.sha256) != 64:
+            if not is_sha256_hex(volume.url.sha256):
                 raise InvalidArgument(f"{where}.url.sha256: a 64-hex-digit sha256 is required")
+        if source in ("inline_archive", "inline_file"):
+            declared = getattr(volume, source).sha256
+            if declared and not is_sha256_hex(declared):
+                raise InvalidArgument(
+                    f"{where}.{source}.sha256: {shorten(declared)!r} is not a 64-hex-digit sha256"
+                )
     if spec.output.WhichOneof("target") == "upload" and not spec.output.upload.url.startswith(
         ("http://", "https://")
     ):
@@ -95,8 +114,11 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         default_class: str,
         max_input_bytes: int,
         max_stage_timeout_s: int | None = None,
+        admins: set[str] | None = None,
     ) -> None:
         self._manager = manager
+        # Identity strings that see every client's jobs (the others see their own).
+        self._admins = admins or set()
         self._max_stage_timeout_s = max_stage_timeout_s
         self._store = store
         self._allowed = allowed_images
@@ -267,10 +289,21 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             read += msg.ByteSize()
         log.info("refused_upload_cut_off", read_bytes=read, limit=self._read_limit)
 
+    async def _own_record(self, job_uuid: str) -> job_pb2.JobRecord:
+        """The job's record, when the caller submitted it (or is an admin)."""
+        record = await self._store.get(job_uuid)
+        if record is None:
+            raise NotFound(f"no job {job_uuid}")
+        caller = str(current_caller())
+        if record.client != caller and caller not in self._admins:
+            raise PermissionDenied(f"job {job_uuid} was submitted by another client")
+        return record
+
     async def WatchJob(
         self, request: validator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.WatchJobResponse]:
         job_uuid = parse_job_uuid(request.job_uuid)
+        record = await self._own_record(job_uuid)
         job = self._manager.live(job_uuid)
         if job is not None:
             async for item in self._manager.follow(job):
@@ -279,9 +312,7 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
                 elif isinstance(item, job_pb2.JobResult):
                     yield validator_pb2.WatchJobResponse(result=item)
             return
-        record = await self._store.get(job_uuid)
-        if record is None:
-            raise NotFound(f"no job {job_uuid}")
+        record = await self._store.get(job_uuid) or record  # it may have ended meanwhile
         for ev in await self._store.events(job_uuid):
             yield validator_pb2.WatchJobResponse(event=ev)
         if record.state in TERMINAL_STATES:
@@ -290,19 +321,14 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
     async def GetJob(
         self, request: validator_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.GetJobResponse:
-        job_uuid = parse_job_uuid(request.job_uuid)
-        record = await self._store.get(job_uuid)
-        if record is None:
-            raise NotFound(f"no job {job_uuid}")
+        record = await self._own_record(parse_job_uuid(request.job_uuid))
         return validator_pb2.GetJobResponse(job=record)
 
     async def CancelJob(
         self, request: validator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.CancelJobResponse:
         job_uuid = parse_job_uuid(request.job_uuid)
-        record = await self._store.get(job_uuid)
-        if record is None:
-            raise NotFound(f"no job {job_uuid}")
+        await self._own_record(job_uuid)
         await self._manager.cancel(job_uuid)
         record = await self._store.get(job_uuid)
         assert record is not None
@@ -312,11 +338,17 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         self, request: validator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> validator_pb2.ListJobsResponse:
         limit = min(request.limit or 50, 500)
-        try:
-            cursor = int(request.cursor) if request.cursor else None
-        except ValueError:
-            raise InvalidArgument(f"malformed cursor {request.cursor!r}") from None
-        records, next_cursor = await self._store.list_jobs(limit, cursor, request.state or None)
+        cursor = parse_cursor(request.cursor)
+        if request.state and request.state not in common_pb2.JobState.values():
+            raise InvalidArgument(f"state: {request.state} is not a JobState")
+        caller = str(current_caller())
+        records, next_cursor = await self._store.list_jobs(
+            limit,
+            cursor,
+            request.state or None,
+            client=None if caller in self._admins else caller,
+            max_bytes=LIST_PAGE_BYTES,
+        )
         return validator_pb2.ListJobsResponse(
             jobs=records, next_cursor=str(next_cursor) if next_cursor is not None else ""
         )
@@ -325,8 +357,6 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         self, request: validator_pb2.DownloadOutputsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.DownloadOutputsResponse]:
         job_uuid = parse_job_uuid(request.job_uuid)
-        record = await self._store.get(job_uuid)
-        if record is None:
-            raise NotFound(f"no job {job_uuid}")
+        await self._own_record(job_uuid)
         for chunk in chunks(await self._store.outputs(job_uuid), OUTPUT_CHUNK):
             yield validator_pb2.DownloadOutputsResponse(chunk=chunk)

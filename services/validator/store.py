@@ -87,9 +87,19 @@ class JobStore:
         return _record(row) if row is not None else None
 
     async def list_jobs(
-        self, limit: int, cursor: int | None, state: int | None
+        self,
+        limit: int,
+        cursor: int | None,
+        state: int | None,
+        client: str | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[list[job_pb2.JobRecord], int | None]:
+        """A page of jobs, newest first (only `client`'s when given), and the cursor of the
+        next page (None at the end). With `max_bytes` the page ends early rather than hold more
+        serialized bytes than that (it always holds at least one job)."""
         query = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit + 1)
+        if client is not None:
+            query = query.where(jobs.c.client == client)
         if cursor is not None:
             query = query.where(jobs.c.seq < cursor)
         if state:
@@ -97,8 +107,18 @@ class JobStore:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).fetchall()
         more = len(rows) > limit
-        rows = rows[:limit]
-        return [_record(r) for r in rows], (rows[-1].seq if more and rows else None)
+        records: list[job_pb2.JobRecord] = []
+        size = 0
+        last_seq = None
+        for row in rows[:limit]:
+            record = _record(row)
+            size += record.ByteSize()
+            if max_bytes is not None and records and size > max_bytes:
+                more = True
+                break
+            records.append(record)
+            last_seq = row.seq
+        return records, (last_seq if more else None)
 
     async def unfinished(self) -> list[str]:
         async with self.engine.connect() as conn:

@@ -44,6 +44,7 @@ from services.executor.streaming import (
 )
 from services.validator.jobs import JobManager, LiveJob
 from services.validator.scoring import add_penalty
+from services.validator.spec_checks import spec_problem
 from services.validator.store import JobStore
 from services.validator.synthetic import SyntheticStore
 
@@ -192,11 +193,9 @@ class StreamingJobs:
                 job.cancel.set()
 
     def _check_spec(self, spec: job_pb2.JobSpec) -> str | None:
-        if not spec.image.strip():
-            return "spec.image: an image reference is required"
-        for key in spec.env:
-            if not key or "=" in key or "\x00" in key:
-                return f"spec.env: invalid variable name {key!r}"
+        problem = spec_problem(spec)
+        if problem is not None:
+            return problem
         if len(spec.inputs):
             return "spec.inputs: streaming jobs take no input volumes (send extra data instead)"
         streaming = spec.streaming

@@ -306,6 +306,8 @@ def make_keys(root: Path) -> Keys:
         "executor": "ed25519",
         "executor2": "ed25519",
         "client": "ed25519",
+        "client2": "ed25519",  # another enrolled client
+        "admin": "ed25519",  # an enrolled client that is also a validator admin
     }
     paths = {name: root / f"{name}.json" for name in kinds}
     signers = {name: create_key_file(paths[name], kind) for name, kind in kinds.items()}  # type: ignore[arg-type]
@@ -447,7 +449,8 @@ class Network:
     async def start_validator(self, validator_images: list[str] | None = None) -> ServiceApp:
         settings = load_settings(
             ValidatorSettings,
-            clients=[self.keys.identity("client")],
+            clients=[self.keys.identity(name) for name in ("client", "client2", "admin")],
+            admins=[self.keys.identity("admin")],
             allowed_images=validator_images if validator_images is not None else self.images,
             streaming_whitelist=[],
             **self._common(),

@@ -20,6 +20,7 @@ from organic_support import (
     Network,
     assert_result,
     make_tar,
+    python_job,
     sha256,
     spec_for,
     wait_job_container_running,
@@ -190,6 +191,56 @@ async def test_job_queries_after_completion(
     with pytest.raises(grpc.aio.AioRpcError) as malformed:
         await stub.GetJob(validator_pb2.GetJobRequest(job_uuid="no-such-job"), timeout=10)
     assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_client_sees_and_acts_on_its_own_jobs_only(net: Network) -> None:
+    """Another enrolled client can neither read, follow, download nor cancel a client's job,
+    nor see it listed; a validator admin sees every job."""
+    owner = net.client()
+    job = net.start_job(python_job("import time; time.sleep(30)", execution_s=60))
+    running = await job.wait_state(S.JOB_STATE_RUNNING)
+    job_uuid = running.job_uuid
+    other = net.client(signer=net.keys.signers["client2"])
+    calls = {
+        "GetJob": lambda: other.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid), timeout=10),
+        "CancelJob": lambda: other.CancelJob(
+            validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=10
+        ),
+        "WatchJob": lambda: anext(
+            aiter(other.WatchJob(validator_pb2.WatchJobRequest(job_uuid=job_uuid), timeout=10))
+        ),
+        "DownloadOutputs": lambda: anext(
+            aiter(
+                other.DownloadOutputs(
+                    validator_pb2.DownloadOutputsRequest(job_uuid=job_uuid), timeout=10
+                )
+            )
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await call()
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+        assert "submitted by another client" in (denied.value.details() or ""), name
+    assert list((await other.ListJobs(validator_pb2.ListJobsRequest(), timeout=10)).jobs) == []
+    # The job went on: the other client's cancel did nothing.
+    got = (await owner.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid), timeout=10)).job
+    assert got.state == S.JOB_STATE_RUNNING
+    listed = await owner.ListJobs(validator_pb2.ListJobsRequest(), timeout=10)
+    assert [j.job_uuid for j in listed.jobs] == [job_uuid]
+
+    # The admin sees it and may cancel it; its own jobs are listed beside it.
+    admin = net.client(signer=net.keys.signers["admin"])
+    seen = (await admin.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid), timeout=10)).job
+    assert seen.client == net.keys.identity("client")
+    cancelled = await admin.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30)
+    assert cancelled.state == S.JOB_STATE_CANCELLED
+    run = await job.finished(within=30)
+    assert run.result is not None and run.result.state == S.JOB_STATE_CANCELLED, run.describe()
+    own = await net.start_job(spec_for(BASE_IMAGE, ["true"]), stub=admin).finished(60)
+    assert own.result is not None and own.result.state == S.JOB_STATE_COMPLETED, own.describe()
+    listed = await admin.ListJobs(validator_pb2.ListJobsRequest(), timeout=10)
+    assert [j.job_uuid for j in listed.jobs] == [own.job_uuid, job_uuid]
 
 
 async def test_inline_single_file_under_mount_path(net: Network) -> None:

@@ -403,3 +403,145 @@ async def test_two_files_for_one_path_under_volume_are_refused(v: Validator) -> 
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
     assert err.details() == "spec.inputs[1].inline_file: /volume/x.txt is already spec.inputs[0]'s"
     await v.assert_nothing_left()
+
+
+# ------------------------------------------------------------------- spec checks and listings
+
+
+def _with(**fields: object) -> job_pb2.JobSpec:
+    spec = spec_with()
+    for name, value in fields.items():
+        if name == "env":
+            assert isinstance(value, dict)
+            spec.env.update(value)
+        elif name == "labels":
+            assert isinstance(value, dict)
+            spec.labels.update(value)
+        elif name == "command":
+            assert isinstance(value, list)
+            spec.command[:] = value
+        elif name == "inputs":
+            assert isinstance(value, list)
+            spec.inputs.extend(value)
+        elif name == "streaming":
+            spec.streaming.port = 8000
+        else:
+            setattr(spec, name, value)
+    return spec
+
+
+_BIG = _with(command=["python3", "-c", "#" * (300 * 1024)])
+
+
+@pytest.mark.parametrize(
+    ("spec", "details"),
+    [
+        (
+            _with(env={"A": "x\x00y"}),
+            "spec.env['A']: a value cannot contain a NUL byte",
+        ),
+        (
+            _with(command=["echo", "a\x00b"]),
+            "spec.command[1]: an argument cannot contain a NUL byte",
+        ),
+        (
+            _with(image="horde/base:latest\n"),
+            "spec.image: 'horde/base:latest\\n' is not an image reference (whitespace or "
+            "control characters)",
+        ),
+        (
+            _with(labels={f"k{i}": "v" for i in range(65)}),
+            "spec.labels: 65 labels, at most 64",
+        ),
+        (
+            _with(labels={"big": "x" * 1025}),
+            "spec.labels['big']: 1025 characters, at most 1024",
+        ),
+        (
+            _BIG,
+            f"spec: {_BIG.ByteSize()} bytes, over the 262144-byte limit (send large data as "
+            "inputs)",
+        ),
+        (
+            _with(streaming=True),
+            "spec.streaming: streaming jobs start through a gateway (StartStreamingJob), not "
+            "SubmitJob",
+        ),
+        (
+            _with(
+                inputs=[
+                    job_pb2.InputVolume(url=job_pb2.UrlInput(url="https://x/y", sha256="z" * 64))
+                ]
+            ),
+            "spec.inputs[0].url.sha256: a 64-hex-digit sha256 is required",
+        ),
+        (
+            _with(
+                inputs=[
+                    job_pb2.InputVolume(inline_file=job_pb2.InlineFile(file_name="a", sha256="zz"))
+                ]
+            ),
+            "spec.inputs[0].inline_file.sha256: 'zz' is not a 64-hex-digit sha256",
+        ),
+    ],
+    ids=[
+        "nul_in_env_value",
+        "nul_in_command",
+        "newline_in_image",
+        "too_many_labels",
+        "label_too_long",
+        "spec_too_large",
+        "streaming_on_submit",
+        "url_sha256_not_hex",
+        "inline_sha256_not_hex",
+    ],
+)
+async def test_a_spec_the_executor_could_not_run_is_refused_up_front(
+    v: Validator, spec: job_pb2.JobSpec, details: str
+) -> None:
+    """Refused as the client's mistake (INVALID_ARGUMENT, nothing stored), not passed on to a
+    miner whose executor would refuse it: the job would end horde_failed, against the miner."""
+    err = await submit_refused(v, spec, {})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert err.details() == details
+    await v.assert_nothing_left()
+
+
+@pytest.mark.parametrize("cursor", ["9" * 30, str(2**63), "-1", "1e3", "abc", "٣"])
+async def test_a_cursor_no_page_returned_is_invalid_argument(v: Validator, cursor: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await v.stub.ListJobs(validator_pb2.ListJobsRequest(cursor=cursor), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert (err.value.details() or "").startswith("malformed cursor"), err.value.details()
+
+
+@pytest.mark.parametrize("state", [99, -5])
+async def test_an_unknown_state_filter_is_invalid_argument(v: Validator, state: int) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await v.stub.ListJobs(validator_pb2.ListJobsRequest(state=state), timeout=10)  # type: ignore[arg-type]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert err.value.details() == f"state: {state} is not a JobState"
+
+
+async def test_a_page_of_large_jobs_ends_early_and_the_cursor_goes_on(v: Validator) -> None:
+    """Jobs near the spec size limit: a default page of 50 would pass gRPC's 4 MiB receive
+    limit, so the page ends early; following the cursors lists every job exactly once."""
+    submitted = []
+    for i in range(20):  # refused at once (image not allowed) but stored: ~200 KiB each
+        spec = _with(image="not/allowed:latest", command=["x" * (200 * 1024), str(i)])
+        call = v.stub.SubmitJob(uploads(spec, {}), timeout=30)
+        results = [m.result async for m in call if m.HasField("result")]
+        submitted.append(results[-1].job_uuid)
+    listed: list[str] = []
+    pages = 0
+    cursor = ""
+    while True:
+        page = await v.stub.ListJobs(validator_pb2.ListJobsRequest(cursor=cursor), timeout=10)
+        assert page.ByteSize() <= service.LIST_PAGE_BYTES
+        listed += [j.job_uuid for j in page.jobs]
+        pages += 1
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    assert listed == submitted[::-1]
+    assert pages > 1

@@ -27,6 +27,8 @@ if _version_not_supported:
 
 class ValidatorServiceStub:
     """ValidatorService is the validator's API for clients and gateways. Every call is authenticated.
+    A client sees and acts on its own jobs only (PERMISSION_DENIED for another client's); a
+    validator admin (the validator's `admins`) sees every job.
     """
 
     def __init__(self, channel):
@@ -89,6 +91,8 @@ class ValidatorServiceStub:
 
 class ValidatorServiceServicer:
     """ValidatorService is the validator's API for clients and gateways. Every call is authenticated.
+    A client sees and acts on its own jobs only (PERMISSION_DENIED for another client's); a
+    validator admin (the validator's `admins`) sees every job.
     """
 
     def SubmitJob(self, request_iterator, context):
@@ -121,7 +125,7 @@ class ValidatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """List jobs, newest first.
+        """List the caller's jobs (an admin: every job), newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,6 +229,8 @@ def add_ValidatorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ValidatorService:
     """ValidatorService is the validator's API for clients and gateways. Every call is authenticated.
+    A client sees and acts on its own jobs only (PERMISSION_DENIED for another client's); a
+    validator admin (the validator's `admins`) sees every job.
     """
 
     @staticmethod

@@ -27,7 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ValidatorServiceStub:
-    """ValidatorService is the validator's API for clients and gateways. Every call is authenticated."""
+    """ValidatorService is the validator's API for clients and gateways. Every call is authenticated.
+    A client sees and acts on its own jobs only (PERMISSION_DENIED for another client's); a
+    validator admin (the validator's `admins`) sees every job.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -44,7 +47,7 @@ class ValidatorServiceStub:
     CancelJob: _grpc.UnaryUnaryMultiCallable[_validator_pb2.CancelJobRequest, _validator_pb2.CancelJobResponse]
     """Cancel a job that has not finished."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_validator_pb2.ListJobsRequest, _validator_pb2.ListJobsResponse]
-    """List jobs, newest first."""
+    """List the caller's jobs (an admin: every job), newest first."""
     DownloadOutputs: _grpc.UnaryStreamMultiCallable[_validator_pb2.DownloadOutputsRequest, _validator_pb2.DownloadOutputsResponse]
     """Download the output files a finished job returned inline."""
     StartStreamingJob: _grpc.UnaryStreamMultiCallable[_validator_pb2.StartStreamingJobRequest, _validator_pb2.StartStreamingJobResponse]
@@ -58,7 +61,10 @@ class ValidatorServiceStub:
 
 @_typing.type_check_only
 class ValidatorServiceAsyncStub(ValidatorServiceStub):
-    """ValidatorService is the validator's API for clients and gateways. Every call is authenticated."""
+    """ValidatorService is the validator's API for clients and gateways. Every call is authenticated.
+    A client sees and acts on its own jobs only (PERMISSION_DENIED for another client's); a
+    validator admin (the validator's `admins`) sees every job.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.StreamStreamMultiCallable[_validator_pb2.SubmitJobRequest, _validator_pb2.SubmitJobResponse]  # type: ignore[assignment]
@@ -72,7 +78,7 @@ class ValidatorServiceAsyncStub(ValidatorServiceStub):
     CancelJob: _aio.UnaryUnaryMultiCallable[_validator_pb2.CancelJobRequest, _validator_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancel a job that has not finished."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_validator_pb2.ListJobsRequest, _validator_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """List jobs, newest first."""
+    """List the caller's jobs (an admin: every job), newest first."""
     DownloadOutputs: _aio.UnaryStreamMultiCallable[_validator_pb2.DownloadOutputsRequest, _validator_pb2.DownloadOutputsResponse]  # type: ignore[assignment]
     """Download the output files a finished job returned inline."""
     StartStreamingJob: _aio.UnaryStreamMultiCallable[_validator_pb2.StartStreamingJobRequest, _validator_pb2.StartStreamingJobResponse]  # type: ignore[assignment]
@@ -85,7 +91,10 @@ class ValidatorServiceAsyncStub(ValidatorServiceStub):
     """Gateways: report a receipt that failed the gateway's checks."""
 
 class ValidatorServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ValidatorService is the validator's API for clients and gateways. Every call is authenticated."""
+    """ValidatorService is the validator's API for clients and gateways. Every call is authenticated.
+    A client sees and acts on its own jobs only (PERMISSION_DENIED for another client's); a
+    validator admin (the validator's `admins`) sees every job.
+    """
 
     @_abc_1.abstractmethod
     def SubmitJob(
@@ -127,7 +136,7 @@ class ValidatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _validator_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_validator_pb2.ListJobsResponse, _abc.Awaitable[_validator_pb2.ListJobsResponse]]:
-        """List jobs, newest first."""
+        """List the caller's jobs (an admin: every job), newest first."""
 
     @_abc_1.abstractmethod
     def DownloadOutputs(
