@@ -10,15 +10,18 @@ checks them)::
      "receipt": {...},                                         DESIGN.md's receipt JSON form
      "request": b64, "claimed_output": b64, "trusted_output": b64,
      "comparator": "sha256", "detail": "...", "created_ns": N,
-     "trusted": {"miner_hotkey", "job_uuid", "certificate", "receipt"}}   optional
+     "trusted": {"miner_hotkey", "job_uuid", "certificate", "receipt"}}
 
 `verify_record` holds iff: the certificate verifies under the miner hotkey it names (and that is
 the record's miner), for the record's job, and was valid when the receipt was made; the receipt
 verifies under the certified job key, for that job; sha256(request) == receipt.input_sha256;
 sha256(claimed_output) == receipt.output_sha256; and the comparator says claimed and trusted
-outputs differ. When the `trusted` part is present (the trusted instance's own certificate and
-receipt) it must verify the same way over the same request and the trusted output, for the same
-image digest. Any altered field breaks one of these and the reason names it.
+outputs differ; and the `trusted` part (the trusted instance's own certificate and receipt)
+verifies the same way over the same request and the trusted output, for the same image digest,
+in a job the same validator started. Without it `trusted_output` would be any bytes one cares to
+write. Whom to believe as a trusted instance is the verifier's call: `Verified.trusted_miner`
+names it (`horde evidence verify --trusted-miner` pins it). Any altered field breaks one of these
+and the reason names it.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class Verified:
     image_digest: str
     comparator: str
     detail: str
+    trusted_miner: str  # the trusted instance whose signed output the claim is compared with
 
 
 def _signed_pair(
@@ -187,23 +191,33 @@ def verify_record(doc: Any) -> Verified:
             f"claimed_output and trusted_output agree under {name}: no mismatch is shown"
         )
     extra = doc.get("trusted")
-    if extra is not None:
-        if not isinstance(extra, Mapping):
-            raise EvidenceError("trusted: not an object")
-        tminer = extra.get("miner_hotkey")
-        tjob = extra.get("job_uuid")
-        if not isinstance(tminer, str) or not isinstance(tjob, str):
-            raise EvidenceError("trusted: miner_hotkey and job_uuid must be strings")
-        tpayload, treceipt = _signed_pair(
-            extra.get("certificate"), extra.get("receipt"), "trusted.", tminer, tjob
+    if extra is None:
+        raise EvidenceError(
+            "trusted: missing: the trusted instance's certificate and receipt must vouch for "
+            "trusted_output"
         )
-        if tpayload.image_digest != payload.image_digest:
-            raise EvidenceError("trusted: the trusted instance ran another image digest")
-        if treceipt.input_sha256 != receipt.input_sha256:
-            raise EvidenceError("trusted.receipt: signed for another request")
-        if hashlib.sha256(trusted).digest() != treceipt.output_sha256:
-            raise EvidenceError("trusted_output: its sha256 is not the trusted receipt's")
-    return Verified(miner, job_uuid, receipt.seq, payload.image_digest, name, verdict.detail)
+    if not isinstance(extra, Mapping):
+        raise EvidenceError("trusted: not an object")
+    tminer = extra.get("miner_hotkey")
+    tjob = extra.get("job_uuid")
+    if not isinstance(tminer, str) or not isinstance(tjob, str):
+        raise EvidenceError("trusted: miner_hotkey and job_uuid must be strings")
+    if tminer == miner:
+        raise EvidenceError("trusted: the accused miner cannot be its own trusted instance")
+    tpayload, treceipt = _signed_pair(
+        extra.get("certificate"), extra.get("receipt"), "trusted.", tminer, tjob
+    )
+    if tpayload.image_digest != payload.image_digest:
+        raise EvidenceError("trusted: the trusted instance ran another image digest")
+    if tpayload.validator_hotkey != payload.validator_hotkey:
+        raise EvidenceError("trusted.certificate: issued for another validator than the record's")
+    if treceipt.input_sha256 != receipt.input_sha256:
+        raise EvidenceError("trusted.receipt: signed for another request")
+    if hashlib.sha256(trusted).digest() != treceipt.output_sha256:
+        raise EvidenceError("trusted_output: its sha256 is not the trusted receipt's")
+    return Verified(
+        miner, job_uuid, receipt.seq, payload.image_digest, name, verdict.detail, tminer
+    )
 
 
 def load_records(text: str) -> list[Any]:

@@ -55,11 +55,21 @@ def signed_exchange(
 
 
 def make_record(
-    claimed: bytes = b"wrong answer", trusted: bytes = b"right answer", comparator: str = "sha256"
+    claimed: bytes = b"wrong answer",
+    trusted: bytes = b"right answer",
+    comparator: str = "sha256",
+    *,
+    trusted_by_the_miner: bool = False,
+    trusted_for_another_validator: bool = False,
 ) -> dict[str, Any]:
+    """A genuine evidence record; the keyword arguments make the trusted part come from the
+    accused miner itself, or from a job another validator started."""
     miner = HotkeySigner.generate()
-    trusted_miner = HotkeySigner.generate()
+    trusted_miner = miner if trusted_by_the_miner else HotkeySigner.generate()
     validator = str(HotkeySigner.generate().identity)
+    tvalidator = (
+        str(HotkeySigner.generate().identity) if trusted_for_another_validator else validator
+    )
     job, tjob = str(uuid.uuid4()), str(uuid.uuid4())
     key, tkey = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
     request = b"what is the answer?"
@@ -79,6 +89,6 @@ def make_record(
         comparator=comparator,
         detail="differs",
         created_ns=time.time_ns(),
-        trusted_certificate=certified(trusted_miner, validator, tjob, tkey),
+        trusted_certificate=certified(trusted_miner, tvalidator, tjob, tkey),
         trusted_receipt=signed_exchange(tkey, tjob, 1, request, trusted),
     )

@@ -112,6 +112,27 @@ def test_a_forged_piece_fails_with_a_reason(what: str, forge: Any, reason: str) 
         verify_record(record)
 
 
+def test_the_trusted_part_is_required() -> None:
+    """Without the trusted instance's certificate and receipt, trusted_output would be any bytes
+    the record's author wrote: such a record proves nothing."""
+    record = make_record()
+    del record["trusted"]
+    with pytest.raises(EvidenceError, match="trusted: missing"):
+        verify_record(record)
+
+
+def test_the_trusted_part_must_come_from_another_miner_for_the_same_validator() -> None:
+    with pytest.raises(EvidenceError, match="cannot be its own trusted instance"):
+        verify_record(make_record(trusted_by_the_miner=True))
+    with pytest.raises(EvidenceError, match="issued for another validator"):
+        verify_record(make_record(trusted_for_another_validator=True))
+
+
+def test_the_verdict_names_the_trusted_instance() -> None:
+    record = make_record()
+    assert verify_record(record).trusted_miner == record["trusted"]["miner_hotkey"]
+
+
 def test_cli_verifies_a_file_and_names_the_bad_record(tmp_path: Path) -> None:
     good, bad = make_record(), make_record()
     bad["claimed_output"] = _b64(b"tampered")
