@@ -321,7 +321,9 @@ class Session:
             self._finish(_Ending(exc.message, error=exc))
             return
         except ClockSkew as exc:
-            self._finish(_Ending(f"request {self._next_seq} refused: {exc}"))
+            # The client's clock must be fixed before it tries again.
+            message = f"request {self._next_seq} refused: {exc}"
+            self._finish(_Ending(message, error=FailedPrecondition(message)))
             return
         # The client half-closed: answer what is in flight, then end.
         await self._idle.wait()

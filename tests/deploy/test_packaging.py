@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -45,3 +47,35 @@ def test_wheel_contents(tmp_path: Path) -> None:
     assert "services/core/migrations/versions/0001_initial_schema.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "horde = services.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def _floor(requirement_prefix: str) -> tuple[int, ...]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in deps if d.startswith(requirement_prefix + ">=")]
+    return tuple(int(x) for x in spec.split(">=")[1].split(",")[0].split("."))
+
+
+def test_declared_floors_cover_what_the_generated_code_needs() -> None:
+    """An integrator installing the lowest grpcio/protobuf the package allows must be able to
+    import the generated modules (they refuse older runtimes at import)."""
+    v1 = ROOT / "protos" / "horde" / "v1"
+    grpc_versions = {
+        m.group(1)
+        for path in v1.glob("*_pb2_grpc.py")
+        if (m := re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", path.read_text()))
+    }
+    proto_versions = {
+        m.groups()
+        for path in v1.glob("*_pb2.py")
+        if (
+            m := re.search(
+                r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),",
+                path.read_text(),
+            )
+        )
+    }
+    assert grpc_versions and proto_versions
+    need_grpc = max(tuple(int(x) for x in v.split(".")) for v in grpc_versions)
+    need_proto = max(tuple(int(x) for x in v) for v in proto_versions)
+    assert _floor("grpcio") >= need_grpc
+    assert _floor("protobuf") >= need_proto

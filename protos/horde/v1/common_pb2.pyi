@@ -46,7 +46,7 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     """Terminal: the client cancelled the job."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
-    """JobState is where a job stands in its lifecycle (DESIGN.md, "Job lifecycle").
+    """JobState is where a job stands in its lifecycle (docs/protocol.md, "Job states").
     The happy path is ACCEPTED -> EXECUTOR_READY -> VOLUMES_READY -> (STREAMING_READY) -> RUNNING
     -> COMPLETED; REJECTED, FAILED, HORDE_FAILED and CANCELLED are the other terminal states.
     """

@@ -53,6 +53,10 @@ class GatewayServiceServicer:
 
     def Session(self, request_iterator, context):
         """A streaming session: open, then requests and responses for as long as it lives, then close.
+        The last response is SessionClosed with the reason. The call's status then is OK when the
+        session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
+        INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq), FAILED_PRECONDITION when
+        the client's clock disagrees with the gateway's beyond the allowed skew.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,12 @@ class GatewayServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
     Session: _grpc.StreamStreamMultiCallable[_gateway_pb2.SessionRequest, _gateway_pb2.SessionResponse]
-    """A streaming session: open, then requests and responses for as long as it lives, then close."""
+    """A streaming session: open, then requests and responses for as long as it lives, then close.
+    The last response is SessionClosed with the reason. The call's status then is OK when the
+    session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
+    INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq), FAILED_PRECONDITION when
+    the client's clock disagrees with the gateway's beyond the allowed skew.
+    """
     ListSamples: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListSamplesRequest, _gateway_pb2.ListSamplesResponse]
     """Validators: stored samples (request, response, receipt, certificate) after a cursor."""
 
@@ -44,7 +49,12 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Session: _aio.StreamStreamMultiCallable[_gateway_pb2.SessionRequest, _gateway_pb2.SessionResponse]  # type: ignore[assignment]
-    """A streaming session: open, then requests and responses for as long as it lives, then close."""
+    """A streaming session: open, then requests and responses for as long as it lives, then close.
+    The last response is SessionClosed with the reason. The call's status then is OK when the
+    session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
+    INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq), FAILED_PRECONDITION when
+    the client's clock disagrees with the gateway's beyond the allowed skew.
+    """
     ListSamples: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListSamplesRequest, _gateway_pb2.ListSamplesResponse]  # type: ignore[assignment]
     """Validators: stored samples (request, response, receipt, certificate) after a cursor."""
 
@@ -57,7 +67,12 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_gateway_pb2.SessionRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gateway_pb2.SessionResponse], _abc.AsyncIterator[_gateway_pb2.SessionResponse]]:
-        """A streaming session: open, then requests and responses for as long as it lives, then close."""
+        """A streaming session: open, then requests and responses for as long as it lives, then close.
+        The last response is SessionClosed with the reason. The call's status then is OK when the
+        session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
+        INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq), FAILED_PRECONDITION when
+        the client's clock disagrees with the gateway's beyond the allowed skew.
+        """
 
     @_abc_1.abstractmethod
     def ListSamples(

@@ -62,7 +62,7 @@ Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
 class StreamOpen(_message.Message):
     """StreamOpen names the job a proxy stream is for and authenticates the caller, exactly as the
     x-horde-* metadata authenticates a gRPC call (docs/protocol.md): the signature covers
-    "horde.rpc-auth.v1\\0\\0" + method + "\\0" + callee + "\\0" + timestamp_ns + "\\0" + nonce, with
+    "horde.rpc-auth.v1\\0" + method + "\\0" + callee + "\\0" + timestamp_ns + "\\0" + nonce, with
     method "/horde.v1.JobProxyService/Stream".
     """
 
@@ -77,7 +77,7 @@ class StreamOpen(_message.Message):
     job_uuid: _builtins.str
     """The job."""
     caller: _builtins.str
-    """The caller's identity ("ed25519:<hex>" or an ss58 hotkey)."""
+    """The caller's identity ("ed25519:<64 hex>" or "sr25519:<64 hex>", lowercase)."""
     callee: _builtins.str
     """The executor's identity the stream is meant for (the job proxy's identity)."""
     timestamp_ns: _builtins.int

@@ -45,7 +45,7 @@ Global___LifecycleReceiptKind: _TypeAlias = LifecycleReceiptKind  # noqa: Y015
 @_typing.final
 class StreamReceipt(_message.Message):
     """StreamReceipt is the per-request receipt a job proxy signs with the job's Ed25519 key.
-    The signed blob is exactly DESIGN.md's 128 bytes:
+    The signed blob is exactly these 128 bytes (docs/protocol.md, "Stream receipts"):
     "horde.stream-receipt.v1\\0" || job_uuid(16) || seq(u64 BE) || timestamp_from_ns(i64 BE)
     || timestamp_to_ns(i64 BE) || input_sha256(32) || output_sha256(32).
     """
