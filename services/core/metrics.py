@@ -40,9 +40,23 @@ SYNTHETIC_VERDICTS = Counter(
     "Synthetic challenges judged, by executor class and outcome",
     ["executor_class", "outcome"],
 )
-MINER_SCORE = Gauge("horde_miner_score", "Each miner's score at the last weight setting", ["miner"])
+MINER_SCORE = Gauge(
+    "horde_miner_score",
+    "Each miner's score when last computed (every epoch, and on request)",
+    ["miner"],
+)
 MINER_WEIGHT = Gauge(
-    "horde_miner_weight", "Each miner's weight at the last weight setting", ["miner"]
+    "horde_miner_weight",
+    "Each miner's weight when last computed (0 while no weights can be set)",
+    ["miner"],
+)
+SPOTCHECK_PAIRS = Counter(
+    "horde_spotcheck_pairs_total",
+    "Streaming request/response pairs replayed on the trusted instance, by outcome",
+    ["outcome"],
+)
+SANCTIONS = Counter(
+    "horde_miner_sanctions_total", "Weight sanctions imposed on miners, by kind", ["kind"]
 )
 
 

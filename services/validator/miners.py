@@ -70,14 +70,22 @@ class MinerDirectory:
         return miner_pb2_grpc.MinerServiceStub(channel)
 
     async def manifest(self, miner: MinerRef) -> manifest_pb2.MinerManifest | None:
+        manifest, _ = await self.manifest_or_error(miner)
+        return manifest
+
+    async def manifest_or_error(
+        self, miner: MinerRef
+    ) -> tuple[manifest_pb2.MinerManifest | None, str]:
+        """The miner's manifest, or None and why it could not be had ("UNAVAILABLE: ...")."""
         try:
             resp: miner_pb2.GetManifestResponse = await self.stub(miner).GetManifest(
                 miner_pb2.GetManifestRequest(), timeout=MANIFEST_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
-            log.info("manifest_unavailable", miner=miner.identity, code=exc.code().name)
-            return None
-        return resp.manifest
+            error = f"{exc.code().name}: {exc.details()}"
+            log.info("manifest_unavailable", miner=miner.identity, error=error)
+            return None, error
+        return resp.manifest, ""
 
     async def candidates(self, executor_class: str) -> tuple[list[MinerRef], bool, int]:
         """Miners with a free executor of the class (most free first), whether any miner has

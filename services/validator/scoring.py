@@ -116,6 +116,10 @@ class Scorer:
         window_s = self._settings.epoch_s
         since = (now_ns or time.time_ns()) - int(window_s * 1e9)
         engine = self._store.engine
+        # Rows of executors a round did not challenge (busy, shutting down, an unscored class)
+        # and of miners it could not reach at all (no executor named).
+        unchallenged = (synthetic_results.c.challenge_id == "").label("unchallenged")
+        unreachable = (synthetic_results.c.executor_id == "").label("unreachable")
         async with engine.connect() as conn:
             rounds = int(
                 (
@@ -131,6 +135,8 @@ class Scorer:
                         synthetic_results.c.miner_hotkey,
                         synthetic_results.c.executor_class,
                         synthetic_results.c.passed,
+                        unchallenged,
+                        unreachable,
                         sa.func.count(),
                     )
                     .join(synthetic_rounds, synthetic_rounds.c.round == synthetic_results.c.round)
@@ -139,6 +145,8 @@ class Scorer:
                         synthetic_results.c.miner_hotkey,
                         synthetic_results.c.executor_class,
                         synthetic_results.c.passed,
+                        unchallenged,
+                        unreachable,
                     )
                 )
             ).fetchall()
@@ -180,9 +188,15 @@ class Scorer:
         classes = self._settings.classes
         passed: dict[str, dict[str, int]] = defaultdict(dict)
         failed: dict[str, int] = defaultdict(int)
-        for miner, klass, ok, count in results:
+        skipped: dict[str, int] = defaultdict(int)
+        missed: dict[str, int] = defaultdict(int)
+        for miner, klass, ok, not_challenged, not_reached, count in results:
             if ok:
                 passed[miner][klass] = int(count)
+            elif not_reached:
+                missed[miner] += int(count)
+            elif not_challenged:
+                skipped[miner] += int(count)
             else:
                 failed[miner] += int(count)
         completed: dict[str, int] = defaultdict(int)
@@ -195,7 +209,9 @@ class Scorer:
         for miner, factor, until_ns, why in sanction_rows:
             sanctions.setdefault(miner, (float(factor), int(until_ns), str(why)))
 
-        miners = sorted({*passed, *failed, *completed, *horde_failed, *pen, *sanctions})
+        miners = sorted(
+            {*passed, *failed, *skipped, *missed, *completed, *horde_failed, *pen, *sanctions}
+        )
         out = []
         for miner in miners:
             by_class = passed.get(miner, {})
@@ -216,7 +232,13 @@ class Scorer:
             reason = (
                 f"synthetic {synthetic:.3f}: {sum(by_class.values())} passed"
                 f"{' (' + proved + ')' if proved else ''}, {failed[miner]} failed"
-                f" over {rounds} round(s); organic {organic_score:+.3f}: "
+                + (
+                    f", {skipped[miner]} not challenged (busy or unscored)"
+                    if skipped[miner]
+                    else ""
+                )
+                + (f", unreachable in {missed[miner]} round(s)" if missed[miner] else "")
+                + f" over {rounds} round(s); organic {organic_score:+.3f}: "
                 f"{completed[miner]} completed, {horde_failed[miner]} horde_failed; "
                 f"penalties -{penalty:.3f} ({n_pen})"
             )
@@ -232,6 +254,9 @@ class Scorer:
             )
         weighted, error = await self._weigh(out)
         weighted.sort(key=lambda s: (-s.weight, -s.score, s.miner))
+        for s in weighted:
+            metrics.MINER_SCORE.labels(s.ss58 or s.miner).set(s.score)
+            metrics.MINER_WEIGHT.labels(s.ss58 or s.miner).set(s.weight)
         return Scores(tuple(weighted), window_s, rounds, error)
 
     async def _weigh(self, scores: Sequence[MinerScore]) -> tuple[list[MinerScore], str]:
@@ -256,9 +281,6 @@ class Scorer:
             raise ValueError(scores.weights_error)
         weights = {s.ss58: s.score for s in scores.miners if s.ss58 and s.weight > 0}
         reference = await self._chain.set_weights(weights)
-        for s in scores.miners:
-            metrics.MINER_SCORE.labels(s.ss58 or s.miner).set(s.score)
-            metrics.MINER_WEIGHT.labels(s.ss58 or s.miner).set(s.weight)
         now = time.time_ns()
         async with self._store.engine.begin() as conn:
             await conn.execute(

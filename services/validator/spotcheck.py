@@ -59,7 +59,7 @@ from horde.v1 import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core import lifecycle
+from services.core import lifecycle, metrics
 from services.core.certificates import CertificateError, verify_certificate
 from services.core.config import SpotCheckSettings, TLSSettings, TrustedMiner
 from services.core.db import (
@@ -361,6 +361,7 @@ class SpotStore:
                     until_ns=now + int(period_s * 1e9),
                 )
             )
+        metrics.SANCTIONS.labels(kind).inc()
 
 
 # ------------------------------------------------------------------------- trusted instance
@@ -786,6 +787,7 @@ class SpotChecker:
             for stored, reply in zip(samples, replies, strict=True):
                 sample = stored.sample
                 verdict = comparator.compare(sample.response, reply.body)
+                metrics.SPOTCHECK_PAIRS.labels("matched" if verdict.matched else "mismatched").inc()
                 evidence_id = None
                 if not verdict.matched:
                     evidence_id = await self._evidence(

@@ -205,6 +205,24 @@ class SyntheticStore:
             for m in report.miners
             for v in m.verdicts
         ]
+        # A miner the round could not assess at all (unreachable, a bad manifest): one row with
+        # no executor, so its score says why (a round without it counts as zero).
+        rows += [
+            {
+                "round": report.round,
+                "miner_hotkey": m.miner,
+                "executor_id": "",
+                "executor_class": "",
+                "challenge_id": "",
+                "passed": False,
+                "reason": m.error[:500],
+                "duration_s": 0.0,
+                "executor_duration_s": 0.0,
+                "created_ns": now,
+            }
+            for m in report.miners
+            if m.error and not m.verdicts
+        ]
         async with self.engine.begin() as conn:
             await conn.execute(
                 synthetic_rounds.insert().values(
@@ -275,9 +293,9 @@ class RoundRunner:
             return report
 
     async def _miner(self, miner: MinerRef, round_: int) -> MinerOutcome:
-        manifest = await self._directory.manifest(miner)
+        manifest, error = await self._directory.manifest_or_error(miner)
         if manifest is None:
-            return MinerOutcome(miner.identity, error="manifest unavailable")
+            return MinerOutcome(miner.identity, error=f"manifest unavailable: {error}")
         if _canonical(manifest.miner_hotkey) != miner.identity:
             return MinerOutcome(
                 miner.identity, error=f"manifest names another miner ({manifest.miner_hotkey})"

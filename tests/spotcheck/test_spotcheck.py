@@ -24,6 +24,7 @@ import aiodocker
 import grpc
 import pytest
 from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
+from prometheus_client import REGISTRY
 from spotcheck_support import SpotNet, demo_llm, labelled
 
 from services.core.identity import Ed25519Signer
@@ -105,6 +106,14 @@ async def test_the_dishonest_model_is_caught_with_evidence_and_a_penalty(
     await spotnet.start(cheat=True)
     await spotnet.session(PROMPTS)
 
+    def counted(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {
+        "mismatched": counted("horde_spotcheck_pairs_total", outcome="mismatched"),
+        "matched": counted("horde_spotcheck_pairs_total", outcome="matched"),
+        "sanctions": counted("horde_miner_sanctions_total", kind="spotcheck_mismatch"),
+    }
     admin = spotnet.admin()
     resp = await admin.RunSpotCheck(validator_admin_pb2.RunSpotCheckRequest(), timeout=180)
     (check,) = resp.checks
@@ -112,6 +121,13 @@ async def test_the_dishonest_model_is_caught_with_evidence_and_a_penalty(
     flagged = {v.seq for v in check.verdicts if not v.passed}
     assert flagged == wrong
     assert check.mismatches == len(wrong)
+    # The operator's metrics count it.
+    mismatched = counted("horde_spotcheck_pairs_total", outcome="mismatched")
+    assert mismatched - before["mismatched"] == len(wrong)
+    matched = counted("horde_spotcheck_pairs_total", outcome="matched")
+    assert matched - before["matched"] == N_PAIRS - len(wrong)
+    sanctions = counted("horde_miner_sanctions_total", kind="spotcheck_mismatch")
+    assert sanctions - before["sanctions"] == 1
     await _torn_down(docker, check.trusted_job_uuid)
 
     # Evidence: exported, verified offline (by the library and by the CLI), one per mismatch.

@@ -8,6 +8,7 @@ import time
 import grpc
 import pytest
 from horde.v1 import manifest_pb2, miner_pb2, validator_admin_pb2
+from prometheus_client import REGISTRY
 from synthetic_support import (
     FAST,
     SynthNet,
@@ -18,6 +19,7 @@ from synthetic_support import (
 )
 
 from services.core.config import SyntheticClass
+from services.core.identity import Identity
 from services.miner import service as miner_service
 
 
@@ -63,6 +65,10 @@ async def test_honest_miner_scores(synth: SynthNet) -> None:
     assert scored.score == pytest.approx(2 * FAST.weight)
     assert scored.weight == pytest.approx(1.0)
     assert "2 passed" in scored.reason and "1 round(s)" in scored.reason
+    # The gauges follow the computed scores, before any weight setting.
+    ss58 = Identity.parse(miner.identity).ss58
+    assert REGISTRY.get_sample_value("horde_miner_score", {"miner": ss58}) == scored.score
+    assert REGISTRY.get_sample_value("horde_miner_weight", {"miner": ss58}) == scored.weight
 
 
 async def test_made_up_answers_score_zero(synth: SynthNet) -> None:
@@ -211,9 +217,16 @@ async def test_unreachable_and_unknown_class(synth: SynthNet) -> None:
     write_roster(synth.roster, synth.neurons)
     resp = await _round(synth)
     results = _by_miner(resp)
-    assert results[str(ghost.identity)].error == "manifest unavailable"
+    # The operator reads why: the gRPC status of the manifest call.
+    assert results[str(ghost.identity)].error.startswith("manifest unavailable: UNAVAILABLE: ")
     [v] = results[odd.identity].verdicts
     assert not v.passed and "not scored" in v.reason
+    # Both show in the weights, each with the reason its round scored nothing.
+    await _round(synth)
+    scored = {m.miner_hotkey: m for m in (await _weights(synth)).miners}
+    assert scored[str(ghost.identity)].score == 0
+    assert "unreachable in 2 round(s) over 2 round(s)" in scored[str(ghost.identity)].reason
+    assert "0 failed, 2 not challenged (busy or unscored)" in scored[odd.identity].reason
 
 
 async def test_admin_rpc_needs_an_admin(synth: SynthNet) -> None:
