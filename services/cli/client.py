@@ -302,6 +302,12 @@ async def _cancel_on_interrupt(
     print(f"\nhorde job run: interrupted: job {job_uuid} {outcome}", file=sys.stderr)
 
 
+def _why(res: dict[str, Any]) -> str:
+    """'reason in stage: detail' (the stage left out when the result names none)."""
+    where = f" in {res['stage']}" if res["stage"] else ""
+    return f"{res['reason']}{where}: {res['detail']}"
+
+
 def print_result(doc: dict[str, Any], output_dir: Path | None) -> None:
     """The result as text. The job's stdout and stderr come out as they were (on a terminal
     with control characters escaped), not re-wrapped."""
@@ -312,7 +318,7 @@ def print_result(doc: dict[str, Any], output_dir: Path | None) -> None:
         state = f"\x1b[{colour}m{state}\x1b[0m"
     line = f"{doc['job_uuid']} {state}"
     if doc["reason"]:
-        line += shown(f" ({doc['reason']} in {doc['stage']}: {doc['detail']})", terminal)
+        line += shown(f" ({_why(doc)})", terminal)
     print(line)
     if doc["exit_code"] is not None:
         print(f"exit code {doc['exit_code']}")
@@ -360,7 +366,7 @@ async def job_status(target: Target, job_uuid: str, as_json: bool) -> int:
     if job.HasField("result"):
         res = doc["result"]
         if res["reason"]:
-            line += f" ({res['reason']} in {res['stage']}: {res['detail']})"
+            line += f" ({_why(res)})"
         if res["exit_code"] is not None:
             line += f", exit code {res['exit_code']}"
     print(shown(line, sys.stdout.isatty()))

@@ -227,7 +227,11 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                             ):
                                 break
                 done = res.state in TERMINAL_STATES
-                log_.info("job_finished", state=res.state, reason=res.reason)
+                log_.info(
+                    "job_finished",
+                    state=common_pb2.JobState.Name(res.state),
+                    reason=common_pb2.FailureReason.Name(res.reason),
+                )
                 yield miner_pb2.RunJobResponse(result=res)
                 return
         finally:

@@ -206,3 +206,14 @@ def test_an_executor_needs_the_miner_s_host_and_port(tmp_path: Path, address: st
     out = horde("executor", "serve", "--config", str(config))
     assert out.returncode == 2, out.stderr
     assert "invalid setting 'miner_address'" in out.stderr and "host:port is required" in out.stderr
+
+
+def test_a_result_without_a_stage_reads_without_one() -> None:
+    from services.cli.client import _why
+
+    assert _why({"reason": "validator_restarted", "stage": "", "detail": "x"}) == (
+        "validator_restarted: x"
+    )
+    assert _why({"reason": "timeout", "stage": "execution", "detail": "y"}) == (
+        "timeout in execution: y"
+    )
