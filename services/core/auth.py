@@ -177,17 +177,24 @@ class Authenticator:
             raise self._unauth(
                 f"call was signed for another callee ({md[H_CALLEE]}), not {self.me}"
             )
+        raw_ts = md[H_TIMESTAMP]
+        if not (raw_ts.isascii() and raw_ts.isdigit() and len(raw_ts) <= 19):
+            raise self._unauth(
+                f"malformed {H_TIMESTAMP}: unix nanoseconds in decimal digits are required"
+            )
+        ts = int(raw_ts)
         try:
-            ts = int(md[H_TIMESTAMP])
             signature = bytes.fromhex(md[H_SIGNATURE])
         except ValueError:
-            raise self._unauth("malformed timestamp or signature") from None
+            raise self._unauth(f"malformed {H_SIGNATURE}: hex digits are required") from None
         nonce = md[H_NONCE]
         if not 16 <= len(nonce) <= 128:
-            raise self._unauth("malformed nonce")
+            raise self._unauth(f"malformed {H_NONCE}: 16 to 128 characters are required")
         now = self._clock_ns()
         if ts > now + self._skew_ns:
-            raise self._unauth(f"timestamp is {(ts - now) / 1e9:.1f}s in the future")
+            ahead = (ts - now) / 1e9
+            shown = f"{ahead:.1f}s" if ahead < 86400 * 365 else "more than a year"
+            raise self._unauth(f"timestamp is {shown} in the future")
         if ts < now - self._skew_ns:
             raise self._unauth(f"timestamp expired ({(now - ts) / 1e9:.1f}s old)")
         if not caller.verify(signing_message(method, md[H_CALLEE], ts, nonce), signature):

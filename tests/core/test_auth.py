@@ -253,9 +253,9 @@ REFUSALS: dict[str, tuple[Builder, grpc.StatusCode, str]] = {
     ),
     "malformed-identity": (_malformed_identity, U, "malformed caller identity"),
     "uppercase-identity": (_uppercase_identity, U, "malformed caller identity"),
-    "malformed-signature": (_malformed_signature, U, "malformed timestamp or signature"),
-    "malformed-timestamp": (_malformed_timestamp, U, "malformed timestamp or signature"),
-    "short-nonce": (_short_nonce, U, "malformed nonce"),
+    "malformed-signature": (_malformed_signature, U, "malformed x-horde-signature: hex"),
+    "malformed-timestamp": (_malformed_timestamp, U, "malformed x-horde-timestamp-ns: unix"),
+    "short-nonce": (_short_nonce, U, "malformed x-horde-nonce: 16 to 128"),
     "unknown-caller": (_unknown_caller, P, "is not an enrolled caller"),
 }
 
