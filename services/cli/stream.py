@@ -26,7 +26,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
-from services.cli.args import bounded_int
+from services.cli.args import bounded_int, service_address
 from services.core.loop import run as run_loop
 
 EPILOG = """exit status: 0 when every request got a response with a verified receipt; 1 when the
@@ -169,6 +169,10 @@ async def _run(args: argparse.Namespace) -> int:
         raise _UsageError(
             "give --dev DIR, or --gateway ADDR with --gateway-identity ID and --key FILE"
         )
+    try:
+        address = service_address(address, "--gateway")
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
     try:
         identity = str(Identity.parse(identity))
     except ValueError as exc:

@@ -126,6 +126,13 @@ def test_usage_problems_are_one_line_exit_2(dev: Path, tmp_path: Path) -> None:
             "would land under /volume beside the same name",
         ),
         (["job", "run", "--dev", str(dev), "--key", str(bad_key), BASE], str(bad_key)),
+        # Without a port the channel would dial 443; a bad identity would only come back from
+        # the server as a refusal.
+        (["job", "list", "--dev", str(dev), "--validator", "localhost"], "HOST:PORT is required"),
+        (
+            ["job", "list", "--dev", str(dev), "--validator-identity", "garbage"],
+            "--validator-identity 'garbage'",
+        ),
     ]
     for argv, needle in cases:
         out = horde(*argv)

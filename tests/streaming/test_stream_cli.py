@@ -301,6 +301,11 @@ async def test_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
         "--image", WHITELIST,
     )  # fmt: skip
     assert code == 2 and "--gateway-identity: invalid identity 'garbage'" in err
+    code, _, err = await horde(
+        "stream", "--gateway", "localhost", "--gateway-identity", "garbage", "--key", str(key),
+        "--image", WHITELIST,
+    )  # fmt: skip
+    assert code == 2 and "--gateway 'localhost': HOST:PORT is required" in err
     gateway = str(Ed25519Signer.generate().identity)
     code, _, err = await horde(
         "stream", "--gateway", "127.0.0.1:1", "--gateway-identity", gateway, "--key", str(key),
