@@ -300,6 +300,10 @@ class ExecutorSettings(ServiceSettings):
     # horde_failed (executor_lost). Keep the unit's TimeoutStopSec above this plus
     # shutdown_grace_s. 0 stops the job at once.
     drain_timeout_s: float = Field(default=20.0, ge=0)
+    # Run job commands (organic jobs, streaming services) under the engine's init, docker-init,
+    # as PID 1: it reaps orphaned processes and passes signals on. Turn off only for an engine
+    # without it (jobs then fail to start with an executor error naming docker-init).
+    job_init: bool = True
 
 
 class GatewaySettings(ServiceSettings):

@@ -48,7 +48,11 @@ async def start_executor(
     hardware = probe(work_dir)
     klass = executor_class(hardware, settings.executor_class)
     # One label per executor identity, so executors sharing an engine never sweep each other.
-    runtime = DockerRuntime(instance=signer.identity.public_key.hex()[:16], wait_cleanup=False)
+    runtime = DockerRuntime(
+        instance=signer.identity.public_key.hex()[:16],
+        wait_cleanup=False,
+        job_init=settings.job_init,
+    )
     swept = await runtime.sweep()
     if swept:
         log.warning("swept_leftovers", count=swept)

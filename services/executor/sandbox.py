@@ -242,8 +242,18 @@ def _start_error(message: str) -> str:
     return found.group(1) if found else message
 
 
+def init_missing(message: str) -> bool:
+    """A start error saying the engine has no init binary for `Init: true` (the executor's
+    setup, not the job's fault)."""
+    return "docker-init" in message or "init binary" in message
+
+
 def build_job_config(
-    run: ContainerRun, image_id: str, volume_name: str, instance: str = DEFAULT_INSTANCE
+    run: ContainerRun,
+    image_id: str,
+    volume_name: str,
+    instance: str = DEFAULT_INSTANCE,
+    init: bool = False,
 ) -> dict[str, Any]:
     """The container-create body for a job (pure; unit-testable without Docker)."""
     for key, value in run.env.items():
@@ -268,6 +278,10 @@ def build_job_config(
         )
     host_config = _hardening(run.limits)
     host_config["Mounts"] = mounts
+    if init:
+        # The engine's init (docker-init) runs as PID 1: it reaps orphaned processes and passes
+        # signals on, which the job's own command, as PID 1, would not.
+        host_config["Init"] = True
     if run.gpu_device_ids:
         host_config["DeviceRequests"] = [
             {
@@ -341,6 +355,7 @@ class DockerRuntime:
         cleanup_timeout_s: float = 60.0,
         wait_cleanup: bool = True,
         instance: str = DEFAULT_INSTANCE,
+        job_init: bool = False,
     ) -> None:
         """``allowed_images``: image references (``name`` means ``name:latest``) or a predicate;
         None allows every image (the caller then enforces its own policy).
@@ -355,6 +370,7 @@ class DockerRuntime:
         self._cleanup_timeout_s = cleanup_timeout_s
         self._wait_cleanup = wait_cleanup
         self._instance = instance
+        self.job_init = job_init  # run job commands under the engine's init (docker-init)
         self._policy: Callable[[str], bool] | None
         if allowed_images is None:
             self._policy = None
@@ -520,7 +536,7 @@ class DockerRuntime:
             ) from exc
         base = f"horde-{_safe_name(run.job_uuid)}-{secrets.token_hex(4)}"
         names = _Names(job=base, holder=f"{base}-holder", volume=f"{base}-output")
-        job_config = build_job_config(run, image_id, names.volume, self._instance)
+        job_config = build_job_config(run, image_id, names.volume, self._instance, self.job_init)
         inflight: list[asyncio.Task[Any]] = []
         bound = log.bind(job_uuid=run.job_uuid, container=names.job)
         try:
@@ -610,7 +626,7 @@ class DockerRuntime:
                 try:
                     await job.start()
                 except DockerError as exc:
-                    if exc.status != 400:
+                    if exc.status != 400 or init_missing(exc.message):
                         # 5xx: the engine's problem (e.g. no GPU driver), not the job's.
                         raise SandboxError(f"cannot start the container: {exc.message}") from exc
                     # 400: bad command, missing binary, ...: the job's fault, reported as a result,

@@ -63,6 +63,7 @@ from services.executor.sandbox import (
     _labels,
     _read_stream,
     _safe_name,
+    init_missing,
     normalise_image_ref,
 )
 
@@ -154,6 +155,7 @@ def build_service_config(
     limits: SandboxLimits,
     instance: str,
     gpus: int = 0,
+    init: bool = False,
 ) -> dict[str, Any]:
     """The service container: the organic sandbox, loopback only, extra data read-only."""
     for key, value in env.items():
@@ -174,6 +176,8 @@ def build_service_config(
         host_config["DeviceRequests"] = [
             {"Driver": "nvidia", "Count": -1 if gpus < 0 else gpus, "Capabilities": [["gpu"]]}
         ]
+    if init:
+        host_config["Init"] = True  # docker-init as PID 1 (see build_job_config)
     config: dict[str, Any] = {
         "Image": image_id,
         "Env": [f"{k}={v}" for k, v in env.items()],
@@ -552,6 +556,7 @@ class StreamingJobRunner:
             self._limits,
             self._runtime.instance,
             self._gpus,
+            self._runtime.job_init,
         )
         # Names are recorded before each create, so cleanup finds whatever the engine made.
         job.names.append(base)
@@ -581,7 +586,7 @@ class StreamingJobRunner:
         try:
             await service.start()
         except DockerError as exc:
-            if exc.status != 400:
+            if exc.status != 400 or init_missing(exc.message):
                 raise SandboxError(f"cannot start the service: {exc.message}") from exc
             raise failed(
                 common_pb2.FAILURE_REASON_NONZERO_EXIT,

@@ -200,6 +200,45 @@ async def test_nonzero_exit_reports_stderr(
     assert result.stderr == b"boom\n"
 
 
+# The job forks a child that forks a grandchild and exits at once: the grandchild, orphaned,
+# is re-parented to PID 1 and, once it exits, stays a zombie unless PID 1 reaps it.
+ORPHAN_JOB = """
+import os, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        os._exit(0)
+    os._exit(0)
+os.wait()
+time.sleep(0.5)
+zombies = 0
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        with open(f"/proc/{pid}/stat") as f:
+            zombies += f.read().rsplit(")", 1)[1].split()[0] == "Z"
+print(os.getpid(), zombies)
+raise SystemExit(3)
+"""
+
+
+@pytest.mark.parametrize("init", [True, False])
+async def test_the_engines_init_runs_as_pid_1_and_reaps_orphans(
+    runtime: DockerRuntime, new_job_uuid: Callable[[], str], tmp_path: Path, init: bool
+) -> None:
+    """With job_init (the executor's default) the job's command is not PID 1: docker-init is,
+    and it reaps the job's orphans; the job's exit status comes through unchanged."""
+    runtime.job_init = init
+    result = await runtime.run(
+        ContainerRun(job_uuid=new_job_uuid(), image=BASE, command=["python3", "-c", ORPHAN_JOB]),
+        tmp_path / "out",
+    )
+    assert result.exit_code == 3, result
+    pid, zombies = result.stdout.split()
+    if init:
+        assert pid != b"1" and zombies == b"0", result.stdout
+    else:
+        assert pid == b"1" and zombies == b"1", result.stdout
+
+
 async def test_command_that_cannot_start(
     runtime: DockerRuntime, new_job_uuid: Callable[[], str], tmp_path: Path
 ) -> None:
