@@ -4,19 +4,23 @@ The first two call the validator's ValidatorAdminService (the key must be in its
 `horde dev up` enrols its client key). `horde evidence verify FILE` needs no network: it checks
 each record from signatures alone (services/validator/evidence.py) and exits 0 only when every
 record proves a mismatch; otherwise it prints the reason for each record that does not.
+Exit statuses as in validator_cmds: 2 for usage problems, 130 interrupted, 141 output closed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
+from rich.markup import escape
 
-from services.cli.validator_cmds import admin_call, client_args
+from services.cli.validator_cmds import admin_call, client_args, console, run_command
+from services.core.identity import KEY_TYPES, Identity
 
 SPOTCHECK_TIMEOUT_S = 1800.0
 EXPORT_TIMEOUT_S = 60.0
@@ -31,10 +35,14 @@ def register_validator(actions: Any) -> None:
     spot.add_argument("--image-digest", default="", help="only this image digest")
     spot.set_defaults(func=_spotcheck)
     evidence = actions.add_parser("evidence", help="evidence of spot-check mismatches")
-    sub = evidence.add_subparsers(dest="evidence_action", required=True)
+    sub = evidence.add_subparsers(dest="evidence_action", metavar="COMMAND", required=True)
     export = sub.add_parser("export", help="write the evidence records")
     client_args(export)
-    export.add_argument("--miner", default="", help="only records against this miner identity")
+    export.add_argument(
+        "--miner",
+        default="",
+        help="only records against this miner: its SS58 address or sr25519:<hex> (ed25519:<hex>)",
+    )
     export.add_argument("--out", type=Path, help="write the records here, one JSON record a line")
     export.set_defaults(func=_export)
 
@@ -42,7 +50,7 @@ def register_validator(actions: Any) -> None:
 def register(sub: Any) -> None:
     """Add `horde evidence verify`."""
     evidence = sub.add_parser("evidence", help="spot-check evidence").add_subparsers(
-        dest="action", required=True
+        dest="action", metavar="COMMAND", required=True
     )
     verify = evidence.add_parser(
         "verify", help="check evidence records offline, from signatures alone"
@@ -103,31 +111,30 @@ def _spotcheck(args: argparse.Namespace) -> int:
 
 
 def _print_spotcheck(doc: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    console = Console()
-    console.print(
-        f"{doc['samples_pulled']} new sample(s) pulled from the gateways", highlight=False
-    )
+    out = console()
+    # Digests and identities shortened on a terminal only: a pipe gets them whole.
+    terminal = sys.stdout.isatty()
+    out.print(f"{doc['samples_pulled']} new sample(s) pulled from the gateways", highlight=False)
     for problem in doc["pull_errors"]:
-        console.print(f"[yellow]pull failed:[/yellow] {problem}", highlight=False)
+        out.print(f"[yellow]pull failed:[/yellow] {escape(problem)}", highlight=False)
     if doc["error"]:
-        console.print(f"[red]{doc['error']}[/red]", highlight=False)
+        out.print(f"[red]{escape(doc['error'])}[/red]", highlight=False)
     if not doc["checks"]:
-        console.print("nothing to check", highlight=False)
+        out.print("nothing to check", highlight=False)
     for c in doc["checks"]:
-        head = f"check {c['check_id']} ({c['kind']}) {c['image']} {c['image_digest'][:19]}"
+        digest = c["image_digest"][:19] if terminal else c["image_digest"]
+        head = escape(f"check {c['check_id']} ({c['kind']}) {c['image']} {digest}")
         if c["error"]:
-            console.print(f"{head}: [red]could not run: {c['error']}[/red]", highlight=False)
+            out.print(f"{head}: [red]could not run: {escape(c['error'])}[/red]", highlight=False)
             continue
         verdict = (
             "[green]PASSED[/green]"
             if not c["mismatches"]
             else f"[red]FAILED: {c['mismatches']} mismatch(es)[/red]"
         )
-        console.print(
-            f"{head}: {c['pairs']} pair(s) replayed on trusted job {c['trusted_job_uuid']} in "
-            f"{c['duration_s']:.2f}s (torn down): {verdict}",
+        out.print(
+            f"{head}: {c['pairs']} pair(s) replayed on trusted job "
+            f"{escape(c['trusted_job_uuid'])} in {c['duration_s']:.2f}s (torn down): {verdict}",
             highlight=False,
         )
         by_miner: dict[str, list[int]] = {}
@@ -135,25 +142,75 @@ def _print_spotcheck(doc: dict[str, Any]) -> None:
             counts = by_miner.setdefault(v["miner"], [0, 0])
             counts[0 if v["passed"] else 1] += 1
         for miner, (ok, bad) in by_miner.items():
-            console.print(f"    miner {miner[:28]}...: {ok} matched, {bad} differ", highlight=False)
+            name = f"{miner[:28]}..." if terminal else miner
+            out.print(f"    miner {escape(name)}: {ok} matched, {bad} differ", highlight=False)
         for v in c["verdicts"]:
             if not v["passed"]:
-                console.print(
-                    f"    [red]x[/red] job {v['job_uuid']} seq {v['seq']}: {v['detail']} "
-                    f"(evidence {v['evidence_id']})",
+                out.print(
+                    f"    [red]x[/red] job {escape(v['job_uuid'])} seq {v['seq']}: "
+                    f"{escape(v['detail'])} (evidence {v['evidence_id']})",
                     highlight=False,
                 )
 
 
+def miner_filters(text: str) -> list[str]:
+    """The canonical identities (`<scheme>:<lowercase hex>`, as the validator stores them) that
+    --miner names, in any spelling the CLI prints: `sr25519:<hex>` (ed25519) with the hex and
+    scheme in any case, or an SS58 address, which does not say the scheme, so both; [""] (every
+    miner) for none. ValueError when it is neither."""
+    text = text.strip()
+    if not text:
+        return [""]
+    scheme, colon, key = text.partition(":")
+    if colon:
+        return [str(Identity.parse(f"{scheme.lower()}:{key.lower()}"))]
+    public_key = Identity.from_ss58(text).public_key
+    return [str(Identity(key_type, public_key)) for key_type in KEY_TYPES]
+
+
+def _out_problem(path: Path) -> str | None:
+    """Why --out cannot be written, or None; checked before the call, not after it."""
+    if path.is_dir():
+        return "is a directory"
+    parent = path.parent
+    if not parent.exists():
+        return f"no such directory: {parent}"
+    if not parent.is_dir():
+        return f"not a directory: {parent}"
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        return "permission denied"
+    return None
+
+
 def _export(args: argparse.Namespace) -> int:
-    async def fn(stub: validator_admin_pb2_grpc.ValidatorAdminServiceStub) -> int:
-        resp = await stub.ExportEvidence(
-            validator_admin_pb2.ExportEvidenceRequest(miner_hotkey=args.miner),
-            timeout=EXPORT_TIMEOUT_S,
+    prog = "horde validator evidence export"
+    try:
+        miners = miner_filters(args.miner)
+    except ValueError:
+        print(
+            f"{prog}: --miner {args.miner!r}: not a miner identity "
+            "(give its SS58 address, or sr25519:<64 hex> / ed25519:<64 hex>)",
+            file=sys.stderr,
         )
-        records = [json.loads(r) for r in resp.records_json]
+        return 2
+    if args.out is not None and (problem := _out_problem(args.out)) is not None:
+        print(f"{prog}: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
+
+    async def fn(stub: validator_admin_pb2_grpc.ValidatorAdminServiceStub) -> int:
+        records: list[Any] = []
+        for miner in miners:
+            resp = await stub.ExportEvidence(
+                validator_admin_pb2.ExportEvidenceRequest(miner_hotkey=miner),
+                timeout=EXPORT_TIMEOUT_S,
+            )
+            records += [json.loads(r) for r in resp.records_json]
         if args.out is not None:
-            args.out.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            try:
+                args.out.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            except OSError as exc:
+                print(f"{prog}: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
             print(f"{len(records)} evidence record(s) written to {args.out}", file=sys.stderr)
         if args.json:
             print(json.dumps({"evidence": records}, indent=2, sort_keys=True))
@@ -166,6 +223,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    return run_command("horde evidence verify", lambda: _verify_file(args))
+
+
+def _verify_file(args: argparse.Namespace) -> int:
     from services.validator.evidence import EvidenceError, load_records, verify_record
 
     try:
@@ -173,6 +234,11 @@ def _verify(args: argparse.Namespace) -> int:
     except (OSError, EvidenceError) as exc:
         print(f"horde evidence verify: {exc}", file=sys.stderr)
         return 2
+    if not records:
+        if args.json:
+            print(json.dumps({"records": [], "valid": 0}, indent=2))
+        print(f"horde evidence verify: no evidence records in {args.file}", file=sys.stderr)
+        return 1
     results: list[dict[str, Any]] = []
     for index, record in enumerate(records, start=1):
         try:
@@ -203,4 +269,4 @@ def _verify(args: argparse.Namespace) -> int:
             else:
                 print(f"record {r['record']}: invalid: {r['reason']}")
         print(f"{len(results) - len(bad)} valid, {len(bad)} invalid", file=sys.stderr)
-    return 1 if bad or not results else 0
+    return 1 if bad else 0

@@ -1,7 +1,10 @@
 """`horde validator weights|round`: the operator's view of scores and weights, and a round now.
 
 Both call the validator's ValidatorAdminService, signed with the given key, which must be in
-the validator's `admins` (`horde dev up` enrols its client key there).
+the validator's `admins` (`horde dev up` enrols its client key there). Exit status: 0 done,
+1 refused or failed, 2 usage and connection problems, 130 interrupted (Ctrl-C), 141 when the
+output was closed early (e.g. `| head -1`). Text output is rich on a terminal and, into a pipe
+or file, every value in full with no wrapping, one line per line.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any
 import grpc
 from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 ROUND_TIMEOUT_S = 600.0
@@ -49,27 +54,68 @@ def client_args(p: argparse.ArgumentParser) -> None:
 
 AdminCall = Callable[[validator_admin_pb2_grpc.ValidatorAdminServiceStub], Awaitable[int]]
 
+# Into a pipe or file no line is wrapped or cut: rich's default there is 80 columns.
+_UNWRAPPED_WIDTH = 1_000_000
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1; the command's own handler makes it the quiet 141 of a closed pipe.
+        self.quiet = True
+        raise BrokenPipeError
+
+
+def console() -> Console:
+    """rich for the commands' text: sized to a terminal, unwrapped and uncut elsewhere."""
+    if sys.stdout.isatty():
+        return _Console()
+    return _Console(width=_UNWRAPPED_WIDTH, soft_wrap=True)
+
+
+def run_command(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's body: Ctrl-C ends it with one line and 130, a closed stdout (`| head`)
+    quietly with 141, as `horde job` and `horde stream` do."""
+    try:
+        status = body()
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except KeyboardInterrupt:
+        lead = "\n" if sys.stderr.isatty() else ""  # past the terminal's ^C
+        print(f"{lead}{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Nothing more can reach the closed pipe; keep the interpreter's final flush quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
 
 def admin_call(args: argparse.Namespace, name: str, fn: AdminCall) -> int:
     """Run `fn` against the validator's admin service named by --dev or --validator/--key;
     usage problems exit 2, refused or failed calls exit 1 with the status and its reason."""
     from services.cli.client import CliError, validator_target
 
-    try:
-        target = validator_target(args.dev, args.validator, args.validator_identity, args.key)
-    except CliError as exc:
-        print(f"horde validator {name}: {exc}", file=sys.stderr)
-        return 2
+    prog = f"horde validator {name}"
 
-    async def go() -> int:
-        async with target.channel() as channel:
-            return await fn(validator_admin_pb2_grpc.ValidatorAdminServiceStub(channel))
+    def body() -> int:
+        try:
+            target = validator_target(args.dev, args.validator, args.validator_identity, args.key)
+        except CliError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 2
 
-    try:
-        return asyncio.run(go())
-    except grpc.aio.AioRpcError as exc:
-        print(f"horde validator {name}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        async def go() -> int:
+            async with target.channel() as channel:
+                return await fn(validator_admin_pb2_grpc.ValidatorAdminServiceStub(channel))
+
+        try:
+            return asyncio.run(go())
+        except grpc.aio.AioRpcError as exc:
+            print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+
+    return run_command(prog, body)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -144,27 +190,29 @@ def _print_round(resp: validator_admin_pb2.RunRoundResponse, as_json: bool) -> N
     if as_json:
         print(json.dumps(doc, indent=2))
         return
-    console = Console()
+    out = console()
+    # Identities shortened on a terminal only: a pipe gets them whole.
+    short = _short if sys.stdout.isatty() else str
     table = Table("miner", "executor", "class", "result", "validator s", "executor s")
     for m in doc["miners"]:
         if m["error"]:
-            table.add_row(_short(m["miner"]), "-", "-", f"[red]{m['error']}[/red]", "", "")
+            table.add_row(short(m["miner"]), "-", "-", f"[red]{escape(m['error'])}[/red]", "", "")
         for e in m["executors"]:
-            mark = "[green]passed[/green]" if e["passed"] else f"[red]{e['reason']}[/red]"
+            mark = "[green]passed[/green]" if e["passed"] else f"[red]{escape(e['reason'])}[/red]"
             table.add_row(
-                _short(m["miner"]),
-                e["executor_id"],
-                e["executor_class"],
+                short(m["miner"]),
+                escape(e["executor_id"]),
+                escape(e["executor_class"]),
                 mark,
                 f"{e['duration_s']:.3f}",
                 f"{e['executor_duration_s']:.3f}",
             )
-    console.print(f"round {doc['round']} took {doc['duration_s']:.2f}s")
-    console.print(table)
+    out.print(f"round {doc['round']} took {doc['duration_s']:.2f}s")
+    out.print(table)
     if doc["weights_reference"]:
-        console.print(f"weights set: {doc['weights_reference']}")
+        out.print(f"weights set: {escape(doc['weights_reference'])}")
     elif doc["weights_error"]:
-        console.print(f"[yellow]weights not set:[/yellow] {doc['weights_error']}")
+        out.print(f"[yellow]weights not set:[/yellow] {escape(doc['weights_error'])}")
 
 
 def _print_weights(resp: validator_admin_pb2.GetWeightsResponse, as_json: bool) -> None:
@@ -172,19 +220,19 @@ def _print_weights(resp: validator_admin_pb2.GetWeightsResponse, as_json: bool) 
     if as_json:
         print(json.dumps(doc, indent=2))
         return
-    console = Console()
-    console.print(
+    out = console()
+    out.print(
         f"{doc['rounds']} round(s) in the last {doc['window_s']:.0f}s; "
-        f"last weights set: {doc['last_weights_reference'] or 'never'}",
+        f"last weights set: {escape(doc['last_weights_reference'] or 'never')}",
         highlight=False,
     )
     for m in doc["miners"]:
-        console.print(
-            f"[bold]{m['ss58'] or m['miner']}[/bold]  score {m['score']:.3f}  "
+        out.print(
+            f"[bold]{escape(m['ss58'] or m['miner'])}[/bold]  score {m['score']:.3f}  "
             f"weight {m['weight']:.4f}",
             highlight=False,
         )
-        console.print(f"    {m['reason']}", highlight=False)
+        out.print(f"    {escape(m['reason'])}", highlight=False)
 
 
 def _short(identity: str) -> str:

@@ -158,7 +158,10 @@ def verify_record(doc: Any) -> Verified:
     if not isinstance(doc, Mapping):
         raise EvidenceError("the record is not a JSON object")
     if doc.get("kind") != KIND or doc.get("version") != VERSION:
-        raise EvidenceError(f"not a {KIND} record (version {VERSION})")
+        raise EvidenceError(
+            f"not a {KIND} record (version {VERSION}): its kind is {doc.get('kind')!r:.80}, "
+            f"version {doc.get('version')!r:.20}"
+        )
     miner = doc.get("miner_hotkey")
     job_uuid = doc.get("job_uuid")
     if not isinstance(miner, str) or not isinstance(job_uuid, str):
