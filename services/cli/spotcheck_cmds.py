@@ -57,6 +57,15 @@ def register(sub: Any) -> None:
     )
     verify.add_argument("file", type=Path)
     verify.add_argument("--json", action="store_true", help="print one JSON document")
+    verify.add_argument(
+        "--trusted-miner",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="accept only records whose trusted instance is this miner (sr25519:<hex>, "
+        "ed25519:<hex> or ss58; repeatable); without it any trusted instance is accepted and "
+        "named in the output",
+    )
     verify.set_defaults(func=_verify)
 
 
@@ -222,6 +231,33 @@ def _export(args: argparse.Namespace) -> int:
     return admin_call(args, "evidence export", fn)
 
 
+def _trusted_miners(values: list[str]) -> list[str]:
+    """--trusted-miner values as identity strings, or ss58 addresses (an ss58 address does not
+    say which scheme its key is for, so it matches either)."""
+    from services.core.identity import Identity
+
+    out = []
+    for value in values:
+        try:
+            out.append(str(Identity.parse(value.strip().lower())))
+        except ValueError:
+            try:
+                out.append(Identity.from_ss58(value.strip()).ss58)  # in format 42, as compared
+            except ValueError:
+                raise ValueError(f"{value!r}: not an identity or ss58 address") from None
+    return out
+
+
+def _names_one_of(identity: str, trusted: list[str]) -> bool:
+    from services.core.identity import Identity
+
+    try:
+        ss58 = Identity.parse(identity).ss58
+    except ValueError:
+        return False
+    return identity in trusted or ss58 in trusted
+
+
 def _verify(args: argparse.Namespace) -> int:
     return run_command("horde evidence verify", lambda: _verify_file(args))
 
@@ -229,6 +265,11 @@ def _verify(args: argparse.Namespace) -> int:
 def _verify_file(args: argparse.Namespace) -> int:
     from services.validator.evidence import EvidenceError, load_records, verify_record
 
+    try:
+        trusted = _trusted_miners(args.trusted_miner)
+    except ValueError as exc:
+        print(f"horde evidence verify: --trusted-miner {exc}", file=sys.stderr)
+        return 2
     try:
         records = load_records(args.file.read_text())
     except (OSError, EvidenceError) as exc:
@@ -243,6 +284,11 @@ def _verify_file(args: argparse.Namespace) -> int:
     for index, record in enumerate(records, start=1):
         try:
             ok = verify_record(record)
+            if trusted and not _names_one_of(ok.trusted_miner, trusted):
+                raise EvidenceError(
+                    f"trusted: the trusted instance {ok.trusted_miner} is not one of "
+                    "--trusted-miner"
+                )
             results.append(
                 {
                     "record": index,
@@ -252,6 +298,7 @@ def _verify_file(args: argparse.Namespace) -> int:
                     "seq": ok.seq,
                     "comparator": ok.comparator,
                     "detail": ok.detail,
+                    "trusted_miner": ok.trusted_miner,
                 }
             )
         except EvidenceError as exc:
@@ -264,7 +311,7 @@ def _verify_file(args: argparse.Namespace) -> int:
             if r["valid"]:
                 print(
                     f"record {r['record']}: valid: miner {r['miner']} job {r['job_uuid']} "
-                    f"seq {r['seq']}: {r['detail']}"
+                    f"seq {r['seq']}: {r['detail']} (trusted instance {r['trusted_miner']})"
                 )
             else:
                 print(f"record {r['record']}: invalid: {r['reason']}")

@@ -19,7 +19,7 @@ from evidence_support import make_record
 from services.core.chain import Neuron
 from services.core.config import ComparatorSettings, SyntheticSettings
 from services.core.db import open_database, synthetic_results, synthetic_rounds
-from services.core.identity import HotkeySigner
+from services.core.identity import HotkeySigner, Identity
 from services.validator.comparators import (
     NumericComparator,
     Sha256Comparator,
@@ -228,3 +228,26 @@ async def test_a_sanction_cuts_the_weight_for_its_period(tmp_path: Path) -> None
             ).scalar() == 1
     finally:
         await engine.dispose()
+
+
+def test_cli_pins_the_trusted_instance(tmp_path: Path) -> None:
+    record = make_record()
+    trusted = record["trusted"]["miner_hotkey"]
+    path = tmp_path / "evidence.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [HORDE, "evidence", "verify", str(path), *extra]
+        return subprocess.run(argv, capture_output=True, text=True)
+
+    anyone = verify()
+    assert anyone.returncode == 0 and f"(trusted instance {trusted})" in anyone.stdout
+    ss58 = Identity.parse(trusted).ss58
+    for pin in (trusted, ss58):
+        assert verify("--trusted-miner", pin).returncode == 0, pin
+    other = str(HotkeySigner.generate().identity)
+    refused = verify("--trusted-miner", other)
+    assert refused.returncode == 1
+    assert f"the trusted instance {trusted} is not one of --trusted-miner" in refused.stdout
+    bad = verify("--trusted-miner", "nonsense")
+    assert bad.returncode == 2 and "--trusted-miner 'nonsense'" in bad.stderr
