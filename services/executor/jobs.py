@@ -26,6 +26,7 @@ from services.executor.sandbox import (
     ContainerRun,
     DockerRuntime,
     ImageError,
+    RunLogs,
     SandboxLimits,
 )
 from services.executor.urlguard import (
@@ -134,8 +135,9 @@ class OrganicJobRunner:
         timings: list[job_pb2.StageTiming] = []
         job_dir = Path(tempfile.mkdtemp(prefix=f"job-{ctx.job_uuid[:8]}-", dir=self._work_dir))
         res: job_pb2.JobResult | None = None
+        logs = RunLogs(self._limits.log_cap_bytes)
         try:
-            res = await self._stages(ctx, job_dir, timings)
+            res = await self._stages(ctx, job_dir, timings, logs)
         except JobFailure as exc:
             res = result(ctx.job_uuid, exc.state, exc.reason, exc.stage, exc.detail)
         except asyncio.CancelledError:
@@ -146,6 +148,12 @@ class OrganicJobRunner:
                 common_pb2.STAGE_EXECUTION,
                 "job cancelled",
             )
+            # What the job wrote before it was stopped (nothing if it never ran).
+            for field, buf in (("stdout", logs.stdout), ("stderr", logs.stderr)):
+                if buf.total:
+                    getattr(res, field).CopyFrom(
+                        _captured(buf.getvalue(), buf.truncated, buf.total)
+                    )
             raise
         except Exception as exc:
             log.exception("job_internal_error", job_uuid=ctx.job_uuid)
@@ -176,7 +184,11 @@ class OrganicJobRunner:
         )
 
     async def _stages(
-        self, ctx: JobContext, job_dir: Path, timings: list[job_pb2.StageTiming]
+        self,
+        ctx: JobContext,
+        job_dir: Path,
+        timings: list[job_pb2.StageTiming],
+        logs: RunLogs,
     ) -> job_pb2.JobResult:
         spec = ctx.spec
         if spec.image not in self._allowed:
@@ -238,6 +250,7 @@ class OrganicJobRunner:
             limits=self._limits,
             timeout_s=_timeout(spec, "execution_s"),
             gpus=self._gpus,
+            logs=logs,
         )
         try:
             outcome = await self._runtime.run(run, output_dir, on_started=started)

@@ -116,6 +116,9 @@ class ContainerRun:
     timeout_s: float = 600.0
     gpus: int = 0  # 0: no GPU; N > 0: N GPUs; -1: all GPUs
     gpu_device_ids: tuple[str, ...] = ()  # specific GPUs (index or UUID); overrides ``gpus``
+    # Where the job's stdout/stderr are captured; the caller keeps it to read what a cancelled
+    # job wrote (a cancelled run returns no result). A fresh one per run when not given.
+    logs: RunLogs | None = None
 
     def __post_init__(self) -> None:
         if not self.job_uuid or not self.image:
@@ -155,6 +158,14 @@ class ContainerResult:
             and not self.output_too_large
             and self.output_error is None
         )
+
+
+class RunLogs:
+    """A run's stdout and stderr as captured so far (capped like ContainerResult's)."""
+
+    def __init__(self, cap: int) -> None:
+        self.stdout = CappedBuffer(cap)
+        self.stderr = CappedBuffer(cap)
 
 
 class CappedBuffer:
@@ -614,8 +625,8 @@ class DockerRuntime:
         except DockerError as exc:
             raise SandboxError(f"cannot set up the sandbox: {exc.message}") from exc
 
-        stdout = CappedBuffer(limits.log_cap_bytes)
-        stderr = CappedBuffer(limits.log_cap_bytes)
+        logs = run.logs if run.logs is not None else RunLogs(limits.log_cap_bytes)
+        stdout, stderr = logs.stdout, logs.stderr
         timed_out = False
         duration = 0.0
         pids_at_timeout: int | None = None
@@ -656,6 +667,14 @@ class DockerRuntime:
                 try:
                     async with asyncio.timeout(run.timeout_s):
                         await job.wait()
+                except asyncio.CancelledError:
+                    # Cancelled (by the client, the validator, a shutdown): stop the job now and
+                    # keep what it wrote up to the end (run.logs), then go on being cancelled.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._kill(job))
+                        async with asyncio.timeout(2.0):
+                            await asyncio.shield(reader)
+                    raise
                 except TimeoutError:
                     timed_out = True
                     pids_at_timeout = await self._pids_current(job)

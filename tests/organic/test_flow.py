@@ -23,6 +23,7 @@ from organic_support import (
     python_job,
     sha256,
     spec_for,
+    wait_for,
     wait_job_container_running,
     wait_no_job_objects,
 )
@@ -399,10 +400,23 @@ async def test_output_upload_refused(net: Network, http_server: HttpServer) -> N
 
 
 async def test_cancel_long_job(net: Network) -> None:
-    job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
+    """A cancelled job stops at once, and its result carries what it wrote until then."""
+    script = "echo started; echo warming up >&2; touch /tmp/ready; exec sleep 60"
+    job = net.start_job(spec_for(BASE_IMAGE, ["sh", "-c", script], execution_s=120))
     running = await job.wait_state(S.JOB_STATE_RUNNING)
     job_uuid = running.job_uuid
-    await wait_job_container_running(net.docker, job_uuid)
+    container = net.docker.containers.container(
+        await wait_job_container_running(net.docker, job_uuid)
+    )
+
+    async def wrote() -> bool:  # the job got past its echoes
+        probe = await container.exec(["test", "-e", "/tmp/ready"])
+        async with probe.start(detach=False) as stream:
+            while await stream.read_out() is not None:
+                pass
+        return (await probe.inspect())["ExitCode"] == 0
+
+    await wait_for(wrote, 30, "the job to write its first lines")
     stub = net.client()
 
     resp = await stub.CancelJob(validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30)
@@ -413,6 +427,8 @@ async def test_cancel_long_job(net: Network) -> None:
         S.JOB_STATE_CANCELLED,
         S.FAILURE_REASON_CANCELLED,
     ), run.describe()
+    assert run.result.stdout.data == b"started\n", run.describe()
+    assert run.result.stderr.data == b"warming up\n", run.describe()
     # The container (and its output volume) is gone well before `sleep 60` would have ended.
     await wait_no_job_objects(net.docker, [job_uuid], within=20)
     record = (await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid))).job
