@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,8 @@ log = structlog.get_logger("horde.dev")
 DEFAULT_IMAGES = ["horde/base:latest", "horde/demo-job:latest"]
 # Images gateways may start as streaming jobs on the dev network (any local build of them).
 STREAMING_IMAGES = ["horde/demo-llm:latest", "horde/demo-llm-dishonest:latest"]
+# Held (flock) by the running `horde dev up` of a state dir; it holds that process's pid.
+LOCK_FILE = "dev.lock"
 
 
 def _free_port() -> int:
@@ -48,6 +53,33 @@ def _key(path: Path, kind: str) -> Path:
     return path
 
 
+class StateDirBusy(Exception):
+    """Another `horde dev up` holds the state dir's lock."""
+
+
+@contextlib.contextmanager
+def _state_dir_lock(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on STATE_DIR/dev.lock (which says whose pid) while the block
+    runs: two networks on one state dir would share its databases, rewrite each other's roster
+    and remove each other's endpoints.json. The kernel drops the lock when the process ends."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise StateDirBusy(
+                f"another `horde dev up`{who} is running with state dir {state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (the file stays: removing it would race a newcomer)
+
+
 async def dev_up(
     state_dir: Path,
     allow_images: list[str],
@@ -55,8 +87,18 @@ async def dev_up(
     ready: asyncio.Event | None = None,
 ) -> None:
     """Run the network until `stop` is set (or SIGINT/SIGTERM); `ready` is set once
-    endpoints.json is written."""
+    endpoints.json is written. Raises StateDirBusy when another one runs on `state_dir`."""
     state_dir = state_dir.resolve()
+    with _state_dir_lock(state_dir):
+        await _dev_up(state_dir, allow_images, stop, ready)
+
+
+async def _dev_up(
+    state_dir: Path,
+    allow_images: list[str],
+    stop: asyncio.Event | None,
+    ready: asyncio.Event | None,
+) -> None:
     keys = state_dir / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     paths = {

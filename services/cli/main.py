@@ -197,14 +197,20 @@ def _job(args: argparse.Namespace) -> int:
 
 
 def _dev_up(args: argparse.Namespace) -> int:
-    from services.cli.dev import dev_up
+    from services.cli.dev import StateDirBusy, dev_up
 
     configure_logging(args.log_level)
     try:
         run_loop(dev_up(args.state_dir, args.allow_image))
+    except StateDirBusy as exc:
+        print(f"horde dev up: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"horde dev up: configuration error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"horde dev up: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -226,22 +232,27 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="horde", description="Horde: decentralized compute.")
     parser.add_argument("--version", action="version", version=f"horde {__version__}")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     for name in ("validator", "miner", "executor", "gateway"):
         p = sub.add_parser(name, help=f"the {name} service")
-        s = p.add_subparsers(dest="action", required=True)
+        s = p.add_subparsers(dest="action", metavar="COMMAND", required=True)
         serve = s.add_parser("serve", help=f"run the {name} until SIGTERM/SIGINT")
         serve.add_argument("--config", type=Path, help="TOML config file")
         serve.add_argument(
-            "--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT"
+            "--metrics-port",
+            type=bounded_int(0, 65535, "--metrics-port"),
+            metavar="PORT",
+            help="serve Prometheus metrics on 127.0.0.1:PORT (0: none)",
         )
         serve.set_defaults(func=lambda a, n=name: _serve(n, a.config, a.metrics_port))
         if name == "validator":
             validator_cmds.register(s)
             spotcheck_cmds.register_validator(s)
 
-    keys = sub.add_parser("keys", help="key files").add_subparsers(dest="action", required=True)
+    keys = sub.add_parser("keys", help="key files").add_subparsers(
+        dest="action", metavar="COMMAND", required=True
+    )
     new = keys.add_parser("new", help="write a new key file (mode 0600)")
     new.add_argument(
         "--kind",
@@ -260,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.set_defaults(func=_keys_new)
 
     receipts = sub.add_parser("receipts", help="stream receipts").add_subparsers(
-        dest="action", required=True
+        dest="action", metavar="COMMAND", required=True
     )
     verify = receipts.add_parser("verify", help="verify receipts in JSON form, one a line")
     verify.add_argument("file", type=Path, help="receipts file, or - for standard input")
@@ -277,14 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     stream.register(sub)
     spotcheck_cmds.register(sub)
 
-    dev = sub.add_parser("dev", help="local network").add_subparsers(dest="action", required=True)
+    dev = sub.add_parser("dev", help="local network").add_subparsers(
+        dest="action", metavar="COMMAND", required=True
+    )
     up = dev.add_parser("up", help="start all services on 127.0.0.1 until SIGINT/SIGTERM")
     up.add_argument("--state-dir", type=Path, required=True)
     up.add_argument("--allow-image", action="append", default=[], metavar="REF")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.set_defaults(func=_dev_up)
 
-    job = sub.add_parser("job", help="organic jobs").add_subparsers(dest="job_cmd", required=True)
+    job = sub.add_parser("job", help="organic jobs").add_subparsers(
+        dest="job_cmd", metavar="COMMAND", required=True
+    )
     run = job.add_parser(
         "run",
         help="run a job and wait for its result",

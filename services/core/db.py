@@ -13,8 +13,12 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from services.core.errors import ConfigError
 
 metadata = sa.MetaData(
     naming_convention={
@@ -254,17 +258,70 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+# The drivers Horde ships with, by the URL's scheme: bare sqlite:// and postgresql:// mean them.
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+SUPPORTED_URLS = "use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"
+# Failures at start-up that restarting cannot mend: SQLite result codes and PostgreSQL SQLSTATEs
+# or their classes (28 authorization refused, 3D no such database, 42501 no privilege).
+_SQLITE_PERMANENT = {
+    "SQLITE_NOTADB",
+    "SQLITE_CORRUPT",
+    "SQLITE_CANTOPEN",
+    "SQLITE_READONLY",
+    "SQLITE_PERM",
+    "SQLITE_AUTH",
+}
+_SQLITE_DAMAGED = {"SQLITE_NOTADB", "SQLITE_CORRUPT"}
+_PG_PERMANENT = ("28", "3D", "42501")
+
+
+class DatabaseUnavailable(OSError):
+    """The database could not be opened at start-up for a reason that may pass (a server not up
+    yet, a lock held): `horde ... serve` says so in one line and exits 1, so systemd retries."""
+
+
+def async_url(url: str) -> URL:
+    """`url` with the async driver Horde uses; ConfigError for a URL Horde has no driver for."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        raise ConfigError(
+            f"invalid setting 'database_url': not a database URL: {SUPPORTED_URLS}"
+        ) from None
+    driver = _DRIVERS.get(parsed.drivername)
+    if driver is None:
+        raise ConfigError(
+            f"invalid setting 'database_url': unsupported database URL "
+            f"{parsed.render_as_string(hide_password=True)}: {SUPPORTED_URLS}"
+        )
+    return parsed.set(drivername=driver)
+
+
+def describe(url: str) -> str:
+    """The database for messages: a SQLite file's path, else the URL without its password
+    (ConfigError for a URL Horde has no driver for)."""
+    async_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return f"database {parsed.database}"
+    return f"database {parsed.render_as_string(hide_password=True)}"
+
+
 def create_engine(url: str) -> AsyncEngine:
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
+    target = async_url(url)
+    if target.get_backend_name() == "sqlite":
+        path = target.database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url)
+        engine = create_async_engine(target)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    if url.startswith("postgresql://"):
-        url = "postgresql+asyncpg://" + url.removeprefix("postgresql://")
-    return create_async_engine(url, pool_pre_ping=True)
+    return create_async_engine(target, pool_pre_ping=True)
 
 
 async def upgrade(url: str) -> None:
@@ -272,6 +329,41 @@ async def upgrade(url: str) -> None:
     await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
 
 
+def _first_line(exc: BaseException | None) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
+def _open_error(where: str, exc: BaseException) -> Exception:
+    """One line for a database that cannot be opened: ConfigError where restarting cannot mend
+    it, DatabaseUnavailable where it may."""
+    if isinstance(exc, CommandError):  # e.g. a schema revision this version does not know
+        return ConfigError(f"{where}: {exc} (a database of a newer Horde?)")
+    if isinstance(exc, sa.exc.DBAPIError):
+        orig = exc.orig
+        reason = _first_line(orig)
+        sqlite_code = getattr(orig, "sqlite_errorname", None)
+        pg_code = str(getattr(orig, "pgcode", None) or "")
+        if sqlite_code in _SQLITE_DAMAGED:
+            reason += " (damaged, or not SQLite: restore it from a backup, or move it aside)"
+        if sqlite_code in _SQLITE_PERMANENT or pg_code.startswith(_PG_PERMANENT):
+            return ConfigError(f"{where}: {reason}")
+        return DatabaseUnavailable(f"{where}: {reason}")
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        return DatabaseUnavailable(f"{where}: {_first_line(exc)}")
+    assert isinstance(exc, OSError)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None:  # a SQLite file's directory that cannot be made
+        return ConfigError(f"{where}: {exc.filename}: {reason}")
+    return DatabaseUnavailable(f"{where}: {reason}")
+
+
 async def open_database(url: str) -> AsyncEngine:
-    await upgrade(url)
+    """Upgrade the schema to head and return an engine. A database that cannot be opened
+    raises ConfigError (unsupported URL, damaged file, no such database, refused
+    credentials: restarting cannot mend these) or DatabaseUnavailable, in one line naming it."""
+    where = describe(url)
+    try:
+        await upgrade(url)
+    except (CommandError, sa.exc.SQLAlchemyError, OSError) as exc:
+        raise _open_error(where, exc) from None
     return create_engine(url)

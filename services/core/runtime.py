@@ -50,8 +50,13 @@ def open_chain(settings: ServiceSettings, signer: Signer | None = None) -> Chain
     if not Path(settings.roster_file).is_file():
         raise ConfigError(f"invalid setting 'roster_file': file not found: {settings.roster_file}")
     # Weights set through the local chain are appended to a ledger in the service's own state
-    # dir (writable under the systemd units, where the roster's directory is read-only).
-    roster = LocalRoster(settings.roster_file, ledger_path=settings.state_dir / "weights.jsonl")
+    # dir (writable under the systemd units, where the roster's directory is read-only); each
+    # entry names the validator that set them.
+    roster = LocalRoster(
+        settings.roster_file,
+        ledger_path=settings.state_dir / "weights.jsonl",
+        validator=signer.identity if signer is not None else None,
+    )
     try:
         roster.reload(force=True)  # a malformed roster stops the service here, not at first use
     except (RosterError, OSError) as exc:

@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import inspect
 import os
 import signal
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +265,64 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
     )
 
 
+_STDERR_CAPTURE = threading.Lock()
+# Why a bind failed, as gRPC core words it in its log line (the exception only says it failed).
+_BIND_REASONS = [
+    (os.strerror(errno.EADDRINUSE), "the address is in use"),
+    (os.strerror(errno.EADDRNOTAVAIL), "the address is not one of this machine's"),
+    (os.strerror(errno.EACCES), "permission denied (a port below 1024 needs privileges)"),
+]
+
+
+def _add_port(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials | None) -> int:
+    """Bind `listen`; the bound port, or ConfigError in one line saying why not.
+
+    gRPC core logs a failed bind on stderr itself (an `E... add_port.cc` line, which no setting
+    can silence once gRPC is running), while its exception only says that binding failed. So
+    the call's stderr is captured: the reason is taken from that line, which is then dropped;
+    anything else written meanwhile is passed on."""
+    error: RuntimeError | None = None
+    port = 0
+    # One capture at a time: interleaved, two would restore each other's stderr.
+    with _STDERR_CAPTURE, tempfile.TemporaryFile() as capture:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr to capture
+            saved = -1
+        if saved >= 0:
+            sys.stderr.flush()
+            os.dup2(capture.fileno(), 2)
+        try:
+            port = (
+                server.add_secure_port(listen, creds) if creds else server.add_insecure_port(listen)
+            )
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            error = exc
+        finally:
+            if saved >= 0:
+                os.dup2(saved, 2)
+                os.close(saved)
+        capture.seek(0)
+        logged = capture.read().decode(errors="replace")
+    failed = error is not None or port == 0
+    lines = logged.splitlines(keepends=True)
+    ours = [line for line in lines if failed and "add_port.cc" in line]
+    passed_on = "".join(line for line in lines if line not in ours)
+    if passed_on:
+        os.write(2, passed_on.encode())
+    if not failed:
+        return port
+    said = " ".join(line.split("add_port.cc", 1)[1].split("]", 1)[-1].strip() for line in ours)
+    said = said.removeprefix("Failed to add port to server: ")
+    if "lookup failed" in said:  # the name may resolve later (DNS not up yet): exit 1, retried
+        raise OSError(f"cannot listen on {listen}: {said}")
+    if creds and "Unable to create secure server" in said:  # what is wrong, gRPC logged above
+        raise ConfigError("invalid setting 'tls': the TLS certificate and key do not load")
+    fallback = "the address is in use or not available"
+    reason = next((why for text, why in _BIND_REASONS if text in said), said or fallback)
+    raise ConfigError(f"invalid setting 'listen': cannot listen on {listen}: {reason}")
+
+
 async def create_server(
     listen: str,
     services: Sequence[ServiceRegistration],
@@ -287,15 +349,7 @@ async def create_server(
         server,
     )
     creds = server_credentials(tls) if tls is not None else None
-    try:
-        port = server.add_secure_port(listen, creds) if creds else server.add_insecure_port(listen)
-    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
-        hint = " (or the TLS certificate and key do not load)" if creds else ""
-        raise OSError(
-            f"cannot listen on {listen}: the address is in use or not available{hint} ({exc})"
-        ) from None
-    if port == 0:
-        raise OSError(f"could not bind {listen}")
+    port = _add_port(server, listen, creds)
     await server.start()
     running = RunningServer(server=server, port=port, health=health, service_names=names)
     await running.set_serving(True)

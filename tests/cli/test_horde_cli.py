@@ -157,7 +157,7 @@ def test_a_busy_port_is_one_line(tmp_path: Path) -> None:
             "--config",
             str(_gateway_config(tmp_path, f'listen = "127.0.0.1:{port}"\n')),
         )
-        assert out.returncode == 1, out.stderr
+        assert out.returncode == 2, out.stderr  # a configuration error: systemd does not retry
         assert f"cannot listen on 127.0.0.1:{port}: the address is in use" in out.stderr
         assert "Traceback" not in out.stderr
         config = _gateway_config(tmp_path, 'listen = "127.0.0.1:0"\n')
