@@ -28,7 +28,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from services.core import metrics
 from services.core.auth import PUBLIC_PREFIXES, Authenticator, AuthFailure, client_interceptors
@@ -265,6 +266,25 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
     )
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
+    """Server reflection under both names: v1alpha (what grpcio-reflection serves) and v1 (what
+    current tools, grpcurl and Postman among them, ask for first). The two protos are the same
+    messages field for field, so the one servicer answers both."""
+    servicer = ReflectionServicer([*names, reflection.SERVICE_NAME, REFLECTION_V1])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
 _STDERR_CAPTURE = threading.Lock()
 # Why a bind failed, as gRPC core words it in its log line (the exception only says it failed).
 _BIND_REASONS = [
@@ -340,14 +360,7 @@ async def create_server(
     names = [s.full_name for s in services]
     for reg in services:
         reg.add(reg.servicer, server)
-    reflection.enable_server_reflection(
-        [
-            *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
+    _add_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     creds = server_credentials(tls) if tls is not None else None
     port = _add_port(server, listen, creds)
     await server.start()
