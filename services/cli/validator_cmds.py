@@ -35,7 +35,11 @@ def register(actions: Any) -> None:
     weights.set_defaults(func=_run)
     rnd = actions.add_parser("round", help="run a synthetic round now and print its results")
     client_args(rnd)
-    rnd.add_argument("--set-weights", action="store_true", help="set weights right after the round")
+    rnd.add_argument(
+        "--set-weights",
+        action="store_true",
+        help="set weights right after the round (exit status 1 when they could not be)",
+    )
     rnd.set_defaults(func=_run)
 
 
@@ -126,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
                 timeout=ROUND_TIMEOUT_S,
             )
             _print_round(resp, args.json)
+            if args.set_weights and not resp.weights_reference:
+                return 1  # asked to set weights, and they were not (the output says why)
         else:
             weights = await stub.GetWeights(
                 validator_admin_pb2.GetWeightsRequest(), timeout=WEIGHTS_TIMEOUT_S

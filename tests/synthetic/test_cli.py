@@ -69,6 +69,27 @@ async def test_round_and_weights_commands(
     assert miner.signer.identity.ss58 in capsys.readouterr().out
 
 
+async def test_set_weights_that_cannot_be_set_exits_1(
+    synth: SynthNet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No miner: the round runs, weights cannot be set; a script asking for them learns it."""
+    validator = await synth.start_validator()
+    key = synth.root / "admin.json"
+    write_key_file(key, synth.admin)
+    target = [
+        "--validator",
+        f"127.0.0.1:{validator.port}",
+        "--validator-identity",
+        str(synth.validator_signer.identity),
+        "--key",
+        str(key),
+    ]
+    assert await _horde(["validator", "round", *target, "--set-weights", "--json"]) == 1
+    doc = _json(capsys.readouterr().out)
+    assert doc["weights_reference"] == "" and doc["weights_error"]
+    assert await _horde(["validator", "round", *target, "--json"]) == 0  # none asked for
+
+
 async def test_a_non_admin_key_is_refused(
     synth: SynthNet, capsys: pytest.CaptureFixture[str]
 ) -> None:
