@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -154,6 +154,14 @@ class SyntheticSettings(BaseModel):
     organic_failed_weight: float = Field(default=0.1, ge=0)
     classes: dict[str, SyntheticClass] = Field(default_factory=_default_classes)
 
+    @model_validator(mode="after")
+    def _jitter_within_interval(self) -> SyntheticSettings:
+        if self.jitter_s >= self.interval_s:
+            raise ValueError(
+                f"jitter_s ({self.jitter_s:g}) must be less than interval_s ({self.interval_s:g})"
+            )
+        return self
+
 
 class TrustedMiner(BaseModel):
     """The validator operator's own, unregistered miner that replays spot checks."""
@@ -166,6 +174,11 @@ class TrustedMiner(BaseModel):
     address: str
     # Executor class to ask for (empty: the class the checked job ran on).
     executor_class: str = ""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _dial_address(value)
 
 
 class ComparatorSettings(BaseModel):
@@ -242,6 +255,16 @@ class ValidatorSettings(ServiceSettings):
     trusted_miner: TrustedMiner | None = None
     spotcheck: SpotCheckSettings = SpotCheckSettings()
 
+    @field_validator("miners", "gateways")
+    @classmethod
+    def _addresses(cls, value: dict[str, str]) -> dict[str, str]:
+        for identity, address in value.items():
+            try:
+                _dial_address(address)
+            except ValueError as exc:
+                raise ValueError(f"{identity}: {exc}") from None
+        return value
+
 
 class MinerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HORDE_MINER_")
@@ -309,8 +332,14 @@ class ExecutorSettings(ServiceSettings):
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HORDE_GATEWAY_")
 
-    validator_address: str = "127.0.0.1:0"
+    validator_address: str = "127.0.0.1:0"  # port 0: no validator (sessions are refused)
     validator_identity: str = ""
+
+    @field_validator("validator_address")
+    @classmethod
+    def _validator_address(cls, value: str) -> str:
+        return _host_port(value)
+
     # Client identities allowed to open sessions.
     clients: list[str] = []
     # Allowed clock difference between client, gateway and job proxy, in seconds.
@@ -334,6 +363,14 @@ def _host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("must be host:port with a port between 0 and 65535")
+    return value
+
+
+def _dial_address(value: str) -> str:
+    """An address to dial: host:port with a port from 1 to 65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} must be host:port with a port between 1 and 65535")
     return value
 
 

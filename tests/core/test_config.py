@@ -127,6 +127,41 @@ def test_bad_listen_address(tmp_path: Path) -> None:
     assert "host:port" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("cls", "toml", "field", "fragment"),
+    [
+        (
+            ValidatorSettings,
+            '[trusted_miner]\nidentity = "sr25519:00"\naddress = "nohost"\n',
+            "trusted_miner.address",
+            "'nohost' must be host:port",
+        ),
+        (
+            ValidatorSettings,
+            '[miners]\n"sr25519:ab" = "127.0.0.1:0"\n',
+            "miners",
+            "sr25519:ab: '127.0.0.1:0' must be host:port with a port between 1 and 65535",
+        ),
+        (ValidatorSettings, '[gateways]\n"ed25519:ab" = "gw"\n', "gateways", "'gw' must be"),
+        (GatewaySettings, 'validator_address = "validator"\n', "validator_address", "host:port"),
+        (
+            ValidatorSettings,
+            "[synthetic]\ninterval_s = 60\njitter_s = 90\n",
+            "synthetic",
+            "jitter_s (90) must be less than interval_s (60)",
+        ),
+    ],
+    ids=["trusted_miner", "miners", "gateways", "gateway_validator", "jitter"],
+)
+def test_addresses_to_dial_and_round_timing_are_checked(
+    tmp_path: Path, cls: type, toml: str, field: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(cls, write(tmp_path / "c.toml", toml))
+    assert f"invalid setting '{field}'" in str(info.value), str(info.value)
+    assert fragment in str(info.value), str(info.value)
+
+
 def test_several_problems_are_all_reported(tmp_path: Path) -> None:
     cfg = write(tmp_path / "m.toml", 'netuid = -1\nlog_level = "loud"\n')
     with pytest.raises(ConfigError) as info:
