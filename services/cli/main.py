@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from horde.v1 import job_pb2
 
@@ -88,14 +88,27 @@ def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> i
 
 
 def _keys_new(args: argparse.Namespace) -> int:
+    if args.key_type is not None and args.kind != "hotkey":
+        print(
+            "horde keys new: --key-type applies to --kind hotkey (an ed25519 key is ed25519)",
+            file=sys.stderr,
+        )
+        return 2
+    key_type: Literal["sr25519", "ed25519"] = args.key_type or "sr25519"
     try:
-        signer = create_key_file(args.out, args.kind, key_type=args.key_type, overwrite=args.force)
+        signer = create_key_file(args.out, args.kind, key_type=key_type, overwrite=args.force)
     except FileExistsError as exc:
         print(f"horde keys new: {exc} (use --force to replace it)", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as exc:
+        print(f"horde keys new: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"{signer.identity}  {args.out}")
     if args.kind == "hotkey":
         print(f"ss58 {signer.identity.ss58}")
+        if key_type == "ed25519":
+            # An ss58 address does not say its scheme: a roster must (sr25519 is assumed).
+            print('roster: key_type = "ed25519" in this hotkey\'s [[neuron]]')
     return 0
 
 
@@ -263,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument(
         "--key-type",
         choices=["sr25519", "ed25519"],
-        default="sr25519",
-        help="signature scheme of a hotkey",
+        default=None,
+        help="signature scheme of a hotkey (default sr25519; only with --kind hotkey)",
     )
     new.add_argument("--out", type=Path, required=True, help="where to write the key file")
     new.add_argument("--force", action="store_true", help="replace an existing file")

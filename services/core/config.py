@@ -275,8 +275,18 @@ class MinerSettings(ServiceSettings):
     validators: list[str] = []
     min_validator_stake: float = 0.0
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
-    # An executor silent for this long is considered lost.
+    # An executor silent for this long is considered lost: at least two heartbeats' time, or
+    # executors would be dropped between heartbeats (and their jobs lost).
     executor_timeout_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _timeout_spans_heartbeats(self) -> MinerSettings:
+        if self.executor_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"executor_timeout_s ({self.executor_timeout_s:g}) must be at least twice "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s:g})"
+            )
+        return self
 
 
 class ExecutorSettings(ServiceSettings):
@@ -308,9 +318,10 @@ class ExecutorSettings(ServiceSettings):
     streaming_max_request_mb: int = Field(default=64, gt=0)
     # Largest total size of the extra data files one streaming job may receive.
     extra_data_limit_mb: int = Field(default=1024, gt=0)
-    memory_limit_mb: int = Field(default=1024, gt=0)
-    cpu_limit: float = Field(default=1.0, gt=0)
-    pids_limit: int = Field(default=256, gt=0)
+    # Docker refuses less than 6 MiB of memory; a job needs its init and its command at least.
+    memory_limit_mb: int = Field(default=1024, ge=6)
+    cpu_limit: float = Field(default=1.0, gt=0)  # at most the host's CPUs (checked at start)
+    pids_limit: int = Field(default=256, ge=4)
     output_limit_mb: int = Field(default=64, gt=0)
     work_dir: Path = Path("./state/executor-work")
     # Let organic jobs' URL inputs (and their redirects) be downloaded from, and output uploads go

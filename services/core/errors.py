@@ -47,6 +47,10 @@ class Unavailable(HordeError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Aborted(HordeError):
+    code = grpc.StatusCode.ABORTED
+
+
 class DeadlineExceeded(HordeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,7 +43,7 @@ from services.core.auth import (
     AuthFailure,
     call_signature,
 )
-from services.core.errors import HordeError, InvalidArgument
+from services.core.errors import ConfigError, HordeError, InvalidArgument
 from services.core.identity import Identity, Signer
 from services.core.server import MAX_MESSAGE_BYTES
 
@@ -308,7 +309,14 @@ class ProxyServer:
                 self._serve, host or None, port, limit=MAX_FRAME_BYTES + 4, backlog=1024
             )
         except OSError as exc:
-            raise OSError(f"the job proxy cannot listen on {listen}: {exc.strerror}") from exc
+            # Busy, or not an address of this machine: a restart cannot mend it.
+            why = {
+                errno.EADDRINUSE: "the address is in use",
+                errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+            }.get(exc.errno or 0, exc.strerror or str(exc))
+            raise ConfigError(
+                f"invalid setting 'proxy_listen': the job proxy cannot listen on {listen}: {why}"
+            ) from None
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("proxy_listening", service=self._label, host=host, port=self.port)
         return self.port

@@ -31,6 +31,13 @@ from services.executor.synthetic import InProcessSolver, SyntheticSolver, answer
 log = structlog.get_logger("horde.executor.agent")
 
 
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A job task that died of an error its runner did not turn into a result: say so in the
+    log (as a JSON line), not as asyncio's "exception was never retrieved" on stderr."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("job_task_failed", error=repr(exc), exc_info=exc)
+
+
 class ExecutorAgent:
     def __init__(
         self,
@@ -246,6 +253,7 @@ class ExecutorAgent:
         )
         runner = self._streaming if streaming and self._streaming else self._runner
         self._job = asyncio.create_task(runner.run(ctx))
+        self._job.add_done_callback(_report_crash)
 
     def _start_synthetic(
         self,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
+import aiohttp
 import structlog
+from aiodocker.exceptions import DockerError
 from horde.v1 import manifest_pb2
 
 from services import __version__
@@ -44,8 +48,21 @@ async def start_executor(
             "host:port is required"
         )
     work_dir = settings.work_dir.resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # Jobs make their directories here: find out now, not at the first job.
+        tempfile.TemporaryDirectory(dir=work_dir).cleanup()
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid setting 'work_dir': {work_dir}: {exc.strerror or exc} (jobs make their "
+            "directories there)"
+        ) from None
     hardware = probe(work_dir)
+    cpus = os.cpu_count() or 1
+    if settings.cpu_limit > cpus:
+        raise ConfigError(
+            f"invalid setting 'cpu_limit': {settings.cpu_limit:g} CPUs, this host has {cpus}"
+        )
     klass = executor_class(hardware, settings.executor_class)
     # One label per executor identity, so executors sharing an engine never sweep each other.
     runtime = DockerRuntime(
@@ -53,7 +70,16 @@ async def start_executor(
         wait_cleanup=False,
         job_init=settings.job_init,
     )
-    swept = await runtime.sweep()
+    try:
+        swept = await runtime.sweep()
+    except (DockerError, aiohttp.ClientError) as exc:
+        await runtime.close()
+        # Not a configuration error: the engine may come up later (systemd tries again).
+        message = exc.message if isinstance(exc, DockerError) else str(exc)
+        raise OSError(
+            f"cannot use the Docker engine: {message} (is it running, and may this user use "
+            "its socket, e.g. as a member of the docker group?)"
+        ) from None
     if swept:
         log.warning("swept_leftovers", count=swept)
     limits = SandboxLimits(
@@ -89,11 +115,20 @@ async def start_executor(
         clock_ns=(lambda: time.time_ns() + offset_ns) if offset_ns else time.time_ns,
     )
     auth = Authenticator(signer.identity, sessions, max_skew_s=settings.auth.max_clock_skew_s)
-    server = await create_server(
-        settings.listen, [], authenticator=auth, service_label="executor", tls=settings.tls
-    )
+    try:
+        server = await create_server(
+            settings.listen, [], authenticator=auth, service_label="executor", tls=settings.tls
+        )
+    except BaseException:
+        await runtime.close()
+        raise
     proxy_server = ProxyServer(proxy, auth, label="executor")
-    proxy_port = await proxy_server.start(settings.proxy_listen)
+    try:
+        proxy_port = await proxy_server.start(settings.proxy_listen)
+    except BaseException:
+        await server.server.stop(0)
+        await runtime.close()
+        raise
     streaming = StreamingJobRunner(
         runtime,
         set(settings.allowed_images),

@@ -28,6 +28,7 @@ from services.executor.sandbox import (
     ImageError,
     RunLogs,
     SandboxLimits,
+    normalise_image_ref,
 )
 from services.executor.urlguard import (
     GuardedResolver,
@@ -83,6 +84,33 @@ def _captured(data: bytes, truncated: bool, total: int) -> job_pb2.CapturedOutpu
     )
 
 
+def log_result(res: job_pb2.JobResult) -> None:
+    """One line per job the executor ends: how, and why."""
+    log.info(
+        "job_finished",
+        job_uuid=res.job_uuid,
+        state=common_pb2.JobState.Name(res.state),
+        reason=common_pb2.FailureReason.Name(res.reason),
+        detail=res.detail[:200],
+    )
+
+
+def job_dir_failure(job_uuid: str, work_dir: Path, exc: OSError) -> executor_pb2.ConnectRequest:
+    """The result of a job whose directory cannot be made (work_dir unwritable, disk full): the
+    executor's fault, said at once rather than leaving the job (and the executor) hanging."""
+    why = exc.strerror or str(exc)
+    log.error("job_dir_failed", job_uuid=job_uuid, work_dir=str(work_dir), error=why)
+    return executor_pb2.ConnectRequest(
+        result=result(
+            job_uuid,
+            common_pb2.JOB_STATE_HORDE_FAILED,
+            common_pb2.FAILURE_REASON_INTERNAL_ERROR,
+            common_pb2.STAGE_RESERVATION,
+            f"executor error: cannot create the job's directory in {work_dir}: {why}",
+        )
+    )
+
+
 def _refusal(url: str, exc: NonPublicAddressError) -> str:
     """Why a URL input was refused, telling nothing the client did not know: the address only
     for a literal IP host (never what a name resolved to on the miner's host), no query."""
@@ -123,7 +151,8 @@ class OrganicJobRunner:
         job_urls_allow_private: bool = False,
     ) -> None:
         self._runtime = runtime
-        self._allowed = allowed_images
+        # "name" means "name:latest", as everywhere images are named.
+        self._allowed = {normalise_image_ref(i) for i in allowed_images}
         self._limits = limits
         self._work_dir = work_dir
         self._gpus = gpus
@@ -133,7 +162,11 @@ class OrganicJobRunner:
     async def run(self, ctx: JobContext) -> None:
         """Run the job to a result, which is always sent (also on failure and cancellation)."""
         timings: list[job_pb2.StageTiming] = []
-        job_dir = Path(tempfile.mkdtemp(prefix=f"job-{ctx.job_uuid[:8]}-", dir=self._work_dir))
+        try:
+            job_dir = Path(tempfile.mkdtemp(prefix=f"job-{ctx.job_uuid[:8]}-", dir=self._work_dir))
+        except OSError as exc:
+            await ctx.send(job_dir_failure(ctx.job_uuid, self._work_dir, exc))
+            return
         res: job_pb2.JobResult | None = None
         logs = RunLogs(self._limits.log_cap_bytes)
         try:
@@ -169,6 +202,7 @@ class OrganicJobRunner:
             if res is not None:
                 if not res.stage_timings:
                     res.stage_timings.extend(timings)
+                log_result(res)
                 await asyncio.shield(ctx.send(executor_pb2.ConnectRequest(result=res)))
 
     async def _event(
@@ -191,7 +225,7 @@ class OrganicJobRunner:
         logs: RunLogs,
     ) -> job_pb2.JobResult:
         spec = ctx.spec
-        if spec.image not in self._allowed:
+        if normalise_image_ref(spec.image) not in self._allowed:
             raise JobFailure(
                 common_pb2.JOB_STATE_REJECTED,
                 common_pb2.FAILURE_REASON_IMAGE_NOT_ALLOWED,

@@ -50,7 +50,14 @@ from horde.v1 import common_pb2, executor_pb2, job_pb2, streaming_pb2
 
 from services.core.proto_util import event, result
 from services.executor.http1 import Http1Client
-from services.executor.jobs import JobContext, JobFailure, Send, failed
+from services.executor.jobs import (
+    JobContext,
+    JobFailure,
+    Send,
+    failed,
+    job_dir_failure,
+    log_result,
+)
 from services.executor.proxy import LiveStream, StreamSessions
 from services.executor.sandbox import (
     DEFAULT_HOLDER_IMAGE,
@@ -285,9 +292,17 @@ class StreamingJobRunner:
         task = asyncio.current_task()
         if task is not None:
             self._sessions_running.add(task)
-        job_dir = Path(
-            tempfile.mkdtemp(prefix=f"stream-{_safe_name(ctx.job_uuid)[:8]}-", dir=self._work_dir)
-        )
+        try:
+            job_dir = Path(
+                tempfile.mkdtemp(
+                    prefix=f"stream-{_safe_name(ctx.job_uuid)[:8]}-", dir=self._work_dir
+                )
+            )
+        except OSError as exc:
+            if task is not None:
+                self._sessions_running.discard(task)
+            await ctx.send(job_dir_failure(ctx.job_uuid, self._work_dir, exc))
+            return
         job = _Job(ctx=ctx, job_dir=job_dir, extra_dir=job_dir / "extra", service=ServiceSpec())
         timings: list[job_pb2.StageTiming] = []
         res: job_pb2.JobResult | None = None
@@ -342,6 +357,7 @@ class StreamingJobRunner:
                 if res is not None:
                     if not res.stage_timings:
                         res.stage_timings.extend(timings)
+                    log_result(res)
                     await asyncio.shield(ctx.send(executor_pb2.ConnectRequest(result=res)))
 
     def extra_data(self, msg: executor_pb2.ExecutorExtraData, send: Send) -> None:

@@ -11,7 +11,7 @@ import grpc
 import structlog
 from horde.v1 import executor_pb2, executor_pb2_grpc
 
-from services.core.errors import InvalidArgument
+from services.core.errors import Aborted, InvalidArgument
 from services.core.server import current_caller
 from services.miner.pool import ExecutorConn, ExecutorPool
 from services.miner.synthetic import SyntheticCollector
@@ -37,6 +37,7 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
             executor_id=self._pool.executor_id_for(identity),
             identity=identity,
             manifest=first.manifest,
+            peer=context.peer() or "",
         )
         self._pool.register(conn)
         reader = asyncio.create_task(self._read(conn, request_iterator))
@@ -49,6 +50,9 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
             while True:
                 msg = await conn.outbox.get()
                 if msg is None:
+                    if conn.close_reason.startswith("replaced"):
+                        # The executor's log says why its link ended, not just that it did.
+                        raise Aborted(conn.close_reason)
                     break
                 yield msg
         finally:
@@ -66,6 +70,8 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
                 conn.last_seen = time.monotonic()
                 kind = msg.WhichOneof("payload")
                 if kind == "manifest":
+                    if msg.manifest.draining and not conn.manifest.draining:
+                        log.info("executor_draining", executor_id=conn.executor_id)
                     conn.manifest = msg.manifest
                 elif kind == "heartbeat":
                     continue

@@ -46,6 +46,8 @@ class ExecutorConn:
     last_seen: float = field(default_factory=time.monotonic)
     job: JobChannel | None = None
     closed: bool = False
+    peer: str = ""  # where the link comes from (gRPC's peer string)
+    close_reason: str = ""
 
     @property
     def busy(self) -> bool:
@@ -59,6 +61,7 @@ class ExecutorConn:
         if self.closed:
             return
         self.closed = True
+        self.close_reason = reason
         self.outbox.put_nowait(None)
         if self.job is not None:
             self.job.inbox.put_nowait(ExecutorLost(reason))
@@ -83,7 +86,17 @@ class ExecutorPool:
     def register(self, conn: ExecutorConn) -> None:
         old = self._conns.get(conn.executor_id)
         if old is not None and old is not conn:
-            old.close("executor reconnected on a new link")
+            # A restarted executor whose old link is not yet known dead, or two executors
+            # sharing one key (they then replace each other on every reconnect): say which.
+            log.warning(
+                "executor_replaced",
+                executor_id=conn.executor_id,
+                old_peer=old.peer,
+                new_peer=conn.peer,
+                old_had_job=old.job.job_uuid if old.job is not None else None,
+                hint="two executors with one key replace each other: give each its own key",
+            )
+            old.close(f"replaced by a newer link with this executor's key (from {conn.peer})")
         self._conns[conn.executor_id] = conn
         log.info(
             "executor_connected",
@@ -95,7 +108,12 @@ class ExecutorPool:
         conn.close(reason)
         if self._conns.get(conn.executor_id) is conn:
             del self._conns[conn.executor_id]
-            log.info("executor_disconnected", executor_id=conn.executor_id, reason=reason)
+            why = conn.close_reason or reason  # the first reason given, e.g. "no heartbeat"
+            # A link the executor closed is news; one that went silent or broke is a warning.
+            quiet = why in ("link closed", "executor closed the link")
+            (log.info if quiet else log.warning)(
+                "executor_disconnected", executor_id=conn.executor_id, reason=why
+            )
 
     def get(self, executor_id: str) -> ExecutorConn | None:
         return self._conns.get(executor_id)

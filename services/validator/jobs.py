@@ -257,10 +257,38 @@ class JobManager:
             + DEADLINE_SLACK_S
         )
 
+    async def _route_or_cancel(self, job: LiveJob) -> job_pb2.JobResult:
+        """The job's result from its miner; once the client cancels, the miner has
+        CANCEL_WAIT_S to confirm, after which the job ends cancelled here (dropping the miner's
+        stream tells it to stop the job)."""
+        route = asyncio.create_task(self._route(job))
+        cancelled = asyncio.create_task(job.cancel.wait())
+        try:
+            await asyncio.wait({route, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not route.done():
+                await asyncio.wait({route}, timeout=CANCEL_WAIT_S)
+            if route.done():
+                return route.result()
+            log.warning("cancel_unconfirmed", job_uuid=job.job_uuid, waited_s=CANCEL_WAIT_S)
+            return result(
+                job.job_uuid,
+                common_pb2.JOB_STATE_CANCELLED,
+                common_pb2.FAILURE_REASON_CANCELLED,
+                common_pb2.STAGE_UNSPECIFIED,
+                f"cancelled; the miner did not confirm within {CANCEL_WAIT_S:.0f} s (its "
+                "stream was dropped, which stops the job there)",
+            )
+        finally:
+            cancelled.cancel()
+            if not route.done():
+                route.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await route
+
     async def _run(self, job: LiveJob) -> None:
         try:
             async with asyncio.timeout(self._deadline_s(job)):
-                res = await self._route(job)
+                res = await self._route_or_cancel(job)
         except TimeoutError:
             res = result(
                 job.job_uuid,

@@ -66,8 +66,27 @@ def test_keys_new_writes_a_private_key_file(tmp_path: Path, kind: str, prefix: s
     assert path.stat().st_mode & 0o777 == 0o600
     assert str(load_key_file(path).identity) == out.stdout.split()[0]
     again = horde("keys", "new", "--kind", kind, "--out", str(path))
-    assert again.returncode == 1
+    assert again.returncode == 2  # a usage problem: --force replaces it
     assert "refusing to overwrite" in again.stderr
+
+
+def test_keys_new_options_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    out = horde("keys", "new", "--key-type", "sr25519", "--out", str(tmp_path / "k.json"))
+    assert out.returncode == 2 and "--key-type applies to --kind hotkey" in out.stderr
+    assert not (tmp_path / "k.json").exists()
+    ed = horde(
+        "keys",
+        "new",
+        "--kind",
+        "hotkey",
+        "--key-type",
+        "ed25519",
+        "--out",
+        str(tmp_path / "h.json"),
+    )
+    assert ed.returncode == 0, ed.stderr
+    assert ed.stdout.startswith("ed25519:")
+    assert 'roster: key_type = "ed25519"' in ed.stdout  # the roster cannot tell from the ss58
 
 
 @pytest.mark.parametrize("service", ["validator", "miner", "executor", "gateway"])

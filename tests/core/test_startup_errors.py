@@ -4,6 +4,7 @@ and exits 2 when restarting cannot mend it (the units' RestartPreventExitStatus=
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import subprocess
@@ -176,3 +177,87 @@ def test_a_database_server_that_does_not_answer_is_one_line_and_retried(tmp_path
         f"horde validator: database postgresql://horde:***@127.0.0.1:{port}/horde: "
     ), line
     assert "s3cret" not in out.stderr
+
+
+# -------------------------------------------------------------------------------- executor
+
+
+def executor_config(tmp_path: Path, extra: str = "", work_dir: Path | None = None) -> Path:
+    miner = create_key_file(tmp_path / "miner.json", "hotkey")
+    return config(
+        tmp_path,
+        "executor",
+        f'miner_address = "127.0.0.1:9"\nminer_identity = "{miner.identity}"\n'
+        f'work_dir = "{work_dir or tmp_path / "work"}"\n' + extra,
+    )
+
+
+def test_an_executor_work_dir_that_cannot_hold_jobs_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    cfg = executor_config(tmp_path, work_dir=tmp_path / "afile" / "work")
+    out = horde("executor", "serve", "--config", str(cfg))
+    assert out.returncode == 2, out.stderr
+    assert one_line(out).startswith(
+        f"horde executor: configuration error: invalid setting 'work_dir': "
+        f"{tmp_path / 'afile' / 'work'}: Not a directory"
+    )
+
+
+def test_a_busy_job_proxy_port_is_a_configuration_error(tmp_path: Path, busy_port: int) -> None:
+    cfg = executor_config(tmp_path, f'proxy_listen = "127.0.0.1:{busy_port}"\n')
+    out = horde("executor", "serve", "--config", str(cfg))
+    assert out.returncode == 2, out.stderr
+    assert one_line(out) == (
+        "horde executor: configuration error: invalid setting 'proxy_listen': the job proxy "
+        f"cannot listen on 127.0.0.1:{busy_port}: the address is in use"
+    )
+
+
+def test_more_cpus_than_the_host_has_is_a_configuration_error(tmp_path: Path) -> None:
+    out = horde(
+        "executor", "serve", "--config", str(executor_config(tmp_path, "cpu_limit = 999\n"))
+    )
+    assert out.returncode == 2, out.stderr
+    assert "invalid setting 'cpu_limit': 999 CPUs, this host has" in one_line(out)
+
+
+def test_an_unreachable_docker_engine_is_one_line_and_retried(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [HORDE, "executor", "serve", "--config", str(executor_config(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path / 'no-engine.sock'}"},
+    )
+    assert out.returncode == 1, out.stderr  # the engine may come up: systemd tries again
+    line = one_line(out)
+    assert line.startswith("horde executor: cannot use the Docker engine: "), line
+    assert "Unclosed" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("service", "extra", "fragment"),
+    [
+        ("executor", "memory_limit_mb = 4\n", "'memory_limit_mb'"),
+        ("executor", "pids_limit = 1\n", "'pids_limit'"),
+        (
+            "miner",
+            "heartbeat_interval_s = 20\nexecutor_timeout_s = 5\n",
+            "executor_timeout_s (5) must be at least twice heartbeat_interval_s (20)",
+        ),
+    ],
+    ids=["tiny_memory", "one_pid", "timeout_under_heartbeats"],
+)
+def test_limits_that_cannot_work_stop_the_service(
+    tmp_path: Path, service: str, extra: str, fragment: str
+) -> None:
+    cfg = (
+        executor_config(tmp_path, extra)
+        if service == "executor"
+        else config(tmp_path, service, extra)
+    )
+    out = horde(service, "serve", "--config", str(cfg))
+    assert out.returncode == 2, out.stderr
+    assert fragment in one_line(out)

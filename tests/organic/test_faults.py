@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import shutil
 import signal
 import tarfile
 import time
@@ -382,6 +383,65 @@ async def stop_process(proc: asyncio.subprocess.Process, sig: int | None = signa
     except TimeoutError:
         proc.kill()
         return await proc.wait()
+
+
+async def test_a_job_directory_that_cannot_be_made_fails_the_job_at_once(
+    bare_net: Network,
+) -> None:
+    """work_dir unusable (here a file where the directory was; a full disk or a read-only
+    mount alike): the job ends horde_failed at once, saying why, instead of hanging until the
+    validator's deadline with the executor held busy; the executor takes the next job."""
+    net = bare_net
+    work_dir = net.root / "broken-work"
+    await net.start_executor(work_dir=work_dir)
+    shutil.rmtree(work_dir)
+    work_dir.write_text("not a directory")
+    started = time.monotonic()
+    run = await net.run_job(spec_for(BASE_IMAGE, ["true"]), within=30)
+    res = assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_INTERNAL_ERROR)
+    assert f"cannot create the job's directory in {work_dir}: Not a directory" in res.detail
+    assert time.monotonic() - started < 20
+    work_dir.unlink()
+    work_dir.mkdir()
+    after = await net.run_job(spec_for(BASE_IMAGE, ["true"]))
+    assert after.result is not None and after.result.state == S.JOB_STATE_COMPLETED, (
+        after.describe()
+    )
+
+
+async def test_two_executors_with_one_key_are_told_why_they_lose_their_link(
+    bare_net: Network,
+) -> None:
+    """A misconfiguration (one key, two executors): each new link replaces the other; the
+    replaced executor's log says so (ABORTED: replaced by a newer link ...), not just that the
+    miner closed the link."""
+    net = bare_net
+    log_path = net.root / "twin.log"
+    proc = await spawn_executor(net, net.executor_config("executor"), log_path)
+    try:
+        await net.wait_executors(1, within=60)
+        await net.start_executor()  # the same key, in process: replaces the twin's link
+
+        def replaced() -> bool:
+            return any(
+                "replaced by a newer link with this executor's key" in str(e.get("reason"))
+                for e in log_events(log_path, "link_down")
+            )
+
+        await wait_for(replaced, 30, "the twin to log why its link ended")
+        (event, *_) = [e for e in log_events(log_path, "link_down") if "replaced" in str(e)]
+        assert str(event["reason"]).startswith("ABORTED: "), event
+    finally:
+        await stop_process(proc, signal.SIGKILL)
+
+
+async def test_an_executor_allow_list_entry_without_a_tag_means_latest(
+    bare_net: Network,
+) -> None:
+    net = bare_net
+    await net.start_executor(allowed_images=[BASE_IMAGE.removesuffix(":latest")])
+    run = await net.run_job(spec_for(BASE_IMAGE, ["true"]))
+    assert run.result is not None and run.result.state == S.JOB_STATE_COMPLETED, run.describe()
 
 
 async def test_executor_killed_mid_job(bare_net: Network) -> None:
