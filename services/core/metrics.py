@@ -50,6 +50,21 @@ MINER_WEIGHT = Gauge(
     "Each miner's weight when last computed (0 while no weights can be set)",
     ["miner"],
 )
+MINER_EXECUTORS = Gauge(
+    "horde_miner_executors",
+    "Executors linked to this miner, by class and state (idle, busy, draining)",
+    ["executor_class", "state"],
+)
+MINER_JOBS = Counter(
+    "horde_miner_jobs_total",
+    "Jobs this miner's executors ended, by state and reason",
+    ["state", "reason"],
+)
+EXECUTOR_JOBS = Counter(
+    "horde_executor_jobs_total",
+    "Jobs this executor ended, by kind, state and reason",
+    ["kind", "state", "reason"],
+)
 SPOTCHECK_PAIRS = Counter(
     "horde_spotcheck_pairs_total",
     "Streaming request/response pairs replayed on the trusted instance, by outcome",

@@ -19,7 +19,8 @@ from aiohttp.resolver import DefaultResolver
 from horde.v1 import common_pb2, executor_pb2, job_pb2, miner_pb2
 from yarl import URL
 
-from services.core.proto_util import event, result
+from services.core import metrics
+from services.core.proto_util import event, reason_name, result, state_name
 from services.executor.archive import ArchiveError, clean_member_name, safe_extract
 from services.executor.sandbox import (
     ContainerResult,
@@ -84,8 +85,9 @@ def _captured(data: bytes, truncated: bool, total: int) -> job_pb2.CapturedOutpu
     )
 
 
-def log_result(res: job_pb2.JobResult) -> None:
-    """One line per job the executor ends: how, and why."""
+def log_result(res: job_pb2.JobResult, kind: str = "organic") -> None:
+    """One line (and a count) per job the executor ends: how, and why."""
+    metrics.EXECUTOR_JOBS.labels(kind, state_name(res.state), reason_name(res.reason)).inc()
     log.info(
         "job_finished",
         job_uuid=res.job_uuid,

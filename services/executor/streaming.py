@@ -357,7 +357,7 @@ class StreamingJobRunner:
                 if res is not None:
                     if not res.stage_timings:
                         res.stage_timings.extend(timings)
-                    log_result(res)
+                    log_result(res, "streaming")
                     await asyncio.shield(ctx.send(executor_pb2.ConnectRequest(result=res)))
 
     def extra_data(self, msg: executor_pb2.ExecutorExtraData, send: Send) -> None:

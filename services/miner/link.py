@@ -73,6 +73,7 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
                     if msg.manifest.draining and not conn.manifest.draining:
                         log.info("executor_draining", executor_id=conn.executor_id)
                     conn.manifest = msg.manifest
+                    self._pool.report()
                 elif kind == "heartbeat":
                     continue
                 elif kind == "synthetic_answer":

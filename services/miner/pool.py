@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import structlog
 from horde.v1 import executor_pb2, manifest_pb2
 
+from services.core import metrics
 from services.core.errors import ResourceExhausted
 from services.core.identity import Identity
 
@@ -78,6 +79,7 @@ class AllBusy(ResourceExhausted):
 class ExecutorPool:
     def __init__(self) -> None:
         self._conns: dict[str, ExecutorConn] = {}
+        self._reported: set[tuple[str, str]] = set()  # gauge labels set so far
 
     def executor_id_for(self, identity: Identity) -> str:
         # Stable across reconnects and unique per key.
@@ -103,6 +105,7 @@ class ExecutorPool:
             executor_id=conn.executor_id,
             executor_class=conn.manifest.executor_class,
         )
+        self.report()
 
     def unregister(self, conn: ExecutorConn, reason: str) -> None:
         conn.close(reason)
@@ -114,6 +117,7 @@ class ExecutorPool:
             (log.info if quiet else log.warning)(
                 "executor_disconnected", executor_id=conn.executor_id, reason=why
             )
+            self.report()
 
     def get(self, executor_id: str) -> ExecutorConn | None:
         return self._conns.get(executor_id)
@@ -130,6 +134,7 @@ class ExecutorPool:
         for conn in same_class:
             if not conn.busy and not conn.closed and not conn.manifest.draining:
                 conn.job = JobChannel(job_uuid)
+                self.report()
                 return conn, conn.job
         draining = sum(1 for c in same_class if c.manifest.draining)
         raise AllBusy(
@@ -140,6 +145,21 @@ class ExecutorPool:
     def release(self, conn: ExecutorConn, job: JobChannel) -> None:
         if conn.job is job:
             conn.job = None
+            self.report()
+
+    def report(self) -> None:
+        """Set the executors gauge from the links as they are now (after every change)."""
+        counts: dict[tuple[str, str], int] = {}
+        for conn in self._conns.values():
+            state = "draining" if conn.manifest.draining else "busy" if conn.busy else "idle"
+            key = (conn.manifest.executor_class, state)
+            counts[key] = counts.get(key, 0) + 1
+        for klass, state in list(self._reported):
+            if (klass, state) not in counts:
+                metrics.MINER_EXECUTORS.labels(klass, state).set(0)
+        for (klass, state), n in counts.items():
+            metrics.MINER_EXECUTORS.labels(klass, state).set(n)
+        self._reported = set(counts) | self._reported
 
     def manifests(self) -> list[manifest_pb2.ExecutorManifest]:
         out = []

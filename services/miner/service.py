@@ -20,12 +20,18 @@ from horde.v1 import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core import lifecycle
+from services.core import lifecycle, metrics
 from services.core.certificates import sign_certificate
 from services.core.db import lifecycle_receipts
 from services.core.errors import HordeError, InvalidArgument
 from services.core.identity import Signer
-from services.core.proto_util import TERMINAL_STATES, parse_cursor, result
+from services.core.proto_util import (
+    TERMINAL_STATES,
+    parse_cursor,
+    reason_name,
+    result,
+    state_name,
+)
 from services.core.server import current_caller
 from services.miner.pool import (
     AllBusy,
@@ -232,6 +238,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                     state=common_pb2.JobState.Name(res.state),
                     reason=common_pb2.FailureReason.Name(res.reason),
                 )
+                metrics.MINER_JOBS.labels(state_name(res.state), reason_name(res.reason)).inc()
                 yield miner_pb2.RunJobResponse(result=res)
                 return
         finally:

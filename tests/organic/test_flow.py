@@ -27,6 +27,7 @@ from organic_support import (
     wait_job_container_running,
     wait_no_job_objects,
 )
+from prometheus_client import REGISTRY
 
 from services.core import lifecycle
 from services.core.identity import Ed25519Signer
@@ -619,3 +620,29 @@ async def test_output_upload_post_form(net: Network, http_server: HttpServer) ->
     with tarfile.open(fileobj=io.BytesIO(http_server.uploads["form"])) as archive:
         member = archive.extractfile("./p.txt")
         assert member is not None and member.read() == b"posted\n"
+
+
+async def test_the_miner_and_executor_count_jobs_and_executors(net: Network) -> None:
+    """What a miner operator's metrics say: executors by class and state, jobs by outcome."""
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    manifest = (await net.miner_stub().GetManifest(miner_pb2.GetManifestRequest())).manifest
+    (executor,) = manifest.executors
+    klass = executor.executor_class
+    assert sample("horde_miner_executors", executor_class=klass, state="idle") == 1
+    done = {
+        "miner": sample("horde_miner_jobs_total", state="completed", reason=""),
+        "executor": sample(
+            "horde_executor_jobs_total", kind="organic", state="completed", reason=""
+        ),
+    }
+    run = await net.run_job(spec_for(BASE_IMAGE, ["true"]))
+    assert run.result is not None and run.result.state == S.JOB_STATE_COMPLETED, run.describe()
+    assert sample("horde_miner_jobs_total", state="completed", reason="") == done["miner"] + 1
+    executor_done = sample(
+        "horde_executor_jobs_total", kind="organic", state="completed", reason=""
+    )
+    assert executor_done == done["executor"] + 1
+    assert sample("horde_miner_executors", executor_class=klass, state="busy") == 0
