@@ -24,7 +24,11 @@ def bounded_int(lo: int, hi: int, what: str) -> Callable[[str], int]:
 def service_address(value: str, option: str) -> str:
     """`value` if it is HOST:PORT with a port from 1 to 65535; ValueError naming `option` (the
     channel would otherwise dial a default port, 443, without a word)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{option} {value!r}: HOST:PORT is required (e.g. 127.0.0.1:7100)")
-    return value
+    from services.core.config import dial_address
+
+    try:
+        return dial_address(value)
+    except ValueError:
+        raise ValueError(
+            f"{option} {value!r}: HOST:PORT is required (e.g. 127.0.0.1:7100)"
+        ) from None

@@ -231,31 +231,19 @@ def _export(args: argparse.Namespace) -> int:
     return admin_call(args, "evidence export", fn)
 
 
-def _trusted_miners(values: list[str]) -> list[str]:
-    """--trusted-miner values as identity strings, or ss58 addresses (an ss58 address does not
-    say which scheme its key is for, so it matches either)."""
-    from services.core.identity import Identity
-
-    out = []
+def _trusted_miners(values: list[str]) -> set[str]:
+    """The identities --trusted-miner names (any spelling miner_filters takes; an ss58 address
+    stands for both schemes)."""
+    out: set[str] = set()
     for value in values:
         try:
-            out.append(str(Identity.parse(value.strip().lower())))
+            named = miner_filters(value)
         except ValueError:
-            try:
-                out.append(Identity.from_ss58(value.strip()).ss58)  # in format 42, as compared
-            except ValueError:
-                raise ValueError(f"{value!r}: not an identity or ss58 address") from None
+            named = [""]
+        if named == [""]:
+            raise ValueError(f"{value!r}: not an identity or ss58 address")
+        out.update(named)
     return out
-
-
-def _names_one_of(identity: str, trusted: list[str]) -> bool:
-    from services.core.identity import Identity
-
-    try:
-        ss58 = Identity.parse(identity).ss58
-    except ValueError:
-        return False
-    return identity in trusted or ss58 in trusted
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -284,7 +272,7 @@ def _verify_file(args: argparse.Namespace) -> int:
     for index, record in enumerate(records, start=1):
         try:
             ok = verify_record(record)
-            if trusted and not _names_one_of(ok.trusted_miner, trusted):
+            if trusted and ok.trusted_miner not in trusted:
                 raise EvidenceError(
                     f"trusted: the trusted instance {ok.trusted_miner} is not one of "
                     "--trusted-miner"

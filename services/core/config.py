@@ -178,7 +178,7 @@ class TrustedMiner(BaseModel):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        return _dial_address(value)
+        return dial_address(value)
 
 
 class ComparatorSettings(BaseModel):
@@ -260,7 +260,7 @@ class ValidatorSettings(ServiceSettings):
     def _addresses(cls, value: dict[str, str]) -> dict[str, str]:
         for identity, address in value.items():
             try:
-                _dial_address(address)
+                dial_address(address)
             except ValueError as exc:
                 raise ValueError(f"{identity}: {exc}") from None
         return value
@@ -370,19 +370,21 @@ class GatewaySettings(ServiceSettings):
 S = TypeVar("S", bound=ServiceSettings)
 
 
+def _address(value: str, lowest_port: int) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) <= 65535:
+        raise ValueError(f"{value!r} must be host:port with a port between {lowest_port} and 65535")
+    return value
+
+
 def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("must be host:port with a port between 0 and 65535")
-    return value
+    """An address to listen on: host:port, port 0 picking a free one."""
+    return _address(value, 0)
 
 
-def _dial_address(value: str) -> str:
+def dial_address(value: str) -> str:
     """An address to dial: host:port with a port from 1 to 65535."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} must be host:port with a port between 1 and 65535")
-    return value
+    return _address(value, 1)
 
 
 _ENV_PARSE_ERROR = re.compile(r'error parsing value for field "(\w+)" from source "EnvSettings')

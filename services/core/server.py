@@ -273,7 +273,9 @@ def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
     """Server reflection under both names: v1alpha (what grpcio-reflection serves) and v1 (what
     current tools, grpcurl and Postman among them, ask for first). The two protos are the same
     messages field for field, so the one servicer answers both."""
-    servicer = ReflectionServicer([*names, reflection.SERVICE_NAME, REFLECTION_V1])
+    # v1 is not listed: grpcio-reflection ships no v1 descriptor to describe it with, and tools
+    # ask for it by its method path, not from the list.
+    servicer = ReflectionServicer([*names, reflection.SERVICE_NAME])
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,

@@ -130,6 +130,8 @@ class ExecutorAgent:
         log.info("drained", job_uuid=self._job_uuid)
 
     async def _link_changed(self, up: bool) -> None:
+        if up and self.draining:
+            return  # shutting down: health stays NOT_SERVING whatever the link does
         if self._on_link is not None:
             try:
                 await self._on_link(up)

@@ -14,7 +14,7 @@ from horde.v1 import manifest_pb2
 from services import __version__
 from services.core.app import ServiceApp
 from services.core.auth import Authenticator
-from services.core.config import ExecutorSettings
+from services.core.config import ExecutorSettings, dial_address
 from services.core.errors import ConfigError
 from services.core.identity import Identity, Signer
 from services.core.proxy_wire import ProxyServer
@@ -41,12 +41,13 @@ async def start_executor(
         miner = Identity.parse(settings.miner_identity)
     except ValueError as exc:
         raise ConfigError(f"invalid setting 'miner_identity': {exc}") from None
-    host, _, port = settings.miner_address.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    try:
+        dial_address(settings.miner_address)
+    except ValueError:
         raise ConfigError(
             f"invalid setting 'miner_address': {settings.miner_address!r}: the miner's "
             "host:port is required"
-        )
+        ) from None
     work_dir = settings.work_dir.resolve()
     try:
         work_dir.mkdir(parents=True, exist_ok=True)

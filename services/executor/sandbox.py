@@ -672,6 +672,7 @@ class DockerRuntime:
                     # keep what it wrote up to the end (run.logs), then go on being cancelled.
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self._kill(job))
+                    with contextlib.suppress(Exception):  # also when the kill failed
                         async with asyncio.timeout(2.0):
                             await asyncio.shield(reader)
                     raise

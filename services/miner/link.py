@@ -50,7 +50,7 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
             while True:
                 msg = await conn.outbox.get()
                 if msg is None:
-                    if conn.close_reason.startswith("replaced"):
+                    if conn.replaced:
                         # The executor's log says why its link ended, not just that it did.
                         raise Aborted(conn.close_reason)
                     break
@@ -64,7 +64,7 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
     async def _read(
         self, conn: ExecutorConn, requests: AsyncIterator[executor_pb2.ConnectRequest]
     ) -> None:
-        reason = "executor closed the link"
+        reason, trouble = "executor closed the link", False
         try:
             async for msg in requests:
                 conn.last_seen = time.monotonic()
@@ -83,7 +83,7 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
                 else:
                     log.warning("message_without_job", executor_id=conn.executor_id, kind=kind)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            reason = f"link broke: {exc}"
+            reason, trouble = f"link broke: {exc}", True
         except asyncio.CancelledError:
             return
-        conn.close(reason)
+        conn.close(reason, trouble=trouble)

@@ -49,6 +49,8 @@ class ExecutorConn:
     closed: bool = False
     peer: str = ""  # where the link comes from (gRPC's peer string)
     close_reason: str = ""
+    replaced: bool = False  # closed because a newer link came with the same key
+    trouble: bool = False  # closed for a fault (silence, a broken link), not an orderly end
 
     @property
     def busy(self) -> bool:
@@ -58,11 +60,12 @@ class ExecutorConn:
         if not self.closed:
             self.outbox.put_nowait(msg)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, trouble: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
         self.close_reason = reason
+        self.trouble = trouble
         self.outbox.put_nowait(None)
         if self.job is not None:
             self.job.inbox.put_nowait(ExecutorLost(reason))
@@ -98,7 +101,11 @@ class ExecutorPool:
                 old_had_job=old.job.job_uuid if old.job is not None else None,
                 hint="two executors with one key replace each other: give each its own key",
             )
-            old.close(f"replaced by a newer link with this executor's key (from {conn.peer})")
+            old.replaced = True
+            old.close(
+                f"replaced by a newer link with this executor's key (from {conn.peer})",
+                trouble=True,
+            )
         self._conns[conn.executor_id] = conn
         log.info(
             "executor_connected",
@@ -107,14 +114,13 @@ class ExecutorPool:
         )
         self.report()
 
-    def unregister(self, conn: ExecutorConn, reason: str) -> None:
-        conn.close(reason)
+    def unregister(self, conn: ExecutorConn, reason: str, *, trouble: bool = False) -> None:
+        conn.close(reason, trouble=trouble)
         if self._conns.get(conn.executor_id) is conn:
             del self._conns[conn.executor_id]
             why = conn.close_reason or reason  # the first reason given, e.g. "no heartbeat"
-            # A link the executor closed is news; one that went silent or broke is a warning.
-            quiet = why in ("link closed", "executor closed the link")
-            (log.info if quiet else log.warning)(
+            # An orderly end is news; a link that went silent or broke is a warning.
+            (log.warning if conn.trouble else log.info)(
                 "executor_disconnected", executor_id=conn.executor_id, reason=why
             )
             self.report()
@@ -176,4 +182,4 @@ class ExecutorPool:
         now = time.monotonic()
         for conn in list(self._conns.values()):
             if now - conn.last_seen > timeout_s:
-                self.unregister(conn, f"no heartbeat for {timeout_s:.0f}s")
+                self.unregister(conn, f"no heartbeat for {timeout_s:.0f}s", trouble=True)

@@ -82,8 +82,8 @@ def build_record(
     comparator: str,
     detail: str,
     created_ns: int,
-    trusted_certificate: receipts_pb2.JobCertificate | None = None,
-    trusted_receipt: receipts_pb2.StreamReceipt | None = None,
+    trusted_certificate: receipts_pb2.JobCertificate,
+    trusted_receipt: receipts_pb2.StreamReceipt,
 ) -> dict[str, Any]:
     payload = parse_certificate(sample.certificate)
     receipt = StreamReceipt.from_proto(sample.receipt)
@@ -105,14 +105,13 @@ def build_record(
         "detail": detail,
         "created_ns": created_ns,
     }
-    if trusted_certificate is not None and trusted_receipt is not None:
-        tpayload = parse_certificate(trusted_certificate)
-        record["trusted"] = {
-            "miner_hotkey": tpayload.miner_hotkey,
-            "job_uuid": tpayload.job_uuid,
-            "certificate": cert_to_json(trusted_certificate),
-            "receipt": StreamReceipt.from_proto(trusted_receipt).to_json_dict(),
-        }
+    tpayload = parse_certificate(trusted_certificate)
+    record["trusted"] = {
+        "miner_hotkey": tpayload.miner_hotkey,
+        "job_uuid": tpayload.job_uuid,
+        "certificate": cert_to_json(trusted_certificate),
+        "receipt": StreamReceipt.from_proto(trusted_receipt).to_json_dict(),
+    }
     return record
 
 

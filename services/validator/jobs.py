@@ -282,21 +282,31 @@ class JobManager:
             cancelled.cancel()
             if not route.done():
                 route.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await route
+                # Wait for it to stop without taking its cancellation for ours: a shutdown or
+                # the deadline cancelling this task still goes through.
+                await asyncio.wait({route})
 
     async def _run(self, job: LiveJob) -> None:
         try:
             async with asyncio.timeout(self._deadline_s(job)):
                 res = await self._route_or_cancel(job)
         except TimeoutError:
-            res = result(
-                job.job_uuid,
-                common_pb2.JOB_STATE_HORDE_FAILED,
-                common_pb2.FAILURE_REASON_DEADLINE_MISSED,
-                common_pb2.STAGE_UNSPECIFIED,
-                f"the job missed its overall deadline of {self._deadline_s(job):.0f}s",
-            )
+            if job.cancel.is_set():  # the client had cancelled it: that is how it ended
+                res = result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_CANCELLED,
+                    common_pb2.FAILURE_REASON_CANCELLED,
+                    common_pb2.STAGE_UNSPECIFIED,
+                    "cancelled (at the job's overall deadline)",
+                )
+            else:
+                res = result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_HORDE_FAILED,
+                    common_pb2.FAILURE_REASON_DEADLINE_MISSED,
+                    common_pb2.STAGE_UNSPECIFIED,
+                    f"the job missed its overall deadline of {self._deadline_s(job):.0f}s",
+                )
         except Exception as exc:
             log.exception("job_route_error", job_uuid=job.job_uuid)
             res = result(

@@ -827,6 +827,9 @@ class SpotChecker:
         detail: str,
         certificate: receipts_pb2.JobCertificate | None,
     ) -> int | None:
+        if certificate is None:  # nothing would vouch for the trusted output
+            log.error("evidence_without_trusted_certificate", job_uuid=sample.job_uuid)
+            return None
         record = build_record(
             sample,
             validator_hotkey=self.identity,

@@ -163,7 +163,15 @@ class StreamingJobs:
                     f"image {spec.image!r} is not on the validator's streaming whitelist",
                 )
             )
-            log.info("streaming_job_rejected", job_uuid=job_uuid, image=spec.image, why=res.detail)
+            log.info(
+                "streaming_job_rejected", job_uuid=job_uuid, image=spec.image[:200], why=res.detail
+            )
+            if problem is not None:
+                # A refused spec is recorded by what identifies it, not stored whole: it may be
+                # the very size or bytes it was refused for.
+                spec = job_pb2.JobSpec(
+                    image=spec.image[:200], executor_class=spec.executor_class[:100]
+                )
             await self._manager.reject(job_uuid, spec, caller, res, kind="streaming")
             yield validator_pb2.StartStreamingJobResponse(result=res)
             return

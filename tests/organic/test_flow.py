@@ -645,4 +645,10 @@ async def test_the_miner_and_executor_count_jobs_and_executors(net: Network) -> 
         "horde_executor_jobs_total", kind="organic", state="completed", reason=""
     )
     assert executor_done == done["executor"] + 1
-    assert sample("horde_miner_executors", executor_class=klass, state="busy") == 0
+    # The miner frees the executor just after the result is on its way: wait for it.
+    await wait_for(
+        lambda: sample("horde_miner_executors", executor_class=klass, state="busy") == 0,
+        10,
+        "the executor to be idle again",
+    )
+    assert sample("horde_miner_executors", executor_class=klass, state="idle") == 1

@@ -70,7 +70,10 @@ Global___HttpMethod: _TypeAlias = HttpMethod  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
-    """JobSpec is what a client asks the network to run: a Docker image and its inputs."""
+    """JobSpec is what a client asks the network to run: a Docker image and its inputs. At most
+    256 KiB serialized, 64 labels (keys up to 128, values up to 1,024 characters), no NUL byte in
+    the command or environment (docs/clients.md lists every check).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
