@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import IO, Any
@@ -112,10 +113,42 @@ def _lines_of_file(path: Path) -> list[bytes]:
 
 
 async def _stdin_lines(prompt: bool) -> AsyncIterator[bytes]:
+    """Lines of standard input, read by a daemon thread: a blocking read must not keep the
+    process alive once the session is over or Ctrl-C ends it (asyncio's own worker threads are
+    waited for at exit). The thread reads the file descriptor itself, not sys.stdin, whose
+    lock a thread blocked in a read would still hold while the interpreter shuts down."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[bytes] = asyncio.Queue()
+    wanted = threading.Semaphore(0)  # one line read per line asked for
+    fd = sys.stdin.fileno()
+
+    def reader() -> None:
+        pending = b""
+        while True:
+            wanted.acquire()
+            while b"\n" not in pending:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                pending += chunk
+            line, sep, pending = pending.partition(b"\n")
+            line += sep  # b"" only at the end of input
+            try:
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+            except RuntimeError:  # the loop is gone: nobody wants more
+                return
+            if not line:
+                return
+
+    threading.Thread(target=reader, name="horde-stdin", daemon=True).start()
     while True:
         if prompt:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = await asyncio.to_thread(sys.stdin.buffer.readline)
+        wanted.release()
+        line = await lines.get()
         if not line:
             return
         yield _strip_eol(line)

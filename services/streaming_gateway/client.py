@@ -322,7 +322,18 @@ class StreamClient:
         try:
             await self._call.write(msg)
         except grpc.aio.AioRpcError as exc:
-            raise self._ended(await final_status(self._call, exc)) from None
+            # The write lost a race with the session's end (e.g. its time limit while the
+            # client was idle): what the gateway said before ending comes first.
+            while True:
+                try:
+                    left = await self._call.read()
+                except grpc.aio.AioRpcError as final:
+                    raise self._ended(final) from None
+                if left is grpc.aio.EOF:
+                    raise self._ended(exc) from None
+                if left.WhichOneof("payload") == "closed":
+                    self.closed = left.closed
+                    raise SessionEnded(left.closed.reason, left.closed) from None
         except (grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
             # The call already finished; read why.
             while True:
@@ -350,13 +361,3 @@ class StreamClient:
     @staticmethod
     def _ended(exc: grpc.aio.AioRpcError) -> SessionEnded:
         return SessionEnded(f"{exc.code().name}: {exc.details()}", code=exc.code())
-
-
-async def final_status(call: Any, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
-    """The status a call really ended with. A write racing the peer's end of the call (e.g. a
-    refusal) fails with a generic INTERNAL; reading the finished call gives the peer's status."""
-    try:
-        await call.read()
-    except grpc.aio.AioRpcError as final:
-        return final
-    return exc

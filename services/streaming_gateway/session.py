@@ -312,6 +312,7 @@ class Session:
                 elif kind == "extra_data":
                     await self._on_extra(msg.extra_data)
                 elif kind == "close":
+                    self._refuse_partial("closed the session")
                     await self._idle.wait()
                     self._finish(_Ending(f"closed by the client: {msg.close.reason}".rstrip(": ")))
                     return
@@ -326,8 +327,22 @@ class Session:
             self._finish(_Ending(message, error=FailedPrecondition(message)))
             return
         # The client half-closed: answer what is in flight, then end.
+        try:
+            self._refuse_partial("ended its stream")
+        except HordeError as exc:
+            self._finish(_Ending(exc.message, error=exc))
+            return
         await self._idle.wait()
         self._finish(_Ending("closed by the client"))
+
+    def _refuse_partial(self, what: str) -> None:
+        """A request whose last frame never came would hold the session (and its job) until its
+        time limit: a close or end of stream in the middle of one is the client's error."""
+        if self._current is not None:
+            raise InvalidArgument(
+                f"the client {what} in the middle of request {self._current.seq} (its last "
+                "frame never came)"
+            )
 
     async def _read_proxy(self) -> None:
         assert self._proxy is not None

@@ -24,6 +24,7 @@ from horde.v1 import common_pb2, job_pb2, miner_pb2, streaming_pb2, validator_pb
 
 from services.core.certificates import CertificateError, parse_certificate, verify_certificate
 from services.core.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     HordeError,
@@ -277,6 +278,14 @@ class StreamingJobs:
                     f"extra data exceeds the validator's cap of {self._max_extra} bytes per call"
                 )
             if data.last:
+                pending = job.placements.get(data.file_name)
+                if pending is not None and not pending.done():
+                    # Confirmations are matched by name: a second upload of the same name would
+                    # leave one of the two waiting for a confirmation that never comes.
+                    raise AlreadyExists(
+                        f"extra data {data.file_name!r} is still being placed: send it again "
+                        "once that is confirmed"
+                    )
                 waiter: asyncio.Future[streaming_pb2.ExtraDataPlaced] = loop.create_future()
                 job.placements[data.file_name] = waiter
                 waiters.append((data.file_name, waiter))

@@ -219,6 +219,36 @@ async def test_a_client_whose_clock_disagrees_with_the_gateway_is_refused(
     assert job.served == 0
 
 
+@pytest.mark.parametrize("end", ["close", "end_of_stream"])
+async def test_a_request_left_unfinished_ends_the_session_at_once(
+    harness: Harness, end: str
+) -> None:
+    """A close (or the end of the client's stream) in the middle of a request, its last frame
+    never sent, would hold the session and its job until the time limit: it is refused."""
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    call = stub.Session(timeout=30)
+    await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
+    while (await call.read()).WhichOneof("payload") != "ready":
+        pass
+    frame = gateway_pb2.SessionRequest()
+    frame.request.seq = 1
+    frame.request.client_timestamp_ns = time.time_ns()
+    frame.request.body = b"half of a request"
+    frame.request.last = False
+    await call.write(frame)
+    if end == "close":
+        await call.write(gateway_pb2.SessionRequest(close=gateway_pb2.SessionClose(reason="bye")))
+    else:
+        await call.done_writing()
+    msg = await call.read()
+    assert msg.WhichOneof("payload") == "closed", msg
+    assert "in the middle of request 1 (its last frame never came)" in msg.closed.reason
+    assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await channel.close()
+
+
 async def test_an_image_off_the_whitelist_is_refused(harness: Harness) -> None:
     app = await harness.start_gateway()
     channel = channel_to(harness, app)
@@ -379,6 +409,45 @@ async def test_the_job_ending_ends_the_session_with_its_result(harness: Harness)
     assert closed is not None
     assert closed.result.state == common_pb2.JOB_STATE_FAILED
     assert closed.reason == "job ended: failed timeout: session time limit reached"
+
+
+async def test_a_write_that_loses_the_race_with_the_end_reads_the_gateways_reason() -> None:
+    """The session ended while the client sent nothing (its time limit, say): the client's next
+    write fails with gRPC's generic "INTERNAL: Internal error from Core", but the gateway's
+    SessionClosed is still waiting to be read, and that is what the client reports. (A stand-in
+    for the finished gRPC call: the race cannot be timed through a real one.)"""
+
+    class FinishedCall:
+        def __init__(self) -> None:
+            self.left: list[object] = [
+                gateway_pb2.SessionResponse(
+                    closed=gateway_pb2.SessionClosed(reason="the session reached its time limit")
+                ),
+                grpc.aio.EOF,
+            ]
+
+        async def write(self, msg: object) -> None:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="Internal error from Core",
+            )
+
+        async def read(self) -> object:
+            return self.left.pop(0)
+
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never dialled
+    try:
+        client = StreamClient(channel)
+        client._call = FinishedCall()  # type: ignore[assignment]
+        with pytest.raises(SessionEnded) as info:
+            await client._send(gateway_pb2.SessionRequest(close=gateway_pb2.SessionClose()))
+    finally:
+        await channel.close()
+    assert info.value.closed is not None
+    assert info.value.closed.reason == "the session reached its time limit"
+    assert client.closed is not None
 
 
 async def test_a_crashed_job_proxy_ends_the_session_with_a_clear_reason(harness: Harness) -> None:

@@ -256,6 +256,35 @@ async def test_ctrl_c_cancels_the_session_and_says_so(harness: Harness, tmp_path
     assert "Traceback" not in err
 
 
+async def test_ctrl_c_ends_the_session_while_it_waits_for_a_line(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Standard input open and idle (a terminal, a pipe): Ctrl-C still ends the command at
+    once, not once the next line or end of input comes."""
+    app = await harness.start_gateway()
+    proc = await asyncio.create_subprocess_exec(
+        HORDE, "stream", *target(harness, app, tmp_path),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None and proc.stdin is not None
+    try:
+        seen = b""
+        while b"session ready" not in seen:
+            line = await proc.stderr.readline()
+            assert line, seen
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 15)  # stdin is still open
+        err = (await proc.stderr.read()).decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 130, err
+    assert "interrupted after 0 responses" in err and "Traceback" not in err
+
+
 async def test_dev_fills_in_only_what_is_not_given(harness: Harness, tmp_path: Path) -> None:
     app = await harness.start_gateway()
     client_key = tmp_path / "client.json"

@@ -20,7 +20,7 @@ import aiodocker
 import grpc
 import pytest
 import sqlalchemy as sa
-from horde.v1 import common_pb2, validator_pb2
+from horde.v1 import common_pb2, streaming_pb2, validator_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 from streaming_exec_support import (
     DISHONEST_IMAGE,
@@ -285,6 +285,20 @@ async def test_extra_data_reaches_volume_extra_read_only(net: Network) -> None:
     # A file sent again replaces the old one.
     await net.add_extra(ready.job_uuid, "notes.txt", b"v2", pieces=1)
     assert (await proxy.op(op="read", path="/volume/extra/notes.txt"))["data"] == "v2"
+    # ...but not while it is still being placed: confirmations go by name.
+    twice = [
+        validator_pb2.AddExtraDataRequest(
+            job_uuid=ready.job_uuid,
+            data=streaming_pb2.ExtraData(file_name="same.txt", data=body, last=True),
+        )
+        for body in (b"first", b"second")
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await net.validator_stub().AddExtraData(iter(twice), timeout=60)
+    assert info.value.code() is grpc.StatusCode.ALREADY_EXISTS, info.value
+    assert "'same.txt' is still being placed" in (info.value.details() or "")
+    await net.add_extra(ready.job_uuid, "same.txt", b"third", pieces=1)
+    assert (await proxy.op(op="read", path="/volume/extra/same.txt"))["data"] == "third"
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await net.add_extra(ready.job_uuid, "../escape", b"x")

@@ -55,8 +55,10 @@ class GatewayServiceServicer:
         """A streaming session: open, then requests and responses for as long as it lives, then close.
         The last response is SessionClosed with the reason. The call's status then is OK when the
         session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
-        INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq), FAILED_PRECONDITION when
-        the client's clock disagrees with the gateway's beyond the allowed skew.
+        INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
+        of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
+        beyond the allowed skew or a request or extra data comes before SessionReady; UNAVAILABLE
+        (no SessionClosed) while the gateway shuts down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

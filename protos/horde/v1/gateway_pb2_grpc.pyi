@@ -37,8 +37,10 @@ class GatewayServiceStub:
     """A streaming session: open, then requests and responses for as long as it lives, then close.
     The last response is SessionClosed with the reason. The call's status then is OK when the
     session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
-    INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq), FAILED_PRECONDITION when
-    the client's clock disagrees with the gateway's beyond the allowed skew.
+    INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
+    of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
+    beyond the allowed skew or a request or extra data comes before SessionReady; UNAVAILABLE
+    (no SessionClosed) while the gateway shuts down.
     """
     ListSamples: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListSamplesRequest, _gateway_pb2.ListSamplesResponse]
     """Validators: stored samples (request, response, receipt, certificate) after a cursor."""
@@ -52,8 +54,10 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """A streaming session: open, then requests and responses for as long as it lives, then close.
     The last response is SessionClosed with the reason. The call's status then is OK when the
     session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
-    INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq), FAILED_PRECONDITION when
-    the client's clock disagrees with the gateway's beyond the allowed skew.
+    INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
+    of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
+    beyond the allowed skew or a request or extra data comes before SessionReady; UNAVAILABLE
+    (no SessionClosed) while the gateway shuts down.
     """
     ListSamples: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListSamplesRequest, _gateway_pb2.ListSamplesResponse]  # type: ignore[assignment]
     """Validators: stored samples (request, response, receipt, certificate) after a cursor."""
@@ -70,8 +74,10 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         """A streaming session: open, then requests and responses for as long as it lives, then close.
         The last response is SessionClosed with the reason. The call's status then is OK when the
         session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
-        INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq), FAILED_PRECONDITION when
-        the client's clock disagrees with the gateway's beyond the allowed skew.
+        INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
+        of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
+        beyond the allowed skew or a request or extra data comes before SessionReady; UNAVAILABLE
+        (no SessionClosed) while the gateway shuts down.
         """
 
     @_abc_1.abstractmethod
