@@ -23,10 +23,12 @@ from services.core.identity import Signer
 from services.core.receipts import StreamReceipt
 from services.streaming_gateway.checks import ReceiptChecker, check_certificate
 
-# A session's call deadline: its time limit (the gateway's default limit, 3600 s, when the caller
-# gives none) plus the gateway's start-up allowance (600 s) and some slack.
+# A session's call deadline: its time limit plus the gateway's start-up allowance (600 s) and
+# some slack. Without a limit the gateway applies its own, which an operator may raise: the
+# deadline then allows the longest one a gateway permits by default (a day); the gateway ends
+# the session at its limit anyway.
 SESSION_DEADLINE_SLACK_S = 600 + 120
-DEFAULT_SESSION_DEADLINE_S = 3600 + SESSION_DEADLINE_SLACK_S
+DEFAULT_SESSION_DEADLINE_S = 86400 + SESSION_DEADLINE_SLACK_S
 EXTRA_CHUNK = 1024 * 1024
 # A request body larger than this goes as several frames (a gRPC message is capped at 8 MiB; the
 # job proxy's own limit on a whole request, 64 MiB by default, is what bounds a body).

@@ -578,3 +578,13 @@ async def test_a_gateway_shutting_down_ends_its_sessions_in_words(harness: Harne
     assert job.stop_reason == "stopped: the gateway is shutting down"
     assert await stored_receipts(harness, client.job_uuid) == [first.receipt.to_json()]
     await channel.close()
+
+
+def test_the_clients_default_deadline_outlasts_any_default_session() -> None:
+    """Without --time-limit the gateway picks the limit (up to its max_session_time_limit_s):
+    the client's call must not be cut off by its own deadline before that."""
+    from services.core.config import GatewaySettings
+    from services.streaming_gateway import client as stream_client
+
+    longest = GatewaySettings.model_fields["max_session_time_limit_s"].default
+    assert stream_client.DEFAULT_SESSION_DEADLINE_S >= longest + 600
