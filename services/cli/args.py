@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
+
+from services.core.identity import Identity, KeyFileError, Signer, load_key_file
 
 
 def bounded_int(lo: int, hi: int, what: str) -> Callable[[str], int]:
@@ -19,6 +22,21 @@ def bounded_int(lo: int, hi: int, what: str) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def checked_target(address: str, identity: str, key: Path, option: str) -> tuple[str, str, Signer]:
+    """What --OPTION, --OPTION-identity and --key name, checked: the address, the canonical
+    identity and the key's signer; ValueError saying which option is wrong."""
+    address = service_address(address, f"--{option}")
+    try:
+        identity = str(Identity.parse(identity))
+    except ValueError as exc:
+        raise ValueError(f"--{option}-identity: {exc}") from None
+    try:
+        signer = load_key_file(key)
+    except (KeyFileError, OSError) as exc:
+        raise ValueError(str(exc)) from None
+    return address, identity, signer
 
 
 def service_address(value: str, option: str) -> str:

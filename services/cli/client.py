@@ -19,9 +19,9 @@ import grpc
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 from rich.console import Console
 
-from services.cli.args import service_address
+from services.cli.args import checked_target
 from services.cli.devenv import DevEnv, DevEnvError
-from services.core.identity import Identity, KeyFileError, Signer, load_key_file
+from services.core.identity import Signer
 from services.core.proto_util import TERMINAL_STATES, reason_name, stage_name, state_name
 from services.core.server import open_channel
 
@@ -59,18 +59,9 @@ def validator_target(
             "give --dev DIR, or --validator ADDR with --validator-identity ID and --key FILE"
         )
     try:
-        address = service_address(address, "--validator")
+        return Target(*checked_target(address, identity, key, "validator"))
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    try:
-        identity = str(Identity.parse(identity))
-    except ValueError as exc:
-        raise CliError(f"--validator-identity {identity!r}: {exc}") from None
-    try:
-        signer = load_key_file(key)
-    except (KeyFileError, OSError) as exc:
-        raise CliError(str(exc)) from None
-    return Target(address, identity, signer)
 
 
 # Control characters (C0 but tab and newline, DEL, C1): on a terminal they could move the cursor,

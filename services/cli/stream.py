@@ -27,7 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
-from services.cli.args import bounded_int, service_address
+from services.cli.args import bounded_int, checked_target
 from services.core.loop import run as run_loop
 
 EPILOG = """exit status: 0 when every request got a response with a verified receipt; 1 when the
@@ -182,7 +182,6 @@ async def _run(args: argparse.Namespace) -> int:
         raise _UsageError("--window must be at least 1")
     from services.cli.client import shown
     from services.cli.devenv import DevEnv, DevEnvError
-    from services.core.identity import Identity, KeyFileError, load_key_file
     from services.core.server import open_channel
     from services.streaming_gateway.checks import BadReceipt, CertificateError
     from services.streaming_gateway.client import SessionEnded, StreamClient
@@ -203,16 +202,8 @@ async def _run(args: argparse.Namespace) -> int:
             "give --dev DIR, or --gateway ADDR with --gateway-identity ID and --key FILE"
         )
     try:
-        address = service_address(address, "--gateway")
+        address, identity, signer = checked_target(address, identity, key, "gateway")
     except ValueError as exc:
-        raise _UsageError(str(exc)) from None
-    try:
-        identity = str(Identity.parse(identity))
-    except ValueError as exc:
-        raise _UsageError(f"--gateway-identity: {exc}") from None
-    try:
-        signer = load_key_file(key)
-    except (KeyFileError, OSError) as exc:
         raise _UsageError(str(exc)) from None
     if args.receipts is not None:
         _check_receipts_path(args.receipts)

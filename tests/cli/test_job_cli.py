@@ -131,7 +131,7 @@ def test_usage_problems_are_one_line_exit_2(dev: Path, tmp_path: Path) -> None:
         (["job", "list", "--dev", str(dev), "--validator", "localhost"], "HOST:PORT is required"),
         (
             ["job", "list", "--dev", str(dev), "--validator-identity", "garbage"],
-            "--validator-identity 'garbage'",
+            "--validator-identity: invalid identity 'garbage'",
         ),
     ]
     for argv, needle in cases:

@@ -26,6 +26,7 @@ from organic_support import (
     MISSING_IMAGE,
     OUTPUT_LIMIT_MB,
     PIDS_LIMIT,
+    JobCall,
     Network,
     assert_result,
     job_containers,
@@ -648,6 +649,17 @@ def assert_clean_exit(code: int | None, log_path: Path) -> None:
         assert bad not in log, log[-3000:]
 
 
+async def _sigterm_mid_job(
+    net: Network, proc: asyncio.subprocess.Process, spec: job_pb2.JobSpec
+) -> tuple[JobCall, str]:
+    """Start a job, and SIGTERM the executor process once the job's container runs."""
+    job = net.start_job(spec)
+    job_uuid = (await job.wait_state(S.JOB_STATE_RUNNING)).job_uuid
+    await wait_job_container_running(net.docker, job_uuid)
+    proc.send_signal(signal.SIGTERM)
+    return job, job_uuid
+
+
 async def test_executor_stopped_mid_job_lets_the_job_finish(bare_net: Network) -> None:
     """SIGTERM (an operator stopping the service) mid-job: the executor drains. The miner
     routes no new job to it, the running job completes and its result reaches the client, then
@@ -659,11 +671,9 @@ async def test_executor_stopped_mid_job_lets_the_job_finish(bare_net: Network) -
     signalled = False
     try:
         await net.wait_executors(1, within=60)
-        job = net.start_job(python_job("import time; time.sleep(4); print('finished')"))
-        running = await job.wait_state(S.JOB_STATE_RUNNING)
-        job_uuid = running.job_uuid
-        await wait_job_container_running(net.docker, job_uuid)
-        proc.send_signal(signal.SIGTERM)
+        job, job_uuid = await _sigterm_mid_job(
+            net, proc, python_job("import time; time.sleep(4); print('finished')")
+        )
         signalled = True
         stub = net.miner_stub()
 
@@ -701,11 +711,9 @@ async def test_executor_stopped_mid_job_past_its_drain_timeout(bare_net: Network
     signalled = False
     try:
         await net.wait_executors(1, within=60)
-        job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
-        running = await job.wait_state(S.JOB_STATE_RUNNING)
-        job_uuid = running.job_uuid
-        await wait_job_container_running(net.docker, job_uuid)
-        proc.send_signal(signal.SIGTERM)
+        job, job_uuid = await _sigterm_mid_job(
+            net, proc, spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120)
+        )
         signalled = True
         run = await job.finished(within=20)
         assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_EXECUTOR_LOST)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -188,23 +189,35 @@ async def test_receipt_timestamps_from_a_skewed_job_clock_are_rejected(
     assert harness.fake_validator.reports
 
 
+async def _ready_raw_session(harness: Harness) -> tuple[grpc.aio.Channel, Any]:
+    """A Session call on the raw stub (no StreamClient checks), opened and ready."""
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    call = gateway_pb2_grpc.GatewayServiceStub(channel).Session(timeout=30)
+    await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
+    while (await call.read()).WhichOneof("payload") != "ready":
+        pass
+    return channel, call
+
+
+def _first_request(
+    body: bytes, *, last: bool = True, offset_s: float = 0.0
+) -> gateway_pb2.SessionRequest:
+    """Request 1, stamped with this clock shifted by `offset_s`."""
+    frame = gateway_pb2.SessionRequest()
+    frame.request.seq = 1
+    frame.request.client_timestamp_ns = time.time_ns() + int(offset_s * 1e9)
+    frame.request.body = body
+    frame.request.last = last
+    return frame
+
+
 @pytest.mark.parametrize("offset_s", [3.0, -3.0])
 async def test_a_client_whose_clock_disagrees_with_the_gateway_is_refused(
     harness: Harness, offset_s: float
 ) -> None:
-    app = await harness.start_gateway()
-    channel = channel_to(harness, app)
-    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-    call = stub.Session(timeout=30)
-    await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
-    while (await call.read()).WhichOneof("payload") != "ready":
-        pass
-    frame = gateway_pb2.SessionRequest()
-    frame.request.seq = 1
-    frame.request.client_timestamp_ns = time.time_ns() + int(offset_s * 1e9)
-    frame.request.body = b"hi"
-    frame.request.last = True
-    await call.write(frame)
+    channel, call = await _ready_raw_session(harness)
+    await call.write(_first_request(b"hi", offset_s=offset_s))
     msg = await call.read()
     assert msg.WhichOneof("payload") == "closed"
     assert msg.closed.reason.startswith("request 1 refused: client clock is ")
@@ -225,19 +238,8 @@ async def test_a_request_left_unfinished_ends_the_session_at_once(
 ) -> None:
     """A close (or the end of the client's stream) in the middle of a request, its last frame
     never sent, would hold the session and its job until the time limit: it is refused."""
-    app = await harness.start_gateway()
-    channel = channel_to(harness, app)
-    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-    call = stub.Session(timeout=30)
-    await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
-    while (await call.read()).WhichOneof("payload") != "ready":
-        pass
-    frame = gateway_pb2.SessionRequest()
-    frame.request.seq = 1
-    frame.request.client_timestamp_ns = time.time_ns()
-    frame.request.body = b"half of a request"
-    frame.request.last = False
-    await call.write(frame)
+    channel, call = await _ready_raw_session(harness)
+    await call.write(_first_request(b"half of a request", last=False))
     if end == "close":
         await call.write(gateway_pb2.SessionRequest(close=gateway_pb2.SessionClose(reason="bye")))
     else:

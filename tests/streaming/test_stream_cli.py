@@ -230,6 +230,16 @@ async def test_a_closed_output_pipe_stops_quietly(harness: Harness, tmp_path: Pa
     assert "Traceback" not in err
 
 
+async def _until_ready(proc: asyncio.subprocess.Process) -> None:
+    """Read the command's stderr up to its "session ready" line."""
+    assert proc.stderr is not None
+    seen = b""
+    while b"session ready" not in seen:
+        line = await proc.stderr.readline()
+        assert line, seen
+        seen += line
+
+
 async def test_ctrl_c_cancels_the_session_and_says_so(harness: Harness, tmp_path: Path) -> None:
     # The fake job answers only once 4 requests wait: one request alone waits forever.
     harness.fake_validator.next_behaviour = Behaviour(answer_in_batches_of=4)
@@ -243,12 +253,7 @@ async def test_ctrl_c_cancels_the_session_and_says_so(harness: Harness, tmp_path
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    assert proc.stderr is not None
-    seen = b""
-    while b"session ready" not in seen:
-        line = await proc.stderr.readline()
-        assert line, seen
-        seen += line
+    await _until_ready(proc)
     proc.send_signal(signal.SIGINT)
     err = (await proc.stderr.read()).decode()
     assert await proc.wait() == 130
@@ -269,11 +274,7 @@ async def test_ctrl_c_ends_the_session_while_it_waits_for_a_line(
     )  # fmt: skip
     assert proc.stderr is not None and proc.stdin is not None
     try:
-        seen = b""
-        while b"session ready" not in seen:
-            line = await proc.stderr.readline()
-            assert line, seen
-            seen += line
+        await _until_ready(proc)
         proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), 15)  # stdin is still open
         err = (await proc.stderr.read()).decode()

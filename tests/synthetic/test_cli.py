@@ -12,6 +12,7 @@ import structlog
 from synthetic_support import SynthNet, honest
 
 from services.cli.main import main
+from services.core.app import ServiceApp
 from services.core.identity import write_key_file
 
 
@@ -35,14 +36,11 @@ async def _horde(argv: list[str]) -> int:
     return await asyncio.to_thread(main, argv)
 
 
-async def test_round_and_weights_commands(
-    synth: SynthNet, capsys: pytest.CaptureFixture[str]
-) -> None:
-    miner = await synth.add_miner([honest()])
-    validator = await synth.start_validator()
+def _admin_target(synth: SynthNet, validator: ServiceApp) -> list[str]:
+    """The options that reach this validator as its admin."""
     key = synth.root / "admin.json"
     write_key_file(key, synth.admin)
-    target = [
+    return [
         "--validator",
         f"127.0.0.1:{validator.port}",
         "--validator-identity",
@@ -50,6 +48,14 @@ async def test_round_and_weights_commands(
         "--key",
         str(key),
     ]
+
+
+async def test_round_and_weights_commands(
+    synth: SynthNet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    miner = await synth.add_miner([honest()])
+    validator = await synth.start_validator()
+    target = _admin_target(synth, validator)
     assert await _horde(["validator", "round", *target, "--set-weights", "--json"]) == 0
     doc = _json(capsys.readouterr().out)
     [m] = [m for m in doc["miners"] if m["miner"] == miner.identity]
@@ -74,16 +80,7 @@ async def test_set_weights_that_cannot_be_set_exits_1(
 ) -> None:
     """No miner: the round runs, weights cannot be set; a script asking for them learns it."""
     validator = await synth.start_validator()
-    key = synth.root / "admin.json"
-    write_key_file(key, synth.admin)
-    target = [
-        "--validator",
-        f"127.0.0.1:{validator.port}",
-        "--validator-identity",
-        str(synth.validator_signer.identity),
-        "--key",
-        str(key),
-    ]
+    target = _admin_target(synth, validator)
     assert await _horde(["validator", "round", *target, "--set-weights", "--json"]) == 1
     doc = _json(capsys.readouterr().out)
     assert doc["weights_reference"] == "" and doc["weights_error"]
