@@ -268,6 +268,7 @@ async def run(
                     roster_file=roster,
                     admins=[str(admin.identity)],
                     synthetic=SyntheticSettings(enabled=False, classes={"bench": BENCH_CLASS}),
+                    default_executor_class="bench",
                 ),
                 validator_key,
             )

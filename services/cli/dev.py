@@ -133,6 +133,7 @@ async def _dev_up(
                 executors=[str(ids["executor"])],
                 heartbeat_interval_s=2.0,
                 executor_timeout_s=6.0,
+                drain_timeout_s=0,  # the whole network stops at once: no job to drain for
                 **common,
             ),
             signers["miner"],
@@ -171,6 +172,7 @@ async def _dev_up(
                 validators=[str(ids["validator"])],
                 heartbeat_interval_s=2.0,
                 executor_timeout_s=6.0,
+                drain_timeout_s=0,  # the whole network stops at once: no job to drain for
                 **trusted_common,
             ),
             signers["trusted_miner"],

@@ -4,7 +4,8 @@ The first two call the validator's ValidatorAdminService (the key must be in its
 `horde dev up` enrols its client key). `horde evidence verify FILE` needs no network: it checks
 each record from signatures alone (services/validator/evidence.py) and exits 0 only when every
 record proves a mismatch; otherwise it prints the reason for each record that does not.
-Exit statuses as in validator_cmds: 2 for usage problems, 130 interrupted, 141 output closed.
+Exit statuses as in validator_cmds: 2 for usage problems, 130 interrupted, 141 output closed;
+`horde validator spotcheck` exits 3 when its checks ran and found a mismatch (MISMATCH_EXIT).
 """
 
 from __future__ import annotations
@@ -24,12 +25,20 @@ from services.core.identity import KEY_TYPES, Identity
 
 SPOTCHECK_TIMEOUT_S = 1800.0
 EXPORT_TIMEOUT_S = 60.0
+# `horde validator spotcheck`: a check found outputs that differ (1, 2, 130 and 141 are taken).
+MISMATCH_EXIT = 3
 
 
 def register_validator(actions: Any) -> None:
     """Add `spotcheck` and `evidence export` to the `horde validator` sub-commands."""
     spot = actions.add_parser(
-        "spotcheck", help="check the gathered streaming samples on the trusted miner now"
+        "spotcheck",
+        help="check the gathered streaming samples on the trusted miner now",
+        description="Pull the gateways' samples and check them on the trusted miner now.",
+        epilog="Exit status: 0 when every check ran and matched (or there was nothing to "
+        f"check), {MISMATCH_EXIT} when a check found a mismatch, 1 when the call or a check "
+        "failed (even if another check found a mismatch), 2 for usage problems, 130 "
+        "interrupted, 141 output closed early.",
     )
     client_args(spot)
     spot.add_argument("--image-digest", default="", help="only this image digest")
@@ -114,7 +123,9 @@ def _spotcheck(args: argparse.Namespace) -> int:
             print(json.dumps(doc, indent=2))
         else:
             _print_spotcheck(doc)
-        return 1 if doc["error"] or any(c["error"] for c in doc["checks"]) else 0
+        if doc["error"] or any(c["error"] for c in doc["checks"]):
+            return 1
+        return MISMATCH_EXIT if any(c["mismatches"] for c in doc["checks"]) else 0
 
     return admin_call(args, "spotcheck", fn)
 

@@ -252,13 +252,12 @@ async def _run(args: argparse.Namespace) -> int:
     status = 0
 
     async def answers() -> AsyncGenerator[Any, None]:
-        if interactive:  # typed by hand: the next prompt only once the answer is printed
-            async for body in requests:
-                yield await client.request(body)
-        else:
-            async with contextlib.aclosing(client.pipeline(requests, window=args.window)) as rs:
-                async for res in rs:
-                    yield res
+        # Typed by hand too: the pipeline takes the next line (and prompts for it) only once
+        # the answer before it is printed, and a session that ends while it waits for a line
+        # (its time limit, say) ends this at once, with the gateway's reason.
+        async with contextlib.aclosing(client.pipeline(requests, window=args.window)) as rs:
+            async for res in rs:
+                yield res
 
     try:
         try:

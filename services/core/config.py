@@ -12,7 +12,15 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -240,6 +248,8 @@ class ValidatorSettings(ServiceSettings):
     clients: list[str] = []
     # Miners to use besides the roster's (identity string -> host:port), e.g. the trusted miner.
     miners: dict[str, str] = {}
+    # Class of jobs that name none: one of synthetic.classes (the classes this validator scores,
+    # so the ones miners are paid to offer).
     default_executor_class: str = "cpu-small"
     # Largest total size of /output returned inline.
     max_inline_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
@@ -265,6 +275,21 @@ class ValidatorSettings(ServiceSettings):
                 raise ValueError(f"{identity}: {exc}") from None
         return value
 
+    @field_validator("default_executor_class")
+    @classmethod
+    def _known_class(cls, value: str, info: ValidationInfo) -> str:
+        # A class outside the table would route every job that names none to executors this
+        # validator does not score, which miners have no reason to offer.
+        synthetic = info.data.get("synthetic")
+        if synthetic is None:  # invalid itself, and reported as such
+            return value
+        if value not in synthetic.classes:
+            known = ", ".join(sorted(synthetic.classes)) or "none"
+            raise ValueError(
+                f"{value!r} is not one of the executor classes in synthetic.classes ({known})"
+            )
+        return value
+
 
 class MinerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HORDE_MINER_")
@@ -278,6 +303,11 @@ class MinerSettings(ServiceSettings):
     # An executor silent for this long is considered lost: at least two heartbeats' time, or
     # executors would be dropped between heartbeats (and their jobs lost).
     executor_timeout_s: float = Field(default=15.0, gt=0)
+    # On SIGTERM, how long the jobs the miner relays may go on to finish and report (the miner
+    # takes no new job meanwhile: its manifest lists every executor as draining, so validators
+    # route elsewhere); a job still running then ends horde_failed (miner_unreachable). Keep the
+    # unit's TimeoutStopSec above this plus shutdown_grace_s. 0 stops at once.
+    drain_timeout_s: float = Field(default=20.0, ge=0)
 
     @model_validator(mode="after")
     def _timeout_spans_heartbeats(self) -> MinerSettings:

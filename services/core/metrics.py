@@ -28,6 +28,14 @@ STAGE_SECONDS = Histogram(
 RECEIPTS = Counter(
     "horde_stream_receipts_total", "Stream receipts checked, by outcome", ["outcome"]
 )
+GATEWAY_SESSIONS = Counter(
+    "horde_gateway_sessions_total",
+    "Streaming sessions ended, by how: client_closed, client_gone, client_cancelled, "
+    "client_error, client_clock, job_ended, job_not_started, bad_receipt, "
+    "certificate_rejected, proxy_lost, proxy_refused, proxy_error, validator_lost, "
+    "validator_error, gateway_shutdown, internal",
+    ["ending"],
+)
 GATEWAY_LATENCY = Histogram(
     "horde_gateway_request_seconds",
     "Streaming request latency seen by the gateway",

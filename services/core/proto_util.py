@@ -22,6 +22,21 @@ TERMINAL_STATES = frozenset(
 _MAX_CURSOR = 2**63 - 1  # a page position is a signed 64-bit row id
 
 
+PLAIN_NAME_RULE = (
+    "a plain file name is required (not '.' or '..', no '/', '\\' or NUL, at most 255 bytes)"
+)
+
+
+def plain_file_name(name: str) -> bool:
+    """Whether `name` can only name a file right inside a directory (extra data, inline files)."""
+    return (
+        bool(name)
+        and len(name.encode()) <= 255
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\\x00")
+    )
+
+
 def parse_cursor(text: str) -> int | None:
     """A page cursor as the previous page returned it (decimal); None for the first page.
     InvalidArgument for anything else, including numbers no database row id can reach."""

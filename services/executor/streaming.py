@@ -48,7 +48,7 @@ from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 from horde.v1 import common_pb2, executor_pb2, job_pb2, streaming_pb2
 
-from services.core.proto_util import event, result
+from services.core.proto_util import PLAIN_NAME_RULE, event, plain_file_name, result
 from services.executor.http1 import Http1Client
 from services.executor.jobs import (
     JobContext,
@@ -242,6 +242,7 @@ class _Job:
     http: aiohttp.ClientSession | None = None  # health checks and extra-data notices
     client: Http1Client | None = None  # the job proxy's requests
     relay_fd: int | None = None  # O_PATH handle on the relay's socket directory
+    relay: DockerContainer | None = None  # the relay container, once started
     live: LiveStream | None = None
     extra: asyncio.Queue[streaming_pb2.ExtraData] = field(default_factory=asyncio.Queue)
     extra_bytes: int = 0
@@ -460,11 +461,17 @@ class StreamingJobRunner:
         service, logs = await self._start(job, image_id, relay_image, relay_dir)
         exited = asyncio.ensure_future(self._wait_exit(service, logs))
         job.tasks.add(exited)
+        # The relay is Horde's own: if it dies, the job cannot be served, and that is not the
+        # service's fault (nor the client's): the job ends horde_failed, saying so.
+        relay_exited = asyncio.ensure_future(self._wait_relay(job))
+        job.tasks.add(relay_exited)
         start_s = float(spec.timeouts.streaming_start_s or DEFAULT_TIMEOUTS["streaming_start_s"])
         healthy = asyncio.ensure_future(self._healthy(job))
         try:
             done, _ = await asyncio.wait(
-                {exited, healthy}, timeout=start_s, return_when=asyncio.FIRST_COMPLETED
+                {exited, healthy, relay_exited},
+                timeout=start_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             healthy.cancel()
@@ -472,6 +479,8 @@ class StreamingJobRunner:
                 await healthy
         if exited in done:
             raise self._exit_failure(exited.result(), stage, "before it became healthy")
+        if relay_exited in done:
+            raise self._relay_failure(relay_exited.result(), stage, "before the service was ready")
         if healthy not in done:
             raise failed(
                 common_pb2.FAILURE_REASON_TIMEOUT,
@@ -516,10 +525,16 @@ class StreamingJobRunner:
 
         t0 = time.monotonic()
         limit_s = float(spec.timeouts.execution_s or DEFAULT_TIMEOUTS["execution_s"])
-        done, _ = await asyncio.wait({exited}, timeout=limit_s)
+        done, _ = await asyncio.wait(
+            {exited, relay_exited}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED
+        )
         timings.append(_timing(common_pb2.STAGE_EXECUTION, t0))
         if exited in done:
             raise self._exit_failure(exited.result(), common_pb2.STAGE_EXECUTION, "mid-session")
+        if relay_exited in done:
+            raise self._relay_failure(
+                relay_exited.result(), common_pb2.STAGE_EXECUTION, "mid-session"
+            )
         res = result(
             job.job_uuid,
             common_pb2.JOB_STATE_COMPLETED,
@@ -624,6 +639,7 @@ class StreamingJobRunner:
                 name=relay_name,
             )
             await relay.start()
+            job.relay = relay
         except DockerError as exc:
             state = (await service.show()).get("State", {})
             if not state.get("Running"):
@@ -667,6 +683,28 @@ class StreamingJobRunner:
             stderr=stderr,
         )
 
+    async def _wait_relay(self, job: _Job) -> int | None:
+        """The relay's exit status once it stops (None: unknown); never returns while it runs.
+        Without a relay (the service exited before one started) this waits forever: the
+        service's own exit ends the job."""
+        if job.relay is None:
+            await asyncio.Future()  # cancelled with the job's other tasks
+        assert job.relay is not None
+        status = (await job.relay.wait()).get("StatusCode")
+        return int(status) if status is not None else None
+
+    @staticmethod
+    def _relay_failure(
+        status: int | None, stage: common_pb2.Stage.ValueType, when: str
+    ) -> JobFailure:
+        shown = f"status {status}" if status is not None else "an unknown status"
+        return JobFailure(
+            common_pb2.JOB_STATE_HORDE_FAILED,
+            common_pb2.FAILURE_REASON_INTERNAL_ERROR,
+            stage,
+            f"the job's relay (the executor's side of its socket) exited with {shown} {when}",
+        )
+
     def _exit_failure(
         self, out: _Exit, stage: common_pb2.Stage.ValueType, when: str
     ) -> _ExitFailure:
@@ -705,8 +743,8 @@ class StreamingJobRunner:
             data = await job.extra.get()
             name = data.file_name
             try:
-                if not _plain_name(name):
-                    raise _Refused(f"file name {name!r}: a plain file name is required")
+                if not plain_file_name(name):
+                    raise _Refused(f"file name {name!r}: {PLAIN_NAME_RULE}")
                 if job.extra_bytes + len(data.data) > self._extra_limit:
                     raise _Refused(
                         f"extra data exceeds this executor's limit of {self._extra_limit} bytes"
@@ -828,15 +866,6 @@ def _placed(
 ) -> streaming_pb2.ExtraDataPlaced:
     return streaming_pb2.ExtraDataPlaced(
         job_uuid=job_uuid, file_name=name, size_bytes=size, sha256=sha256, error=error
-    )
-
-
-def _plain_name(name: str) -> bool:
-    return (
-        bool(name)
-        and len(name.encode()) <= 255
-        and name not in (".", "..")
-        and not any(c in name for c in "/\\\x00")
     )
 
 

@@ -40,13 +40,14 @@ async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> 
         ]
     )
     auth = Authenticator(signer.identity, policy, max_skew_s=settings.auth.max_clock_skew_s)
+    servicer = MinerServicer(signer, pool, ReceiptStore(engine))
     server = await create_server(
         settings.listen,
         [
             ServiceRegistration(
                 miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name,
                 miner_pb2_grpc.add_MinerServiceServicer_to_server,
-                MinerServicer(signer, pool, ReceiptStore(engine)),
+                servicer,
             ),
             ServiceRegistration(
                 executor_pb2.DESCRIPTOR.services_by_name["ExecutorLinkService"].full_name,
@@ -76,5 +77,8 @@ async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> 
         servers=[server],
         background=[expire_loop],
         closers=[close_all],
+        # SIGTERM: no new job (every executor listed as draining), the jobs in flight may finish
+        # and report first (up to drain_timeout_s); health is NOT_SERVING meanwhile.
+        drainers=[lambda _grace_s: servicer.drain(settings.drain_timeout_s)],
         grace_s=settings.shutdown_grace_s,
     )

@@ -79,10 +79,23 @@ class AllBusy(ResourceExhausted):
     pass
 
 
+class MinerDraining(AllBusy):
+    """The miner is shutting down: it takes no new job (validators are told to try elsewhere)."""
+
+
 class ExecutorPool:
     def __init__(self) -> None:
         self._conns: dict[str, ExecutorConn] = {}
         self._reported: set[tuple[str, str]] = set()  # gauge labels set so far
+        # The miner is shutting down: no new job is reserved, and the manifest lists every
+        # executor as draining (validators count none of them free, synthetic rounds skip them).
+        self.draining = False
+
+    def drain(self) -> None:
+        """Reserve nothing from now on (the jobs already reserved go on)."""
+        if not self.draining:
+            self.draining = True
+            self.report()
 
     def executor_id_for(self, identity: Identity) -> str:
         # Stable across reconnects and unique per key.
@@ -132,6 +145,8 @@ class ExecutorPool:
         return list(self._conns.values())
 
     def reserve(self, executor_class: str, job_uuid: str) -> tuple[ExecutorConn, JobChannel]:
+        if self.draining:
+            raise MinerDraining("the miner is shutting down: it takes no new job")
         same_class = [
             c for c in self._conns.values() if c.manifest.executor_class == executor_class
         ]
@@ -157,7 +172,8 @@ class ExecutorPool:
         """Set the executors gauge from the links as they are now (after every change)."""
         counts: dict[tuple[str, str], int] = {}
         for conn in self._conns.values():
-            state = "draining" if conn.manifest.draining else "busy" if conn.busy else "idle"
+            draining = self.draining or conn.manifest.draining
+            state = "draining" if draining else "busy" if conn.busy else "idle"
             key = (conn.manifest.executor_class, state)
             counts[key] = counts.get(key, 0) + 1
         for klass, state in list(self._reported):
@@ -174,6 +190,7 @@ class ExecutorPool:
             m.CopyFrom(conn.manifest)
             m.executor_id = conn.executor_id
             m.busy = conn.busy
+            m.draining = m.draining or self.draining
             m.executor_identity = str(conn.identity)
             out.append(m)
         return out

@@ -111,6 +111,34 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         self._signer = signer
         self._pool = pool
         self._receipts = receipts
+        # The jobs this miner relays now (one token per RunJob that reserved an executor, the
+        # job's uuid as the value), and an event set whenever there are none: drain waits on it.
+        self._jobs: dict[object, str] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shutting down: take no new job (the manifest lists every executor as draining and
+        RunJob is refused as busy, so validators route elsewhere) and give the jobs in flight up
+        to `timeout_s` to end and their results to reach their validators. A job still running
+        after that ends when the server stops (the validator reports miner_unreachable)."""
+        self._pool.drain()
+        jobs = sorted(self._jobs.values())
+        if not jobs:
+            return
+        if timeout_s <= 0:
+            log.warning("drain_skipped", job_uuids=jobs, reason="drain_timeout_s is 0")
+            return
+        log.info("draining", job_uuids=jobs, timeout_s=timeout_s)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "drain_timed_out", job_uuids=sorted(self._jobs.values()), timeout_s=timeout_s
+            )
+            return
+        log.info("drained", job_uuids=jobs)
 
     async def GetManifest(
         self, request: miner_pb2.GetManifestRequest, context: grpc.aio.ServicerContext
@@ -168,17 +196,22 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
             return
         log_ = log_.bind(executor_id=conn.executor_id)
         log_.info("job_reserved")
+        # In flight from the reservation on (before any await), so a drain waits for it.
+        token = object()
+        self._jobs[token] = job_uuid
+        self._idle.clear()
         started_at = time.monotonic()
         countersigned: asyncio.Queue[receipts_pb2.LifecycleReceipt] = asyncio.Queue()
-        started = self._receipt(
-            start, str(validator), receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_STARTED
-        )
-        await self._receipts.put(started)
-        forwarder = asyncio.create_task(
-            self._forward(request_iterator, conn, job_uuid, countersigned)
-        )
+        forwarder: asyncio.Task[None] | None = None
         done = False
         try:
+            started = self._receipt(
+                start, str(validator), receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_STARTED
+            )
+            await self._receipts.put(started)
+            forwarder = asyncio.create_task(
+                self._forward(request_iterator, conn, job_uuid, countersigned)
+            )
             yield miner_pb2.RunJobResponse(receipt=started)
             conn.send(executor_pb2.ConnectResponse(run_job=start))
             while True:
@@ -242,19 +275,23 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                 yield miner_pb2.RunJobResponse(result=res)
                 return
         finally:
-            forwarder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await forwarder
-            if not done and not conn.closed:
-                # The validator went away mid-job: stop the work it no longer follows.
-                conn.send(
-                    executor_pb2.ConnectResponse(
-                        cancel=executor_pb2.CancelExecutorJob(
-                            job_uuid=job_uuid, reason="validator disconnected"
+            if forwarder is not None:
+                forwarder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await forwarder
+                if not done and not conn.closed:
+                    # The validator went away mid-job, or the miner stops with the job still
+                    # running (past its drain): stop the work nobody follows any more.
+                    why = "miner shutting down" if self._pool.draining else "validator disconnected"
+                    conn.send(
+                        executor_pb2.ConnectResponse(
+                            cancel=executor_pb2.CancelExecutorJob(job_uuid=job_uuid, reason=why)
                         )
                     )
-                )
             self._pool.release(conn, job)
+            del self._jobs[token]
+            if not self._jobs:
+                self._idle.set()
 
     async def RunSyntheticRound(
         self, request: miner_pb2.RunSyntheticRoundRequest, context: grpc.aio.ServicerContext

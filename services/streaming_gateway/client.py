@@ -34,6 +34,8 @@ EXTRA_CHUNK = 1024 * 1024
 # job proxy's own limit on a whole request, 64 MiB by default, is what bounds a body).
 REQUEST_FRAME_BYTES = 1024 * 1024
 SESSION_METHOD = "/horde.v1.GatewayService/Session"
+# How long a write that failed waits for the reader to learn why the session ended.
+END_READ_TIMEOUT_S = 5.0
 
 
 class SessionEnded(Exception):
@@ -103,6 +105,13 @@ class StreamClient:
         self._on_event = on_event
         self._on_chunk = on_chunk
         self._call: Any = None
+        # Everything the gateway sends is read at once by one task (`_pump`), also while no
+        # request is in flight: a session that ends while the client is idle (its time limit,
+        # say) is known here at once, with the gateway's reason.
+        self._inbox: asyncio.Queue[gateway_pb2.SessionResponse | None] = asyncio.Queue()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._ending: SessionEnded | None = None
+        self._ended = asyncio.Event()
         self._checker: ReceiptChecker | None = None
         self._seq = 0
         self.job_uuid = ""
@@ -132,6 +141,7 @@ class StreamClient:
         if self._call.done():
             code = await self._call.code()
             raise SessionEnded(f"{code.name}: {await self._call.details()}", code=code)
+        self._pump_task = asyncio.ensure_future(self._pump())
         await self._send(
             gateway_pb2.SessionRequest(
                 open=gateway_pb2.SessionOpen(
@@ -179,8 +189,12 @@ class StreamClient:
 
         async def send_all() -> None:
             try:
-                async for body in _aiter(bodies):
+                requests = aiter(_aiter(bodies))
+                while True:
                     await slots.acquire()
+                    body = await anext(requests, None)
+                    if body is None:
+                        return
                     in_flight.append(await self._send_request(body))
                     sent_more.set()
             finally:
@@ -190,15 +204,27 @@ class StreamClient:
         try:
             while True:
                 while not in_flight and not sender.done():
+                    # Waiting for the caller's next request: a session that ends meanwhile
+                    # ends this at once, not at the next request.
                     sent_more.clear()
-                    await sent_more.wait()
+                    more = asyncio.ensure_future(sent_more.wait())
+                    ended = asyncio.ensure_future(self._ended.wait())
+                    try:
+                        await asyncio.wait({more, ended}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        more.cancel()
+                        ended.cancel()
+                    if not in_flight and self._ending is not None:
+                        raise self._raised()
                 if not in_flight:
                     sender.result()  # the requests ran out (or sending failed: raise why)
                     return
                 response = await self._receive(in_flight[0])
                 in_flight.popleft()
-                slots.release()
                 yield response
+                # Only now is the next request taken from `bodies`: with `window` 1 a prompt
+                # for it comes after this answer was handled.
+                slots.release()
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, SessionEnded):
@@ -305,12 +331,26 @@ class StreamClient:
                         self._event(msg.event)
             except SessionEnded:
                 pass
-        self._call.cancel()
+        self.cancel()
         return self.closed
 
     def cancel(self) -> None:
         if self._call is not None:
             self._call.cancel()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+
+    @property
+    def ending(self) -> SessionEnded | None:
+        """Why the session ended, once it has (None while it lives)."""
+        return self._ending
+
+    async def wait_ended(self) -> SessionEnded:
+        """Wait until the session ends (the gateway's SessionClosed, or the call's end) and
+        return why; it may end at any time, also while no request is in flight."""
+        await self._ended.wait()
+        assert self._ending is not None
+        return self._ending
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -319,47 +359,78 @@ class StreamClient:
             self._on_event(event)
 
     async def _send(self, msg: gateway_pb2.SessionRequest) -> None:
-        if self.closed is not None:
-            raise SessionEnded(self.closed.reason, self.closed)
+        if self._ending is not None:
+            raise self._raised()
         try:
             await self._call.write(msg)
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
             # The write lost a race with the session's end (e.g. its time limit while the
-            # client was idle): what the gateway said before ending comes first.
-            while True:
-                try:
-                    left = await self._call.read()
-                except grpc.aio.AioRpcError as final:
-                    raise self._ended(final) from None
-                if left is grpc.aio.EOF:
-                    raise self._ended(exc) from None
-                if left.WhichOneof("payload") == "closed":
-                    self.closed = left.closed
-                    raise SessionEnded(left.closed.reason, left.closed) from None
-        except (grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
-            # The call already finished; read why.
-            while True:
-                await self._read()
+            # client was idle): the reader has, or soon will have, the gateway's reason.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(END_READ_TIMEOUT_S):
+                    await self._ended.wait()
+            if self._ending is None:
+                raise
+            raise self._raised() from None
 
     async def _read(self) -> gateway_pb2.SessionResponse:
-        if self.closed is not None:
-            raise SessionEnded(self.closed.reason, self.closed)
-        try:
-            msg = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise self._ended(exc) from None
-        if msg is grpc.aio.EOF:
-            code = await self._call.code()
-            if code is not grpc.StatusCode.OK:
-                details = await self._call.details()
-                raise SessionEnded(f"{code.name}: {details}", code=code)
-            raise SessionEnded("the gateway ended the session without a reason")
-        if msg.WhichOneof("payload") == "closed":
-            self.closed = msg.closed
-            raise SessionEnded(msg.closed.reason, msg.closed)
-        assert isinstance(msg, gateway_pb2.SessionResponse)
+        msg = await self._inbox.get()
+        if msg is None:
+            self._inbox.put_nowait(None)  # for whoever reads next
+            raise self._raised()
         return msg
 
+    def _raised(self) -> SessionEnded:
+        """A fresh exception for why the session ended (each raise gets its own traceback)."""
+        assert self._ending is not None
+        e = self._ending
+        return SessionEnded(e.reason, e.closed, e.code)
+
+    async def _final_code(self) -> grpc.StatusCode | None:
+        """After SessionClosed: the call's status, which follows at once (OK, or the error the
+        session ended with, e.g. INVALID_ARGUMENT for a client's mistake)."""
+        try:
+            async with asyncio.timeout(END_READ_TIMEOUT_S):
+                while await self._call.read() is not grpc.aio.EOF:
+                    pass  # nothing is sent after SessionClosed
+                code: grpc.StatusCode = await self._call.code()
+                return code
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        except TimeoutError:
+            return None
+
+    async def _pump(self) -> None:
+        """Read everything the gateway sends into the inbox until the session ends."""
+        ending: SessionEnded | None = None
+        try:
+            while True:
+                msg = await self._call.read()
+                if msg is grpc.aio.EOF:
+                    code = await self._call.code()
+                    if code is not grpc.StatusCode.OK:
+                        details = await self._call.details()
+                        ending = SessionEnded(f"{code.name}: {details}", code=code)
+                    else:
+                        ending = SessionEnded("the gateway ended the session without a reason")
+                    return
+                if msg.WhichOneof("payload") == "closed":
+                    self.closed = msg.closed
+                    ending = SessionEnded(msg.closed.reason, msg.closed, await self._final_code())
+                    return
+                self._inbox.put_nowait(msg)
+        except grpc.aio.AioRpcError as exc:
+            ending = self._from_rpc_error(exc)
+        except asyncio.CancelledError:
+            ending = SessionEnded("the session was cancelled", code=grpc.StatusCode.CANCELLED)
+            raise
+        finally:
+            if ending is None:
+                ending = SessionEnded("the session's reader failed")
+            self._ending = ending
+            self._ended.set()
+            self._inbox.put_nowait(None)
+
     @staticmethod
-    def _ended(exc: grpc.aio.AioRpcError) -> SessionEnded:
+    def _from_rpc_error(exc: grpc.aio.AioRpcError) -> SessionEnded:
         return SessionEnded(f"{exc.code().name}: {exc.details()}", code=exc.code())

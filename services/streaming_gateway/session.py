@@ -31,7 +31,14 @@ from horde.v1 import (
 
 from services.core import metrics
 from services.core.errors import FailedPrecondition, HordeError, InvalidArgument
-from services.core.proto_util import TERMINAL_STATES, event, reason_name, state_name
+from services.core.proto_util import (
+    PLAIN_NAME_RULE,
+    TERMINAL_STATES,
+    event,
+    plain_file_name,
+    reason_name,
+    state_name,
+)
 from services.core.proxy_wire import ProxyError, ProxyLink
 from services.streaming_gateway.checks import (
     BadReceipt,
@@ -54,6 +61,8 @@ MAX_SAMPLE_BYTES = 16 * 1024 * 1024
 CALL_SLACK_S = 60.0
 # Deadline of the short calls made while a session ends.
 END_CALL_TIMEOUT_S = 10.0
+# How long a session whose proxy stream broke waits for the job's result (its real reason).
+VERDICT_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class GatewayDeps:
 @dataclass
 class _Ending:
     reason: str
+    how: str  # the `ending` label of horde_gateway_sessions_total (a small fixed set)
     result: job_pb2.JobResult | None = None
     bad_receipt: BadReceipt | None = None
     error: HordeError | None = None  # ends the RPC with this status after SessionClosed
@@ -229,7 +239,7 @@ class Session:
     def shut_down(self, reason: str) -> None:
         """End the session now with `reason` (the gateway is stopping): the job is stopped, the
         receipts stored, and the client gets SessionClosed with the reason."""
-        self._finish(_Ending(reason))
+        self._finish(_Ending(reason, "gateway_shutdown"))
 
     # --- the three feeds --------------------------------------------------------------------
 
@@ -243,7 +253,9 @@ class Session:
                         await self._write(gateway_pb2.SessionResponse(event=msg.event))
                 elif kind == "ready":
                     if self._ready:
-                        self._finish(_Ending("validator sent a second ready message"))
+                        self._finish(
+                            _Ending("validator sent a second ready message", "validator_error")
+                        )
                         return
                     await self._on_ready(msg.ready)
                 elif kind == "result":
@@ -251,17 +263,21 @@ class Session:
                     self._job_uuid = self._job_uuid or msg.result.job_uuid
                     prefix = "job ended" if self._ready else "job did not start"
                     self._finish(
-                        _Ending(f"{prefix}: {_result_reason(msg.result)}", result=msg.result)
+                        _Ending(
+                            f"{prefix}: {_result_reason(msg.result)}",
+                            "job_ended" if self._ready else "job_not_started",
+                            result=msg.result,
+                        )
                     )
                     return
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.CANCELLED and self._end.done():
                 return
             self._job_ended = True  # the validator stops the job when this call breaks
-            self._finish(_Ending(f"validator: {_rpc_error(exc)}"))
+            self._finish(_Ending(f"validator: {_rpc_error(exc)}", "validator_lost"))
             return
         self._job_ended = True
-        self._finish(_Ending("validator closed the job stream without a result"))
+        self._finish(_Ending("validator closed the job stream without a result", "validator_lost"))
 
     async def _on_ready(self, ready: validator_pb2.StreamingJobReady) -> None:
         self._job_uuid = ready.job_uuid
@@ -280,7 +296,7 @@ class Session:
                     raise CertificateError(denial)
         except CertificateError as exc:
             self._log.warning("certificate_rejected", reason=str(exc))
-            self._finish(_Ending(f"job certificate rejected: {exc}"))
+            self._finish(_Ending(f"job certificate rejected: {exc}", "certificate_rejected"))
             return
         self._certificate = ready.certificate
         self._payload = payload
@@ -290,7 +306,7 @@ class Session:
                 ready.proxy_endpoint, ready.proxy_identity, ready.job_uuid
             )
         except ProxyError as exc:
-            self._finish(_Ending(f"job proxy: {_rpc_error(exc)}"))
+            self._finish(_Ending(f"job proxy: {_rpc_error(exc)}", "proxy_lost"))
             return
         self._spawn(self._read_proxy())
         self._ready = True
@@ -314,26 +330,31 @@ class Session:
                 elif kind == "close":
                     self._refuse_partial("closed the session")
                     await self._idle.wait()
-                    self._finish(_Ending(f"closed by the client: {msg.close.reason}".rstrip(": ")))
+                    self._finish(
+                        _Ending(
+                            f"closed by the client: {msg.close.reason}".rstrip(": "),
+                            "client_closed",
+                        )
+                    )
                     return
                 else:
                     raise InvalidArgument(f"unexpected {kind or 'empty'} message in a session")
         except HordeError as exc:
-            self._finish(_Ending(exc.message, error=exc))
+            self._finish(_Ending(exc.message, "client_error", error=exc))
             return
         except ClockSkew as exc:
             # The client's clock must be fixed before it tries again.
             message = f"request {self._next_seq} refused: {exc}"
-            self._finish(_Ending(message, error=FailedPrecondition(message)))
+            self._finish(_Ending(message, "client_clock", error=FailedPrecondition(message)))
             return
         # The client half-closed: answer what is in flight, then end.
         try:
             self._refuse_partial("ended its stream")
         except HordeError as exc:
-            self._finish(_Ending(exc.message, error=exc))
+            self._finish(_Ending(exc.message, "client_error", error=exc))
             return
         await self._idle.wait()
-        self._finish(_Ending("closed by the client"))
+        self._finish(_Ending("closed by the client", "client_closed"))
 
     def _refuse_partial(self, what: str) -> None:
         """A request whose last frame never came would hold the session (and its job) until its
@@ -356,11 +377,25 @@ class Session:
                 return
             code = exc.code()
             if code is grpc.StatusCode.FAILED_PRECONDITION:
-                self._finish(_Ending(f"job proxy refused the request: {exc.details()}"))
+                self._finish(
+                    _Ending(f"job proxy refused the request: {exc.details()}", "proxy_refused")
+                )
             else:
-                self._finish(_Ending(f"job proxy: {_rpc_error(exc)}"))
+                await self._verdict_or(_Ending(f"job proxy: {_rpc_error(exc)}", "proxy_lost"))
             return
-        self._finish(_Ending("job proxy closed the stream"))
+        await self._verdict_or(_Ending("job proxy closed the stream", "proxy_lost"))
+
+    async def _verdict_or(self, ending: _Ending) -> None:
+        """The proxy stream ended without the session asking: the job itself has most likely
+        ended (its time limit, its service or relay died), and the executor's result, on its
+        way through the validator, says why better than the broken stream can. Wait a little
+        for it, then end with `ending`."""
+        task = self._validator_task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(VERDICT_GRACE_S):
+                    await asyncio.shield(self._end)
+        self._finish(ending)
 
     # --- requests and responses -----------------------------------------------------------
 
@@ -404,7 +439,12 @@ class Session:
     async def _on_response(self, frame: streaming_pb2.StreamResponseFrame) -> None:
         pending = self._pending.get(frame.seq)
         if pending is None:
-            self._finish(_Ending(f"job proxy answered request {frame.seq}, which is not in flight"))
+            self._finish(
+                _Ending(
+                    f"job proxy answered request {frame.seq}, which is not in flight",
+                    "proxy_error",
+                )
+            )
             return
         pending.add_response(frame.body)
         if not frame.last:
@@ -434,7 +474,7 @@ class Session:
             self._log.warning("bad_receipt", seq=frame.seq, reason=exc.reason)
             if exc.receipt is None and frame.HasField("receipt"):
                 exc.receipt = frame.receipt
-            self._finish(_Ending(exc.reason, bad_receipt=exc))
+            self._finish(_Ending(exc.reason, "bad_receipt", bad_receipt=exc))
             return
         _RECEIPTS_VERIFIED.inc()
         metrics.GATEWAY_LATENCY.observe((received - pending.arrived_ns) / 1e9)
@@ -472,8 +512,8 @@ class Session:
         if not self._ready:
             raise FailedPrecondition("extra data sent before SessionReady")
         name = data.file_name
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise InvalidArgument(f"extra data file name {name!r}: a plain file name is required")
+        if not plain_file_name(name):
+            raise InvalidArgument(f"extra data file name {name!r}: {PLAIN_NAME_RULE}")
         queue = self._extra.get(name)
         if queue is None:
             queue = asyncio.Queue()
@@ -523,7 +563,7 @@ class Session:
         exc = task.exception()
         if exc is not None:
             self._log.error("session_task_failed", error=repr(exc), exc_info=exc)
-            self._finish(_Ending("internal gateway error", error=_Internal()))
+            self._finish(_Ending("internal gateway error", "internal", error=_Internal()))
 
     def _finish(self, ending: _Ending) -> None:
         if not self._end.done():
@@ -537,7 +577,7 @@ class Session:
             raise
         except Exception as exc:
             self._log.info("client_gone", error=repr(exc))
-            self._finish(_Ending("client went away", client_gone=True))
+            self._finish(_Ending("client went away", "client_gone", client_gone=True))
 
     def _abandon(self) -> None:
         """The client's RPC was cancelled: stop everything without waiting for anything.
@@ -548,7 +588,13 @@ class Session:
             self._start_call.cancel()
         if self._proxy is not None:
             self._proxy.close()
-        self._log.info("session_ended", reason="client cancelled the session")
+        metrics.GATEWAY_SESSIONS.labels("client_cancelled").inc()
+        self._log.info(
+            "session_ended",
+            job_uuid=self._job_uuid or None,
+            ending="client_cancelled",
+            reason="client cancelled the session",
+        )
 
     async def _teardown(self, ending: _Ending) -> None:
         """Stop everything the session started, store its receipts."""
@@ -574,8 +620,11 @@ class Session:
         if self._proxy is not None:
             await self._proxy.aclose()
         await self._deps.writer.flush()
+        metrics.GATEWAY_SESSIONS.labels(ending.how).inc()
         self._log.info(
             "session_ended",
+            job_uuid=self._job_uuid or None,  # also when the job ended before it was ready
+            ending=ending.how,
             reason=reason,
             bad_receipt=ending.bad_receipt is not None,
             requests=self._next_seq - 1,

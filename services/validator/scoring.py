@@ -240,7 +240,7 @@ class Scorer:
                 + (f", unreachable in {missed[miner]} round(s)" if missed[miner] else "")
                 + f" over {rounds} round(s); organic {organic_score:+.3f}: "
                 f"{completed[miner]} completed, {horde_failed[miner]} horde_failed; "
-                f"penalties -{penalty:.3f} ({n_pen})"
+                f"penalties {_subtracted(penalty)} ({n_pen})"
             )
             factor = 1.0
             if miner in sanctions:
@@ -312,6 +312,13 @@ class Scorer:
                 await self.set_weights()
             except ValueError as exc:
                 log.warning("weights_not_set", reason=str(exc))
+
+
+def _subtracted(amount: float) -> str:
+    """A penalty total as the reason shows it: "-1.250", or "0" for one that rounds to nothing
+    (zero-amount penalties, spotcheck.penalty_amount's default, are counted, not charged)."""
+    text = f"{amount:.3f}"
+    return "0" if float(text) == 0 else f"-{text}"
 
 
 def _with(s: MinerScore, weight: float, reason: str) -> MinerScore:

@@ -34,7 +34,7 @@ from services.core.errors import (
     ResourceExhausted,
 )
 from services.core.identity import Identity
-from services.core.proto_util import TERMINAL_STATES, result
+from services.core.proto_util import PLAIN_NAME_RULE, TERMINAL_STATES, plain_file_name, result
 from services.core.server import current_caller
 from services.executor.sandbox import normalise_image_ref
 from services.executor.streaming import (
@@ -96,15 +96,6 @@ class Whitelist:
         if "@" in image:
             return None
         return self._images.get(normalise_image_ref(image))
-
-
-def _plain_name(name: str) -> bool:
-    return (
-        bool(name)
-        and len(name.encode()) <= 255
-        and name not in (".", "..")
-        and not any(c in name for c in "/\\\x00")
-    )
 
 
 class StreamingJobs:
@@ -268,10 +259,8 @@ class StreamingJobs:
             if msg.job_uuid and parse_job_uuid(msg.job_uuid) != job_uuid:
                 raise InvalidArgument("every AddExtraData message must be for the same job")
             data = msg.data
-            if not _plain_name(data.file_name):
-                raise InvalidArgument(
-                    f"data.file_name {data.file_name!r}: a plain file name is required"
-                )
+            if not plain_file_name(data.file_name):
+                raise InvalidArgument(f"data.file_name {data.file_name!r}: {PLAIN_NAME_RULE}")
             total += len(data.data)
             if total > self._max_extra:
                 raise ResourceExhausted(

@@ -247,7 +247,42 @@ def test_env_for_dict_entries_and_other_services_is_not_flagged(
 ) -> None:
     monkeypatch.setenv("HORDE_VALIDATOR_SYNTHETIC__CLASSES", '{"gpu": {"range_size": 5, '
                        '"deadline_s": 1}}')  # fmt: skip
+    monkeypatch.setenv("HORDE_VALIDATOR_DEFAULT_EXECUTOR_CLASS", "gpu")
     monkeypatch.setenv("HORDE_EXECUTOR_NOT_A_VALIDATOR_SETTING", "1")
     monkeypatch.setenv("HORDE_BIN", "/usr/bin/horde")
     s = load_settings(ValidatorSettings)
     assert s.synthetic.classes["gpu"].range_size == 5
+
+
+def test_the_default_executor_class_must_be_one_the_validator_scores(tmp_path: Path) -> None:
+    # A typo would send every job that names no class to a class no miner offers.
+    cfg = write(tmp_path / "v.toml", 'default_executor_class = "cpu-smal"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(ValidatorSettings, cfg)
+    assert str(info.value) == (
+        f"{cfg}: invalid setting 'default_executor_class' (env "
+        "HORDE_VALIDATOR_DEFAULT_EXECUTOR_CLASS): Value error, 'cpu-smal' is not one of the "
+        "executor classes in synthetic.classes (cpu-large, cpu-small)"
+    )
+    # A class table without the default class (here: GPUs only) needs a default of its own.
+    gpu_only = "[synthetic.classes.gpu-h100]\nrange_size = 5\ndeadline_s = 1\n"
+    with pytest.raises(ConfigError, match=r"'cpu-small' is not one of the executor classes in "
+                       r"synthetic.classes \(gpu-h100\)"):  # fmt: skip
+        load_settings(ValidatorSettings, write(tmp_path / "gpu.toml", gpu_only))
+    s = load_settings(
+        ValidatorSettings,
+        write(tmp_path / "ok.toml", 'default_executor_class = "gpu-h100"\n' + gpu_only),
+    )
+    assert s.default_executor_class == "gpu-h100"
+    assert load_settings(ValidatorSettings).default_executor_class == "cpu-small"
+
+
+def test_an_unknown_default_executor_class_from_the_environment_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HORDE_VALIDATOR_DEFAULT_EXECUTOR_CLASS", "")
+    with pytest.raises(ConfigError, match=r"invalid setting 'default_executor_class' .*'' is not "
+                       r"one of the executor classes"):  # fmt: skip
+        load_settings(ValidatorSettings)
+    monkeypatch.setenv("HORDE_VALIDATOR_DEFAULT_EXECUTOR_CLASS", "cpu-large")
+    assert load_settings(ValidatorSettings).default_executor_class == "cpu-large"

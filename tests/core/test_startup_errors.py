@@ -103,6 +103,17 @@ def test_a_busy_metrics_port_is_a_configuration_error(tmp_path: Path, busy_port:
     )
 
 
+def test_an_unknown_default_executor_class_stops_the_validator(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "validator", 'default_executor_class = "cpu-smal"\n')
+    out = horde("validator", "serve", "--config", str(cfg))
+    assert out.returncode == 2, out.stderr
+    assert one_line(out) == (
+        f"horde validator: configuration error: {cfg}: invalid setting 'default_executor_class' "
+        "(env HORDE_VALIDATOR_DEFAULT_EXECUTOR_CLASS): Value error, 'cpu-smal' is not one of the "
+        "executor classes in synthetic.classes (cpu-large, cpu-small)"
+    )
+
+
 @pytest.mark.parametrize("service", ["validator", "miner", "executor", "gateway"])
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_metrics_port_out_of_range_is_a_usage_error(

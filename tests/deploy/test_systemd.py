@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from services.core.chain import Neuron, write_roster
-from services.core.config import ExecutorSettings
+from services.core.config import ExecutorSettings, MinerSettings, ServiceSettings
 from services.core.identity import create_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,13 +134,17 @@ def test_exec_start_loads_the_example_config(tmp_path: Path, service: str) -> No
     assert proc.returncode == 0, "".join(seen) + rest
 
 
-def test_executor_unit_outlasts_its_drain() -> None:
-    """systemd's stop timeout leaves the example executor time to drain its job and shut down,
-    or it would SIGKILL the executor mid-drain (leaving the job's containers behind)."""
-    text = (UNITS / "horde-executor.service").read_text()
+@pytest.mark.parametrize(
+    ("service", "settings"), [("executor", ExecutorSettings), ("miner", MinerSettings)]
+)
+def test_unit_outlasts_its_drain(service: str, settings: type[ServiceSettings]) -> None:
+    """systemd's stop timeout leaves the example executor or miner time to drain its jobs and
+    shut down, or it would SIGKILL it mid-drain (an executor leaving the job's containers behind,
+    a miner losing the results of jobs that finish meanwhile)."""
+    text = (UNITS / f"horde-{service}.service").read_text()
     (stop_timeout,) = unit_value(text, "TimeoutStopSec")
-    config = tomllib.loads((CONFIGS / "executor.toml").read_text())
-    defaults = ExecutorSettings.model_fields
+    config = tomllib.loads((CONFIGS / f"{service}.toml").read_text())
+    defaults = settings.model_fields
     drain = config.get("drain_timeout_s", defaults["drain_timeout_s"].default)
     grace = config.get("shutdown_grace_s", defaults["shutdown_grace_s"].default)
     assert float(stop_timeout) > drain + grace

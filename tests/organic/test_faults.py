@@ -11,6 +11,7 @@ import shutil
 import signal
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from organic_support import (
     BASE_IMAGE,
     DEMO_IMAGE,
     EXECUTOR_TIMEOUT_S,
+    HEARTBEAT_S,
     HORDE_BIN,
     MEMORY_LIMIT_MB,
     MISSING_IMAGE,
@@ -491,6 +493,8 @@ async def test_executor_killed_mid_job(bare_net: Network) -> None:
     assert code == 0, log_path.read_text()[-3000:]
 
 
+# A miner drains on stop (up to drain_timeout_s): this job outlasts a short drain.
+@pytest.mark.usefixtures("quick_miner_drain")
 async def test_miner_restarted_mid_job(net: Network) -> None:
     job = net.start_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120))
     running = await job.wait_state(S.JOB_STATE_RUNNING)
@@ -771,3 +775,193 @@ async def test_executor_health_follows_its_miner_link(net: Network) -> None:
         await net.start_miner()  # same port: the executor reconnects
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
+
+
+# ------------------------------------------------------------------------ the miner's drain
+
+
+@pytest.fixture
+def quick_miner_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's in-process miners drain for at most 1 s (a job outlasting that ends as
+    miner_unreachable); requested before the network, so its miner reads it at start."""
+    monkeypatch.setenv("HORDE_MINER_DRAIN_TIMEOUT_S", "1")
+
+
+async def spawn_miner(
+    net: Network, log_path: Path, **overrides: object
+) -> asyncio.subprocess.Process:
+    """`horde miner serve --config FILE` as a child process in place of the network's in-process
+    miner: the same key, port and roster entry (the in-process one must be stopped first)."""
+    assert net.miner is None, "stop the in-process miner first"
+    state_dir = net.root / "miner-sub"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, object] = {
+        "listen": net.miner_address,
+        "key_file": str(net.keys.paths["miner"]),
+        "state_dir": str(state_dir),
+        "roster_file": str(net.roster),
+        "shutdown_grace_s": 1.0,
+        "executors": [net.keys.identity("executor"), net.keys.identity("executor2")],
+        "heartbeat_interval_s": HEARTBEAT_S,
+        "executor_timeout_s": EXECUTOR_TIMEOUT_S,
+        **overrides,
+    }
+    config = net.root / "miner-sub.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    before = len(log_events(log_path, "service_started")) if log_path.exists() else 0
+    with log_path.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(HORDE_BIN),
+            "miner",
+            "serve",
+            "--config",
+            str(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+
+    def started() -> bool:
+        assert proc.returncode is None, log_path.read_text()[-3000:]
+        return len(log_events(log_path, "service_started")) > before
+
+    await wait_for(started, 60, "the miner to start")
+    return proc
+
+
+async def _miner_subprocess_with_executor(
+    net: Network, log_path: Path, **overrides: object
+) -> asyncio.subprocess.Process:
+    """The network's miner replaced by a child process, the in-process executor linked to it."""
+    await net.stop_miner()
+    proc = await spawn_miner(net, log_path, **overrides)
+    await net.start_executor()
+    await net.wait_executors(1)
+    return proc
+
+
+async def _miner_health(net: Network) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.core.server import open_channel
+
+    async with open_channel(net.miner_address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return int(reply.status)
+
+
+async def test_miner_stopped_mid_job_lets_the_job_finish(bare_net: Network) -> None:
+    """SIGTERM to the miner (an operator restarting it) mid-job: the miner drains. Its health
+    says NOT_SERVING, its manifest lists every executor as draining so the validator routes
+    nothing new to it (a RunJob that comes anyway is refused as busy), the running job
+    completes and its result reaches the client, then the miner exits cleanly."""
+    from grpc_health.v1 import health_pb2
+
+    net = bare_net
+    log_path = net.root / "miner-sub.log"
+    proc = await _miner_subprocess_with_executor(net, log_path, drain_timeout_s=60)
+    signalled = False
+    try:
+        assert await _miner_health(net) == health_pb2.HealthCheckResponse.SERVING
+        job, job_uuid = await _sigterm_mid_job(
+            net, proc, python_job("import time; time.sleep(6); print('finished')")
+        )
+        signalled = True
+        stub = net.miner_stub()
+
+        async def draining() -> bool:
+            resp = await stub.GetManifest(miner_pb2.GetManifestRequest(), timeout=3)
+            executors = resp.manifest.executors
+            return bool(executors) and all(e.draining for e in executors)
+
+        await wait_for(draining, 10, "the miner to list its executors as draining")
+        resp = await stub.GetManifest(miner_pb2.GetManifestRequest(), timeout=3)
+        assert [e.busy for e in resp.manifest.executors] == [True]
+        assert await _miner_health(net) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        # A RunJob that reaches the draining miner anyway is refused as busy (the validator
+        # then tries another miner).
+        start = miner_pb2.RunJobStart(
+            job_uuid=str(uuid.uuid4()), spec=spec_for(BASE_IMAGE, ["true"])
+        )
+        replies = [
+            m async for m in stub.RunJob(iter([miner_pb2.RunJobRequest(start=start)]), timeout=10)
+        ]
+        assert [m.WhichOneof("payload") for m in replies] == ["result"], replies
+        refusal = replies[0].result
+        assert (refusal.state, refusal.reason) == (S.JOB_STATE_REJECTED, S.FAILURE_REASON_BUSY)
+        assert "shutting down" in refusal.detail, refusal.detail
+
+        # A job submitted to the validator now is not given to the draining miner.
+        spec = spec_for(BASE_IMAGE, ["true"])
+        spec.timeouts.reservation_s = 1
+        refused = await net.run_job(spec, within=30)
+        assert refused.result is not None, refused.describe()
+        assert refused.result.state == S.JOB_STATE_REJECTED, refused.describe()
+        assert S.JOB_STATE_RUNNING not in refused.states, refused.describe()
+
+        run = await job.finished(within=30)
+        assert run.result is not None and run.result.state == S.JOB_STATE_COMPLETED, run.describe()
+        assert run.result.stdout.data == b"finished\n", run.describe()
+        assert run.result.miner_hotkey == net.keys.identity("miner")
+    finally:
+        # Only one SIGTERM: a second one means "exit now" to a Horde service.
+        code = await stop_process(proc, None if signalled else signal.SIGTERM)
+    assert_clean_exit(code, log_path)
+    assert [e["job_uuids"] for e in log_events(log_path, "drained")] == [[job_uuid]]
+    assert log_events(log_path, "drain_timed_out") == []
+    record = (await net.client().GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid))).job
+    assert record.state == S.JOB_STATE_COMPLETED
+    # The executor stays up, its link to the stopped miner down; the job left nothing behind.
+    assert net.agent is not None
+    await wait_for(lambda: not net.agent.connected.is_set(), 10, "the executor to see the loss")
+    assert await job_objects(net.docker, [job_uuid]) == []
+
+
+async def test_miner_stopped_mid_job_past_its_drain_timeout(bare_net: Network) -> None:
+    """SIGTERM to the miner mid-job, the job outlasting the miner's `drain_timeout_s`: the job
+    ends as before there was a drain (horde_failed, miner_unreachable), the executor stops it
+    and removes its container, and the miner exits cleanly."""
+    net = bare_net
+    log_path = net.root / "miner-sub.log"
+    proc = await _miner_subprocess_with_executor(net, log_path, drain_timeout_s=1)
+    signalled = False
+    try:
+        job, job_uuid = await _sigterm_mid_job(
+            net, proc, spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120)
+        )
+        signalled = True
+        run = await job.finished(within=20)
+        res = assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_MINER_UNREACHABLE)
+        assert res.stage == S.STAGE_EXECUTION, run.describe()
+    finally:
+        code = await stop_process(proc, None if signalled else signal.SIGTERM)
+    assert_clean_exit(code, log_path)
+    assert [e["job_uuids"] for e in log_events(log_path, "drain_timed_out")] == [[job_uuid]]
+    assert log_events(log_path, "drained") == []
+    await wait_no_job_objects(net.docker, [job_uuid], within=30)
+
+
+async def test_a_second_signal_stops_a_draining_miner_at_once(bare_net: Network) -> None:
+    """While the miner drains (a long drain_timeout_s), a second SIGTERM exits at once (130);
+    the job ends miner_unreachable and the executor removes its container."""
+    net = bare_net
+    log_path = net.root / "miner-sub.log"
+    proc = await _miner_subprocess_with_executor(net, log_path, drain_timeout_s=600)
+    twice = False
+    try:
+        job, job_uuid = await _sigterm_mid_job(
+            net, proc, spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=120)
+        )
+        await wait_for(lambda: log_events(log_path, "draining"), 10, "the miner to drain")
+        proc.send_signal(signal.SIGTERM)
+        twice = True
+        run = await job.finished(within=20)
+        assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_MINER_UNREACHABLE)
+    finally:
+        code = await stop_process(proc, None if twice else signal.SIGKILL)
+    assert code == 130, log_path.read_text()[-3000:]
+    assert log_events(log_path, "second_signal_exit_now"), log_path.read_text()[-3000:]
+    await wait_no_job_objects(net.docker, [job_uuid], within=30)

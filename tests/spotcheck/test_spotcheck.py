@@ -19,6 +19,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import grpc
@@ -45,15 +46,35 @@ class Ran:
     stderr: str
 
 
-async def horde(*args: str) -> Ran:
+async def horde(*args: str, timeout_s: float = 60) -> Ran:
     """Run the `horde` CLI without blocking the loop the in-process services run on."""
     proc = await asyncio.create_subprocess_exec(
         HORDE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(timeout_s):
         out, err = await proc.communicate()
     assert proc.returncode is not None
     return Ran(proc.returncode, out.decode(), err.decode())
+
+
+def admin_args(spotnet: SpotNet) -> list[str]:
+    """The CLI's arguments for the spot net's validator, as its admin (the client key)."""
+    assert spotnet.validator is not None
+    return [
+        "--validator",
+        f"127.0.0.1:{spotnet.validator.port}",
+        "--validator-identity",
+        spotnet.identity("validator"),
+        "--key",
+        str(spotnet.root / "keys" / "client.json"),
+    ]
+
+
+async def spotcheck_cli(spotnet: SpotNet) -> tuple[int, dict[str, Any]]:
+    """`horde validator spotcheck --json`, as an operator's cron job runs it: status and doc."""
+    ran = await horde("validator", "spotcheck", *admin_args(spotnet), "--json", timeout_s=180)
+    assert ran.stdout, ran.stderr
+    return ran.returncode, json.loads(ran.stdout)
 
 
 def test_sample_size_gives_99_percent_detection() -> None:
@@ -80,14 +101,16 @@ async def test_an_honest_miner_passes(spotnet: SpotNet, docker: aiodocker.Docker
     await spotnet.start()
     await spotnet.session(PROMPTS)
     admin = spotnet.admin()
-    resp = await admin.RunSpotCheck(validator_admin_pb2.RunSpotCheckRequest(), timeout=180)
-    assert resp.samples_pulled == N_PAIRS and not resp.error and not resp.pull_errors
-    (check,) = resp.checks
-    assert check.error == "" and check.kind == "streaming"
-    assert check.pairs == N_PAIRS and check.mismatches == 0
-    assert all(v.passed and v.miner_hotkey == spotnet.identity("miner") for v in check.verdicts)
-    assert check.image_digest.startswith("sha256:")
-    await _torn_down(docker, check.trusted_job_uuid)
+    status, doc = await spotcheck_cli(spotnet)
+    assert status == 0  # everything matched
+    assert doc["samples_pulled"] == N_PAIRS and not doc["error"] and not doc["pull_errors"]
+    (check,) = doc["checks"]
+    assert check["error"] == "" and check["kind"] == "streaming"
+    assert check["pairs"] == N_PAIRS and check["mismatches"] == 0
+    miner = spotnet.identity("miner")
+    assert all(v["passed"] and v["miner"] == miner for v in check["verdicts"])
+    assert check["image_digest"].startswith("sha256:")
+    await _torn_down(docker, check["trusted_job_uuid"])
     evidence = await admin.ExportEvidence(validator_admin_pb2.ExportEvidenceRequest(), timeout=30)
     assert list(evidence.records_json) == []
     weights = await admin.GetWeights(validator_admin_pb2.GetWeightsRequest(), timeout=30)
@@ -115,12 +138,13 @@ async def test_the_dishonest_model_is_caught_with_evidence_and_a_penalty(
         "sanctions": counted("horde_miner_sanctions_total", kind="spotcheck_mismatch"),
     }
     admin = spotnet.admin()
-    resp = await admin.RunSpotCheck(validator_admin_pb2.RunSpotCheckRequest(), timeout=180)
-    (check,) = resp.checks
-    assert check.error == "" and check.pairs == N_PAIRS
-    flagged = {v.seq for v in check.verdicts if not v.passed}
+    status, doc = await spotcheck_cli(spotnet)
+    assert status == 3  # MISMATCH_EXIT: distinct from errors (1) and usage problems (2)
+    (check,) = doc["checks"]
+    assert check["error"] == "" and check["pairs"] == N_PAIRS
+    flagged = {v["seq"] for v in check["verdicts"] if not v["passed"]}
     assert flagged == wrong
-    assert check.mismatches == len(wrong)
+    assert check["mismatches"] == len(wrong)
     # The operator's metrics count it.
     mismatched = counted("horde_spotcheck_pairs_total", outcome="mismatched")
     assert mismatched - before["mismatched"] == len(wrong)
@@ -128,7 +152,7 @@ async def test_the_dishonest_model_is_caught_with_evidence_and_a_penalty(
     assert matched - before["matched"] == N_PAIRS - len(wrong)
     sanctions = counted("horde_miner_sanctions_total", kind="spotcheck_mismatch")
     assert sanctions - before["sanctions"] == 1
-    await _torn_down(docker, check.trusted_job_uuid)
+    await _torn_down(docker, check["trusted_job_uuid"])
 
     # Evidence: exported, verified offline (by the library and by the CLI), one per mismatch.
     exported = await admin.ExportEvidence(validator_admin_pb2.ExportEvidenceRequest(), timeout=30)

@@ -135,6 +135,22 @@ async def test_a_session_through_the_real_network(images: None, tmp_path: Path) 
             assert closed.reason == "closed by the client: test done"
             # The job's result came back only after the executor removed its containers.
             assert await job_containers(job_uuid) == []
+
+            # A session reaching its time limit while the client is idle: the client learns
+            # at once, with the job's own reason (not the job proxy's broken stream), and so
+            # does a request sent after it.
+            short = StreamClient(channel, validator_identity=env.identity("validator"))
+            await short.open(LLM_IMAGE, time_limit_s=3)
+            assert (await short.request(b"one")).receipt.is_valid()
+            async with asyncio.timeout(30):
+                ended = await short.wait_ended()
+            reason = "job ended: completed: the session reached its time limit of 3s"
+            assert ended.closed is not None and ended.closed.reason == reason, ended.reason
+            with pytest.raises(SessionEnded) as late:
+                await short.request(b"too late")
+            assert late.value.reason == reason
+            assert await job_containers(short.job_uuid) == []
+            short.cancel()
         finally:
             await channel.close()
 

@@ -17,6 +17,7 @@ from services.core.app import ServiceApp
 from services.core.db import open_database
 from services.core.receipts import verify_lines
 from services.core.server import open_channel
+from services.streaming_gateway import session as session_module
 from services.streaming_gateway.client import SessionEnded, StreamClient
 from services.streaming_gateway.store import SqlStore
 
@@ -49,6 +50,7 @@ async def stored_receipts(h: Harness, job_uuid: str) -> list[str]:
 async def test_n_requests_give_n_receipts_that_verify_offline(harness: Harness) -> None:
     app = await harness.start_gateway()
     verified = metrics.RECEIPTS.labels("verified")._value.get()
+    closed_sessions = metrics.GATEWAY_SESSIONS.labels("client_closed")._value.get()
     client, channel = await open_session(harness, app)
     bodies = [f"request {i} ".encode() * 30 for i in range(20)]
     receipts = []
@@ -65,6 +67,7 @@ async def test_n_requests_give_n_receipts_that_verify_offline(harness: Harness) 
     assert [c.error for c in checks] == [None] * 20
     assert [c.receipt.seq for c in checks if c.receipt] == list(range(1, 21))
     assert metrics.RECEIPTS.labels("verified")._value.get() - verified == 20
+    assert metrics.GATEWAY_SESSIONS.labels("client_closed")._value.get() - closed_sessions == 1
     # Stored before SessionClosed was sent.
     assert await stored_receipts(harness, client.job_uuid) == receipts
     assert await harness.fake_validator.wait_ended(client.job_uuid)
@@ -106,6 +109,7 @@ async def test_a_bad_receipt_ends_the_session_and_is_reported(
     harness.fake_validator.next_behaviour = Behaviour(tamper=tamper, tamper_seq=2)
     app = await harness.start_gateway()
     rejected = metrics.RECEIPTS.labels("rejected")._value.get()
+    bad_sessions = metrics.GATEWAY_SESSIONS.labels("bad_receipt")._value.get()
     client, channel = await open_session(harness, app)
     await client.request(b"first")
     with pytest.raises(SessionEnded) as info:
@@ -115,6 +119,7 @@ async def test_a_bad_receipt_ends_the_session_and_is_reported(
     assert closed is not None and closed.bad_receipt
     assert closed.reason.startswith("receipt 2: ") and reason in closed.reason
     assert metrics.RECEIPTS.labels("rejected")._value.get() - rejected == 1
+    assert metrics.GATEWAY_SESSIONS.labels("bad_receipt")._value.get() - bad_sessions == 1
     (report,) = harness.fake_validator.reports
     assert report.job_uuid == client.job_uuid and report.reason == closed.reason
     assert report.certificate.payload
@@ -397,6 +402,27 @@ async def test_extra_data_goes_through_the_validator(harness: Harness) -> None:
     await channel.close()
 
 
+@pytest.mark.parametrize("name", ["", "..", "a/b", "a\\b", "nul\x00name", "x" * 256])
+async def test_extra_data_with_a_name_that_is_not_a_plain_file_name_is_refused_here(
+    harness: Harness, name: str
+) -> None:
+    """Refused by the gateway itself, with the rule, before anything reaches the validator."""
+    app = await harness.start_gateway()
+    refused = metrics.GATEWAY_SESSIONS.labels("client_error")._value.get()
+    client, channel = await open_session(harness, app)
+    await client.send_extra(name, b"data")
+    with pytest.raises(SessionEnded) as info:
+        await client.request(b"after")
+    await channel.close()
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value.reason
+    assert info.value.closed is not None
+    assert f"extra data file name {name!r}: a plain file name is required" in info.value.reason
+    assert "at most 255 bytes" in info.value.reason
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.extra == {}
+    assert metrics.GATEWAY_SESSIONS.labels("client_error")._value.get() - refused == 1
+
+
 async def test_the_job_ending_ends_the_session_with_its_result(harness: Harness) -> None:
     harness.fake_validator.end_job_after_ready = True
     app = await harness.start_gateway()
@@ -421,6 +447,7 @@ async def test_a_write_that_loses_the_race_with_the_end_reads_the_gateways_reaso
 
     class FinishedCall:
         def __init__(self) -> None:
+            self.written = asyncio.Event()
             self.left: list[object] = [
                 gateway_pb2.SessionResponse(
                     closed=gateway_pb2.SessionClosed(reason="the session reached its time limit")
@@ -429,6 +456,7 @@ async def test_a_write_that_loses_the_race_with_the_end_reads_the_gateways_reaso
             ]
 
         async def write(self, msg: object) -> None:
+            self.written.set()
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.INTERNAL,
                 grpc.aio.Metadata(),
@@ -437,14 +465,23 @@ async def test_a_write_that_loses_the_race_with_the_end_reads_the_gateways_reaso
             )
 
         async def read(self) -> object:
+            await self.written.wait()  # the closing message is read only after the write failed
             return self.left.pop(0)
+
+        async def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.OK
+
+        def cancel(self) -> None:
+            pass
 
     channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never dialled
     try:
         client = StreamClient(channel)
-        client._call = FinishedCall()  # type: ignore[assignment]
+        client._call = FinishedCall()
+        client._pump_task = asyncio.ensure_future(client._pump())
         with pytest.raises(SessionEnded) as info:
             await client._send(gateway_pb2.SessionRequest(close=gateway_pb2.SessionClose()))
+        client.cancel()
     finally:
         await channel.close()
     assert info.value.closed is not None
@@ -452,7 +489,12 @@ async def test_a_write_that_loses_the_race_with_the_end_reads_the_gateways_reaso
     assert client.closed is not None
 
 
-async def test_a_crashed_job_proxy_ends_the_session_with_a_clear_reason(harness: Harness) -> None:
+async def test_a_crashed_job_proxy_ends_the_session_with_a_clear_reason(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy is gone and the validator says nothing of the job within the grace period:
+    the session ends with the proxy's reason, and the job is stopped."""
+    monkeypatch.setattr(session_module, "VERDICT_GRACE_S", 0.2)
     app = await harness.start_gateway()
     client, channel = await open_session(harness, app)
     await client.request(b"one")

@@ -399,6 +399,33 @@ async def test_on_a_terminal_the_next_prompt_follows_the_answer(
         os.close(master)
 
 
+async def test_on_a_terminal_a_session_that_ends_is_reported_at_once(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The session ends while the user types nothing (here the gateway stops; a time limit is
+    the same): `horde stream` says so at once and exits 1, not at the next line typed."""
+    app = await harness.start_gateway()
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        HORDE, "stream", *target(harness, app, tmp_path),
+        stdin=slave, stdout=slave, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    term = _Terminal(master)
+    try:
+        await asyncio.to_thread(term.until, b"session ready")
+        await asyncio.to_thread(term.until, b"> ")
+        await harness.stop_gateway(app)
+        said = await asyncio.to_thread(term.until, b"the gateway is shutting down")
+        assert said.endswith(b"horde stream: session ended: the gateway is shutting down"), said
+        assert await asyncio.wait_for(proc.wait(), 30) == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+
+
 async def test_control_characters_from_the_job_are_escaped_on_a_terminal_only(
     harness: Harness, tmp_path: Path
 ) -> None:

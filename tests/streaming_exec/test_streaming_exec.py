@@ -389,6 +389,27 @@ async def test_a_crashing_service_ends_the_session_with_its_exit_status(net: Net
     assert await job_objects(net.docker, {res.job_uuid}) == []
 
 
+async def test_a_dead_relay_ends_the_job_horde_failed(net: Network) -> None:
+    """The relay is the executor's own container: when it dies the job cannot be served, and
+    the verdict is horde_failed (Horde's fault), not the service's failure or a cancel."""
+    session = net.start_session(streaming_spec(LLM_IMAGE))
+    ready = await session.wait_ready()
+    proxy = await net.proxy(ready)
+    (await proxy.ask(b"hello")).receipt.verify()
+    relay = await net.docker.containers.get(f"horde-{ready.job_uuid}-stream-relay")
+    await relay.kill(signal="SIGKILL")
+    res = await session.finished(within=30)
+    assert res.state == S.JOB_STATE_HORDE_FAILED, session.describe()
+    assert res.reason == S.FAILURE_REASON_INTERNAL_ERROR
+    assert res.stage == S.STAGE_EXECUTION
+    assert "relay" in res.detail and "exited with status 137 mid-session" in res.detail, res.detail
+    assert await job_objects(net.docker, {ready.job_uuid}) == []
+    async with asyncio.timeout(10):
+        ended = await proxy.ended()
+    assert ended is not None and ended.code() is grpc.StatusCode.UNAVAILABLE, ended
+    assert "relay" in ended.details(), ended
+
+
 async def test_a_killed_executor_ends_the_session_as_executor_lost(bare_net: Network) -> None:
     net = bare_net
     await net.start(executor=False)
