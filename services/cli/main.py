@@ -12,7 +12,7 @@ from typing import Any, Literal
 from horde.v1 import job_pb2
 
 from services import __version__
-from services.cli import spotcheck_cmds, stream, validator_cmds
+from services.cli import miner_cmds, spotcheck_cmds, stream, validator_cmds
 from services.cli.args import bounded_int
 from services.core.config import (
     ExecutorSettings,
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "validator":
             validator_cmds.register(s)
             spotcheck_cmds.register_validator(s)
+        elif name == "miner":
+            miner_cmds.register(s)
 
     keys = sub.add_parser("keys", help="key files").add_subparsers(
         dest="action", metavar="COMMAND", required=True

@@ -37,7 +37,8 @@ def register_validator(actions: Any) -> None:
         description="Pull the gateways' samples and check them on the trusted miner now.",
         epilog="Exit status: 0 when every check ran and matched (or there was nothing to "
         f"check), {MISMATCH_EXIT} when a check found a mismatch, 1 when the call or a check "
-        "failed (even if another check found a mismatch), 2 for usage problems, 130 "
+        "failed or a gateway's samples could not be pulled (even if a check found a "
+        "mismatch), 2 for usage problems, 130 "
         "interrupted, 141 output closed early.",
     )
     client_args(spot)
@@ -123,8 +124,8 @@ def _spotcheck(args: argparse.Namespace) -> int:
             print(json.dumps(doc, indent=2))
         else:
             _print_spotcheck(doc)
-        if doc["error"] or any(c["error"] for c in doc["checks"]):
-            return 1
+        if doc["error"] or doc["pull_errors"] or any(c["error"] for c in doc["checks"]):
+            return 1  # a gateway not answering is worth an alert too
         return MISMATCH_EXIT if any(c["mismatches"] for c in doc["checks"]) else 0
 
     return admin_call(args, "spotcheck", fn)

@@ -74,7 +74,8 @@ def register(sub: Any) -> None:
         type=int,
         default=1,
         help="requests in flight at once (default 1: each waits for the answer before it); "
-        "more raises throughput, answers still come in order",
+        "more raises throughput, answers still come in order (lines typed on a terminal go "
+        "one at a time)",
     )
     p.set_defaults(func=main)
 
@@ -255,7 +256,8 @@ async def _run(args: argparse.Namespace) -> int:
         # Typed by hand too: the pipeline takes the next line (and prompts for it) only once
         # the answer before it is printed, and a session that ends while it waits for a line
         # (its time limit, say) ends this at once, with the gateway's reason.
-        async with contextlib.aclosing(client.pipeline(requests, window=args.window)) as rs:
+        window = 1 if interactive else args.window  # typed lines: one answer, one prompt
+        async with contextlib.aclosing(client.pipeline(requests, window=window)) as rs:
             async for res in rs:
                 yield res
 

@@ -298,6 +298,8 @@ class MinerSettings(ServiceSettings):
     executors: list[str] = []
     # Validators allowed to call besides those with a permit on the chain (identity strings).
     validators: list[str] = []
+    # Identities allowed to inspect the miner (`horde miner executors|jobs`) besides its own key.
+    admins: list[str] = []
     min_validator_stake: float = 0.0
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     # An executor silent for this long is considered lost: at least two heartbeats' time, or

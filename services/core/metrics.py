@@ -30,8 +30,8 @@ RECEIPTS = Counter(
 )
 GATEWAY_SESSIONS = Counter(
     "horde_gateway_sessions_total",
-    "Streaming sessions ended, by how: client_closed, client_gone, client_cancelled, "
-    "client_error, client_clock, job_ended, job_not_started, bad_receipt, "
+    "Streaming sessions ended, by how: refused (at open), client_closed, client_gone, "
+    "cancelled, client_error, client_clock, job_ended, job_not_started, bad_receipt, "
     "certificate_rejected, proxy_lost, proxy_refused, proxy_error, validator_lost, "
     "validator_error, gateway_shutdown, internal",
     ["ending"],

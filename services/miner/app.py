@@ -13,6 +13,7 @@ from services.core.db import open_database
 from services.core.identity import Signer
 from services.core.runtime import ChainPolicy, load_signer, open_chain, parse_identities
 from services.core.server import ServiceRegistration, create_server
+from services.miner.admin import MinerAdminServicer
 from services.miner.link import ExecutorLinkServicer
 from services.miner.pool import ExecutorPool
 from services.miner.service import MinerServicer, ReceiptStore
@@ -22,25 +23,36 @@ async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> 
     signer = signer or load_signer(settings, "miner")
     executors = parse_identities(settings.executors, "executors")
     validators = parse_identities(settings.validators, "validators")
+    # The operator's read-only view (`horde miner executors|jobs`): the miner's own key (the key
+    # file it runs with) and its `admins`.
+    operators = StaticPolicy(
+        parse_identities(settings.admins, "admins") | {str(signer.identity)},
+        "the miner's own key or one of its admins",
+    )
     chain = open_chain(settings, signer)
     engine = await open_database(settings.database("miner"))
     pool = ExecutorPool()
+    serving_validators = AnyOfPolicy(
+        [
+            StaticPolicy(validators, "a configured validator"),
+            ChainPolicy(chain, True, settings.min_validator_stake),
+        ]
+    )
     policy = MethodPolicy(
         [
             ("/horde.v1.ExecutorLinkService/", StaticPolicy(executors, "an enrolled executor")),
+            ("/horde.v1.MinerAdminService/", operators),
+            # The manifest is no secret from the operator: `horde miner executors` reads it.
             (
-                "/horde.v1.MinerService/",
-                AnyOfPolicy(
-                    [
-                        StaticPolicy(validators, "a configured validator"),
-                        ChainPolicy(chain, True, settings.min_validator_stake),
-                    ]
-                ),
+                "/horde.v1.MinerService/GetManifest",
+                AnyOfPolicy([operators, serving_validators]),
             ),
+            ("/horde.v1.MinerService/", serving_validators),
         ]
     )
     auth = Authenticator(signer.identity, policy, max_skew_s=settings.auth.max_clock_skew_s)
-    servicer = MinerServicer(signer, pool, ReceiptStore(engine))
+    receipts = ReceiptStore(engine)
+    servicer = MinerServicer(signer, pool, receipts)
     server = await create_server(
         settings.listen,
         [
@@ -48,6 +60,11 @@ async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> 
                 miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name,
                 miner_pb2_grpc.add_MinerServiceServicer_to_server,
                 servicer,
+            ),
+            ServiceRegistration(
+                miner_pb2.DESCRIPTOR.services_by_name["MinerAdminService"].full_name,
+                miner_pb2_grpc.add_MinerAdminServiceServicer_to_server,
+                MinerAdminServicer(servicer.relayed, receipts),
             ),
             ServiceRegistration(
                 executor_pb2.DESCRIPTOR.services_by_name["ExecutorLinkService"].full_name,

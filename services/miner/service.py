@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import sqlalchemy as sa
@@ -40,6 +42,7 @@ from services.miner.pool import (
     ExecutorPool,
     NoExecutorOfClass,
 )
+from services.miner.relayed import JobRecord, RelayedJobs
 from services.miner.synthetic import SyntheticCollector
 
 log = structlog.get_logger("horde.miner")
@@ -50,6 +53,16 @@ COUNTERSIGN_WAIT_S = 5.0
 CERTIFICATE_SLACK_S = 60
 CERTIFICATE_BACKDATE_S = 5
 DEFAULT_SESSION_S = 600
+
+
+@dataclass
+class StoredJob:
+    """A job as the miner's lifecycle receipts tell it."""
+
+    started: receipts_pb2.LifecycleReceiptPayload
+    finished: receipts_pb2.LifecycleReceiptPayload | None
+    # Every receipt stored for the job carries the validator's countersignature.
+    countersigned: bool
 
 
 class ReceiptStore:
@@ -105,15 +118,66 @@ class ReceiptStore:
         ]
         return out, (rows[-1].id if rows else cursor)
 
+    async def recent_jobs(self, limit: int) -> list[StoredJob]:
+        """The `limit` jobs whose started receipts were stored last, newest first, with their
+        finished receipts where stored: two reads by primary key (a finished receipt is stored
+        after its started one), however long the table."""
+        started_kind = receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_STARTED
+        finished_kind = receipts_pb2.LIFECYCLE_RECEIPT_KIND_JOB_FINISHED
+        table = lifecycle_receipts
+        async with self._engine.connect() as conn:
+            started = (
+                await conn.execute(
+                    sa.select(table.c.id, table.c.payload, table.c.validator_signature)
+                    .where(table.c.kind == started_kind)
+                    .order_by(table.c.id.desc())
+                    .limit(limit)
+                )
+            ).fetchall()
+            if not started:
+                return []
+            finished = (
+                await conn.execute(
+                    sa.select(table.c.job_uuid, table.c.payload, table.c.validator_signature).where(
+                        table.c.id > started[-1].id, table.c.kind == finished_kind
+                    )
+                )
+            ).fetchall()
+        ends = {row.job_uuid: row for row in finished}
+        out = []
+        for row in started:
+            payload = receipts_pb2.LifecycleReceiptPayload.FromString(row.payload)
+            end = ends.get(payload.job_uuid)
+            out.append(
+                StoredJob(
+                    started=payload,
+                    finished=(
+                        receipts_pb2.LifecycleReceiptPayload.FromString(end.payload)
+                        if end is not None
+                        else None
+                    ),
+                    countersigned=bool(row.validator_signature)
+                    and (end is None or bool(end.validator_signature)),
+                )
+            )
+        return out
+
 
 class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
-    def __init__(self, signer: Signer, pool: ExecutorPool, receipts: ReceiptStore) -> None:
+    def __init__(
+        self,
+        signer: Signer,
+        pool: ExecutorPool,
+        receipts: ReceiptStore,
+        relayed: RelayedJobs | None = None,
+    ) -> None:
         self._signer = signer
         self._pool = pool
         self._receipts = receipts
-        # The jobs this miner relays now (one token per RunJob that reserved an executor, the
-        # job's uuid as the value), and an event set whenever there are none: drain waits on it.
-        self._jobs: dict[object, str] = {}
+        # The jobs this miner relays now (one record per RunJob that reserved an executor) and
+        # those that ended lately (`horde miner jobs`), and an event set whenever none is in
+        # flight: drain waits on it.
+        self.relayed = relayed or RelayedJobs()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -123,7 +187,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         to `timeout_s` to end and their results to reach their validators. A job still running
         after that ends when the server stops (the validator reports miner_unreachable)."""
         self._pool.drain()
-        jobs = sorted(self._jobs.values())
+        jobs = sorted(r.job_uuid for r in self.relayed.in_flight())
         if not jobs:
             return
         if timeout_s <= 0:
@@ -135,7 +199,9 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                 await self._idle.wait()
         except TimeoutError:
             log.warning(
-                "drain_timed_out", job_uuids=sorted(self._jobs.values()), timeout_s=timeout_s
+                "drain_timed_out",
+                job_uuids=sorted(r.job_uuid for r in self.relayed.in_flight()),
+                timeout_s=timeout_s,
             )
             return
         log.info("drained", job_uuids=jobs)
@@ -197,8 +263,15 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         log_ = log_.bind(executor_id=conn.executor_id)
         log_.info("job_reserved")
         # In flight from the reservation on (before any await), so a drain waits for it.
-        token = object()
-        self._jobs[token] = job_uuid
+        record = self.relayed.begin(
+            JobRecord(
+                job_uuid=job_uuid,
+                validator=str(validator),
+                executor_id=conn.executor_id,
+                executor_class=executor_class,
+                job_kind=start.job_kind or "organic",
+            )
+        )
         self._idle.clear()
         started_at = time.monotonic()
         countersigned: asyncio.Queue[receipts_pb2.LifecycleReceipt] = asyncio.Queue()
@@ -210,7 +283,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
             )
             await self._receipts.put(started)
             forwarder = asyncio.create_task(
-                self._forward(request_iterator, conn, job_uuid, countersigned)
+                self._forward(request_iterator, conn, record, countersigned)
             )
             yield miner_pb2.RunJobResponse(receipt=started)
             conn.send(executor_pb2.ConnectResponse(run_job=start))
@@ -227,6 +300,8 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                 else:
                     kind = msg.WhichOneof("payload")
                     if kind == "event" and msg.event.job_uuid == job_uuid:
+                        if msg.event.state not in TERMINAL_STATES:
+                            record.state = msg.event.state
                         yield miner_pb2.RunJobResponse(event=msg.event)
                         continue
                     if kind == "output_chunk":
@@ -234,6 +309,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                         continue
                     if kind == "streaming_ready" and msg.streaming_ready.job_uuid == job_uuid:
                         ready = self._certify(start, str(validator), conn, msg.streaming_ready)
+                        record.state = common_pb2.JOB_STATE_STREAMING_READY
                         log_.info("streaming_ready", endpoint=ready.proxy_endpoint)
                         yield miner_pb2.RunJobResponse(streaming_ready=ready)
                         continue
@@ -245,6 +321,8 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                     res = msg.result
                 res.miner_hotkey = str(self._signer.identity)
                 res.executor_id = conn.executor_id
+                record.state, record.reason, record.detail = res.state, res.reason, res.detail
+                record.ended_ns = time.time_ns()
                 finished = self._receipt(
                     start,
                     str(validator),
@@ -288,9 +366,20 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                             cancel=executor_pb2.CancelExecutorJob(job_uuid=job_uuid, reason=why)
                         )
                     )
+            if not record.ended_ns:
+                # Ended without a result, so without a finished receipt (`horde miner jobs`).
+                failure = sys.exc_info()[1]
+                if self._pool.draining:
+                    why = "the miner stopped"
+                elif failure is None or isinstance(failure, asyncio.CancelledError | GeneratorExit):
+                    why = "the validator went away"
+                else:
+                    why = f"the relay failed ({type(failure).__name__})"
+                record.state = common_pb2.JOB_STATE_UNSPECIFIED
+                record.detail = f"ended without a result: {why}"
             self._pool.release(conn, job)
-            del self._jobs[token]
-            if not self._jobs:
+            self.relayed.end(record)
+            if not self.relayed:
                 self._idle.set()
 
     async def RunSyntheticRound(
@@ -354,9 +443,10 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         self,
         requests: AsyncIterator[miner_pb2.RunJobRequest],
         conn: ExecutorConn,
-        job_uuid: str,
+        record: JobRecord,
         countersigned: asyncio.Queue[receipts_pb2.LifecycleReceipt],
     ) -> None:
+        job_uuid = record.job_uuid
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("payload")
@@ -375,6 +465,9 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                     problem = lifecycle.verify(receipt)
                     if problem is None:
                         await self._receipts.put(receipt)
+                        signed = lifecycle.parse(receipt)
+                        if signed.job_uuid == job_uuid:
+                            record.countersigned.add(signed.kind)
                         countersigned.put_nowait(receipt)
                     else:
                         log.warning("bad_countersignature", job_uuid=job_uuid, problem=problem)

@@ -10,6 +10,7 @@ import grpc
 import structlog
 from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2_grpc
 
+from services.core import metrics
 from services.core.app import ServiceApp
 from services.core.auth import Authenticator, MethodPolicy, StaticPolicy
 from services.core.chain import ChainAdapter
@@ -57,6 +58,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> None:
         if self._draining:
+            metrics.GATEWAY_SESSIONS.labels("refused").inc()
             raise Unavailable(SHUTDOWN_REASON)
         # Accepted: say so at once (StreamClient waits for it before its first write, so that a
         # refusal is never mistaken for a broken write).

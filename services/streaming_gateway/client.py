@@ -36,6 +36,8 @@ REQUEST_FRAME_BYTES = 1024 * 1024
 SESSION_METHOD = "/horde.v1.GatewayService/Session"
 # How long a write that failed waits for the reader to learn why the session ended.
 END_READ_TIMEOUT_S = 5.0
+# Response bytes read ahead of the caller before the reader waits for it to catch up.
+INBOX_BYTES = 8 * 1024 * 1024
 
 
 class SessionEnded(Exception):
@@ -108,7 +110,13 @@ class StreamClient:
         # Everything the gateway sends is read at once by one task (`_pump`), also while no
         # request is in flight: a session that ends while the client is idle (its time limit,
         # say) is known here at once, with the gateway's reason.
+        # Bounded by bytes: a caller that stops reading makes the pump wait, and gRPC's flow
+        # control then holds the gateway (and the job proxy) back instead of this process
+        # buffering everything.
         self._inbox: asyncio.Queue[gateway_pb2.SessionResponse | None] = asyncio.Queue()
+        self._inbox_bytes = 0
+        self._inbox_room = asyncio.Event()
+        self._inbox_room.set()
         self._pump_task: asyncio.Task[None] | None = None
         self._ending: SessionEnded | None = None
         self._ended = asyncio.Event()
@@ -133,6 +141,17 @@ class StreamClient:
         if self._signer is not None and self._callee is not None:
             metadata = sign_call(self._signer, SESSION_METHOD, self._callee)
         self._call = self._stub.Session(timeout=deadline, metadata=metadata)
+        try:
+            return await self._open(image, executor_class, time_limit_s, env)
+        except BaseException:
+            # Refused, a certificate that does not check, or the caller gave up: the session
+            # (and the job behind it) must not outlive this.
+            self.cancel()
+            raise
+
+    async def _open(
+        self, image: str, executor_class: str, time_limit_s: int, env: dict[str, str] | None
+    ) -> gateway_pb2.SessionReady:
         # The gateway sends its initial metadata once it has accepted the call. Waiting for it
         # before the first write means a refusal (authentication, enrolment) is read as the
         # gateway's own status; a write racing the refusal would fail instead, and grpc.aio then
@@ -140,7 +159,8 @@ class StreamClient:
         await self._call.initial_metadata()
         if self._call.done():
             code = await self._call.code()
-            raise SessionEnded(f"{code.name}: {await self._call.details()}", code=code)
+            self._end_with(SessionEnded(f"{code.name}: {await self._call.details()}", code=code))
+            raise self._raised()
         self._pump_task = asyncio.ensure_future(self._pump())
         await self._send(
             gateway_pb2.SessionRequest(
@@ -215,6 +235,7 @@ class StreamClient:
                         more.cancel()
                         ended.cancel()
                     if not in_flight and self._ending is not None:
+                        self._pass_events()  # what the gateway said before it ended
                         raise self._raised()
                 if not in_flight:
                     sender.result()  # the requests ran out (or sending failed: raise why)
@@ -273,6 +294,8 @@ class StreamClient:
             if kind != "response":
                 raise SessionEnded(f"unexpected {kind} while waiting for response {seq}")
             frame = msg.response
+            if frame.seq < seq:
+                continue  # the rest of a request whose caller stopped waiting for it
             if frame.seq != seq:
                 raise SessionEnded(f"response for request {frame.seq} while waiting for {seq}")
             parts.append(frame.body)
@@ -331,14 +354,26 @@ class StreamClient:
                         self._event(msg.event)
             except SessionEnded:
                 pass
+        if self._pump_task is not None and self._ending is None:
+            # SessionClosed came: let the reader take the call's status before the call goes.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(END_READ_TIMEOUT_S):
+                    await self._ended.wait()
         self.cancel()
         return self.closed
 
     def cancel(self) -> None:
+        """End the session now (the gateway stops its job)."""
         if self._call is not None:
             self._call.cancel()
         if self._pump_task is not None:
             self._pump_task.cancel()
+        if self.closed is not None:  # it had ended already, in the gateway's words
+            self._end_with(SessionEnded(self.closed.reason, self.closed))
+        else:
+            self._end_with(
+                SessionEnded("the session was cancelled", code=grpc.StatusCode.CANCELLED)
+            )
 
     @property
     def ending(self) -> SessionEnded | None:
@@ -378,7 +413,32 @@ class StreamClient:
         if msg is None:
             self._inbox.put_nowait(None)  # for whoever reads next
             raise self._raised()
+        if msg.HasField("response"):
+            self._inbox_bytes -= len(msg.response.body)
+            if self._inbox_bytes <= INBOX_BYTES:
+                self._inbox_room.set()
         return msg
+
+    def _pass_events(self) -> None:
+        """Hand the events still queued to `on_event` (the session has ended)."""
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if msg is None:
+                self._inbox.put_nowait(None)
+                return
+            if msg.HasField("event"):
+                self._event(msg.event)
+
+    def _end_with(self, ending: SessionEnded) -> None:
+        """The session ended (the first reason found stands): wake every reader."""
+        if self._ending is not None:
+            return
+        self._ending = ending
+        self._ended.set()
+        self._inbox.put_nowait(None)
 
     def _raised(self) -> SessionEnded:
         """A fresh exception for why the session ended (each raise gets its own traceback)."""
@@ -419,17 +479,21 @@ class StreamClient:
                     ending = SessionEnded(msg.closed.reason, msg.closed, await self._final_code())
                     return
                 self._inbox.put_nowait(msg)
+                if msg.HasField("response"):
+                    self._inbox_bytes += len(msg.response.body)
+                    if self._inbox_bytes > INBOX_BYTES:
+                        self._inbox_room.clear()
+                        await self._inbox_room.wait()
         except grpc.aio.AioRpcError as exc:
             ending = self._from_rpc_error(exc)
         except asyncio.CancelledError:
-            ending = SessionEnded("the session was cancelled", code=grpc.StatusCode.CANCELLED)
+            if self.closed is not None:  # cancelled while reading the status after SessionClosed
+                ending = SessionEnded(self.closed.reason, self.closed)
+            else:
+                ending = SessionEnded("the session was cancelled", code=grpc.StatusCode.CANCELLED)
             raise
         finally:
-            if ending is None:
-                ending = SessionEnded("the session's reader failed")
-            self._ending = ending
-            self._ended.set()
-            self._inbox.put_nowait(None)
+            self._end_with(ending or SessionEnded("the session's reader failed"))
 
     @staticmethod
     def _from_rpc_error(exc: grpc.aio.AioRpcError) -> SessionEnded:

@@ -194,18 +194,12 @@ class Session:
 
     async def run(self, requests: AsyncIterator[gateway_pb2.SessionRequest]) -> None:
         first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("payload") != "open":
-            raise InvalidArgument("the first message of a session must be SessionOpen")
-        if not self._cfg.validator_identity:
-            raise FailedPrecondition("this gateway has no validator configured")
-        self._open = first.open
-        if not first.open.image:
-            raise InvalidArgument("SessionOpen.image is required")
-        limit = first.open.time_limit_s or self._cfg.default_time_limit_s
-        if limit > self._cfg.max_time_limit_s:
-            raise InvalidArgument(
-                f"time_limit_s {limit} exceeds this gateway's maximum {self._cfg.max_time_limit_s}"
-            )
+        try:
+            limit = self._check_open(first)
+        except HordeError:
+            metrics.GATEWAY_SESSIONS.labels("refused").inc()
+            raise
+        assert first is not None
         self._spec = job_pb2.JobSpec(
             image=first.open.image,
             executor_class=first.open.executor_class,
@@ -235,6 +229,23 @@ class Session:
         await self._send_closed(ending)
         if ending.error is not None:
             raise ending.error
+
+    def _check_open(self, first: gateway_pb2.SessionRequest | None) -> int:
+        """The session's time limit, once its first message is a SessionOpen this gateway can
+        serve."""
+        if first is None or first.WhichOneof("payload") != "open":
+            raise InvalidArgument("the first message of a session must be SessionOpen")
+        if not self._cfg.validator_identity:
+            raise FailedPrecondition("this gateway has no validator configured")
+        self._open = first.open
+        if not first.open.image:
+            raise InvalidArgument("SessionOpen.image is required")
+        limit = first.open.time_limit_s or self._cfg.default_time_limit_s
+        if limit > self._cfg.max_time_limit_s:
+            raise InvalidArgument(
+                f"time_limit_s {limit} exceeds this gateway's maximum {self._cfg.max_time_limit_s}"
+            )
+        return limit
 
     def shut_down(self, reason: str) -> None:
         """End the session now with `reason` (the gateway is stopping): the job is stopped, the
@@ -588,12 +599,12 @@ class Session:
             self._start_call.cancel()
         if self._proxy is not None:
             self._proxy.close()
-        metrics.GATEWAY_SESSIONS.labels("client_cancelled").inc()
+        metrics.GATEWAY_SESSIONS.labels("cancelled").inc()
         self._log.info(
             "session_ended",
             job_uuid=self._job_uuid or None,
-            ending="client_cancelled",
-            reason="client cancelled the session",
+            ending="cancelled",
+            reason="the session's call was cancelled (by the client, or a gateway stopping)",
         )
 
     async def _teardown(self, ending: _Ending) -> None:

@@ -17,7 +17,9 @@ from services.core.app import ServiceApp
 from services.core.db import open_database
 from services.core.receipts import verify_lines
 from services.core.server import open_channel
+from services.streaming_gateway import client as client_module
 from services.streaming_gateway import session as session_module
+from services.streaming_gateway.checks import CertificateError
 from services.streaming_gateway.client import SessionEnded, StreamClient
 from services.streaming_gateway.store import SqlStore
 
@@ -301,6 +303,98 @@ async def test_a_bad_certificate_stops_the_job_before_anything_is_sent(
     assert closed.reason.startswith("job certificate rejected: ") and reason in closed.reason
     (job_uuid,) = harness.fake_proxy.jobs
     assert "stopped" in await fv.wait_ended(job_uuid)
+
+
+async def test_a_certificate_the_client_refuses_ends_the_session_at_once(
+    harness: Harness,
+) -> None:
+    """The client's own check of the job certificate fails (it expects another validator): open()
+    raises, and the session and its job end then, not when the caller closes the channel."""
+    fv = harness.fake_validator
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    client = StreamClient(channel, validator_identity="ed25519:" + "22" * 32)
+    with pytest.raises(CertificateError, match="issued for validator"):
+        await client.open(WHITELIST)
+    (job_uuid,) = harness.fake_proxy.jobs
+    async with asyncio.timeout(10):
+        assert await fv.wait_ended(job_uuid)
+    await channel.close()
+
+
+async def test_a_session_ended_by_the_gateway_keeps_its_reason_through_close(
+    harness: Harness,
+) -> None:
+    """The job ends (its time limit) just as the client closes: close(), the ending and any later
+    request all give the job's reason, never "cancelled"."""
+    harness.fake_validator.end_job_after_ready = True
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    reason = "job ended: failed timeout: session time limit reached"
+    closed = await client.close()
+    assert closed is not None and closed.reason == reason
+    ending = await client.wait_ended()
+    assert ending.reason == reason and ending.code == grpc.StatusCode.OK
+    with pytest.raises(SessionEnded) as late:
+        await client.request(b"late")
+    assert late.value.reason == reason
+    await channel.close()
+
+
+async def test_a_client_that_does_not_read_holds_the_gateway_back(harness: Harness) -> None:
+    """A large answer the caller does not read yet: the client buffers a bounded amount (the
+    rest waits in gRPC's flow control, back to the job proxy), then delivers it whole."""
+    size = 48 * 1024 * 1024
+    body = bytes(range(256)) * (size // 256)
+    harness.fake_validator.next_behaviour = Behaviour(chunks=48, respond=lambda _b: body)
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    blocked = asyncio.Event()  # set when the reader starts waiting for the caller
+    room = client._inbox_room
+    clear = room.clear
+
+    def clear_and_tell() -> None:
+        clear()
+        blocked.set()
+
+    room.clear = clear_and_tell  # type: ignore[method-assign]
+    sent = await client._send_request(b"a big one")
+    async with asyncio.timeout(30):
+        await blocked.wait()
+    held = client._inbox_bytes
+    assert client_module.INBOX_BYTES < held <= client_module.INBOX_BYTES + 1024 * 1024, held
+    res = await client._receive(sent)
+    assert res.body == body and res.receipt.is_valid()
+    await client.close()
+    await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("first", "reason"),
+    [
+        (gateway_pb2.SessionRequest(close=gateway_pb2.SessionClose()), "must be SessionOpen"),
+        (gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen()), "image is required"),
+        (
+            gateway_pb2.SessionRequest(
+                open=gateway_pb2.SessionOpen(image=WHITELIST, time_limit_s=10**9)
+            ),
+            "exceeds this gateway's maximum",
+        ),
+    ],
+)
+async def test_a_session_refused_at_open_is_invalid_and_counted(
+    harness: Harness, first: gateway_pb2.SessionRequest, reason: str
+) -> None:
+    app = await harness.start_gateway()
+    refused = metrics.GATEWAY_SESSIONS.labels("refused")._value.get()
+    channel = channel_to(harness, app)
+    call = gateway_pb2_grpc.GatewayServiceStub(channel).Session(timeout=30)
+    await call.write(first)
+    assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in await call.details()
+    await channel.close()
+    assert metrics.GATEWAY_SESSIONS.labels("refused")._value.get() - refused == 1
+    assert harness.fake_validator.starts == []
 
 
 async def test_many_sessions_at_once(harness: Harness) -> None:
@@ -604,6 +698,10 @@ async def test_a_refused_client_always_learns_the_gateway_s_reason(harness: Harn
             await client.open(WHITELIST)
         codes.append(ended.value.code)
         assert "not an enrolled client" in ended.value.reason
+        # The client knows it ended, and closing it is immediate (nothing to wait for).
+        async with asyncio.timeout(2):
+            assert (await client.wait_ended()).code == grpc.StatusCode.PERMISSION_DENIED
+            assert await client.close() is None
         await channel.close()
     assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED}
 

@@ -297,7 +297,18 @@ async def test_extra_data_reaches_volume_extra_read_only(net: Network) -> None:
         await net.validator_stub().AddExtraData(iter(twice), timeout=60)
     assert info.value.code() is grpc.StatusCode.ALREADY_EXISTS, info.value
     assert "'same.txt' is still being placed" in (info.value.details() or "")
-    await net.add_extra(ready.job_uuid, "same.txt", b"third", pieces=1)
+
+    # As the refusal says: once the first one is confirmed, sending it again works.
+    async def sent_again() -> bool:
+        try:
+            await net.add_extra(ready.job_uuid, "same.txt", b"third", pieces=1)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.ALREADY_EXISTS:
+                return False
+            raise
+        return True
+
+    assert await wait_for(sent_again, 10.0, "the first same.txt to be confirmed")
     assert (await proxy.op(op="read", path="/volume/extra/same.txt"))["data"] == "third"
 
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -20,6 +20,7 @@ from services.core.config import (
     MinerSettings,
     SyntheticClass,
     SyntheticSettings,
+    TrustedMiner,
     ValidatorSettings,
     load_settings,
 )
@@ -161,6 +162,8 @@ class SynthNet:
         classes: dict[str, SyntheticClass] | None = None,
         grace_s: float = 2.0,
         extra_miners: dict[str, str] | None = None,
+        gateways: dict[str, str] | None = None,
+        trusted_miner: TrustedMiner | None = None,
     ) -> ServiceApp:
         settings = load_settings(
             ValidatorSettings,
@@ -169,6 +172,8 @@ class SynthNet:
             clients=[str(self.client.identity), str(self.admin.identity)],
             admins=[str(self.admin.identity)],
             miners=extra_miners or {},
+            gateways=gateways or {},
+            trusted_miner=trusted_miner,
             synthetic=SyntheticSettings(
                 enabled=False,
                 grace_s=grace_s,

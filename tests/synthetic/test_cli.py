@@ -112,3 +112,23 @@ async def test_a_non_admin_key_is_refused(
 def test_usage_error_without_a_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validator", "round"]) == 2
     assert "--dev DIR" in capsys.readouterr().err
+
+
+async def test_spotcheck_exits_1_when_a_gateway_cannot_be_pulled(
+    synth: SynthNet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing to check, but a gateway did not answer: that is worth an alert (exit 1)."""
+    from services.core.config import TrustedMiner
+    from services.core.identity import Ed25519Signer
+
+    gone, trusted = Ed25519Signer.generate(), Ed25519Signer.generate()
+    validator = await synth.start_validator(
+        gateways={str(gone.identity): "127.0.0.1:1"},
+        trusted_miner=TrustedMiner(identity=str(trusted.identity), address="127.0.0.1:1"),
+    )
+    target = _admin_target(synth, validator)
+    assert await _horde(["validator", "spotcheck", *target, "--json"]) == 1
+    doc = _json(capsys.readouterr().out)
+    assert doc["checks"] == [] and not doc["error"]
+    [problem] = doc["pull_errors"]
+    assert problem.startswith("gateway 127.0.0.1:1: UNAVAILABLE"), problem

@@ -420,3 +420,125 @@ class ListReceiptsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListReceiptsResponse: _TypeAlias = ListReceiptsResponse  # noqa: Y015
+
+@_typing.final
+class ListRelayedJobsRequest(_message.Message):
+    """ListRelayedJobsRequest selects the jobs to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_ONLY_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Most recent ended jobs to return besides those in flight (default 20, at most 1000)."""
+    in_flight_only: _builtins.bool
+    """Only the jobs in flight, from the miner's memory (no database read)."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        in_flight_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight_only", b"in_flight_only", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRelayedJobsRequest: _TypeAlias = ListRelayedJobsRequest  # noqa: Y015
+
+@_typing.final
+class RelayedJob(_message.Message):
+    """RelayedJob is one job the miner relays or relayed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_UUID_FIELD_NUMBER: _builtins.int
+    VALIDATOR_HOTKEY_FIELD_NUMBER: _builtins.int
+    EXECUTOR_ID_FIELD_NUMBER: _builtins.int
+    EXECUTOR_CLASS_FIELD_NUMBER: _builtins.int
+    JOB_KIND_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    STARTED_NS_FIELD_NUMBER: _builtins.int
+    ENDED_NS_FIELD_NUMBER: _builtins.int
+    COUNTERSIGNED_FIELD_NUMBER: _builtins.int
+    job_uuid: _builtins.str
+    """The job's UUID."""
+    validator_hotkey: _builtins.str
+    """Identity string of the validator that sent the job."""
+    executor_id: _builtins.str
+    """The executor that runs or ran it ("" when the miner no longer knows: it restarted since)."""
+    executor_class: _builtins.str
+    """Executor class the job asked for."""
+    job_kind: _builtins.str
+    """"organic" or "streaming"."""
+    in_flight: _builtins.bool
+    """True while the miner relays the job."""
+    state: _common_pb2.JobState.ValueType
+    """In flight: the last state the executor reported. Ended: the terminal state of the finished
+    receipt; unspecified when the job has none (the miner stopped while relaying it).
+    """
+    reason: _common_pb2.FailureReason.ValueType
+    """Ended: the failure reason of the finished receipt (unspecified when none)."""
+    detail: _builtins.str
+    """Ended: the result's detail, while the miner still remembers it ("" otherwise)."""
+    started_ns: _builtins.int
+    """When the miner started relaying the job, unix ns."""
+    ended_ns: _builtins.int
+    """When the job ended, unix ns (0 while in flight, or when it ended unseen: no finished receipt
+    and the miner restarted since).
+    """
+    countersigned: _builtins.bool
+    """True when every lifecycle receipt the miner stored for the job is countersigned by the
+    validator.
+    """
+    def __init__(
+        self,
+        *,
+        job_uuid: _builtins.str = ...,
+        validator_hotkey: _builtins.str = ...,
+        executor_id: _builtins.str = ...,
+        executor_class: _builtins.str = ...,
+        job_kind: _builtins.str = ...,
+        in_flight: _builtins.bool = ...,
+        state: _common_pb2.JobState.ValueType = ...,
+        reason: _common_pb2.FailureReason.ValueType = ...,
+        detail: _builtins.str = ...,
+        started_ns: _builtins.int = ...,
+        ended_ns: _builtins.int = ...,
+        countersigned: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["countersigned", b"countersigned", "detail", b"detail", "ended_ns", b"ended_ns", "executor_class", b"executor_class", "executor_id", b"executor_id", "in_flight", b"in_flight", "job_kind", b"job_kind", "job_uuid", b"job_uuid", "reason", b"reason", "started_ns", b"started_ns", "state", b"state", "validator_hotkey", b"validator_hotkey"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayedJob: _TypeAlias = RelayedJob  # noqa: Y015
+
+@_typing.final
+class ListRelayedJobsResponse(_message.Message):
+    """ListRelayedJobsResponse lists jobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RelayedJob]:
+        """The jobs in flight, then the most recent ended ones; each group newest first."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___RelayedJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRelayedJobsResponse: _TypeAlias = ListRelayedJobsResponse  # noqa: Y015

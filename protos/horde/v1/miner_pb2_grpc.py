@@ -233,3 +233,85 @@ class MinerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MinerAdminServiceStub:
+    """MinerAdminService is the miner operator's read-only view of the jobs the miner relays (`horde
+    miner jobs`). Only the miner's own key and the identities in its `admins` setting may call it;
+    they may also call MinerService.GetManifest (`horde miner executors`). Validators may not.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListRelayedJobs = channel.unary_unary(
+                '/horde.v1.MinerAdminService/ListRelayedJobs',
+                request_serializer=horde_dot_v1_dot_miner__pb2.ListRelayedJobsRequest.SerializeToString,
+                response_deserializer=horde_dot_v1_dot_miner__pb2.ListRelayedJobsResponse.FromString,
+                _registered_method=True)
+
+
+class MinerAdminServiceServicer:
+    """MinerAdminService is the miner operator's read-only view of the jobs the miner relays (`horde
+    miner jobs`). Only the miner's own key and the identities in its `admins` setting may call it;
+    they may also call MinerService.GetManifest (`horde miner executors`). Validators may not.
+    """
+
+    def ListRelayedJobs(self, request, context):
+        """The jobs the miner relays now and the most recent ones it relayed, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MinerAdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListRelayedJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRelayedJobs,
+                    request_deserializer=horde_dot_v1_dot_miner__pb2.ListRelayedJobsRequest.FromString,
+                    response_serializer=horde_dot_v1_dot_miner__pb2.ListRelayedJobsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'horde.v1.MinerAdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('horde.v1.MinerAdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MinerAdminService:
+    """MinerAdminService is the miner operator's read-only view of the jobs the miner relays (`horde
+    miner jobs`). Only the miner's own key and the identities in its `admins` setting may call it;
+    they may also call MinerService.GetManifest (`horde miner executors`). Validators may not.
+    """
+
+    @staticmethod
+    def ListRelayedJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/horde.v1.MinerAdminService/ListRelayedJobs',
+            horde_dot_v1_dot_miner__pb2.ListRelayedJobsRequest.SerializeToString,
+            horde_dot_v1_dot_miner__pb2.ListRelayedJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -101,3 +101,43 @@ class MinerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lifecycle receipts the miner stored, after a cursor."""
 
 def add_MinerServiceServicer_to_server(servicer: MinerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class MinerAdminServiceStub:
+    """MinerAdminService is the miner operator's read-only view of the jobs the miner relays (`horde
+    miner jobs`). Only the miner's own key and the identities in its `admins` setting may call it;
+    they may also call MinerService.GetManifest (`horde miner executors`). Validators may not.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> MinerAdminServiceAsyncStub: ...
+    ListRelayedJobs: _grpc.UnaryUnaryMultiCallable[_miner_pb2.ListRelayedJobsRequest, _miner_pb2.ListRelayedJobsResponse]
+    """The jobs the miner relays now and the most recent ones it relayed, newest first."""
+
+@_typing.type_check_only
+class MinerAdminServiceAsyncStub(MinerAdminServiceStub):
+    """MinerAdminService is the miner operator's read-only view of the jobs the miner relays (`horde
+    miner jobs`). Only the miner's own key and the identities in its `admins` setting may call it;
+    they may also call MinerService.GetManifest (`horde miner executors`). Validators may not.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListRelayedJobs: _aio.UnaryUnaryMultiCallable[_miner_pb2.ListRelayedJobsRequest, _miner_pb2.ListRelayedJobsResponse]  # type: ignore[assignment]
+    """The jobs the miner relays now and the most recent ones it relayed, newest first."""
+
+class MinerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
+    """MinerAdminService is the miner operator's read-only view of the jobs the miner relays (`horde
+    miner jobs`). Only the miner's own key and the identities in its `admins` setting may call it;
+    they may also call MinerService.GetManifest (`horde miner executors`). Validators may not.
+    """
+
+    @_abc_1.abstractmethod
+    def ListRelayedJobs(
+        self,
+        request: _miner_pb2.ListRelayedJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_miner_pb2.ListRelayedJobsResponse, _abc.Awaitable[_miner_pb2.ListRelayedJobsResponse]]:
+        """The jobs the miner relays now and the most recent ones it relayed, newest first."""
+
+def add_MinerAdminServiceServicer_to_server(servicer: MinerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
