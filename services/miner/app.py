@@ -86,6 +86,7 @@ async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> 
         for conn in pool.all():
             pool.unregister(conn, "miner shutting down")
         await chain.close()
+        await receipts.settle()  # a receipt being written as the last job streams ended
         await engine.dispose()
 
     return ServiceApp(

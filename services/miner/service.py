@@ -68,8 +68,23 @@ class StoredJob:
 class ReceiptStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._writes: set[asyncio.Future[None]] = set()
 
     async def put(self, receipt: receipts_pb2.LifecycleReceipt) -> None:
+        """Store a receipt. The write runs to its end even when the caller is cancelled (a job
+        stream ending at shutdown): a transaction cut off mid-way left its connection to be torn
+        down while the engine was being disposed, and the shutdown could hang there."""
+        write = asyncio.ensure_future(self._put(receipt))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
+
+    async def settle(self, timeout_s: float = 10.0) -> None:
+        """Wait (at most `timeout_s`) for the writes still running; before the engine closes."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout_s)
+
+    async def _put(self, receipt: receipts_pb2.LifecycleReceipt) -> None:
         payload = lifecycle.parse(receipt)
         values = {
             "job_uuid": payload.job_uuid,

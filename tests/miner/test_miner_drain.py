@@ -287,6 +287,7 @@ async def test_a_job_outlasting_the_drain_ends_when_the_miner_stops(miner: Miner
         # The job stream ends without a result: the validator reports miner_unreachable.
         with pytest.raises(grpc.aio.AioRpcError):
             await job.result()
+        job.cancel()  # its request writer too (left to the loop's end, it could hang there)
 
 
 async def test_a_miner_without_jobs_stops_at_once(miner: Miner) -> None:
