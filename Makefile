@@ -28,9 +28,9 @@ $(NODE_BIN)/buf:
 	cd build/node && npm install --silent --no-audit --no-fund --prefix . @bufbuild/buf@1 >/dev/null
 
 lint: $(STAMP) $(NODE_BIN)/buf
-	$(BIN)/ruff check services tests scripts benchmarks
-	$(BIN)/ruff format --check services tests scripts benchmarks
-	$(BIN)/mypy services benchmarks
+	$(BIN)/ruff check horde_services tests scripts benchmarks
+	$(BIN)/ruff format --check horde_services tests scripts benchmarks
+	$(BIN)/mypy horde_services benchmarks
 	$(BIN)/python scripts/gen_protos.py --check
 	cd protos && ../$(NODE_BIN)/buf lint
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-import services  # noqa: F401  (first: sets gRPC's runtime options before anything imports grpc)
+import horde_services  # noqa: F401  (first: sets gRPC's runtime options before anything imports grpc)
 
 
 @dataclass

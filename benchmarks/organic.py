@@ -26,11 +26,11 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import PartResult, median, p90
-from services.cli.client import Target, _requests, validator_target
-from services.cli.dev import dev_up
-from services.cli.devenv import ENDPOINTS
-from services.core.logging import configure_logging
-from services.core.proto_util import reason_name, stage_name, state_name
+from horde_services.cli.client import Target, _requests, validator_target
+from horde_services.cli.dev import dev_up
+from horde_services.cli.devenv import ENDPOINTS
+from horde_services.core.logging import configure_logging
+from horde_services.core.proto_util import reason_name, stage_name, state_name
 
 IMAGE = "horde/base:latest"
 COMMAND = ["true"]
@@ -94,7 +94,7 @@ async def timed_process(argv: list[str]) -> float:
 
 
 def job_spec() -> job_pb2.JobSpec:
-    # The spec `horde job run horde/base:latest -- true` builds (services/cli/main.py).
+    # The spec `horde job run horde/base:latest -- true` builds (horde_services/cli/main.py).
     return job_pb2.JobSpec(
         image=IMAGE,
         command=COMMAND,
@@ -199,7 +199,11 @@ async def run(runs: int, log_path: Path | None = None) -> PartResult:
         # Python process included, and how much of that is importing the CLI's modules.
         if HORDE_CLI.is_file():
             argv = [str(HORDE_CLI), "job", "run", "--dev", str(state_dir), IMAGE, "--", *COMMAND]
-            imports = [sys.executable, "-c", "import services.cli.main, services.cli.client"]
+            imports = [
+                sys.executable,
+                "-c",
+                "import horde_services.cli.main, horde_services.cli.client",
+            ]
             for i in range(min(runs, CLI_RUNS)):
                 samples.cli_job_run.append(await timed_process(argv))
                 samples.cli_import.append(await timed_process(imports))

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The default loop here: the organic part forks `docker run` while gRPC threads are
         # live, and a child forked by uvloop then can crash before it execs. The streaming
-        # part's processes run on uvloop themselves (services.core.loop).
+        # part's processes run on uvloop themselves (horde_services.core.loop).
         results = asyncio.run(run_parts(names, runs, build))
     except organic.BenchError as exc:
         console.print(f"[bold red]benchmark failed:[/bold red] {exc}")

@@ -47,9 +47,9 @@ from rich.table import Table
 from benchmarks import PartResult
 from benchmarks.organic import BenchError
 from benchmarks.streaming_floor import floor, process_cpu_s
-from services.core.identity import load_key_file
-from services.core.server import open_channel
-from services.streaming_gateway.client import StreamClient
+from horde_services.core.identity import load_key_file
+from horde_services.core.server import open_channel
+from horde_services.streaming_gateway.client import StreamClient
 
 PAYLOAD_BYTES = 1024
 CONCURRENCY = (1, 16)
@@ -526,7 +526,7 @@ async def run(runs: int, build: Path) -> PartResult:
 
 
 def main() -> None:
-    from services.core.loop import run as run_loop
+    from horde_services.core.loop import run as run_loop
 
     print(json.dumps(run_loop(_measure_here(int(sys.argv[1])))), flush=True)
 

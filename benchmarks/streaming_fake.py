@@ -34,17 +34,17 @@ from horde.v1 import (
     validator_pb2_grpc,
 )
 
-from services.core.auth import Authenticator, StaticPolicy
-from services.core.certificates import sign_certificate
-from services.core.chain import Neuron, write_roster
-from services.core.config import GatewaySettings, load_settings
-from services.core.identity import Ed25519Signer, HotkeySigner, Identity, write_key_file
-from services.core.logging import configure_logging
-from services.core.loop import run as run_loop
-from services.core.proxy_wire import ProxyServer, ResponseWriter
-from services.core.receipts import sign_receipt
-from services.core.server import ServiceRegistration, create_server
-from services.streaming_gateway.app import start_gateway
+from horde_services.core.auth import Authenticator, StaticPolicy
+from horde_services.core.certificates import sign_certificate
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import GatewaySettings, load_settings
+from horde_services.core.identity import Ed25519Signer, HotkeySigner, Identity, write_key_file
+from horde_services.core.logging import configure_logging
+from horde_services.core.loop import run as run_loop
+from horde_services.core.proxy_wire import ProxyServer, ResponseWriter
+from horde_services.core.receipts import sign_receipt
+from horde_services.core.server import ServiceRegistration, create_server
+from horde_services.streaming_gateway.app import start_gateway
 
 
 async def job() -> None:

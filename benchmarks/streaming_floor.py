@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 import nacl.signing
 
-from services.core.loop import run as run_loop
+from horde_services.core.loop import run as run_loop
 
 PAYLOAD = 1024
 ROUND_TRIPS = 2000

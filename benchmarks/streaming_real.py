@@ -22,22 +22,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.core.app import ServiceApp
-from services.core.chain import Neuron, write_roster
-from services.core.config import (
+from horde_services.core.app import ServiceApp
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import (
     ExecutorSettings,
     GatewaySettings,
     MinerSettings,
     ValidatorSettings,
     load_settings,
 )
-from services.core.identity import create_key_file, load_key_file
-from services.core.logging import configure_logging
-from services.core.loop import run as run_loop
-from services.executor.app import start_executor
-from services.miner.app import start_miner
-from services.streaming_gateway.app import start_gateway
-from services.validator.app import start_validator
+from horde_services.core.identity import create_key_file, load_key_file
+from horde_services.core.logging import configure_logging
+from horde_services.core.loop import run as run_loop
+from horde_services.executor.app import start_executor
+from horde_services.miner.app import start_miner
+from horde_services.streaming_gateway.app import start_gateway
+from horde_services.validator.app import start_validator
 
 IMAGE = "horde/demo-llm:latest"
 ENDPOINTS = "bench-endpoints.json"

@@ -46,18 +46,18 @@ from rich.table import Table
 
 from benchmarks import PartResult, median
 from benchmarks.organic import BenchError
-from services.core.chain import Neuron, write_roster
-from services.core.config import (
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import (
     MinerSettings,
     SyntheticClass,
     SyntheticSettings,
     ValidatorSettings,
     load_settings,
 )
-from services.core.identity import Ed25519Signer, create_key_file, load_key_file
-from services.core.logging import configure_logging
-from services.core.server import open_channel
-from services.executor.synthetic import LightExecutor, solve_cpu
+from horde_services.core.identity import Ed25519Signer, create_key_file, load_key_file
+from horde_services.core.logging import configure_logging
+from horde_services.core.server import open_channel
+from horde_services.executor.synthetic import LightExecutor, solve_cpu
 
 EXECUTORS = 1000
 MINERS = 2
@@ -96,14 +96,14 @@ async def serve_miner(
     are the real ones either way)."""
     from horde.v1 import manifest_pb2, miner_pb2, miner_pb2_grpc
 
-    from services.core.auth import Authenticator
-    from services.core.db import open_database
-    from services.core.runtime import ChainPolicy, open_chain
-    from services.core.server import ServiceRegistration, create_server
-    from services.miner.app import start_miner
-    from services.miner.pool import ExecutorConn, ExecutorPool
-    from services.miner.service import MinerServicer, ReceiptStore
-    from services.miner.synthetic import SyntheticCollector
+    from horde_services.core.auth import Authenticator
+    from horde_services.core.db import open_database
+    from horde_services.core.runtime import ChainPolicy, open_chain
+    from horde_services.core.server import ServiceRegistration, create_server
+    from horde_services.miner.app import start_miner
+    from horde_services.miner.pool import ExecutorConn, ExecutorPool
+    from horde_services.miner.service import MinerServicer, ReceiptStore
+    from horde_services.miner.synthetic import SyntheticCollector
 
     configure_logging("error")
     keys = [Ed25519Signer.generate() for _ in range(executors)]
@@ -205,7 +205,7 @@ async def run(
     links: bool = False,
     log_path: Path | None = None,
 ) -> PartResult:
-    from services.validator.app import start_validator
+    from horde_services.validator.app import start_validator
 
     configure_logging("error")
     with tempfile.TemporaryDirectory(prefix="horde-bench-synthetic-") as tmp:

@@ -32,9 +32,9 @@ from horde.v1 import (
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.devenv import DevEnv
-from services.core.identity import Ed25519Signer, load_key_file
-from services.core.server import open_channel
+from horde_services.cli.devenv import DevEnv
+from horde_services.core.identity import Ed25519Signer, load_key_file
+from horde_services.core.server import open_channel
 
 console = Console()
 HORDE = str(Path(sys.executable).with_name("horde"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.db import open_database
+from horde_services.core.db import open_database
 
 
 def _pg_bin() -> Path:

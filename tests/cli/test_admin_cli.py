@@ -21,7 +21,7 @@ import pytest
 from devnet import dev_network
 from docker_images import ensure_images
 
-from services.core.identity import Identity, create_key_file
+from horde_services.core.identity import Identity, create_key_file
 
 BIN = Path(sys.executable).parent
 SYNTHETIC = "horde/synthetic:latest"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.core.identity import load_key_file
+from horde_services.core.identity import load_key_file
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 VECTORS = json.loads(
@@ -197,9 +197,9 @@ def test_tls_settings_that_cannot_work_are_configuration_errors(tmp_path: Path) 
 
 
 def test_the_local_chain_keeps_weights_in_the_state_dir(tmp_path: Path) -> None:
-    from services.core.chain import LocalRoster
-    from services.core.config import ValidatorSettings, load_settings
-    from services.core.runtime import open_chain
+    from horde_services.core.chain import LocalRoster
+    from horde_services.core.config import ValidatorSettings, load_settings
+    from horde_services.core.runtime import open_chain
 
     roster = tmp_path / "etc" / "roster.toml"
     roster.parent.mkdir()
@@ -228,7 +228,7 @@ def test_an_executor_needs_the_miner_s_host_and_port(tmp_path: Path, address: st
 
 
 def test_a_result_without_a_stage_reads_without_one() -> None:
-    from services.cli.client import _why
+    from horde_services.cli.client import _why
 
     assert _why({"reason": "validator_restarted", "stage": "", "detail": "x"}) == (
         "validator_restarted: x"

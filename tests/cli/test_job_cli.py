@@ -14,7 +14,7 @@ import pytest
 from devnet import dev_network
 from docker_images import ensure_images
 
-from services.cli.client import shown
+from horde_services.cli.client import shown
 
 BIN = Path(sys.executable).parent
 BASE = "horde/base:latest"

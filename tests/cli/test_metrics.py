@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from horde.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.core.identity import create_key_file
+from horde_services.core.identity import create_key_file
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from services.core.receipts import sha256, sign_receipt
+from horde_services.core.receipts import sha256, sign_receipt
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 JOB = uuid.UUID("6f1c2d3e-4a5b-4c6d-8e7f-0a1b2c3d4e5f")

@@ -18,11 +18,11 @@ import grpc
 import pytest
 from horde.v1 import manifest_pb2, miner_pb2, miner_pb2_grpc
 
-from services.core.auth import AllowPolicy, Authenticator, StaticPolicy
-from services.core.config import TLSSettings
-from services.core.errors import NotFound
-from services.core.identity import Ed25519Signer, HotkeySigner, Signer
-from services.core.server import (
+from horde_services.core.auth import AllowPolicy, Authenticator, StaticPolicy
+from horde_services.core.config import TLSSettings
+from horde_services.core.errors import NotFound
+from horde_services.core.identity import Ed25519Signer, HotkeySigner, Signer
+from horde_services.core.server import (
     RunningServer,
     ServiceRegistration,
     create_server,

@@ -17,10 +17,10 @@ import grpc
 import structlog
 from horde.v1 import miner_pb2, miner_pb2_grpc
 
-from services.core.auth import AllowAll, Authenticator
-from services.core.identity import Ed25519Signer
-from services.core.logging import configure_logging
-from services.core.server import ServiceRegistration, create_server, serve_until_signal
+from horde_services.core.auth import AllowAll, Authenticator
+from horde_services.core.identity import Ed25519Signer
+from horde_services.core.logging import configure_logging
+from horde_services.core.server import ServiceRegistration, create_server, serve_until_signal
 
 log = structlog.get_logger("shutdown_server")
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from horde.v1 import miner_pb2
 
-from services.core.auth import (
+from horde_services.core.auth import (
     H_CALLEE,
     H_CALLER,
     H_NONCE,
@@ -29,7 +29,7 @@ from services.core.auth import (
     sign_call,
     signing_message,
 )
-from services.core.identity import Ed25519Signer, HotkeySigner, Signer
+from horde_services.core.identity import Ed25519Signer, HotkeySigner, Signer
 
 if TYPE_CHECKING:  # fixtures come from conftest.py; these are only their types
     from conftest import Callers, Served, StartServer

@@ -12,7 +12,7 @@ from typing import Any
 import bittensor as bt
 import pytest
 
-from services.core.chain import (
+from horde_services.core.chain import (
     BittensorChain,
     ChainAdapter,
     ChainAdapterError,
@@ -23,7 +23,7 @@ from services.core.chain import (
     parse_roster,
     write_roster,
 )
-from services.core.identity import HotkeySigner, Identity
+from horde_services.core.identity import HotkeySigner, Identity
 
 VALIDATOR = HotkeySigner.from_uri("//Alice")
 MINER_A = HotkeySigner.from_uri("//Bob")

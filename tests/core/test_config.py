@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from services.core.config import (
+from horde_services.core.config import (
     GatewaySettings,
     MinerSettings,
     TLSSettings,
     ValidatorSettings,
     load_settings,
 )
-from services.core.errors import ConfigError
+from horde_services.core.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

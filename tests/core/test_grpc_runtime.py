@@ -1,5 +1,5 @@
-"""gRPC's runtime options (services/__init__.py) are in place before grpc loads, in every entry
-point, and an operator's own GRPC_EXPERIMENTS wins."""
+"""gRPC's runtime options (horde_services/__init__.py) are in place before grpc loads, in every
+entry point, and an operator's own GRPC_EXPERIMENTS wins."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-import services
+import horde_services
 
 # Records GRPC_EXPERIMENTS as it was when `grpc` was first imported, then imports the module.
 PROBE = """
@@ -45,21 +45,21 @@ def _clean_env() -> dict[str, str]:
 @pytest.mark.parametrize(
     "module",
     [
-        "services.cli.main",
-        "services.validator.app",
-        "services.miner.app",
-        "services.executor.app",
-        "services.streaming_gateway.app",
+        "horde_services.cli.main",
+        "horde_services.validator.app",
+        "horde_services.miner.app",
+        "horde_services.executor.app",
+        "horde_services.streaming_gateway.app",
         "benchmarks.streaming_floor",
     ],
 )
 def test_options_are_set_before_grpc_loads(module: str) -> None:
-    assert _probe(module, _clean_env()) == services.GRPC_EXPERIMENTS
+    assert _probe(module, _clean_env()) == horde_services.GRPC_EXPERIMENTS
 
 
 def test_an_operators_value_wins() -> None:
     env = _clean_env()
     env["GRPC_EXPERIMENTS"] = ""
-    assert _probe("services.cli.main", env) == ""
+    assert _probe("horde_services.cli.main", env) == ""
     env["GRPC_EXPERIMENTS"] = "-event_engine_client"
-    assert _probe("services.streaming_gateway.app", env) == "-event_engine_client"
+    assert _probe("horde_services.streaming_gateway.app", env) == "-event_engine_client"

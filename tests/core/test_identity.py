@@ -13,7 +13,7 @@ from bittensor.wallet import Wallet
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.core.identity import (
+from horde_services.core.identity import (
     Ed25519Signer,
     HotkeySigner,
     Identity,

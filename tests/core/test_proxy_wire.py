@@ -1,4 +1,4 @@
-"""The job proxy's framed stream protocol (services/core/proxy_wire.py): a real ProxyServer on
+"""The job proxy's framed stream protocol (horde_services/core/proxy_wire.py): a real ProxyServer on
 port 0 with a real Authenticator, real signatures, real sockets."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 from horde.v1 import job_proxy_pb2, streaming_pb2
 from prometheus_client import REGISTRY
 
-from services.core.auth import Authenticator, StaticPolicy
-from services.core.errors import InvalidArgument
-from services.core.identity import Ed25519Signer, Identity
-from services.core.proxy_wire import (
+from horde_services.core.auth import Authenticator, StaticPolicy
+from horde_services.core.errors import InvalidArgument
+from horde_services.core.identity import Ed25519Signer, Identity
+from horde_services.core.proxy_wire import (
     MAX_FRAME_BYTES,
     PROXY_METHOD,
     ProxyError,

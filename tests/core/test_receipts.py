@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.core.receipts import (
+from horde_services.core.receipts import (
     BLOB_LEN,
     ReceiptError,
     StreamReceipt,

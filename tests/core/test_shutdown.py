@@ -19,8 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from horde.v1 import miner_pb2, miner_pb2_grpc
 
-from services.core.identity import Ed25519Signer
-from services.core.server import open_channel, serve_until_signal
+from horde_services.core.identity import Ed25519Signer
+from horde_services.core.server import open_channel, serve_until_signal
 
 if TYPE_CHECKING:  # fixtures come from conftest.py; these are only their types
     from conftest import Callers, Served

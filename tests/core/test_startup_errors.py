@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.core.identity import create_key_file
+from horde_services.core.identity import create_key_file
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 # Services that keep a database (the executor has none).

@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from horde.v1 import miner_pb2
 
-from services.core.config import TLSSettings
-from services.core.server import open_channel
+from horde_services.core.config import TLSSettings
+from horde_services.core.server import open_channel
 
 if TYPE_CHECKING:  # fixtures come from conftest.py; these are only their types
     from conftest import Callers, StartServer

@@ -43,10 +43,16 @@ def test_wheel_contents(tmp_path: Path) -> None:
         for generated in (proto, f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"):
             assert f"horde/v1/{generated}" in names
     assert "horde/py.typed" in names
-    assert "services/core/migrations/env.py" in names
-    assert "services/core/migrations/versions/0001_initial_schema.py" in names
+    assert "horde_services/core/migrations/env.py" in names
+    assert "horde_services/core/migrations/versions/0001_initial_schema.py" in names
+    # Two top-level packages, both Horde's own: no generic name (such as `services`) that could
+    # shadow, or be shadowed by, an integrator's package of the same name.
+    top_level = {n.split("/")[0] for n in names if "/" in n and ".dist-info" not in n}
+    assert top_level == {"horde", "horde_services"}, top_level
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "horde = services.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert (
+        "horde = horde_services.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
 
 
 def _floor(requirement_prefix: str) -> tuple[int, ...]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from services.core.chain import Neuron, write_roster
-from services.core.config import ExecutorSettings, MinerSettings, ServiceSettings
-from services.core.identity import create_key_file
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import ExecutorSettings, MinerSettings, ServiceSettings
+from horde_services.core.identity import create_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"

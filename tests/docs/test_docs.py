@@ -14,7 +14,7 @@ import pytest
 from devnet import dev_network as start_dev_network
 from horde.v1 import common_pb2
 
-from services.core.config import (
+from horde_services.core.config import (
     ExecutorSettings,
     GatewaySettings,
     MinerSettings,
@@ -22,7 +22,7 @@ from services.core.config import (
     ValidatorSettings,
     load_settings,
 )
-from services.core.proto_util import reason_name, state_name
+from horde_services.core.proto_util import reason_name, state_name
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

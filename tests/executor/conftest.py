@@ -11,7 +11,7 @@ import aiodocker
 import pytest
 from docker_images import ensure_images
 
-from services.executor.sandbox import JOB_LABEL, DockerRuntime
+from horde_services.executor.sandbox import JOB_LABEL, DockerRuntime
 
 REQUIRED_IMAGES = ("horde/base:latest", "horde/demo-job:latest")
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.executor.archive import (
+from horde_services.executor.archive import (
     ArchiveError,
     clean_member_name,
     safe_extract,

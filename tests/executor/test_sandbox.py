@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.executor.sandbox import (
+from horde_services.executor.sandbox import (
     INSTANCE_LABEL,
     JOB_LABEL,
     LABEL,

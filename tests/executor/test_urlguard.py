@@ -15,9 +15,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from horde.v1 import common_pb2, job_pb2
 
-from services.executor.jobs import JobFailure, OrganicJobRunner
-from services.executor.sandbox import DockerRuntime, SandboxLimits
-from services.executor.urlguard import (
+from horde_services.executor.jobs import JobFailure, OrganicJobRunner
+from horde_services.executor.sandbox import DockerRuntime, SandboxLimits
+from horde_services.executor.urlguard import (
     GuardedResolver,
     IPAddress,
     NonPublicAddressError,

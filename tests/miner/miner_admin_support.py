@@ -26,14 +26,14 @@ from horde.v1 import (
     receipts_pb2,
 )
 
-from services.core import lifecycle
-from services.core.app import ServiceApp
-from services.core.chain import write_roster
-from services.core.config import MinerSettings, load_settings
-from services.core.identity import Ed25519Signer, Signer, create_key_file
-from services.core.proto_util import event, result
-from services.core.server import open_channel
-from services.miner.app import start_miner
+from horde_services.core import lifecycle
+from horde_services.core.app import ServiceApp
+from horde_services.core.chain import write_roster
+from horde_services.core.config import MinerSettings, load_settings
+from horde_services.core.identity import Ed25519Signer, Signer, create_key_file
+from horde_services.core.proto_util import event, result
+from horde_services.core.server import open_channel
+from horde_services.miner.app import start_miner
 
 WAIT_S = 15.0
 HORDE = Path(sys.executable).parent / "horde"

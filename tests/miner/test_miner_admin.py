@@ -21,9 +21,9 @@ from miner_admin_support import (
     make_net,
 )
 
-from services.cli.main import main
-from services.core.errors import ConfigError
-from services.core.identity import load_key_file
+from horde_services.cli.main import main
+from horde_services.core.errors import ConfigError
+from horde_services.core.identity import load_key_file
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -25,7 +25,7 @@ from organic_support import (
     wait_no_job_objects,
 )
 
-from services.executor.sandbox import LABEL
+from horde_services.executor.sandbox import LABEL
 
 
 @pytest.fixture(scope="session")

@@ -34,16 +34,21 @@ from horde.v1 import (
     validator_pb2_grpc,
 )
 
-from services.core.app import ServiceApp
-from services.core.chain import Neuron, write_roster
-from services.core.config import ExecutorSettings, MinerSettings, ValidatorSettings, load_settings
-from services.core.identity import Signer, create_key_file
-from services.core.server import open_channel
-from services.executor.agent import ExecutorAgent
-from services.executor.app import start_executor
-from services.executor.sandbox import JOB_LABEL, ROLE_LABEL
-from services.miner.app import start_miner
-from services.validator.app import start_validator
+from horde_services.core.app import ServiceApp
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import (
+    ExecutorSettings,
+    MinerSettings,
+    ValidatorSettings,
+    load_settings,
+)
+from horde_services.core.identity import Signer, create_key_file
+from horde_services.core.server import open_channel
+from horde_services.executor.agent import ExecutorAgent
+from horde_services.executor.app import start_executor
+from horde_services.executor.sandbox import JOB_LABEL, ROLE_LABEL
+from horde_services.miner.app import start_miner
+from horde_services.validator.app import start_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HORDE_BIN = REPO_ROOT / ".venv" / "bin" / "horde"

@@ -763,7 +763,7 @@ async def test_executor_health_follows_its_miner_link(net: Network) -> None:
     """SERVING only while the executor can take jobs: its link to the miner is up."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from services.core.server import open_channel
+    from horde_services.core.server import open_channel
 
     assert net.executor is not None
     async with open_channel(f"127.0.0.1:{net.executor.port}") as channel:
@@ -843,7 +843,7 @@ async def _miner_subprocess_with_executor(
 async def _miner_health(net: Network) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from services.core.server import open_channel
+    from horde_services.core.server import open_channel
 
     async with open_channel(net.miner_address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(

@@ -29,8 +29,8 @@ from organic_support import (
 )
 from prometheus_client import REGISTRY
 
-from services.core import lifecycle
-from services.core.identity import Ed25519Signer
+from horde_services.core import lifecycle
+from horde_services.core.identity import Ed25519Signer
 
 pytestmark = pytest.mark.timeout(120)
 

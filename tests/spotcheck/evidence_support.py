@@ -12,10 +12,10 @@ from typing import Any
 import nacl.signing
 from horde.v1 import gateway_pb2, receipts_pb2
 
-from services.core.certificates import sign_certificate
-from services.core.identity import HotkeySigner, Signer
-from services.core.receipts import sign_receipt
-from services.validator.evidence import build_record
+from horde_services.core.certificates import sign_certificate
+from horde_services.core.identity import HotkeySigner, Signer
+from horde_services.core.receipts import sign_receipt
+from horde_services.validator.evidence import build_record
 
 DIGEST = "sha256:" + "ab" * 32
 

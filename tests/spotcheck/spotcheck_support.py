@@ -23,24 +23,24 @@ import aiodocker
 import grpc
 from horde.v1 import validator_admin_pb2_grpc
 
-from services.core.app import ServiceApp
-from services.core.chain import Neuron, write_roster
-from services.core.config import (
+from horde_services.core.app import ServiceApp
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import (
     ExecutorSettings,
     GatewaySettings,
     MinerSettings,
     ValidatorSettings,
     load_settings,
 )
-from services.core.identity import Signer, create_key_file
-from services.core.server import open_channel
-from services.executor.agent import ExecutorAgent
-from services.executor.app import start_executor
-from services.executor.sandbox import JOB_LABEL
-from services.miner.app import start_miner
-from services.streaming_gateway.app import start_gateway
-from services.streaming_gateway.client import StreamClient
-from services.validator.app import start_validator
+from horde_services.core.identity import Signer, create_key_file
+from horde_services.core.server import open_channel
+from horde_services.executor.agent import ExecutorAgent
+from horde_services.executor.app import start_executor
+from horde_services.executor.sandbox import JOB_LABEL
+from horde_services.miner.app import start_miner
+from horde_services.streaming_gateway.app import start_gateway
+from horde_services.streaming_gateway.client import StreamClient
+from horde_services.validator.app import start_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LLM_IMAGE = "horde/demo-llm:latest"

@@ -16,20 +16,20 @@ import pytest
 import sqlalchemy as sa
 from evidence_support import make_record
 
-from services.core.chain import Neuron
-from services.core.config import ComparatorSettings, SyntheticSettings
-from services.core.db import open_database, synthetic_results, synthetic_rounds
-from services.core.identity import HotkeySigner, Identity
-from services.validator.comparators import (
+from horde_services.core.chain import Neuron
+from horde_services.core.config import ComparatorSettings, SyntheticSettings
+from horde_services.core.db import open_database, synthetic_results, synthetic_rounds
+from horde_services.core.identity import HotkeySigner, Identity
+from horde_services.validator.comparators import (
     NumericComparator,
     Sha256Comparator,
     for_image,
     from_name,
 )
-from services.validator.evidence import EvidenceError, load_records, verify_record
-from services.validator.scoring import Scorer
-from services.validator.spotcheck import SpotStore
-from services.validator.synthetic import SyntheticStore
+from horde_services.validator.evidence import EvidenceError, load_records, verify_record
+from horde_services.validator.scoring import Scorer
+from horde_services.validator.spotcheck import SpotStore
+from horde_services.validator.synthetic import SyntheticStore
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 

@@ -28,9 +28,9 @@ from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
 from prometheus_client import REGISTRY
 from spotcheck_support import SpotNet, demo_llm, labelled
 
-from services.core.identity import Ed25519Signer
-from services.core.server import open_channel
-from services.validator.evidence import EvidenceError, verify_record
+from horde_services.core.identity import Ed25519Signer
+from horde_services.core.server import open_channel
+from horde_services.validator.evidence import EvidenceError, verify_record
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 DISHONEST_RATE = 0.1

@@ -8,11 +8,11 @@ import uuid
 from horde.v1 import common_pb2, job_pb2, receipts_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core import lifecycle
-from services.core.identity import HotkeySigner
-from services.core.proto_util import event, result
-from services.miner.service import ReceiptStore
-from services.validator.store import JobStore
+from horde_services.core import lifecycle
+from horde_services.core.identity import HotkeySigner
+from horde_services.core.proto_util import event, result
+from horde_services.miner.service import ReceiptStore
+from horde_services.validator.store import JobStore
 
 
 def spec(image: str = "horde/base:latest") -> job_pb2.JobSpec:

@@ -28,18 +28,23 @@ from horde.v1 import (
     validator_pb2_grpc,
 )
 
-from services.core.app import ServiceApp
-from services.core.auth import Authenticator, StaticPolicy
-from services.core.certificates import sign_certificate
-from services.core.chain import Neuron, write_roster
-from services.core.config import GatewaySettings, load_settings
-from services.core.errors import FailedPrecondition, NotFound
-from services.core.identity import Ed25519Signer, HotkeySigner, Identity, Signer
-from services.core.proxy_wire import ProxyServer, ResponseWriter
-from services.core.receipts import sign_receipt
-from services.core.server import RunningServer, ServiceRegistration, create_server, current_caller
-from services.streaming_gateway.app import start_gateway
-from services.streaming_gateway.store import GatewayStore
+from horde_services.core.app import ServiceApp
+from horde_services.core.auth import Authenticator, StaticPolicy
+from horde_services.core.certificates import sign_certificate
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import GatewaySettings, load_settings
+from horde_services.core.errors import FailedPrecondition, NotFound
+from horde_services.core.identity import Ed25519Signer, HotkeySigner, Identity, Signer
+from horde_services.core.proxy_wire import ProxyServer, ResponseWriter
+from horde_services.core.receipts import sign_receipt
+from horde_services.core.server import (
+    RunningServer,
+    ServiceRegistration,
+    create_server,
+    current_caller,
+)
+from horde_services.streaming_gateway.app import start_gateway
+from horde_services.streaming_gateway.store import GatewayStore
 
 WHITELIST = "horde/demo-llm:latest"
 SKEW_NS = 2_000_000_000

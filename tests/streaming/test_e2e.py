@@ -22,17 +22,17 @@ import aiodocker
 import pytest
 from docker_images import ensure_images
 
-from services.cli.dev import STREAMING_IMAGES, dev_up
-from services.cli.devenv import DevEnv
-from services.core.config import GatewaySettings, load_settings
-from services.core.db import open_database
-from services.core.identity import load_key_file
-from services.core.receipts import StreamReceipt
-from services.core.server import open_channel
-from services.executor.sandbox import JOB_LABEL
-from services.streaming_gateway.app import start_gateway
-from services.streaming_gateway.client import SessionEnded, StreamClient
-from services.streaming_gateway.store import SqlStore
+from horde_services.cli.dev import STREAMING_IMAGES, dev_up
+from horde_services.cli.devenv import DevEnv
+from horde_services.core.config import GatewaySettings, load_settings
+from horde_services.core.db import open_database
+from horde_services.core.identity import load_key_file
+from horde_services.core.receipts import StreamReceipt
+from horde_services.core.server import open_channel
+from horde_services.executor.sandbox import JOB_LABEL
+from horde_services.streaming_gateway.app import start_gateway
+from horde_services.streaming_gateway.client import SessionEnded, StreamClient
+from horde_services.streaming_gateway.store import SqlStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HORDE = str(Path(sys.executable).with_name("horde"))

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from streaming_support import WHITELIST, Harness, answer
 
-from services.core.db import open_database
-from services.core.receipts import StreamReceipt, sha256, sign_receipt
-from services.core.server import open_channel
-from services.streaming_gateway.client import StreamClient
-from services.streaming_gateway.store import (
+from horde_services.core.db import open_database
+from horde_services.core.receipts import StreamReceipt, sha256, sign_receipt
+from horde_services.core.server import open_channel
+from horde_services.streaming_gateway.client import StreamClient
+from horde_services.streaming_gateway.store import (
     GatewayStore,
     MemoryStore,
     ReceiptWriter,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from streaming_support import WHITELIST, Behaviour, Harness, answer
 
-from services.core.app import ServiceApp
-from services.core.identity import Ed25519Signer, write_key_file
+from horde_services.core.app import ServiceApp
+from horde_services.core.identity import Ed25519Signer, write_key_file
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 

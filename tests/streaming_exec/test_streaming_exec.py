@@ -34,10 +34,10 @@ from streaming_exec_support import (
     wait_for,
 )
 
-from services.core.certificates import verify_certificate
-from services.core.db import penalties
-from services.core.proxy_wire import ProxyError
-from services.core.receipts import verify_lines
+from horde_services.core.certificates import verify_certificate
+from horde_services.core.db import penalties
+from horde_services.core.proxy_wire import ProxyError
+from horde_services.core.receipts import verify_lines
 
 S = common_pb2
 DEMO_LLM = REPO_ROOT / "deploy" / "images" / "demo-llm" / "server.py"

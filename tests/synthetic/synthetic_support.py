@@ -14,9 +14,9 @@ from pathlib import Path
 
 from horde.v1 import synthetic_pb2, validator_admin_pb2_grpc
 
-from services.core.app import ServiceApp
-from services.core.chain import LocalRoster, Neuron, write_roster
-from services.core.config import (
+from horde_services.core.app import ServiceApp
+from horde_services.core.chain import LocalRoster, Neuron, write_roster
+from horde_services.core.config import (
     MinerSettings,
     SyntheticClass,
     SyntheticSettings,
@@ -24,11 +24,11 @@ from services.core.config import (
     ValidatorSettings,
     load_settings,
 )
-from services.core.identity import Ed25519Signer, Signer, create_key_file, load_key_file
-from services.core.server import open_channel
-from services.executor.synthetic import Behaviour, InProcessSolver, LightExecutor, answer
-from services.miner.app import start_miner
-from services.validator.app import start_validator
+from horde_services.core.identity import Ed25519Signer, Signer, create_key_file, load_key_file
+from horde_services.core.server import open_channel
+from horde_services.executor.synthetic import Behaviour, InProcessSolver, LightExecutor, answer
+from horde_services.miner.app import start_miner
+from horde_services.validator.app import start_validator
 
 FAST = SyntheticClass(range_size=2_000, digests=4, deadline_s=10.0, weight=1.0)
 BIG = SyntheticClass(range_size=2_000, digests=4, deadline_s=10.0, weight=3.0)

@@ -14,16 +14,16 @@ from types import ModuleType
 import pytest
 from horde.v1 import synthetic_pb2
 
-from services.core.config import SyntheticClass
-from services.executor.sandbox import SandboxLimits
-from services.executor.synthetic import (
+from horde_services.core.config import SyntheticClass
+from horde_services.executor.sandbox import SandboxLimits
+from horde_services.executor.synthetic import (
     DockerSolver,
     InProcessSolver,
     answer,
     challenge_problem,
     solve_cpu,
 )
-from services.validator.synthetic import build_challenge, check_answer, make_salt
+from horde_services.validator.synthetic import build_challenge, check_answer, make_salt
 
 SOLVER = Path(__file__).resolve().parents[2] / "deploy" / "images" / "synthetic" / "solver.py"
 SMALL = SyntheticClass(range_size=3_000, digests=5, deadline_s=5.0)

@@ -11,9 +11,9 @@ import pytest
 import structlog
 from synthetic_support import SynthNet, honest
 
-from services.cli.main import main
-from services.core.app import ServiceApp
-from services.core.identity import write_key_file
+from horde_services.cli.main import main
+from horde_services.core.app import ServiceApp
+from horde_services.core.identity import write_key_file
 
 
 @pytest.fixture(autouse=True)
@@ -118,8 +118,8 @@ async def test_spotcheck_exits_1_when_a_gateway_cannot_be_pulled(
     synth: SynthNet, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Nothing to check, but a gateway did not answer: that is worth an alert (exit 1)."""
-    from services.core.config import TrustedMiner
-    from services.core.identity import Ed25519Signer
+    from horde_services.core.config import TrustedMiner
+    from horde_services.core.identity import Ed25519Signer
 
     gone, trusted = Ed25519Signer.generate(), Ed25519Signer.generate()
     validator = await synth.start_validator(

@@ -10,9 +10,9 @@ from docker_images import ensure_images
 from horde.v1 import validator_admin_pb2
 from synthetic_support import WAIT_S, SynthNet
 
-from services.core.config import ExecutorSettings, SyntheticClass, load_settings
-from services.core.identity import Ed25519Signer
-from services.executor.app import start_executor
+from horde_services.core.config import ExecutorSettings, SyntheticClass, load_settings
+from horde_services.core.identity import Ed25519Signer
+from horde_services.executor.app import start_executor
 
 IMAGE = "horde/synthetic:latest"
 

@@ -9,7 +9,14 @@ from typing import Any
 import pynvml
 import pytest
 
-from services.executor.hardware import Gpu, Hardware, executor_class, gpu_model, probe, probe_gpus
+from horde_services.executor.hardware import (
+    Gpu,
+    Hardware,
+    executor_class,
+    gpu_model,
+    probe,
+    probe_gpus,
+)
 
 
 class FakeNVMLError(Exception):

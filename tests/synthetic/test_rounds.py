@@ -18,9 +18,9 @@ from synthetic_support import (
     silent,
 )
 
-from services.core.config import SyntheticClass
-from services.core.identity import Identity
-from services.miner import service as miner_service
+from horde_services.core.config import SyntheticClass
+from horde_services.core.identity import Identity
+from horde_services.miner import service as miner_service
 
 
 def _by_miner(
@@ -207,8 +207,8 @@ async def test_unreachable_and_unknown_class(synth: SynthNet) -> None:
     odd = await synth.add_miner([honest()], executor_class="gpu-unknown")
     await synth.start_validator(extra_miners={})
     # A registered miner whose endpoint does not answer.
-    from services.core.chain import Neuron, write_roster
-    from services.core.identity import create_key_file
+    from horde_services.core.chain import Neuron, write_roster
+    from horde_services.core.identity import create_key_file
 
     ghost = create_key_file(synth.root / "ghost.json", "hotkey")
     synth.neurons.append(

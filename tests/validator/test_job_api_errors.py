@@ -16,17 +16,17 @@ import grpc
 import pytest
 from horde.v1 import common_pb2, job_pb2, streaming_pb2, validator_pb2, validator_pb2_grpc
 
-from services.core.app import ServiceApp
-from services.core.chain import Neuron, write_roster
-from services.core.config import ValidatorSettings, load_settings
-from services.core.db import open_database
-from services.core.errors import InvalidArgument
-from services.core.identity import Ed25519Signer, HotkeySigner
-from services.core.server import open_channel
-from services.validator import service
-from services.validator.app import start_validator
-from services.validator.store import JobStore
-from services.validator.streaming import parse_job_uuid
+from horde_services.core.app import ServiceApp
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import ValidatorSettings, load_settings
+from horde_services.core.db import open_database
+from horde_services.core.errors import InvalidArgument
+from horde_services.core.identity import Ed25519Signer, HotkeySigner
+from horde_services.core.server import open_channel
+from horde_services.validator import service
+from horde_services.validator.app import start_validator
+from horde_services.validator.store import JobStore
+from horde_services.validator.streaming import parse_job_uuid
 
 CAP = 512 * 1024  # the validator's max_inline_input_bytes in these tests
 CHUNK = 64 * 1024

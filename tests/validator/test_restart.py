@@ -7,14 +7,14 @@ from pathlib import Path
 
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 
-from services.core.chain import Neuron, write_roster
-from services.core.config import ValidatorSettings, load_settings
-from services.core.db import open_database
-from services.core.identity import Ed25519Signer, HotkeySigner
-from services.core.proto_util import event
-from services.core.server import open_channel
-from services.validator.app import start_validator
-from services.validator.store import JobStore
+from horde_services.core.chain import Neuron, write_roster
+from horde_services.core.config import ValidatorSettings, load_settings
+from horde_services.core.db import open_database
+from horde_services.core.identity import Ed25519Signer, HotkeySigner
+from horde_services.core.proto_util import event
+from horde_services.core.server import open_channel
+from horde_services.validator.app import start_validator
+from horde_services.validator.store import JobStore
 
 
 async def test_jobs_in_flight_end_as_horde_failed_after_restart(tmp_path: Path) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.core.chain import LocalRoster, Neuron, write_roster
-from services.core.config import SyntheticSettings
-from services.core.db import open_database
-from services.core.identity import HotkeySigner
-from services.validator.scoring import Scorer, add_penalty
-from services.validator.synthetic import SyntheticStore
+from horde_services.core.chain import LocalRoster, Neuron, write_roster
+from horde_services.core.config import SyntheticSettings
+from horde_services.core.db import open_database
+from horde_services.core.identity import HotkeySigner
+from horde_services.validator.scoring import Scorer, add_penalty
+from horde_services.validator.synthetic import SyntheticStore
 
 
 async def test_penalty_amounts_in_the_reason(tmp_path: Path) -> None:

@@ -148,8 +148,14 @@ def load_cuda() -> Solver:
             kernel(
                 (blocks,),
                 (256,),
-                (salt_d, cupy.uint64(lo), cupy.uint64(count), dig_d, cupy.int32(len(digests)),
-                 found_d),
+                (
+                    salt_d,
+                    cupy.uint64(lo),
+                    cupy.uint64(count),
+                    dig_d,
+                    cupy.int32(len(digests)),
+                    found_d,
+                ),
             )
             if int((found_d == 0).sum()) == 0:
                 break

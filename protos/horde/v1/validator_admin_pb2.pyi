@@ -423,7 +423,7 @@ class ExportEvidenceResponse(_message.Message):
     RECORDS_JSON_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def records_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Records, oldest first, each one JSON document (services/validator/evidence.py)."""
+        """Records, oldest first, each one JSON document (horde_services/validator/evidence.py)."""
 
     def __init__(
         self,

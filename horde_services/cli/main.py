@@ -1,0 +1,380 @@
+"""The `horde` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from horde.v1 import job_pb2
+
+from horde_services import __version__
+from horde_services.cli import miner_cmds, spotcheck_cmds, stream, validator_cmds
+from horde_services.cli.args import bounded_int
+from horde_services.core.config import (
+    ExecutorSettings,
+    GatewaySettings,
+    MinerSettings,
+    ServiceSettings,
+    ValidatorSettings,
+    load_settings,
+)
+from horde_services.core.errors import ConfigError
+from horde_services.core.identity import create_key_file
+from horde_services.core.logging import configure_logging
+from horde_services.core.loop import run as run_loop
+from horde_services.core.receipts import summarize_jobs, verify_lines
+
+
+def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> int:
+    classes: dict[str, type[ServiceSettings]] = {
+        "validator": ValidatorSettings,
+        "miner": MinerSettings,
+        "executor": ExecutorSettings,
+        "gateway": GatewaySettings,
+    }
+    try:
+        settings = load_settings(classes[kind], config)
+    except ConfigError as exc:
+        print(f"horde {kind}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if metrics_port is not None:
+        settings.metrics_port = metrics_port
+    if settings.metrics_port:
+        from horde_services.core.metrics import serve_metrics
+
+        try:
+            serve_metrics(settings.metrics_port)
+        except OSError as exc:
+            print(
+                f"horde {kind}: cannot serve metrics on 127.0.0.1:{settings.metrics_port}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
+
+    async def main() -> None:
+        if kind == "validator":
+            from horde_services.validator.app import start_validator
+
+            app = await start_validator(settings)  # type: ignore[arg-type]
+        elif kind == "miner":
+            from horde_services.miner.app import start_miner
+
+            app = await start_miner(settings)  # type: ignore[arg-type]
+        elif kind == "executor":
+            from horde_services.executor.app import start_executor
+
+            app, _agent = await start_executor(settings)  # type: ignore[arg-type]
+        else:
+            from horde_services.streaming_gateway.app import start_gateway
+
+            app = await start_gateway(settings)  # type: ignore[arg-type]
+        await app.serve_forever()
+
+    try:
+        run_loop(main())
+    except ConfigError as exc:
+        print(f"horde {kind}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"horde {kind}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    if args.key_type is not None and args.kind != "hotkey":
+        print(
+            "horde keys new: --key-type applies to --kind hotkey (an ed25519 key is ed25519)",
+            file=sys.stderr,
+        )
+        return 2
+    key_type: Literal["sr25519", "ed25519"] = args.key_type or "sr25519"
+    try:
+        signer = create_key_file(args.out, args.kind, key_type=key_type, overwrite=args.force)
+    except FileExistsError as exc:
+        print(f"horde keys new: {exc} (use --force to replace it)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"horde keys new: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"{signer.identity}  {args.out}")
+    if args.kind == "hotkey":
+        print(f"ss58 {signer.identity.ss58}")
+        if key_type == "ed25519":
+            # An ss58 address does not say its scheme: a roster must (sr25519 is assumed).
+            print('roster: key_type = "ed25519" in this hotkey\'s [[neuron]]')
+    return 0
+
+
+def _receipts_verify(args: argparse.Namespace) -> int:
+    pinned: list[bytes] = []
+    for text in args.job_key:
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            print(
+                f"horde receipts verify: --job-key {text!r} is not 64 hex digits (a 32-byte key)",
+                file=sys.stderr,
+            )
+            return 2
+        pinned.append(key)
+    stdin = str(args.file) == "-"
+    name = "standard input" if stdin else str(args.file)
+    try:
+        data = sys.stdin.buffer.read() if stdin else Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"horde receipts verify: {exc}", file=sys.stderr)
+        return 2
+    checks = verify_lines(data.splitlines(), pinned_keys=pinned or None)
+    if not checks:
+        print(f"horde receipts verify: no receipts in {name}", file=sys.stderr)
+        return 1
+    bad = [c for c in checks if c.error is not None]
+    for check in bad:
+        print(f"line {check.line}: invalid: {check.error}")
+    good = len(checks) - len(bad)
+    print(f"{good} valid, {len(bad)} invalid", file=sys.stderr)
+    for job in summarize_jobs(checks):
+        print(job.describe(), file=sys.stderr)
+    if pinned:
+        meaning = "signed by a job key given with --job-key"
+    else:
+        meaning = "signed by the job key the receipt names (compare it with the job certificate)"
+    print(
+        f"valid = {meaning}, the same key on all of a job's receipts, no job and seq repeated",
+        file=sys.stderr,
+    )
+    return 1 if bad else 0
+
+
+def _client_target(args: argparse.Namespace) -> Any:
+    from horde_services.cli.client import validator_target
+
+    return validator_target(args.dev, args.validator, args.validator_identity, args.key)
+
+
+def _job(args: argparse.Namespace) -> int:
+    from horde_services.cli import client
+
+    async def go() -> int:
+        target = _client_target(args)
+        if args.job_cmd == "run":
+            command = list(args.command)
+            if command and command[0] == "--":
+                command = command[1:]
+            env = {}
+            for item in args.env:
+                key, sep, value = item.partition("=")
+                if not sep or not key:
+                    raise client.CliError(f"--env {item!r}: expected KEY=VALUE")
+                env[key] = value
+            spec = job_pb2.JobSpec(
+                image=args.image,
+                command=command,
+                env=env,
+                executor_class=args.job_class or "",
+                output=job_pb2.OutputSpec(stream=job_pb2.StreamOutput()),
+            )
+            if args.timeout:
+                spec.timeouts.execution_s = args.timeout
+            if args.output:
+                try:
+                    args.output.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    why = exc.strerror or exc
+                    raise client.CliError(f"--output {args.output}: {why}") from None
+            return await client.run_job(
+                target, spec, client.build_inputs(args.input), args.output, args.json
+            )
+        if args.job_cmd == "status":
+            return await client.job_status(target, args.job_uuid, args.json)
+        if args.job_cmd == "cancel":
+            return await client.job_cancel(target, args.job_uuid, args.json)
+        return await client.job_list(target, args.limit, args.json)
+
+    try:
+        return asyncio.run(go())
+    except client.CliError as exc:
+        print(f"horde job {args.job_cmd}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # what was in flight already said what became of it
+        return 130
+
+
+def _dev_up(args: argparse.Namespace) -> int:
+    from horde_services.cli.dev import StateDirBusy, dev_up
+
+    configure_logging(args.log_level)
+    try:
+        run_loop(dev_up(args.state_dir, args.allow_image))
+    except StateDirBusy as exc:
+        print(f"horde dev up: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"horde dev up: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"horde dev up: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dev",
+        type=Path,
+        help="state dir of a `horde dev up` network (fills in whichever of --validator, "
+        "--validator-identity and --key are not given)",
+    )
+    p.add_argument("--validator", help="validator host:port")
+    p.add_argument(
+        "--validator-identity", help="validator identity (sr25519:<hex> or ed25519:<hex>)"
+    )
+    p.add_argument("--key", type=Path, help="client key file (`horde keys new`)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="horde", description="Horde: decentralized compute.")
+    parser.add_argument("--version", action="version", version=f"horde {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    for name in ("validator", "miner", "executor", "gateway"):
+        p = sub.add_parser(name, help=f"the {name} service")
+        s = p.add_subparsers(dest="action", metavar="COMMAND", required=True)
+        serve = s.add_parser("serve", help=f"run the {name} until SIGTERM/SIGINT")
+        serve.add_argument("--config", type=Path, help="TOML config file")
+        serve.add_argument(
+            "--metrics-port",
+            type=bounded_int(0, 65535, "--metrics-port"),
+            metavar="PORT",
+            help="serve Prometheus metrics on 127.0.0.1:PORT (0: none)",
+        )
+        serve.set_defaults(func=lambda a, n=name: _serve(n, a.config, a.metrics_port))
+        if name == "validator":
+            validator_cmds.register(s)
+            spotcheck_cmds.register_validator(s)
+        elif name == "miner":
+            miner_cmds.register(s)
+
+    keys = sub.add_parser("keys", help="key files").add_subparsers(
+        dest="action", metavar="COMMAND", required=True
+    )
+    new = keys.add_parser("new", help="write a new key file (mode 0600)")
+    new.add_argument(
+        "--kind",
+        choices=["ed25519", "hotkey"],
+        default="ed25519",
+        help="ed25519 for executors, gateways and clients; hotkey for validators and miners",
+    )
+    new.add_argument(
+        "--key-type",
+        choices=["sr25519", "ed25519"],
+        default=None,
+        help="signature scheme of a hotkey (default sr25519; only with --kind hotkey)",
+    )
+    new.add_argument("--out", type=Path, required=True, help="where to write the key file")
+    new.add_argument("--force", action="store_true", help="replace an existing file")
+    new.set_defaults(func=_keys_new)
+
+    receipts = sub.add_parser("receipts", help="stream receipts").add_subparsers(
+        dest="action", metavar="COMMAND", required=True
+    )
+    verify = receipts.add_parser("verify", help="verify receipts in JSON form, one a line")
+    verify.add_argument("file", type=Path, help="receipts file, or - for standard input")
+    verify.add_argument(
+        "--job-key",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="expected job public key (from the job certificate); repeat for several jobs. "
+        "A receipt signed by any other key is invalid",
+    )
+    verify.set_defaults(func=_receipts_verify)
+
+    stream.register(sub)
+    spotcheck_cmds.register(sub)
+
+    dev = sub.add_parser("dev", help="local network").add_subparsers(
+        dest="action", metavar="COMMAND", required=True
+    )
+    up = dev.add_parser("up", help="start all services on 127.0.0.1 until SIGINT/SIGTERM")
+    up.add_argument("--state-dir", type=Path, required=True)
+    up.add_argument("--allow-image", action="append", default=[], metavar="REF")
+    up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    up.set_defaults(func=_dev_up)
+
+    job = sub.add_parser("job", help="organic jobs").add_subparsers(
+        dest="job_cmd", metavar="COMMAND", required=True
+    )
+    run = job.add_parser(
+        "run",
+        help="run a job and wait for its result",
+        description="Run IMAGE (with COMMAND, if given) as an organic job and wait for its "
+        "result. Ctrl-C cancels the job. Exit status: 0 when the job completed with exit code 0, "
+        "1 when it failed, was rejected or cancelled, or an output could not be written here, "
+        "2 for usage and connection problems, 130 when interrupted.",
+    )
+    _add_client_args(run)
+    run.add_argument("--class", dest="job_class", help="executor class")
+    run.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="file or directory placed under /volume (a directory's contents), or "
+        "URL#sha256=HEX downloaded by the executor; repeat for several",
+    )
+    run.add_argument("--output", type=Path, help="directory to write /output files into")
+    run.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="environment variable for the job's command; repeat for several",
+    )
+    run.add_argument(
+        "--timeout",
+        type=bounded_int(1, 2**32 - 1, "--timeout"),
+        help="execution time limit in seconds (default: the network's, 600 s)",
+    )
+    run.add_argument("image")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    for name, helptext in (("status", "show a job"), ("cancel", "cancel a job")):
+        p = job.add_parser(name, help=helptext)
+        _add_client_args(p)
+        p.add_argument("job_uuid")
+    lst = job.add_parser("list", help="list your recent jobs (a validator admin: every client's)")
+    _add_client_args(lst)
+    lst.add_argument(
+        "--limit",
+        type=bounded_int(1, 2**32 - 1, "--limit"),
+        default=20,
+        help="most recent jobs to list (default 20)",
+    )
+    for p in job.choices.values():
+        p.set_defaults(func=_job)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Client commands log only warnings, to stderr; `serve` and `dev up` reconfigure.
+    configure_logging("warning")
+    func: Callable[[argparse.Namespace], int | Awaitable[int]] = args.func
+    result = func(args)
+    assert isinstance(result, int)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Start an executor: probe the hardware, sweep leftovers, dial the miner, run jobs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import aiohttp
+import structlog
+from aiodocker.exceptions import DockerError
+from horde.v1 import manifest_pb2
+
+from horde_services import __version__
+from horde_services.core.app import ServiceApp
+from horde_services.core.auth import Authenticator
+from horde_services.core.config import ExecutorSettings, dial_address
+from horde_services.core.errors import ConfigError
+from horde_services.core.identity import Identity, Signer
+from horde_services.core.proxy_wire import ProxyServer
+from horde_services.core.runtime import load_signer
+from horde_services.core.server import create_server
+from horde_services.executor.agent import ExecutorAgent
+from horde_services.executor.hardware import executor_class, probe
+from horde_services.executor.jobs import OrganicJobRunner
+from horde_services.executor.proxy import JobProxy, StreamSessions
+from horde_services.executor.sandbox import DockerRuntime, SandboxLimits
+from horde_services.executor.streaming import StreamingJobRunner
+from horde_services.executor.synthetic import DockerSolver
+
+log = structlog.get_logger("horde.executor")
+
+
+async def start_executor(
+    settings: ExecutorSettings, signer: Signer | None = None
+) -> tuple[ServiceApp, ExecutorAgent]:
+    signer = signer or load_signer(settings, "executor")
+    if not settings.miner_identity:
+        raise ConfigError("invalid setting 'miner_identity': the miner's identity is required")
+    try:
+        miner = Identity.parse(settings.miner_identity)
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting 'miner_identity': {exc}") from None
+    try:
+        dial_address(settings.miner_address)
+    except ValueError:
+        raise ConfigError(
+            f"invalid setting 'miner_address': {settings.miner_address!r}: the miner's "
+            "host:port is required"
+        ) from None
+    work_dir = settings.work_dir.resolve()
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # Jobs make their directories here: find out now, not at the first job.
+        tempfile.TemporaryDirectory(dir=work_dir).cleanup()
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid setting 'work_dir': {work_dir}: {exc.strerror or exc} (jobs make their "
+            "directories there)"
+        ) from None
+    hardware = probe(work_dir)
+    cpus = os.cpu_count() or 1
+    if settings.cpu_limit > cpus:
+        raise ConfigError(
+            f"invalid setting 'cpu_limit': {settings.cpu_limit:g} CPUs, this host has {cpus}"
+        )
+    klass = executor_class(hardware, settings.executor_class)
+    # One label per executor identity, so executors sharing an engine never sweep each other.
+    runtime = DockerRuntime(
+        instance=signer.identity.public_key.hex()[:16],
+        wait_cleanup=False,
+        job_init=settings.job_init,
+    )
+    try:
+        swept = await runtime.sweep()
+    except (DockerError, aiohttp.ClientError) as exc:
+        await runtime.close()
+        # Not a configuration error: the engine may come up later (systemd tries again).
+        message = exc.message if isinstance(exc, DockerError) else str(exc)
+        raise OSError(
+            f"cannot use the Docker engine: {message} (is it running, and may this user use "
+            "its socket, e.g. as a member of the docker group?)"
+        ) from None
+    if swept:
+        log.warning("swept_leftovers", count=swept)
+    limits = SandboxLimits(
+        memory_bytes=settings.memory_limit_mb * 2**20,
+        nano_cpus=int(settings.cpu_limit * 1e9),
+        pids_limit=settings.pids_limit,
+        output_bytes=settings.output_limit_mb * 2**20,
+    )
+    runner = OrganicJobRunner(
+        runtime,
+        set(settings.allowed_images),
+        limits,
+        work_dir,
+        gpus=-1 if hardware.gpus else 0,
+        job_urls_allow_private=settings.job_urls_allow_private,
+    )
+    manifest = manifest_pb2.ExecutorManifest(
+        executor_class=klass,
+        hardware=hardware.to_proto(),
+        executor_identity=str(signer.identity),
+        version=__version__,
+    )
+    synthetic = DockerSolver(runtime, limits, work_dir, gpus=-1 if hardware.gpus else 0)
+    # The executor's gRPC listener serves health (and reflection); the job proxy of streaming jobs
+    # has a port of its own (horde_services/core/proxy_wire.py). Only the gateway of a running
+    # session may open a proxy stream (the sessions are the allow policy).
+    sessions = StreamSessions()
+    offset_ns = settings.proxy_clock_offset_ns
+    proxy = JobProxy(
+        sessions,
+        skew_s=settings.proxy_clock_skew_s,
+        max_request_bytes=settings.streaming_max_request_mb * 2**20,
+        clock_ns=(lambda: time.time_ns() + offset_ns) if offset_ns else time.time_ns,
+    )
+    auth = Authenticator(signer.identity, sessions, max_skew_s=settings.auth.max_clock_skew_s)
+    try:
+        server = await create_server(
+            settings.listen, [], authenticator=auth, service_label="executor", tls=settings.tls
+        )
+    except BaseException:
+        await runtime.close()
+        raise
+    proxy_server = ProxyServer(proxy, auth, label="executor")
+    try:
+        proxy_port = await proxy_server.start(settings.proxy_listen)
+    except BaseException:
+        await server.server.stop(0)
+        await runtime.close()
+        raise
+    streaming = StreamingJobRunner(
+        runtime,
+        set(settings.allowed_images),
+        limits,
+        work_dir,
+        sessions,
+        f"{settings.proxy_advertise_host}:{proxy_port}",
+        gpus=-1 if hardware.gpus else 0,
+        extra_limit_bytes=settings.extra_data_limit_mb * 2**20,
+    )
+    agent = ExecutorAgent(
+        signer,
+        settings.miner_address,
+        str(miner),
+        manifest,
+        runner,
+        synthetic,
+        tls=settings.tls,
+        streaming=streaming,
+        # Health says SERVING only while the executor can take jobs: its miner link is up.
+        on_link=server.set_serving,
+    )
+    await server.set_serving(False)
+
+    async def close_all() -> None:
+        await proxy_server.stop()
+        await streaming.close()
+        await runtime.sweep()
+        await runtime.close()
+
+    app = ServiceApp(
+        name="executor",
+        signer=signer,
+        servers=[server],
+        background=[agent.run_forever],
+        closers=[close_all],
+        # SIGTERM: the running job may finish first (up to drain_timeout_s), no new one starts.
+        drainers=[lambda _grace_s: agent.drain(settings.drain_timeout_s)],
+        grace_s=settings.shutdown_grace_s,
+    )
+    log.info("executor_ready", executor_class=klass, gpus=len(hardware.gpus))
+    return app, agent

@@ -1,0 +1,687 @@
+"""One streaming session: open a job through the validator, relay requests to its job proxy and
+responses back, check every receipt, end with a reason.
+
+Three tasks feed one session: the validator's StartStreamingJob stream (start-up events, ready,
+the job's end), the client's requests, and the job proxy's responses. Whichever sees the end first
+settles `_end`; the session then tears everything down (proxy stream, job, extra-data uploads),
+makes sure its receipts are stored and tells the client why it ended (SessionClosed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import structlog
+from horde.v1 import (
+    common_pb2,
+    gateway_pb2,
+    job_pb2,
+    receipts_pb2,
+    streaming_pb2,
+    validator_pb2,
+)
+
+from horde_services.core import metrics
+from horde_services.core.errors import FailedPrecondition, HordeError, InvalidArgument
+from horde_services.core.proto_util import (
+    PLAIN_NAME_RULE,
+    TERMINAL_STATES,
+    event,
+    plain_file_name,
+    reason_name,
+    state_name,
+)
+from horde_services.core.proxy_wire import ProxyError, ProxyLink
+from horde_services.streaming_gateway.checks import (
+    BadReceipt,
+    CertificateError,
+    ClockSkew,
+    ReceiptChecker,
+    check_certificate,
+    check_client_clock,
+)
+from horde_services.streaming_gateway.store import ReceiptWriter, SampleRecord
+
+log = structlog.get_logger("horde.gateway.session")
+# Label children looked up once, not per receipt.
+_RECEIPTS_VERIFIED = metrics.RECEIPTS.labels("verified")
+_RECEIPTS_REJECTED = metrics.RECEIPTS.labels("rejected")
+
+# Bodies larger than this are relayed and hashed but not kept for sampling.
+MAX_SAMPLE_BYTES = 16 * 1024 * 1024
+# Deadline slack on the long-lived calls, beyond the session's own limits.
+CALL_SLACK_S = 60.0
+# Deadline of the short calls made while a session ends.
+END_CALL_TIMEOUT_S = 10.0
+# How long a session whose proxy stream broke waits for the job's result (its real reason).
+VERDICT_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    gateway_identity: str
+    validator_identity: str
+    skew_ns: int
+    sample_rate: float
+    default_time_limit_s: int
+    max_time_limit_s: int
+    startup_timeout_s: float
+
+
+class ValidatorLink(Protocol):
+    """The gateway's calls to its validator (a stub in production, anything alike in tests)."""
+
+    def StartStreamingJob(self, request: Any, *, timeout: float) -> Any: ...
+    def StopStreamingJob(self, request: Any, *, timeout: float) -> Any: ...
+    def AddExtraData(self, request_iterator: Any, *, timeout: float) -> Any: ...
+    def ReportBadReceipt(self, request: Any, *, timeout: float) -> Any: ...
+
+
+# Opens a proxy stream (horde_services/core/proxy_wire.py): (endpoint, proxy identity, job uuid).
+ProxyDialer = Callable[[str, str, str], Awaitable[ProxyLink]]
+# Why a miner may not serve sessions (None: it may).
+MinerCheck = Callable[[str], Awaitable[str | None]]
+
+
+@dataclass
+class GatewayDeps:
+    config: SessionConfig
+    validator: ValidatorLink
+    dial_proxy: ProxyDialer
+    writer: ReceiptWriter
+    miner_check: MinerCheck | None = None
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    clock_ns: Callable[[], int] = time.time_ns
+
+
+@dataclass
+class _Ending:
+    reason: str
+    how: str  # the `ending` label of horde_gateway_sessions_total (a small fixed set)
+    result: job_pb2.JobResult | None = None
+    bad_receipt: BadReceipt | None = None
+    error: HordeError | None = None  # ends the RPC with this status after SessionClosed
+    client_gone: bool = False
+
+
+@dataclass
+class _Pending:
+    """A request in flight: what the receipt will be checked against."""
+
+    seq: int
+    arrived_ns: int  # gateway clock when the client's first frame arrived (and went on)
+    request_hash: Any = field(default_factory=hashlib.sha256)
+    response_hash: Any = field(default_factory=hashlib.sha256)
+    request_parts: list[bytes] | None = field(default_factory=list)
+    response_parts: list[bytes] | None = field(default_factory=list)
+    request_size: int = 0
+    response_size: int = 0
+    input_sha256: bytes | None = None  # set once the last request frame went out
+
+    def add_request(self, body: bytes) -> None:
+        self.request_hash.update(body)
+        self.request_size += len(body)
+        self.request_parts = _keep(self.request_parts, body, self.request_size)
+
+    def add_response(self, body: bytes) -> None:
+        self.response_hash.update(body)
+        self.response_size += len(body)
+        self.response_parts = _keep(self.response_parts, body, self.response_size)
+
+
+def _keep(parts: list[bytes] | None, body: bytes, total: int) -> list[bytes] | None:
+    if parts is None or total > MAX_SAMPLE_BYTES:
+        return None
+    if body:
+        parts.append(body)
+    return parts
+
+
+def _result_reason(result: job_pb2.JobResult) -> str:
+    words = [state_name(result.state)]
+    if result.reason:
+        words.append(reason_name(result.reason))
+    text = " ".join(words)
+    return f"{text}: {result.detail}" if result.detail else text
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError | ProxyError) -> str:
+    return f"{exc.code().name}: {exc.details() or ''}".rstrip(": ")
+
+
+class Session:
+    def __init__(
+        self,
+        deps: GatewayDeps,
+        client: str,
+        write: Callable[[gateway_pb2.SessionResponse], Awaitable[None]],
+    ) -> None:
+        self._deps = deps
+        self._cfg = deps.config
+        self._client = client
+        self._write_raw = write
+        self._write_lock = asyncio.Lock()
+        self._end: asyncio.Future[_Ending] = asyncio.get_running_loop().create_future()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._validator_task: asyncio.Task[None] | None = None
+        self._start_call: Any = None
+        self._job_uuid = ""
+        self._job_ended = False
+        self._open: gateway_pb2.SessionOpen | None = None
+        self._spec: job_pb2.JobSpec | None = None
+        self._certificate: receipts_pb2.JobCertificate | None = None
+        self._payload: receipts_pb2.JobCertificatePayload | None = None
+        self._checker: ReceiptChecker | None = None
+        self._proxy: ProxyLink | None = None
+        self._ready = False
+        self._next_seq = 1
+        self._current: _Pending | None = None  # request whose frames are still arriving
+        self._pending: dict[int, _Pending] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._extra: dict[str, asyncio.Queue[streaming_pb2.ExtraData | None]] = {}
+        self._log = log.bind(client=client)
+
+    # --- entry point ----------------------------------------------------------------------
+
+    async def run(self, requests: AsyncIterator[gateway_pb2.SessionRequest]) -> None:
+        first = await anext(aiter(requests), None)
+        try:
+            limit = self._check_open(first)
+        except HordeError:
+            metrics.GATEWAY_SESSIONS.labels("refused").inc()
+            raise
+        assert first is not None
+        self._spec = job_pb2.JobSpec(
+            image=first.open.image,
+            executor_class=first.open.executor_class,
+            env=dict(first.open.env),
+            timeouts=job_pb2.StageTimeouts(execution_s=limit),
+            streaming=job_pb2.StreamingSpec(),
+        )
+        self._log = self._log.bind(image=first.open.image)
+        self._start_call = self._deps.validator.StartStreamingJob(
+            validator_pb2.StartStreamingJobRequest(
+                spec=self._spec,
+                gateway_identity=self._cfg.gateway_identity,
+                client_identity=self._client,
+            ),
+            timeout=self._cfg.startup_timeout_s + limit + CALL_SLACK_S,
+        )
+        self._validator_task = self._spawn(self._follow_validator())
+        self._spawn(self._read_client(requests))
+        try:
+            ending = await self._end
+        except asyncio.CancelledError:
+            self._abandon()
+            raise
+        await self._teardown(ending)
+        if ending.client_gone:
+            return
+        await self._send_closed(ending)
+        if ending.error is not None:
+            raise ending.error
+
+    def _check_open(self, first: gateway_pb2.SessionRequest | None) -> int:
+        """The session's time limit, once its first message is a SessionOpen this gateway can
+        serve."""
+        if first is None or first.WhichOneof("payload") != "open":
+            raise InvalidArgument("the first message of a session must be SessionOpen")
+        if not self._cfg.validator_identity:
+            raise FailedPrecondition("this gateway has no validator configured")
+        self._open = first.open
+        if not first.open.image:
+            raise InvalidArgument("SessionOpen.image is required")
+        limit = first.open.time_limit_s or self._cfg.default_time_limit_s
+        if limit > self._cfg.max_time_limit_s:
+            raise InvalidArgument(
+                f"time_limit_s {limit} exceeds this gateway's maximum {self._cfg.max_time_limit_s}"
+            )
+        return limit
+
+    def shut_down(self, reason: str) -> None:
+        """End the session now with `reason` (the gateway is stopping): the job is stopped, the
+        receipts stored, and the client gets SessionClosed with the reason."""
+        self._finish(_Ending(reason, "gateway_shutdown"))
+
+    # --- the three feeds --------------------------------------------------------------------
+
+    async def _follow_validator(self) -> None:
+        call = self._start_call
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("payload")
+                if kind == "event":
+                    if not self._ready:
+                        await self._write(gateway_pb2.SessionResponse(event=msg.event))
+                elif kind == "ready":
+                    if self._ready:
+                        self._finish(
+                            _Ending("validator sent a second ready message", "validator_error")
+                        )
+                        return
+                    await self._on_ready(msg.ready)
+                elif kind == "result":
+                    self._job_ended = True
+                    self._job_uuid = self._job_uuid or msg.result.job_uuid
+                    prefix = "job ended" if self._ready else "job did not start"
+                    self._finish(
+                        _Ending(
+                            f"{prefix}: {_result_reason(msg.result)}",
+                            "job_ended" if self._ready else "job_not_started",
+                            result=msg.result,
+                        )
+                    )
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.CANCELLED and self._end.done():
+                return
+            self._job_ended = True  # the validator stops the job when this call breaks
+            self._finish(_Ending(f"validator: {_rpc_error(exc)}", "validator_lost"))
+            return
+        self._job_ended = True
+        self._finish(_Ending("validator closed the job stream without a result", "validator_lost"))
+
+    async def _on_ready(self, ready: validator_pb2.StreamingJobReady) -> None:
+        self._job_uuid = ready.job_uuid
+        self._log = self._log.bind(job_uuid=ready.job_uuid)
+        try:
+            payload = check_certificate(
+                ready.certificate,
+                job_uuid=ready.job_uuid,
+                validator_identity=self._cfg.validator_identity,
+                endpoint=ready.proxy_endpoint,
+                now_ns=self._deps.clock_ns(),
+            )
+            if self._deps.miner_check is not None:
+                denial = await self._deps.miner_check(payload.miner_hotkey)
+                if denial is not None:
+                    raise CertificateError(denial)
+        except CertificateError as exc:
+            self._log.warning("certificate_rejected", reason=str(exc))
+            self._finish(_Ending(f"job certificate rejected: {exc}", "certificate_rejected"))
+            return
+        self._certificate = ready.certificate
+        self._payload = payload
+        self._checker = ReceiptChecker.for_certificate(payload, self._cfg.skew_ns / 1e9)
+        try:
+            self._proxy = await self._deps.dial_proxy(
+                ready.proxy_endpoint, ready.proxy_identity, ready.job_uuid
+            )
+        except ProxyError as exc:
+            self._finish(_Ending(f"job proxy: {_rpc_error(exc)}", "proxy_lost"))
+            return
+        self._spawn(self._read_proxy())
+        self._ready = True
+        self._log.info("session_ready", miner=payload.miner_hotkey, proxy=ready.proxy_endpoint)
+        await self._write(
+            gateway_pb2.SessionResponse(
+                ready=gateway_pb2.SessionReady(
+                    job_uuid=ready.job_uuid, certificate=ready.certificate
+                )
+            )
+        )
+
+    async def _read_client(self, requests: AsyncIterator[gateway_pb2.SessionRequest]) -> None:
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("payload")
+                if kind == "request":
+                    await self._on_request(msg.request)
+                elif kind == "extra_data":
+                    await self._on_extra(msg.extra_data)
+                elif kind == "close":
+                    self._refuse_partial("closed the session")
+                    await self._idle.wait()
+                    self._finish(
+                        _Ending(
+                            f"closed by the client: {msg.close.reason}".rstrip(": "),
+                            "client_closed",
+                        )
+                    )
+                    return
+                else:
+                    raise InvalidArgument(f"unexpected {kind or 'empty'} message in a session")
+        except HordeError as exc:
+            self._finish(_Ending(exc.message, "client_error", error=exc))
+            return
+        except ClockSkew as exc:
+            # The client's clock must be fixed before it tries again.
+            message = f"request {self._next_seq} refused: {exc}"
+            self._finish(_Ending(message, "client_clock", error=FailedPrecondition(message)))
+            return
+        # The client half-closed: answer what is in flight, then end.
+        try:
+            self._refuse_partial("ended its stream")
+        except HordeError as exc:
+            self._finish(_Ending(exc.message, "client_error", error=exc))
+            return
+        await self._idle.wait()
+        self._finish(_Ending("closed by the client", "client_closed"))
+
+    def _refuse_partial(self, what: str) -> None:
+        """A request whose last frame never came would hold the session (and its job) until its
+        time limit: a close or end of stream in the middle of one is the client's error."""
+        if self._current is not None:
+            raise InvalidArgument(
+                f"the client {what} in the middle of request {self._current.seq} (its last "
+                "frame never came)"
+            )
+
+    async def _read_proxy(self) -> None:
+        assert self._proxy is not None
+        try:
+            async for frame in self._proxy:
+                await self._on_response(frame)
+                if self._end.done():
+                    return
+        except ProxyError as exc:
+            if self._end.done():
+                return
+            code = exc.code()
+            if code is grpc.StatusCode.FAILED_PRECONDITION:
+                self._finish(
+                    _Ending(f"job proxy refused the request: {exc.details()}", "proxy_refused")
+                )
+            else:
+                await self._verdict_or(_Ending(f"job proxy: {_rpc_error(exc)}", "proxy_lost"))
+            return
+        await self._verdict_or(_Ending("job proxy closed the stream", "proxy_lost"))
+
+    async def _verdict_or(self, ending: _Ending) -> None:
+        """The proxy stream ended without the session asking: the job itself has most likely
+        ended (its time limit, its service or relay died), and the executor's result, on its
+        way through the validator, says why better than the broken stream can. Wait a little
+        for it, then end with `ending`."""
+        task = self._validator_task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(VERDICT_GRACE_S):
+                    await asyncio.shield(self._end)
+        self._finish(ending)
+
+    # --- requests and responses -----------------------------------------------------------
+
+    async def _on_request(self, frame: streaming_pb2.StreamRequestFrame) -> None:
+        if not self._ready:
+            raise FailedPrecondition("request sent before SessionReady")
+        now = self._deps.clock_ns()
+        current = self._current
+        if current is None:
+            if frame.seq != self._next_seq:
+                raise InvalidArgument(f"request seq {frame.seq}: expected {self._next_seq}")
+            check_client_clock(frame.client_timestamp_ns, now, self._cfg.skew_ns)
+            sampling = self._cfg.sample_rate > 0  # else the bodies are never kept
+            current = _Pending(
+                seq=frame.seq,
+                arrived_ns=now,
+                request_parts=[] if sampling else None,
+                response_parts=[] if sampling else None,
+            )
+            self._current = current
+            self._pending[frame.seq] = current
+            self._idle.clear()
+        elif frame.seq != current.seq:
+            raise InvalidArgument(
+                f"request seq {frame.seq} started before request {current.seq} ended"
+            )
+        current.add_request(frame.body)
+        if frame.last:
+            current.input_sha256 = current.request_hash.digest()
+            self._current = None
+            self._next_seq += 1
+        assert self._proxy is not None
+        try:
+            # The gateway's own clock goes on: the proxy checks it against its own.
+            frame.client_timestamp_ns = now
+            await self._proxy.write(frame)
+        except ProxyError as exc:
+            # The proxy stream broke; its reader reports why.
+            self._log.debug("proxy_write_failed", error=repr(exc))
+
+    async def _on_response(self, frame: streaming_pb2.StreamResponseFrame) -> None:
+        pending = self._pending.get(frame.seq)
+        if pending is None:
+            self._finish(
+                _Ending(
+                    f"job proxy answered request {frame.seq}, which is not in flight",
+                    "proxy_error",
+                )
+            )
+            return
+        pending.add_response(frame.body)
+        if not frame.last:
+            await self._write(
+                gateway_pb2.SessionResponse(
+                    response=streaming_pb2.StreamResponseFrame(
+                        seq=frame.seq, body=frame.body, http_status=frame.http_status
+                    )
+                )
+            )
+            return
+        received = self._deps.clock_ns()
+        assert self._checker is not None
+        try:
+            if pending.input_sha256 is None:
+                raise BadReceipt(f"receipt {frame.seq}: response ended before its request did")
+            receipt = self._checker.check(
+                frame.receipt if frame.HasField("receipt") else None,
+                seq=frame.seq,
+                input_sha256=pending.input_sha256,
+                output_sha256=pending.response_hash.digest(),
+                sent_ns=pending.arrived_ns,
+                received_ns=received,
+            )
+        except BadReceipt as exc:
+            _RECEIPTS_REJECTED.inc()
+            self._log.warning("bad_receipt", seq=frame.seq, reason=exc.reason)
+            if exc.receipt is None and frame.HasField("receipt"):
+                exc.receipt = frame.receipt
+            self._finish(_Ending(exc.reason, "bad_receipt", bad_receipt=exc))
+            return
+        _RECEIPTS_VERIFIED.inc()
+        metrics.GATEWAY_LATENCY.observe((received - pending.arrived_ns) / 1e9)
+        self._deps.writer.submit(receipt, self._maybe_sample(pending, frame))
+        del self._pending[frame.seq]
+        if not self._pending:
+            self._idle.set()
+        await self._write(gateway_pb2.SessionResponse(response=frame))
+
+    def _maybe_sample(
+        self, pending: _Pending, frame: streaming_pb2.StreamResponseFrame
+    ) -> SampleRecord | None:
+        # Drawn only now, after the response: the miner cannot know which requests are kept.
+        rate = self._cfg.sample_rate
+        if rate <= 0 or self._deps.rng.random() >= rate:
+            return None
+        if pending.request_parts is None or pending.response_parts is None:
+            return None
+        assert self._open is not None and self._payload is not None and self._spec is not None
+        sample = gateway_pb2.Sample(
+            job_uuid=self._job_uuid,
+            image=self._open.image,
+            image_digest=self._payload.image_digest,
+            request=b"".join(pending.request_parts),
+            response=b"".join(pending.response_parts),
+            receipt=frame.receipt,
+            certificate=self._certificate,
+            streaming=self._spec.streaming,
+        )
+        return SampleRecord(self._job_uuid, frame.seq, sample.SerializeToString())
+
+    # --- extra data -------------------------------------------------------------------------
+
+    async def _on_extra(self, data: streaming_pb2.ExtraData) -> None:
+        if not self._ready:
+            raise FailedPrecondition("extra data sent before SessionReady")
+        name = data.file_name
+        if not plain_file_name(name):
+            raise InvalidArgument(f"extra data file name {name!r}: {PLAIN_NAME_RULE}")
+        queue = self._extra.get(name)
+        if queue is None:
+            queue = asyncio.Queue()
+            self._extra[name] = queue
+            self._spawn(self._upload_extra(name, queue))
+        queue.put_nowait(data)
+        if data.last:
+            queue.put_nowait(None)
+            del self._extra[name]
+
+    async def _upload_extra(
+        self, name: str, queue: asyncio.Queue[streaming_pb2.ExtraData | None]
+    ) -> None:
+        job_uuid = self._job_uuid
+
+        async def chunks() -> AsyncIterator[validator_pb2.AddExtraDataRequest]:
+            while (item := await queue.get()) is not None:
+                yield validator_pb2.AddExtraDataRequest(job_uuid=job_uuid, data=item)
+
+        try:
+            reply = await self._deps.validator.AddExtraData(
+                chunks(), timeout=self._cfg.max_time_limit_s + CALL_SLACK_S
+            )
+            message = f"extra data placed: {', '.join(reply.file_names) or name}"
+        except grpc.aio.AioRpcError as exc:
+            message = f"extra data {name} failed: {_rpc_error(exc)}"
+        self._log.info("extra_data", file=name, outcome=message)
+        await self._write(
+            gateway_pb2.SessionResponse(
+                event=event(
+                    job_uuid, common_pb2.JOB_STATE_RUNNING, common_pb2.STAGE_EXECUTION, message
+                )
+            )
+        )
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._log.error("session_task_failed", error=repr(exc), exc_info=exc)
+            self._finish(_Ending("internal gateway error", "internal", error=_Internal()))
+
+    def _finish(self, ending: _Ending) -> None:
+        if not self._end.done():
+            self._end.set_result(ending)
+
+    async def _write(self, msg: gateway_pb2.SessionResponse) -> None:
+        try:
+            async with self._write_lock:
+                await self._write_raw(msg)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            self._log.info("client_gone", error=repr(exc))
+            self._finish(_Ending("client went away", "client_gone", client_gone=True))
+
+    def _abandon(self) -> None:
+        """The client's RPC was cancelled: stop everything without waiting for anything.
+        Cancelling the StartStreamingJob call stops the job (the validator's contract)."""
+        for task in self._tasks:
+            task.cancel()
+        if self._start_call is not None:
+            self._start_call.cancel()
+        if self._proxy is not None:
+            self._proxy.close()
+        metrics.GATEWAY_SESSIONS.labels("cancelled").inc()
+        self._log.info(
+            "session_ended",
+            job_uuid=self._job_uuid or None,
+            ending="cancelled",
+            reason="the session's call was cancelled (by the client, or a gateway stopping)",
+        )
+
+    async def _teardown(self, ending: _Ending) -> None:
+        """Stop everything the session started, store its receipts."""
+        reason = ending.reason
+        # The validator call stays up until the job is stopped: cancelling it would stop the job
+        # too, but without a result to report.
+        for task in self._tasks:
+            if task is not self._validator_task:
+                task.cancel()
+        if self._proxy is not None:
+            self._proxy.close()
+        if ending.bad_receipt is not None and self._job_uuid:
+            await self._report(ending.bad_receipt)
+        if self._job_uuid and not self._job_ended:
+            result = await self._stop_job(reason)
+            if result is not None and ending.result is None:
+                ending.result = result
+        if self._start_call is not None:
+            self._start_call.cancel()
+        if self._validator_task is not None:
+            self._validator_task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._proxy is not None:
+            await self._proxy.aclose()
+        await self._deps.writer.flush()
+        metrics.GATEWAY_SESSIONS.labels(ending.how).inc()
+        self._log.info(
+            "session_ended",
+            job_uuid=self._job_uuid or None,  # also when the job ended before it was ready
+            ending=ending.how,
+            reason=reason,
+            bad_receipt=ending.bad_receipt is not None,
+            requests=self._next_seq - 1,
+        )
+
+    async def _stop_job(self, reason: str) -> job_pb2.JobResult | None:
+        try:
+            reply = await self._deps.validator.StopStreamingJob(
+                validator_pb2.StopStreamingJobRequest(job_uuid=self._job_uuid, reason=reason),
+                timeout=END_CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            # Cancelling the start call stops the job as well; the result is then unknown.
+            self._log.warning("stop_streaming_job_failed", error=_rpc_error(exc))
+            return None
+        result: job_pb2.JobResult = reply.result
+        return result if result.state in TERMINAL_STATES else None
+
+    async def _report(self, bad: BadReceipt) -> None:
+        try:
+            await self._deps.validator.ReportBadReceipt(
+                validator_pb2.ReportBadReceiptRequest(
+                    job_uuid=self._job_uuid,
+                    receipt=bad.receipt,
+                    certificate=self._certificate,
+                    reason=bad.reason,
+                ),
+                timeout=END_CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                self._log.warning("report_bad_receipt_failed", error=_rpc_error(exc))
+
+    async def _send_closed(self, ending: _Ending) -> None:
+        closed = gateway_pb2.SessionClosed(
+            reason=ending.reason, bad_receipt=ending.bad_receipt is not None
+        )
+        if ending.result is not None:
+            closed.result.CopyFrom(ending.result)
+        with contextlib.suppress(Exception):
+            async with self._write_lock:
+                await self._write_raw(gateway_pb2.SessionResponse(closed=closed))
+
+
+class _Internal(HordeError):
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self) -> None:
+        super().__init__("internal gateway error (logged by the gateway)")

@@ -1,0 +1,143 @@
+"""Start a validator: the client job API over the miners the chain adapter knows."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from horde.v1 import (
+    validator_admin_pb2,
+    validator_admin_pb2_grpc,
+    validator_pb2,
+    validator_pb2_grpc,
+)
+
+from horde_services.core.app import ServiceApp
+from horde_services.core.auth import Authenticator, MethodPolicy, StaticPolicy
+from horde_services.core.config import ValidatorSettings
+from horde_services.core.db import open_database
+from horde_services.core.errors import ConfigError
+from horde_services.core.identity import Signer
+from horde_services.core.runtime import load_signer, open_chain, parse_identities
+from horde_services.core.server import ServiceRegistration, create_server
+from horde_services.validator.admin import ValidatorAdminServicer
+from horde_services.validator.jobs import JobManager
+from horde_services.validator.miners import MinerDirectory
+from horde_services.validator.scoring import Scorer
+from horde_services.validator.service import ValidatorServicer
+from horde_services.validator.spotcheck import SpotChecker
+from horde_services.validator.store import JobStore
+from horde_services.validator.streaming import StreamingJobs, Whitelist
+from horde_services.validator.synthetic import RoundRunner, SyntheticStore
+
+
+async def start_validator(settings: ValidatorSettings, signer: Signer | None = None) -> ServiceApp:
+    signer = signer or load_signer(settings, "validator")
+    clients = parse_identities(settings.clients, "clients")
+    admins = parse_identities(settings.admins, "admins")
+    parse_identities(list(settings.miners), "miners")
+    parse_identities(list(settings.gateways), "gateways")
+    if settings.trusted_miner is not None:
+        (trusted,) = parse_identities([settings.trusted_miner.identity], "trusted_miner.identity")
+        if trusted in parse_identities(list(settings.miners), "miners"):
+            raise ConfigError(
+                "invalid setting 'trusted_miner': it must not also be in 'miners' "
+                "(organic and streaming jobs would be routed to it)"
+            )
+    try:
+        whitelist = Whitelist(settings.streaming_whitelist)
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting 'streaming_whitelist': {exc}") from None
+    chain = open_chain(settings, signer)
+    engine = await open_database(settings.database("validator"))
+    store = JobStore(engine)
+    directory = MinerDirectory(signer, chain, settings.miners, settings.tls)
+    manager = JobManager(
+        signer, store, directory, settings.state_dir / "spool", settings.max_inline_output_bytes
+    )
+    await manager.recover()
+    synthetic = SyntheticStore(engine)
+    rounds = RoundRunner(str(signer.identity), directory, synthetic, settings.synthetic)
+    scorer = Scorer(synthetic, chain, settings.synthetic)
+    spotcheck = SpotChecker(
+        signer,
+        engine,
+        store,
+        synthetic,
+        settings.spotcheck,
+        settings.gateways,
+        settings.trusted_miner,
+        settings.tls,
+        settings.default_executor_class,
+    )
+    admin_prefix = (
+        "/"
+        + validator_admin_pb2.DESCRIPTOR.services_by_name["ValidatorAdminService"].full_name
+        + "/"
+    )
+    auth = Authenticator(
+        signer.identity,
+        MethodPolicy(
+            [
+                (admin_prefix, StaticPolicy(admins, "a validator admin")),
+                ("/", StaticPolicy(clients, "an enrolled client")),
+            ]
+        ),
+        max_skew_s=settings.auth.max_clock_skew_s,
+    )
+    servicer = ValidatorServicer(
+        manager,
+        store,
+        set(settings.allowed_images),
+        settings.default_executor_class,
+        settings.max_inline_input_bytes,
+        settings.max_stage_timeout_s,
+        admins,
+    )
+    servicer.streaming = StreamingJobs(
+        manager,
+        store,
+        whitelist,
+        settings.default_executor_class,
+        str(signer.identity),
+        synthetic,
+        settings.max_inline_input_bytes,
+    )
+    server = await create_server(
+        settings.listen,
+        [
+            ServiceRegistration(
+                validator_pb2.DESCRIPTOR.services_by_name["ValidatorService"].full_name,
+                validator_pb2_grpc.add_ValidatorServiceServicer_to_server,
+                servicer,
+            ),
+            ServiceRegistration(
+                validator_admin_pb2.DESCRIPTOR.services_by_name["ValidatorAdminService"].full_name,
+                validator_admin_pb2_grpc.add_ValidatorAdminServiceServicer_to_server,
+                ValidatorAdminServicer(rounds, scorer, spotcheck),
+            ),
+        ],
+        authenticator=auth,
+        service_label="validator",
+        tls=settings.tls,
+    )
+
+    async def close_all() -> None:
+        await manager.close()
+        await spotcheck.close()
+        await directory.close()
+        await chain.close()
+        await engine.dispose()
+
+    background: list[Callable[[], Awaitable[None]]] = (
+        [rounds.run_forever, scorer.run_forever] if settings.synthetic.enabled else []
+    )
+    if settings.spotcheck.enabled and spotcheck.configured:
+        background.append(spotcheck.run_forever)
+    return ServiceApp(
+        name="validator",
+        signer=signer,
+        servers=[server],
+        background=background,
+        closers=[close_all],
+        grace_s=settings.shutdown_grace_s,
+    )

@@ -1,0 +1,577 @@
+"""The validator's job manager: routes organic jobs to miners and keeps the clock on them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+from horde.v1 import common_pb2, job_pb2, miner_pb2, streaming_pb2, validator_pb2
+
+from horde_services.core import lifecycle, metrics
+from horde_services.core.certificates import CertificateError, verify_certificate
+from horde_services.core.identity import Signer
+from horde_services.core.proto_util import (
+    TERMINAL_STATES,
+    event,
+    reason_name,
+    result,
+    stage_name,
+    state_name,
+)
+from horde_services.validator.miners import MinerDirectory, MinerRef
+from horde_services.validator.store import JobStore
+
+log = structlog.get_logger("horde.validator.jobs")
+
+INPUT_CHUNK = 1024 * 1024
+DEFAULT_TIMEOUTS = {
+    "reservation_s": 30,
+    "image_pull_s": 600,
+    "volume_download_s": 300,
+    "execution_s": 600,
+    "output_upload_s": 300,
+    "streaming_start_s": 120,
+}
+# Time the network may add on top of the job's own stage limits before the validator gives up.
+DEADLINE_SLACK_S = 30.0
+CANCEL_WAIT_S = 10.0
+
+Item = job_pb2.JobEvent | job_pb2.OutputChunk | job_pb2.JobResult | validator_pb2.StreamingJobReady
+
+
+def fill_timeouts(spec: job_pb2.JobSpec) -> None:
+    for name, default in DEFAULT_TIMEOUTS.items():
+        if not getattr(spec.timeouts, name):
+            setattr(spec.timeouts, name, default)
+
+
+@dataclass(eq=False)
+class LiveJob:
+    job_uuid: str
+    spec: job_pb2.JobSpec
+    client: str
+    spool: Path | None
+    history: list[Item] = field(default_factory=list)
+    subscribers: set[asyncio.Queue[Item]] = field(default_factory=set)
+    result: job_pb2.JobResult | None = None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    outputs: dict[str, bytearray] = field(default_factory=dict)
+    output_bytes: int = 0
+    # Streaming jobs: the gateway allowed at the job proxy, the image id the whitelist pins (or
+    # ""), the ready message once the miner certified the job key, the open RunJob stream's
+    # outbox (extra data) and the placements awaited, by file name.
+    kind: str = "organic"
+    gateway: str = ""
+    image_digest: str = ""
+    ready: validator_pb2.StreamingJobReady | None = None
+    outbox: asyncio.Queue[miner_pb2.RunJobRequest | None] | None = None
+    placements: dict[str, asyncio.Future[streaming_pb2.ExtraDataPlaced]] = field(
+        default_factory=dict
+    )
+
+
+class JobManager:
+    def __init__(
+        self,
+        signer: Signer,
+        store: JobStore,
+        directory: MinerDirectory,
+        spool_dir: Path,
+        max_output_bytes: int,
+    ) -> None:
+        self._signer = signer
+        self._store = store
+        self._directory = directory
+        self._spool_dir = spool_dir
+        self._max_output = max_output_bytes
+        self._live: dict[str, LiveJob] = {}
+
+    def new_spool(self) -> tuple[str, Path]:
+        job_uuid = str(uuid.uuid4())
+        path = self._spool_dir / job_uuid
+        path.mkdir(parents=True, exist_ok=True)
+        return job_uuid, path
+
+    async def recover(self) -> int:
+        """After a restart no job may stay 'running' forever: end each as horde_failed."""
+        stale = await self._store.unfinished()
+        for job_uuid in stale:
+            await self._store.finish(
+                result(
+                    job_uuid,
+                    common_pb2.JOB_STATE_HORDE_FAILED,
+                    common_pb2.FAILURE_REASON_VALIDATOR_RESTARTED,
+                    common_pb2.STAGE_UNSPECIFIED,
+                    "the validator restarted while the job was in flight; it was not resumed",
+                )
+            )
+        if stale:
+            log.warning("jobs_failed_on_restart", count=len(stale))
+        shutil.rmtree(self._spool_dir, ignore_errors=True)
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        return len(stale)
+
+    async def submit(
+        self,
+        job_uuid: str,
+        spec: job_pb2.JobSpec,
+        client: str,
+        spool: Path | None,
+        kind: str = "organic",
+        *,
+        gateway: str = "",
+        image_digest: str = "",
+    ) -> LiveJob:
+        fill_timeouts(spec)
+        if kind == "organic" and spec.output.WhichOneof("target") != "upload":
+            # Inline outputs are capped by the validator whatever the client asked for.
+            asked = spec.output.stream.max_bytes
+            spec.output.stream.max_bytes = (
+                min(asked, self._max_output) if asked else self._max_output
+            )
+        await self._store.create(job_uuid, client, kind, spec)
+        job = LiveJob(
+            job_uuid=job_uuid,
+            spec=spec,
+            client=client,
+            spool=spool,
+            kind=kind,
+            gateway=gateway,
+            image_digest=image_digest,
+        )
+        self._live[job_uuid] = job
+        await self._publish(
+            job,
+            event(job_uuid, common_pb2.JOB_STATE_ACCEPTED, common_pb2.STAGE_ACCEPT, "job accepted"),
+        )
+        job.task = asyncio.create_task(self._run(job))
+        return job
+
+    async def reject(
+        self,
+        job_uuid: str,
+        spec: job_pb2.JobSpec,
+        client: str,
+        res: job_pb2.JobResult,
+        kind: str = "organic",
+    ) -> None:
+        await self._store.create(job_uuid, client, kind, spec)
+        await self._store.finish(res)
+
+    async def close(self) -> None:
+        """Stop following jobs in flight (shutdown): their miners see the stream end and cancel
+        the work; the next start ends them as horde_failed (validator_restarted)."""
+        tasks = [job.task for job in self._live.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def live(self, job_uuid: str) -> LiveJob | None:
+        return self._live.get(job_uuid)
+
+    async def follow(self, job: LiveJob) -> AsyncIterator[Item]:
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        for item in job.history:
+            queue.put_nowait(item)
+        job.subscribers.add(queue)
+        try:
+            while True:
+                item = await queue.get()
+                yield item
+                if isinstance(item, job_pb2.JobResult):
+                    return
+        finally:
+            job.subscribers.discard(queue)
+
+    async def cancel(self, job_uuid: str) -> bool:
+        job = self._live.get(job_uuid)
+        if job is None or job.result is not None:
+            return False
+        job.cancel.set()
+        if job.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(job.task)
+        return True
+
+    async def _publish(self, job: LiveJob, item: Item) -> None:
+        if isinstance(item, job_pb2.JobEvent):
+            await self._store.add_event(item)
+        if not isinstance(item, job_pb2.OutputChunk):
+            job.history.append(item)
+        for queue in list(job.subscribers):
+            queue.put_nowait(item)
+
+    async def _finish(self, job: LiveJob, res: job_pb2.JobResult) -> None:
+        if job.result is not None:
+            return
+        res.job_uuid = job.job_uuid
+        job.result = res
+        metrics.JOBS.labels(job.kind, state_name(res.state), reason_name(res.reason)).inc()
+        for name, waiter in job.placements.items():
+            if not waiter.done():
+                waiter.set_result(
+                    streaming_pb2.ExtraDataPlaced(
+                        job_uuid=job.job_uuid, file_name=name, error="the job ended first"
+                    )
+                )
+        for timing in res.stage_timings:
+            metrics.STAGE_SECONDS.labels(stage_name(timing.stage)).observe(timing.seconds)
+        await self._store.finish(res)
+        await self._publish(job, res)
+        log.info(
+            "job_finished",
+            job_uuid=job.job_uuid,
+            state=common_pb2.JobState.Name(res.state),
+            reason=common_pb2.FailureReason.Name(res.reason),
+            miner=res.miner_hotkey,
+        )
+
+    def _deadline_s(self, job: LiveJob) -> float:
+        t = job.spec.timeouts
+        if job.kind == "streaming":
+            # The session's time limit starts once the service is up.
+            return (
+                t.reservation_s
+                + t.image_pull_s
+                + t.streaming_start_s
+                + t.execution_s
+                + DEADLINE_SLACK_S
+            )
+        return (
+            t.reservation_s
+            + t.image_pull_s
+            + t.volume_download_s
+            + t.execution_s
+            + t.output_upload_s
+            + DEADLINE_SLACK_S
+        )
+
+    async def _route_or_cancel(self, job: LiveJob) -> job_pb2.JobResult:
+        """The job's result from its miner; once the client cancels, the miner has
+        CANCEL_WAIT_S to confirm, after which the job ends cancelled here (dropping the miner's
+        stream tells it to stop the job)."""
+        route = asyncio.create_task(self._route(job))
+        cancelled = asyncio.create_task(job.cancel.wait())
+        try:
+            await asyncio.wait({route, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not route.done():
+                await asyncio.wait({route}, timeout=CANCEL_WAIT_S)
+            if route.done():
+                return route.result()
+            log.warning("cancel_unconfirmed", job_uuid=job.job_uuid, waited_s=CANCEL_WAIT_S)
+            return result(
+                job.job_uuid,
+                common_pb2.JOB_STATE_CANCELLED,
+                common_pb2.FAILURE_REASON_CANCELLED,
+                common_pb2.STAGE_UNSPECIFIED,
+                f"cancelled; the miner did not confirm within {CANCEL_WAIT_S:.0f} s (its "
+                "stream was dropped, which stops the job there)",
+            )
+        finally:
+            cancelled.cancel()
+            if not route.done():
+                route.cancel()
+                # Wait for it to stop without taking its cancellation for ours: a shutdown or
+                # the deadline cancelling this task still goes through.
+                await asyncio.wait({route})
+
+    async def _run(self, job: LiveJob) -> None:
+        try:
+            async with asyncio.timeout(self._deadline_s(job)):
+                res = await self._route_or_cancel(job)
+        except TimeoutError:
+            if job.cancel.is_set():  # the client had cancelled it: that is how it ended
+                res = result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_CANCELLED,
+                    common_pb2.FAILURE_REASON_CANCELLED,
+                    common_pb2.STAGE_UNSPECIFIED,
+                    "cancelled (at the job's overall deadline)",
+                )
+            else:
+                res = result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_HORDE_FAILED,
+                    common_pb2.FAILURE_REASON_DEADLINE_MISSED,
+                    common_pb2.STAGE_UNSPECIFIED,
+                    f"the job missed its overall deadline of {self._deadline_s(job):.0f}s",
+                )
+        except Exception as exc:
+            log.exception("job_route_error", job_uuid=job.job_uuid)
+            res = result(
+                job.job_uuid,
+                common_pb2.JOB_STATE_HORDE_FAILED,
+                common_pb2.FAILURE_REASON_INTERNAL_ERROR,
+                common_pb2.STAGE_UNSPECIFIED,
+                f"validator error: {exc!r}",
+            )
+        try:
+            await self._finish(job, res)
+        finally:
+            self._live.pop(job.job_uuid, None)
+            if job.spool is not None:
+                await asyncio.to_thread(shutil.rmtree, job.spool, True)
+
+    async def _route(self, job: LiveJob) -> job_pb2.JobResult:
+        spec = job.spec
+        stage = common_pb2.STAGE_RESERVATION
+        deadline = time.monotonic() + spec.timeouts.reservation_s
+        tried: set[MinerRef] = set()
+        saw_class = False
+        while True:
+            if job.cancel.is_set():
+                return result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_CANCELLED,
+                    common_pb2.FAILURE_REASON_CANCELLED,
+                    stage,
+                    "cancelled before an executor was reserved",
+                )
+            candidates, any_of_class, unreachable = await self._directory.candidates(
+                spec.executor_class
+            )
+            saw_class = saw_class or any_of_class
+            fresh = [m for m in candidates if m not in tried]
+            if (
+                not saw_class
+                and not unreachable
+                and not self._directory.recently_offered(spec.executor_class)
+            ):
+                return result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_REJECTED,
+                    common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS,
+                    stage,
+                    f"no miner offers an executor of class {spec.executor_class!r}",
+                )
+            for miner in fresh:
+                tried.add(miner)
+                outcome = await self._attempt(job, miner)
+                if outcome is not None:
+                    return outcome
+            if time.monotonic() >= deadline:
+                if not saw_class and not unreachable:
+                    return result(
+                        job.job_uuid,
+                        common_pb2.JOB_STATE_HORDE_FAILED,
+                        common_pb2.FAILURE_REASON_EXECUTOR_LOST,
+                        stage,
+                        f"executors of class {spec.executor_class!r} were offered recently but "
+                        f"none reconnected within {spec.timeouts.reservation_s}s",
+                    )
+                if not saw_class:
+                    return result(
+                        job.job_uuid,
+                        common_pb2.JOB_STATE_HORDE_FAILED,
+                        common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
+                        stage,
+                        f"{unreachable} miner(s) could not be reached for "
+                        f"{spec.timeouts.reservation_s}s and no other offers an executor of "
+                        f"class {spec.executor_class!r}",
+                    )
+                return result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_REJECTED,
+                    common_pb2.FAILURE_REASON_BUSY,
+                    stage,
+                    f"every executor of class {spec.executor_class!r} stayed busy for "
+                    f"{spec.timeouts.reservation_s}s",
+                )
+            if not fresh:
+                tried.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await job.cancel.wait()
+
+    async def _attempt(self, job: LiveJob, miner: MinerRef) -> job_pb2.JobResult | None:
+        """Run the job on one miner; None when the miner was busy (try the next)."""
+        # Bounded, so a big input streams at the pace the miner takes it.
+        outbox: asyncio.Queue[miner_pb2.RunJobRequest | None] = asyncio.Queue(maxsize=8)
+
+        async def requests() -> AsyncIterator[miner_pb2.RunJobRequest]:
+            while (msg := await outbox.get()) is not None:
+                yield msg
+
+        outbox.put_nowait(
+            miner_pb2.RunJobRequest(
+                start=miner_pb2.RunJobStart(
+                    job_uuid=job.job_uuid,
+                    spec=job.spec,
+                    job_kind=job.kind,
+                    gateway_identity=job.gateway,
+                    image_digest=job.image_digest,
+                )
+            )
+        )
+        job.outbox = outbox
+        call = self._directory.stub(miner).RunJob(requests())
+        sender: asyncio.Task[None] | None = None
+        canceller = asyncio.create_task(self._watch_cancel(job, outbox))
+        stage = common_pb2.STAGE_RESERVATION
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("payload")
+                if kind == "result":
+                    res: job_pb2.JobResult = msg.result
+                    if res.state == common_pb2.JOB_STATE_REJECTED and res.reason in (
+                        common_pb2.FAILURE_REASON_BUSY,
+                        common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS,
+                    ):
+                        log.info("miner_busy", job_uuid=job.job_uuid, miner=miner.identity)
+                        return None
+                    if job.cancel.is_set() and res.state not in TERMINAL_STATES - {
+                        common_pb2.JOB_STATE_CANCELLED
+                    }:
+                        res.state = common_pb2.JOB_STATE_CANCELLED
+                    return res
+                if kind == "receipt":
+                    receipt = msg.receipt
+                    problem = lifecycle.verify(receipt, require_validator=False)
+                    payload = lifecycle.parse(receipt)
+                    if problem is not None or payload.miner_hotkey != miner.identity:
+                        log.warning("bad_lifecycle_receipt", miner=miner.identity, problem=problem)
+                        continue
+                    signed = lifecycle.countersign(receipt, self._signer)
+                    await self._store.put_receipt(signed)
+                    await outbox.put(miner_pb2.RunJobRequest(countersigned_receipt=signed))
+                    if sender is None:
+                        sender = asyncio.create_task(self._send_inputs(job, outbox))
+                elif kind == "event":
+                    stage = msg.event.stage
+                    await self._publish(job, msg.event)
+                elif kind == "output_chunk":
+                    await self._collect(job, msg.output_chunk)
+                elif kind == "streaming_ready" and job.kind == "streaming":
+                    problem = self._streaming_ready(job, miner, msg.streaming_ready)
+                    if problem is not None:
+                        log.warning("bad_streaming_ready", job_uuid=job.job_uuid, problem=problem)
+                        return result(
+                            job.job_uuid,
+                            common_pb2.JOB_STATE_HORDE_FAILED,
+                            common_pb2.FAILURE_REASON_INVALID_SIGNATURE,
+                            common_pb2.STAGE_STREAMING_START,
+                            f"miner {miner.identity}: {problem}",
+                        )
+                    stage = common_pb2.STAGE_EXECUTION
+                    assert job.ready is not None
+                    await self._publish(job, job.ready)
+                elif kind == "extra_data_placed":
+                    placed = msg.extra_data_placed
+                    waiter = job.placements.pop(placed.file_name, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(placed)
+            return result(
+                job.job_uuid,
+                common_pb2.JOB_STATE_HORDE_FAILED,
+                common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
+                stage,
+                f"miner {miner.identity} closed the job stream without a result",
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning(
+                "miner_call_failed",
+                job_uuid=job.job_uuid,
+                miner=miner.identity,
+                code=exc.code().name,
+            )
+            if stage == common_pb2.STAGE_RESERVATION and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return None
+            return result(
+                job.job_uuid,
+                common_pb2.JOB_STATE_HORDE_FAILED,
+                common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
+                stage,
+                f"lost the miner {miner.identity}: {exc.code().name}: {exc.details()}",
+            )
+        finally:
+            job.outbox = None
+            canceller.cancel()
+            if sender is not None:
+                sender.cancel()
+            with contextlib.suppress(asyncio.QueueFull):
+                outbox.put_nowait(None)
+            call.cancel()
+
+    def _streaming_ready(
+        self, job: LiveJob, miner: MinerRef, ready: miner_pb2.StreamingReady
+    ) -> str | None:
+        """Check the miner's certificate for the job key; None when the job may be served."""
+        if job.ready is not None:
+            return "sent a second streaming_ready"
+        try:
+            payload = verify_certificate(
+                ready.certificate, miner=miner.identity, job_uuid=job.job_uuid
+            )
+        except CertificateError as exc:
+            return f"bad job certificate: {exc}"
+        if payload.validator_hotkey != str(self._signer.identity):
+            return f"the job certificate names validator {payload.validator_hotkey}"
+        if payload.endpoint != ready.proxy_endpoint:
+            return f"the job certificate names endpoint {payload.endpoint}"
+        if job.image_digest and payload.image_digest != job.image_digest:
+            return (
+                f"the job runs image {payload.image_digest}, the whitelist pins {job.image_digest}"
+            )
+        job.ready = validator_pb2.StreamingJobReady(
+            job_uuid=job.job_uuid,
+            proxy_endpoint=ready.proxy_endpoint,
+            certificate=ready.certificate,
+            proxy_identity=ready.proxy_identity,
+        )
+        log.info(
+            "streaming_job_ready",
+            job_uuid=job.job_uuid,
+            miner=miner.identity,
+            endpoint=ready.proxy_endpoint,
+            image_digest=payload.image_digest,
+        )
+        return None
+
+    async def _watch_cancel(
+        self, job: LiveJob, outbox: asyncio.Queue[miner_pb2.RunJobRequest | None]
+    ) -> None:
+        await job.cancel.wait()
+        await outbox.put(miner_pb2.RunJobRequest(cancel=True))
+
+    async def _send_inputs(
+        self, job: LiveJob, outbox: asyncio.Queue[miner_pb2.RunJobRequest | None]
+    ) -> None:
+        for index, volume in enumerate(job.spec.inputs):
+            if volume.WhichOneof("source") not in ("inline_archive", "inline_file"):
+                continue
+            assert job.spool is not None
+            path = job.spool / str(index)
+            with path.open("rb") as fh:
+                while True:
+                    block = fh.read(INPUT_CHUNK)
+                    at_end = fh.tell() >= path.stat().st_size
+                    await outbox.put(
+                        miner_pb2.RunJobRequest(
+                            input_chunk=job_pb2.InputChunk(
+                                volume_index=index, data=block, last=at_end or not block
+                            )
+                        )
+                    )
+                    if at_end or not block:
+                        break
+
+    async def _collect(self, job: LiveJob, chunk: job_pb2.OutputChunk) -> None:
+        buf = job.outputs.setdefault(chunk.path, bytearray())
+        job.output_bytes += len(chunk.data)
+        if job.output_bytes <= self._max_output:
+            buf.extend(chunk.data)
+        await self._publish(job, chunk)
+        if chunk.last and job.output_bytes <= self._max_output:
+            await self._store.put_output(job.job_uuid, chunk.path, bytes(buf))
+            del job.outputs[chunk.path]

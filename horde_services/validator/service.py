@@ -1,0 +1,362 @@
+"""ValidatorService: the job API for clients (thin: validate, then hand to the JobManager)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import structlog
+from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
+
+from horde_services.core.errors import (
+    HordeError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from horde_services.core.proto_util import TERMINAL_STATES, parse_cursor, result
+from horde_services.core.server import current_caller
+from horde_services.executor.archive import ArchiveError, clean_member_name
+from horde_services.validator.jobs import JobManager
+from horde_services.validator.spec_checks import is_sha256_hex, shorten, spec_problem
+from horde_services.validator.store import JobStore, chunks
+from horde_services.validator.streaming import StreamingRpcs, parse_job_uuid
+
+log = structlog.get_logger("horde.validator")
+OUTPUT_CHUNK = 1024 * 1024
+# A SubmitJob refused while the client is still uploading inputs is not answered at once: the
+# rest of the upload is read and thrown away first, and the refusal is sent once the client
+# half-closes. Answering earlier fails the client's pending write, and grpc.aio then reports the
+# call as INTERNAL ("Internal error from Core") instead of the validator's status. At most this
+# many bytes past the cap (and never more than the cap again) are read from a refused upload; a
+# client that sends more is cut off mid-stream, as is one that declares more than that up front.
+REFUSED_UPLOAD_DRAIN_BYTES = 256 * 1024 * 1024
+# ...and a client that sends nothing for this long gets the refusal anyway (e.g. one that keeps
+# the stream open after its inputs, to be able to cancel).
+REFUSED_UPLOAD_IDLE_S = 5.0
+# A ListJobs page ends early rather than pass this many bytes of jobs: under gRPC's default
+# 4 MiB receive limit of clients, whatever the jobs' results hold (next_cursor goes on).
+LIST_PAGE_BYTES = 3 * 1024 * 1024
+
+
+def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None) -> None:
+    """Raise InvalidArgument naming the first bad field."""
+    problem = spec_problem(spec)
+    if problem is not None:
+        raise InvalidArgument(problem)
+    if spec.HasField("streaming"):
+        raise InvalidArgument(
+            "spec.streaming: streaming jobs start through a gateway (StartStreamingJob), not "
+            "SubmitJob"
+        )
+    if max_stage_timeout_s is not None:
+        for field, value in spec.timeouts.ListFields():
+            if value > max_stage_timeout_s:
+                raise InvalidArgument(
+                    f"spec.timeouts.{field.name}: {value} s exceeds this validator's maximum of "
+                    f"{max_stage_timeout_s} s"
+                )
+    single_files: dict[str, int] = {}  # path under /volume -> the input that puts a file there
+    for index, volume in enumerate(spec.inputs):
+        where = f"spec.inputs[{index}]"
+        source = volume.WhichOneof("source")
+        if source is None:
+            raise InvalidArgument(
+                f"{where}: a source (inline_archive, url or inline_file) is required"
+            )
+        if volume.mount_path:
+            try:
+                clean_member_name(volume.mount_path)
+            except ArchiveError as exc:
+                raise InvalidArgument(f"{where}.mount_path: {exc}") from None
+        if source == "inline_file":
+            name = volume.inline_file.file_name
+            if not name or "/" in name or name in (".", ".."):
+                raise InvalidArgument(
+                    f"{where}.inline_file.file_name: a plain file name is required"
+                )
+            path = f"{volume.mount_path.strip('/')}/{name}".lstrip("/")
+            other = single_files.setdefault(path, index)
+            if other != index:
+                raise InvalidArgument(
+                    f"{where}.inline_file: /volume/{path} is already spec.inputs[{other}]'s"
+                )
+        if source == "url":
+            if not volume.url.url.startswith(("http://", "https://")):
+                raise InvalidArgument(f"{where}.url.url: must be an http(s) URL")
+            if not is_sha256_hex(volume.url.sha256):
+                raise InvalidArgument(f"{where}.url.sha256: a 64-hex-digit sha256 is required")
+        if source in ("inline_archive", "inline_file"):
+            declared = getattr(volume, source).sha256
+            if declared and not is_sha256_hex(declared):
+                raise InvalidArgument(
+                    f"{where}.{source}.sha256: {shorten(declared)!r} is not a 64-hex-digit sha256"
+                )
+    if spec.output.WhichOneof("target") == "upload" and not spec.output.upload.url.startswith(
+        ("http://", "https://")
+    ):
+        raise InvalidArgument("spec.output.upload.url: must be an http(s) URL")
+
+
+class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServicer):
+    def __init__(
+        self,
+        manager: JobManager,
+        store: JobStore,
+        allowed_images: set[str],
+        default_class: str,
+        max_input_bytes: int,
+        max_stage_timeout_s: int | None = None,
+        admins: set[str] | None = None,
+    ) -> None:
+        self._manager = manager
+        # Identity strings that see every client's jobs (the others see their own).
+        self._admins = admins or set()
+        self._max_stage_timeout_s = max_stage_timeout_s
+        self._store = store
+        self._allowed = allowed_images
+        self._default_class = default_class
+        self._max_input = max_input_bytes
+        # Bytes read from one upload at most (stored ones included) before it is cut off.
+        self._read_limit = max_input_bytes + min(max_input_bytes, REFUSED_UPLOAD_DRAIN_BYTES)
+
+    async def SubmitJob(
+        self,
+        request_iterator: AsyncIterator[validator_pb2.SubmitJobRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[validator_pb2.SubmitJobResponse]:
+        client = str(current_caller())
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("payload") != "spec":
+            raise InvalidArgument("the first SubmitJob message must carry the job spec")
+        spec = first.spec
+        try:
+            validate_spec(spec, self._max_stage_timeout_s)
+        except InvalidArgument:
+            await self._discard_upload(requests, first.ByteSize())  # so the client reads why
+            raise
+        if not spec.executor_class:
+            spec.executor_class = self._default_class
+        declared = sum(
+            getattr(v, v.WhichOneof("source") or "").size_bytes
+            for v in spec.inputs
+            if v.WhichOneof("source") in ("inline_archive", "inline_file")
+        )
+        if declared > self._max_input:
+            # Refused before any input byte is stored (nothing on disk, nothing in the DB).
+            refusal = ResourceExhausted(
+                f"inline inputs exceed the validator's cap of {self._max_input} bytes "
+                f"(the spec declares {declared})"
+            )
+            if declared <= self._read_limit:
+                await self._discard_upload(requests, 0)
+            raise refusal
+        job_uuid, spool = self._manager.new_spool()
+        if spec.image not in self._allowed:
+            res = result(
+                job_uuid,
+                common_pb2.JOB_STATE_REJECTED,
+                common_pb2.FAILURE_REASON_IMAGE_NOT_ALLOWED,
+                common_pb2.STAGE_ACCEPT,
+                f"image {spec.image!r} is not on the validator's allow-list",
+            )
+            await self._manager.reject(job_uuid, spec, client, res)
+            spool.rmdir()
+            yield validator_pb2.SubmitJobResponse(result=res)
+            return
+        try:
+            await self._spool_inputs(spec, requests, spool)
+        except BaseException:
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
+        job = await self._manager.submit(job_uuid, spec, client, spool)
+        log.info("job_submitted", job_uuid=job_uuid, image=spec.image, client=client)
+        watcher = asyncio.create_task(self._watch_cancel(requests, job_uuid))
+        try:
+            async for item in self._manager.follow(job):
+                if isinstance(item, job_pb2.JobEvent):
+                    yield validator_pb2.SubmitJobResponse(event=item)
+                elif isinstance(item, job_pb2.OutputChunk):
+                    yield validator_pb2.SubmitJobResponse(output_chunk=item)
+                elif isinstance(item, job_pb2.JobResult):
+                    yield validator_pb2.SubmitJobResponse(result=item)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _watch_cancel(
+        self, requests: AsyncIterator[validator_pb2.SubmitJobRequest], job_uuid: str
+    ) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            async for msg in requests:
+                if msg.WhichOneof("payload") == "cancel" and msg.cancel:
+                    await self._manager.cancel(job_uuid)
+                    return
+
+    async def _spool_inputs(
+        self,
+        spec: job_pb2.JobSpec,
+        requests: AsyncIterator[validator_pb2.SubmitJobRequest],
+        spool: Path,
+    ) -> None:
+        pending = {
+            i: getattr(v, v.WhichOneof("source") or "")
+            for i, v in enumerate(spec.inputs)
+            if v.WhichOneof("source") in ("inline_archive", "inline_file")
+        }
+        total = 0
+        digests = {i: hashlib.sha256() for i in pending}
+        sizes = dict.fromkeys(pending, 0)
+        files = {i: (spool / str(i)).open("wb") for i in pending}
+        try:
+            while pending:
+                msg = await anext(requests, None)
+                if msg is None:
+                    missing = ", ".join(str(i) for i in sorted(pending))
+                    raise InvalidArgument(
+                        f"the stream ended before the bytes of input(s) {missing}"
+                    )
+                total += msg.ByteSize()
+                try:
+                    self._spool_chunk(msg, pending, files, digests, sizes)
+                except HordeError:
+                    # Refused mid-upload: read the rest first, so the client sees this status.
+                    await self._discard_upload(requests, total)
+                    raise
+        finally:
+            for fh in files.values():
+                fh.close()
+
+    def _spool_chunk(
+        self,
+        msg: validator_pb2.SubmitJobRequest,
+        pending: dict[int, job_pb2.InlineArchive | job_pb2.InlineFile],
+        files: dict[int, io.BufferedWriter],
+        digests: dict[int, hashlib._Hash],
+        sizes: dict[int, int],
+    ) -> None:
+        """Store one input chunk; a HordeError refuses the upload."""
+        if msg.WhichOneof("payload") != "input_chunk":
+            raise InvalidArgument("expected input_chunk messages until every inline input is sent")
+        chunk = msg.input_chunk
+        if chunk.volume_index not in pending:
+            raise InvalidArgument(
+                f"input_chunk for input {chunk.volume_index}, which is not an open inline input"
+            )
+        if sum(sizes.values()) + len(chunk.data) > self._max_input:
+            raise ResourceExhausted(
+                f"inline inputs exceed the validator's cap of {self._max_input} bytes"
+            )
+        i = chunk.volume_index
+        files[i].write(chunk.data)
+        digests[i].update(chunk.data)
+        sizes[i] += len(chunk.data)
+        if chunk.last:
+            declared = pending.pop(i)
+            if declared.size_bytes and sizes[i] != declared.size_bytes:
+                raise InvalidArgument(
+                    f"spec.inputs[{i}]: got {sizes[i]} bytes, declared {declared.size_bytes}"
+                )
+            if declared.sha256 and digests[i].hexdigest() != declared.sha256.lower():
+                raise InvalidArgument(f"spec.inputs[{i}]: sha256 mismatch")
+            if not declared.size_bytes:
+                declared.size_bytes = sizes[i]
+
+    async def _discard_upload(
+        self, requests: AsyncIterator[validator_pb2.SubmitJobRequest], read: int
+    ) -> None:
+        """Read and drop the rest of a refused upload (`read` bytes of it already read) until the
+        client half-closes, goes idle, or the upload passes the read limit. The caller then
+        raises its refusal: after a half-close (or while idle) every write of the client has
+        succeeded and it reads that status; past the limit the stream is cut off mid-write."""
+        while read <= self._read_limit:
+            try:
+                async with asyncio.timeout(REFUSED_UPLOAD_IDLE_S):
+                    msg = await anext(requests, None)
+            except TimeoutError:
+                return
+            if msg is None:
+                return
+            read += msg.ByteSize()
+        log.info("refused_upload_cut_off", read_bytes=read, limit=self._read_limit)
+
+    async def _own_record(self, job_uuid: str) -> job_pb2.JobRecord:
+        """The job's record, when the caller submitted it (or is an admin)."""
+        record = await self._store.get(job_uuid)
+        if record is None:
+            raise NotFound(f"no job {job_uuid}")
+        caller = str(current_caller())
+        if record.client != caller and caller not in self._admins:
+            raise PermissionDenied(f"job {job_uuid} was submitted by another client")
+        return record
+
+    async def WatchJob(
+        self, request: validator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[validator_pb2.WatchJobResponse]:
+        job_uuid = parse_job_uuid(request.job_uuid)
+        record = await self._own_record(job_uuid)
+        job = self._manager.live(job_uuid)
+        if job is not None:
+            async for item in self._manager.follow(job):
+                if isinstance(item, job_pb2.JobEvent):
+                    yield validator_pb2.WatchJobResponse(event=item)
+                elif isinstance(item, job_pb2.JobResult):
+                    yield validator_pb2.WatchJobResponse(result=item)
+            return
+        record = await self._store.get(job_uuid) or record  # it may have ended meanwhile
+        for ev in await self._store.events(job_uuid):
+            yield validator_pb2.WatchJobResponse(event=ev)
+        if record.state in TERMINAL_STATES:
+            yield validator_pb2.WatchJobResponse(result=record.result)
+
+    async def GetJob(
+        self, request: validator_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> validator_pb2.GetJobResponse:
+        record = await self._own_record(parse_job_uuid(request.job_uuid))
+        return validator_pb2.GetJobResponse(job=record)
+
+    async def CancelJob(
+        self, request: validator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> validator_pb2.CancelJobResponse:
+        job_uuid = parse_job_uuid(request.job_uuid)
+        await self._own_record(job_uuid)
+        await self._manager.cancel(job_uuid)
+        record = await self._store.get(job_uuid)
+        assert record is not None
+        return validator_pb2.CancelJobResponse(state=record.state)
+
+    async def ListJobs(
+        self, request: validator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> validator_pb2.ListJobsResponse:
+        limit = min(request.limit or 50, 500)
+        cursor = parse_cursor(request.cursor)
+        if request.state and request.state not in common_pb2.JobState.values():
+            raise InvalidArgument(f"state: {request.state} is not a JobState")
+        caller = str(current_caller())
+        records, next_cursor = await self._store.list_jobs(
+            limit,
+            cursor,
+            request.state or None,
+            client=None if caller in self._admins else caller,
+            max_bytes=LIST_PAGE_BYTES,
+        )
+        return validator_pb2.ListJobsResponse(
+            jobs=records, next_cursor=str(next_cursor) if next_cursor is not None else ""
+        )
+
+    async def DownloadOutputs(
+        self, request: validator_pb2.DownloadOutputsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[validator_pb2.DownloadOutputsResponse]:
+        job_uuid = parse_job_uuid(request.job_uuid)
+        await self._own_record(job_uuid)
+        for chunk in chunks(await self._store.outputs(job_uuid), OUTPUT_CHUNK):
+            yield validator_pb2.DownloadOutputsResponse(chunk=chunk)

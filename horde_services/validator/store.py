@@ -1,0 +1,191 @@
+"""The validator's job store (jobs, their events, inline outputs, lifecycle receipts)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from horde.v1 import common_pb2, job_pb2, receipts_pb2
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from horde_services.core import lifecycle
+from horde_services.core.db import job_events, job_outputs, jobs, lifecycle_receipts
+from horde_services.core.proto_util import TERMINAL_STATES
+
+
+class JobStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create(self, job_uuid: str, client: str, kind: str, spec: job_pb2.JobSpec) -> None:
+        now = time.time_ns()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                jobs.insert().values(
+                    job_uuid=job_uuid,
+                    seq=now,
+                    client=client,
+                    kind=kind,
+                    spec=spec.SerializeToString(),
+                    state=common_pb2.JOB_STATE_ACCEPTED,
+                    created_ns=now,
+                    updated_ns=now,
+                )
+            )
+
+    async def add_event(self, ev: job_pb2.JobEvent) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                job_events.insert().values(job_uuid=ev.job_uuid, event=ev.SerializeToString())
+            )
+            await conn.execute(
+                jobs.update()
+                .where(jobs.c.job_uuid == ev.job_uuid, jobs.c.state.not_in(TERMINAL_STATES))
+                .values(state=ev.state, updated_ns=time.time_ns())
+            )
+
+    async def finish(self, res: job_pb2.JobResult) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                jobs.update()
+                .where(jobs.c.job_uuid == res.job_uuid)
+                .values(
+                    state=res.state,
+                    result=res.SerializeToString(),
+                    miner_hotkey=res.miner_hotkey or None,
+                    updated_ns=time.time_ns(),
+                )
+            )
+
+    async def put_output(self, job_uuid: str, path: str, data: bytes) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(job_outputs.insert().values(job_uuid=job_uuid, path=path, data=data))
+
+    async def outputs(self, job_uuid: str) -> list[tuple[str, bytes]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(job_outputs.c.path, job_outputs.c.data)
+                .where(job_outputs.c.job_uuid == job_uuid)
+                .order_by(job_outputs.c.path)
+            )
+            return [(r.path, r.data) for r in rows]
+
+    async def events(self, job_uuid: str) -> list[job_pb2.JobEvent]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(job_events.c.event)
+                .where(job_events.c.job_uuid == job_uuid)
+                .order_by(job_events.c.id)
+            )
+            return [job_pb2.JobEvent.FromString(r.event) for r in rows]
+
+    async def get(self, job_uuid: str) -> job_pb2.JobRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(jobs).where(jobs.c.job_uuid == job_uuid))).first()
+        return _record(row) if row is not None else None
+
+    async def list_jobs(
+        self,
+        limit: int,
+        cursor: int | None,
+        state: int | None,
+        client: str | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[list[job_pb2.JobRecord], int | None]:
+        """A page of jobs, newest first (only `client`'s when given), and the cursor of the
+        next page (None at the end). With `max_bytes` the page ends early rather than hold more
+        serialized bytes than that (it always holds at least one job)."""
+        query = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit + 1)
+        if client is not None:
+            query = query.where(jobs.c.client == client)
+        if cursor is not None:
+            query = query.where(jobs.c.seq < cursor)
+        if state:
+            query = query.where(jobs.c.state == state)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).fetchall()
+        more = len(rows) > limit
+        records: list[job_pb2.JobRecord] = []
+        size = 0
+        last_seq = None
+        for row in rows[:limit]:
+            record = _record(row)
+            size += record.ByteSize()
+            if max_bytes is not None and records and size > max_bytes:
+                more = True
+                break
+            records.append(record)
+            last_seq = row.seq
+        return records, (last_seq if more else None)
+
+    async def unfinished(self) -> list[str]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(jobs.c.job_uuid).where(jobs.c.state.not_in(TERMINAL_STATES))
+            )
+            return [r.job_uuid for r in rows]
+
+    async def put_receipt(self, receipt: receipts_pb2.LifecycleReceipt) -> None:
+        payload = lifecycle.parse(receipt)
+        async with self.engine.begin() as conn:
+            exists = await conn.execute(
+                sa.select(lifecycle_receipts.c.id).where(
+                    lifecycle_receipts.c.job_uuid == payload.job_uuid,
+                    lifecycle_receipts.c.kind == payload.kind,
+                )
+            )
+            if exists.first() is None:
+                await conn.execute(
+                    lifecycle_receipts.insert().values(
+                        job_uuid=payload.job_uuid,
+                        kind=payload.kind,
+                        payload=receipt.payload,
+                        miner_signature=receipt.miner_signature,
+                        validator_signature=receipt.validator_signature,
+                        created_ns=time.time_ns(),
+                    )
+                )
+
+    async def receipts(self, job_uuid: str) -> list[receipts_pb2.LifecycleReceipt]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(lifecycle_receipts)
+                .where(lifecycle_receipts.c.job_uuid == job_uuid)
+                .order_by(lifecycle_receipts.c.id)
+            )
+            return [
+                receipts_pb2.LifecycleReceipt(
+                    payload=r.payload,
+                    miner_signature=r.miner_signature,
+                    validator_signature=r.validator_signature,
+                )
+                for r in rows
+            ]
+
+
+def _record(r: Any) -> job_pb2.JobRecord:
+    rec = job_pb2.JobRecord(
+        job_uuid=r.job_uuid,
+        spec=job_pb2.JobSpec.FromString(r.spec),
+        state=r.state,
+        created_ns=r.created_ns,
+        updated_ns=r.updated_ns,
+        client=r.client,
+    )
+    if r.result:
+        rec.result.CopyFrom(job_pb2.JobResult.FromString(r.result))
+    return rec
+
+
+def chunks(items: Iterable[tuple[str, bytes]], size: int) -> Iterable[job_pb2.OutputChunk]:
+    for path, data in items:
+        if not data:
+            yield job_pb2.OutputChunk(path=path, offset=0, data=b"", last=True)
+            continue
+        for offset in range(0, len(data), size):
+            block = data[offset : offset + size]
+            yield job_pb2.OutputChunk(
+                path=path, offset=offset, data=block, last=offset + len(block) >= len(data)
+            )
