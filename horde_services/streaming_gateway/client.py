@@ -359,6 +359,10 @@ class StreamClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(END_READ_TIMEOUT_S):
                     await self._ended.wait()
+        # Our side ends too: on a channel with interceptors (one that signs its calls) the call
+        # feeds its writes through a task of grpc's own, which ends only with the writes.
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+            await self._call.done_writing()
         self.cancel()
         return self.closed
 

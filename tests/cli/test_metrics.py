@@ -59,7 +59,23 @@ def test_metrics_count_rejected_calls(tmp_path: Path) -> None:
             'horde_rpcs_total{code="UNAUTHENTICATED",method="/horde.v1.GatewayService/ListSamples",'
             'service="gateway"} 1.0' in body
         )
+        assert "process_cpu_seconds_total" in body  # the usual process metrics are there too
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_horde_metrics_stay_out_of_prometheus_default_registry() -> None:
+    """An application importing Horde's client helpers and exporting prometheus_client's default
+    registry does not publish Horde's metrics with its own."""
+    code = (
+        "import prometheus_client\n"
+        "import horde_services.core.server, horde_services.streaming_gateway.client\n"
+        "import horde_services.core.metrics as m\n"
+        "mine = [n for n in prometheus_client.REGISTRY._names_to_collectors if 'horde' in n]\n"
+        "assert mine == [], mine\n"
+        "assert b'horde_rpcs_total' in prometheus_client.generate_latest(m.REGISTRY)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

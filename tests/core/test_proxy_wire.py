@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from horde.v1 import job_proxy_pb2, streaming_pb2
-from prometheus_client import REGISTRY
 
 from horde_services.core.auth import Authenticator, StaticPolicy
 from horde_services.core.errors import InvalidArgument
 from horde_services.core.identity import Ed25519Signer, Identity
+from horde_services.core.metrics import REGISTRY
 from horde_services.core.proxy_wire import (
     MAX_FRAME_BYTES,
     PROXY_METHOD,

@@ -27,13 +27,13 @@ from horde.v1 import (
     miner_pb2_grpc,
     receipts_pb2,
 )
-from prometheus_client import REGISTRY
 
 from horde_services.core import lifecycle
 from horde_services.core.app import ServiceApp
 from horde_services.core.chain import write_roster
 from horde_services.core.config import MinerSettings, load_settings
 from horde_services.core.identity import Ed25519Signer, Signer, create_key_file
+from horde_services.core.metrics import REGISTRY
 from horde_services.core.proto_util import result
 from horde_services.core.server import open_channel
 from horde_services.miner.app import start_miner

@@ -27,10 +27,10 @@ from organic_support import (
     wait_job_container_running,
     wait_no_job_objects,
 )
-from prometheus_client import REGISTRY
 
 from horde_services.core import lifecycle
 from horde_services.core.identity import Ed25519Signer
+from horde_services.core.metrics import REGISTRY
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -25,10 +25,10 @@ import aiodocker
 import grpc
 import pytest
 from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
-from prometheus_client import REGISTRY
 from spotcheck_support import SpotNet, demo_llm, labelled
 
 from horde_services.core.identity import Ed25519Signer
+from horde_services.core.metrics import REGISTRY
 from horde_services.core.server import open_channel
 from horde_services.validator.evidence import EvidenceError, verify_record
 

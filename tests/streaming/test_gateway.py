@@ -305,6 +305,23 @@ async def test_a_bad_certificate_stops_the_job_before_anything_is_sent(
     assert "stopped" in await fv.wait_ended(job_uuid)
 
 
+async def test_a_session_on_a_signing_channel_leaves_no_task_behind(harness: Harness) -> None:
+    """With a channel that signs its calls (interceptors), grpc feeds the call's writes through
+    a task of its own: close() ends it, so nothing is left pending (a "Task was destroyed but it
+    is pending" at exit, and errors from its generator)."""
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)  # signs every call: the client itself has no signer
+    client = StreamClient(channel, validator_identity=str(harness.validator_signer.identity))
+    await client.open(WHITELIST)
+    assert (await client.request(b"one")).body == answer(b"one")
+    feeders = [t for t in asyncio.all_tasks() if "_consume_request_iterator" in repr(t)]
+    assert feeders, "expected grpc's request feeder task on an intercepted call"
+    await client.close()
+    _, pending = await asyncio.wait(feeders, timeout=5)
+    assert not pending, pending
+    await channel.close()
+
+
 async def test_a_certificate_the_client_refuses_ends_the_session_at_once(
     harness: Harness,
 ) -> None:

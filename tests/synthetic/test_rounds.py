@@ -8,7 +8,6 @@ import time
 import grpc
 import pytest
 from horde.v1 import manifest_pb2, miner_pb2, validator_admin_pb2
-from prometheus_client import REGISTRY
 from synthetic_support import (
     FAST,
     SynthNet,
@@ -20,6 +19,7 @@ from synthetic_support import (
 
 from horde_services.core.config import SyntheticClass
 from horde_services.core.identity import Identity
+from horde_services.core.metrics import REGISTRY
 from horde_services.miner import service as miner_service
 
 
