@@ -97,7 +97,8 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
 
 def admin_call(args: argparse.Namespace, name: str, fn: AdminCall) -> int:
     """Run `fn` against the validator's admin service named by --dev or --validator/--key;
-    usage problems exit 2, refused or failed calls exit 1 with the status and its reason."""
+    usage and connection problems exit 2 (as `horde job` does), refused or failed calls exit 1
+    with the status and its reason."""
     from horde_services.cli.client import CliError, validator_target
 
     prog = f"horde validator {name}"
@@ -116,6 +117,10 @@ def admin_call(args: argparse.Namespace, name: str, fn: AdminCall) -> int:
         try:
             return asyncio.run(go())
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                where = f"cannot reach the validator at {target.address}"
+                print(f"{prog}: {where}: {exc.details()}", file=sys.stderr)
+                return 2
             print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
 

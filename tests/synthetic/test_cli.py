@@ -132,3 +132,17 @@ async def test_spotcheck_exits_1_when_a_gateway_cannot_be_pulled(
     assert doc["checks"] == [] and not doc["error"]
     [problem] = doc["pull_errors"]
     assert problem.startswith("gateway 127.0.0.1:1: UNAVAILABLE"), problem
+
+
+async def test_admin_commands_exit_2_when_the_validator_cannot_be_reached(
+    synth: SynthNet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As documented (and as `horde job` does): a connection problem is exit 2, not 1."""
+    validator = await synth.start_validator()
+    target = _admin_target(synth, validator)
+    address = f"127.0.0.1:{validator.port}"
+    await validator.stop(0)
+    assert await _horde(["validator", "weights", *target]) == 2
+    assert f"horde validator weights: cannot reach the validator at {address}" in (
+        capsys.readouterr().err
+    )
