@@ -288,13 +288,14 @@ def _print_executors(doc: dict[str, Any], as_json: bool) -> None:
         out.print("no executor is linked to this miner", highlight=False)
         return
     table = Table()
-    # Ids whole on a terminal too (to copy them); the hardware summary wraps instead.
-    table.add_column("executor", no_wrap=True)
-    table.add_column("identity", no_wrap=True)
-    table.add_column("class")
-    table.add_column("state", no_wrap=True)
-    table.add_column("hardware")
-    table.add_column("job", no_wrap=True, min_width=36)
+    # Everything folds rather than vanishes on a narrow terminal (ids then span two lines); into
+    # a pipe every value is whole.
+    table.add_column("executor", overflow="fold")
+    table.add_column("identity", overflow="fold")
+    table.add_column("class", overflow="fold", min_width=5)
+    table.add_column("state", no_wrap=True, min_width=8)
+    table.add_column("hardware", ratio=1, min_width=10)
+    table.add_column("job", overflow="fold")
     for e in doc["executors"]:
         colour = {"idle": "green", "busy": "yellow", "draining": "red"}[e["state"]]
         job = e["job"]
@@ -383,21 +384,26 @@ def _print_jobs(doc: dict[str, Any], as_json: bool) -> None:
         out.print("no job relayed yet", highlight=False)
         return
     table = Table()
-    # Ids whole on a terminal too (to copy them); the rest wraps instead. The class and the
-    # duration are in --json.
-    table.add_column("job", no_wrap=True, min_width=36)
-    table.add_column("validator", no_wrap=True)
-    table.add_column("executor", no_wrap=True)
-    table.add_column("state")
-    table.add_column("started (UTC)")
-    table.add_column("ended (UTC)")
-    table.add_column("note")
+    # Every column folds rather than vanishes on a narrow terminal (ids then span lines); into a
+    # pipe every value is whole. The class and the duration are in --json.
+    table.add_column("job", overflow="fold", min_width=18)
+    table.add_column("validator", overflow="fold", min_width=8)
+    table.add_column("executor", overflow="fold", min_width=8)
+    table.add_column("state", min_width=9)
+    table.add_column("started (UTC)", min_width=8)
+    table.add_column("ended (UTC)", min_width=8)
+    table.add_column("note", ratio=1)
     for j in jobs:
-        state = j["state"] + (f": {j['reason']}" if j["reason"] else "")
+        # "cancelled: cancelled" says it once; a cancel (a streaming session the client closed,
+        # say) is no failure of the miner's: not red.
+        reason = j["reason"] if j["reason"] and j["reason"] != j["state"] else ""
+        state = j["state"] + (f": {reason}" if reason else "")
         if j["in_flight"]:
             state = f"[yellow]{text(state)}[/yellow]"
         elif j["state"] == "completed":
             state = f"[green]{text(state)}[/green]"
+        elif j["state"] == "cancelled":
+            state = text(state)
         else:
             state = f"[red]{text(state)}[/red]"
         notes = [] if j["in_flight"] or j["countersigned"] else ["not countersigned"]

@@ -174,6 +174,10 @@ def _check_receipts_path(path: Path) -> None:
         raise _UsageError(f"--receipts {path}: permission denied")
 
 
+def _count(n: int) -> str:
+    return f"{n} response" if n == 1 else f"{n} responses"
+
+
 def _one_line(body: bytes) -> str:
     return body.decode(errors="replace").replace("\\", "\\\\").replace("\n", "\\n")
 
@@ -314,7 +318,11 @@ async def _run(args: argparse.Namespace) -> int:
             if closed is not None:
                 print(f"session closed: {shown(closed.reason, err_tty)}", file=sys.stderr)
         except SessionEnded as exc:
-            print(f"horde stream: session ended: {shown(exc.reason, err_tty)}", file=sys.stderr)
+            # On a terminal the prompt for the next line may be showing: start a line of its own.
+            lead = "\n" if interactive else ""
+            print(
+                f"{lead}horde stream: session ended: {shown(exc.reason, err_tty)}", file=sys.stderr
+            )
             status = 1
         except (BadReceipt, CertificateError) as exc:
             print(f"horde stream: refusing the job's answer: {exc}", file=sys.stderr)
@@ -326,7 +334,7 @@ async def _run(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:  # Ctrl-C: asyncio cancels this task, then raises it
             kept = f"; {saved} receipts kept in {args.receipts}" if receipts_file else ""
             print(
-                f"\nhorde stream: interrupted after {len(latencies)} responses; session "
+                f"\nhorde stream: interrupted after {_count(len(latencies))}; session "
                 f"cancelled{kept}",
                 file=sys.stderr,
             )
@@ -350,7 +358,7 @@ async def _run(args: argparse.Namespace) -> int:
         p50 = ordered[len(ordered) // 2] * 1000
         p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
         print(
-            f"{len(latencies)} responses, receipts verified; latency p50 {p50:.2f} ms, "
+            f"{_count(len(latencies))}, receipts verified; latency p50 {p50:.2f} ms, "
             f"p99 {p99:.2f} ms",
             file=sys.stderr,
         )

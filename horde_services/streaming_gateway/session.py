@@ -174,6 +174,7 @@ class Session:
         self._validator_task: asyncio.Task[None] | None = None
         self._start_call: Any = None
         self._job_uuid = ""
+        self._seen_job = ""  # the job's id from its events, before it is ready
         self._job_ended = False
         self._open: gateway_pb2.SessionOpen | None = None
         self._spec: job_pb2.JobSpec | None = None
@@ -260,6 +261,8 @@ class Session:
             async for msg in call:
                 kind = msg.WhichOneof("payload")
                 if kind == "event":
+                    # The job's id is known from its first event (for the logs), before ready.
+                    self._seen_job = self._seen_job or msg.event.job_uuid
                     if not self._ready:
                         await self._write(gateway_pb2.SessionResponse(event=msg.event))
                 elif kind == "ready":
@@ -602,7 +605,7 @@ class Session:
         metrics.GATEWAY_SESSIONS.labels("cancelled").inc()
         self._log.info(
             "session_ended",
-            job_uuid=self._job_uuid or None,
+            job_uuid=self._job_uuid or self._seen_job or None,
             ending="cancelled",
             reason="the session's call was cancelled (by the client, or a gateway stopping)",
         )
@@ -634,7 +637,9 @@ class Session:
         metrics.GATEWAY_SESSIONS.labels(ending.how).inc()
         self._log.info(
             "session_ended",
-            job_uuid=self._job_uuid or None,  # also when the job ended before it was ready
+            job_uuid=self._job_uuid
+            or self._seen_job
+            or None,  # also when the job ended before it was ready
             ending=ending.how,
             reason=reason,
             bad_receipt=ending.bad_receipt is not None,

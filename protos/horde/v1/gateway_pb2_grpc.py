@@ -57,8 +57,9 @@ class GatewayServiceServicer:
         session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
         INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
         of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
-        beyond the allowed skew or a request or extra data comes before SessionReady; UNAVAILABLE
-        (no SessionClosed) while the gateway shuts down.
+        beyond the allowed skew or a request or extra data comes before SessionReady. A gateway
+        shutting down ends open sessions with SessionClosed ("the gateway is shutting down", status
+        OK) and refuses new ones with UNAVAILABLE (no SessionClosed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,8 +39,9 @@ class GatewayServiceStub:
     session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
     INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
     of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
-    beyond the allowed skew or a request or extra data comes before SessionReady; UNAVAILABLE
-    (no SessionClosed) while the gateway shuts down.
+    beyond the allowed skew or a request or extra data comes before SessionReady. A gateway
+    shutting down ends open sessions with SessionClosed ("the gateway is shutting down", status
+    OK) and refuses new ones with UNAVAILABLE (no SessionClosed).
     """
     ListSamples: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListSamplesRequest, _gateway_pb2.ListSamplesResponse]
     """Validators: stored samples (request, response, receipt, certificate) after a cursor."""
@@ -56,8 +57,9 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
     INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
     of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
-    beyond the allowed skew or a request or extra data comes before SessionReady; UNAVAILABLE
-    (no SessionClosed) while the gateway shuts down.
+    beyond the allowed skew or a request or extra data comes before SessionReady. A gateway
+    shutting down ends open sessions with SessionClosed ("the gateway is shutting down", status
+    OK) and refuses new ones with UNAVAILABLE (no SessionClosed).
     """
     ListSamples: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListSamplesRequest, _gateway_pb2.ListSamplesResponse]  # type: ignore[assignment]
     """Validators: stored samples (request, response, receipt, certificate) after a cursor."""
@@ -76,8 +78,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
         INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
         of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
-        beyond the allowed skew or a request or extra data comes before SessionReady; UNAVAILABLE
-        (no SessionClosed) while the gateway shuts down.
+        beyond the allowed skew or a request or extra data comes before SessionReady. A gateway
+        shutting down ends open sessions with SessionClosed ("the gateway is shutting down", status
+        OK) and refuses new ones with UNAVAILABLE (no SessionClosed).
         """
 
     @_abc_1.abstractmethod
