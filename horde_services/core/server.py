@@ -36,33 +36,19 @@ from horde_services.core.auth import (
     PUBLIC_PREFIXES,
     Authenticator,
     AuthFailure,
-    client_interceptors,
 )
+from horde_services.core.channel import CHANNEL_OPTIONS as CHANNEL_OPTIONS
+from horde_services.core.channel import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from horde_services.core.channel import open_channel as open_channel
+from horde_services.core.channel import read_file
 from horde_services.core.config import TLSSettings
 from horde_services.core.errors import ConfigError, HordeError
-from horde_services.core.identity import Identity, Signer
+from horde_services.core.identity import Identity
 
 log = structlog.get_logger("horde.rpc")
 
 _caller: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("caller", default=None)
 
-# Channel options shared by every client and server: keepalive so dead peers are noticed, and
-# message sizes large enough for 1 MiB chunks plus framing.
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # A peer that went away (a miner restarted for an upgrade) is dialled again at least every 2 s
-    # (plus jitter): gRPC's own backoff grows to two minutes, longer than a validator waits to
-    # route a job, so a miner back up could be refused work as unreachable for that long.
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     *CHANNEL_OPTIONS,
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -252,17 +238,10 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-def _read(path: os.PathLike[str] | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
 def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
     if not tls.enabled:
         return None
-    key, cert = _read(tls.key_file), _read(tls.cert_file)
+    key, cert = read_file(tls.key_file), read_file(tls.cert_file)
     if key is None or cert is None:
         raise ConfigError("invalid setting 'tls': TLS needs both cert_file and key_file")
     if tls.require_client_cert and tls.ca_file is None:
@@ -272,7 +251,7 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
         )
     return grpc.ssl_server_credentials(
         [(key, cert)],
-        root_certificates=_read(tls.ca_file),
+        root_certificates=read_file(tls.ca_file),
         require_client_auth=tls.require_client_cert,
     )
 
@@ -380,29 +359,6 @@ async def create_server(
     running = RunningServer(server=server, port=port, health=health, service_names=names)
     await running.set_serving(True)
     return running
-
-
-def open_channel(
-    target: str,
-    *,
-    signer: Signer | None = None,
-    callee: str | None = None,
-    tls: TLSSettings | None = None,
-    server_name: str | None = None,
-) -> grpc.aio.Channel:
-    """A channel to `target` whose calls are signed for `callee` (when a signer is given)."""
-    interceptors = client_interceptors(signer, callee) if signer and callee else None
-    options = list(CHANNEL_OPTIONS)
-    if server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    if tls is not None and (tls.ca_file or tls.enabled):
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(tls.ca_file),
-            private_key=_read(tls.key_file) if tls.require_client_cert else None,
-            certificate_chain=_read(tls.cert_file) if tls.require_client_cert else None,
-        )
-        return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
 async def serve_until_signal(
