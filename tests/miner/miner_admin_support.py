@@ -66,6 +66,7 @@ class MinerNet:
     executors: list[Ed25519Signer]
     app: ServiceApp | None = None
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    stopped: bool = False  # the app was stopped by `stop_app` (its address still reads)
 
     @property
     def miner_key(self) -> Path:
@@ -88,9 +89,17 @@ class MinerNet:
         for channel in self.channels:
             await channel.close()
         self.channels.clear()
-        if self.app is not None:
+        if self.app is not None and not self.stopped:
             await self.app.stop(grace_s)
-            self.app = None
+        self.app = None
+        self.stopped = False
+
+    async def stop_app(self, grace_s: float | None = None) -> None:
+        """Stop the miner as a signal does (drain first, then the servers), leaving the test's
+        channels open to see what reaches them."""
+        assert self.app is not None
+        self.stopped = True
+        await self.app.stop(grace_s)
 
     def channel(self, signer: Signer) -> grpc.aio.Channel:
         channel = open_channel(self.address, signer=signer, callee=self.identity)
@@ -137,11 +146,13 @@ async def make_net(root: Path, executors: int = 2, **overrides: Any) -> MinerNet
         executors=[str(k.identity) for k in keys],
         validators=[str(validator.identity)],
         admins=[str(admin.identity)],
-        heartbeat_interval_s=1.0,
-        executor_timeout_s=30.0,
-        shutdown_grace_s=0.5,
-        drain_timeout_s=0,
-        **overrides,
+        **{
+            "heartbeat_interval_s": 1.0,
+            "executor_timeout_s": 30.0,
+            "shutdown_grace_s": 0.5,
+            "drain_timeout_s": 0,
+            **overrides,
+        },
     )
     return MinerNet(
         root=root,

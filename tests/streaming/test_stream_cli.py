@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -10,6 +11,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from streaming_support import WHITELIST, Behaviour, Harness, answer
@@ -370,33 +372,42 @@ class _Terminal:
         return self.seen[start : self.pos]
 
 
-async def test_on_a_terminal_the_next_prompt_follows_the_answer(
-    harness: Harness, tmp_path: Path
-) -> None:
-    app = await harness.start_gateway()
+@contextlib.asynccontextmanager
+async def _on_terminal(
+    *argv: str, stdin_too: bool = True
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Terminal]]:
+    """`horde ARGV` with its output (and, unless told otherwise, its input) on a pty; killed
+    on the way out if it is still running."""
     master, slave = pty.openpty()
+    stdin = slave if stdin_too else asyncio.subprocess.DEVNULL
     proc = await asyncio.create_subprocess_exec(
-        HORDE, "stream", *target(harness, app, tmp_path),
-        stdin=slave, stdout=slave, stderr=slave,
-    )  # fmt: skip
+        HORDE, *argv, stdin=stdin, stdout=slave, stderr=slave
+    )
     os.close(slave)
-    term = _Terminal(master)
     try:
-        await asyncio.to_thread(term.until, b"session ready")
-        await asyncio.to_thread(term.until, b"> ")
-        for word in (b"one", b"two"):
-            os.write(master, word + b"\n")
-            after = await asyncio.to_thread(term.until, b"> ")
-            # The answer comes before the next prompt (typing waits for the answer).
-            assert b"echo:" + word[::-1] in after, after
-        os.write(master, b"\x04")  # Ctrl-D: end of input
-        await asyncio.to_thread(term.until, b"2 responses, receipts verified")
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        yield proc, _Terminal(master)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
         os.close(master)
+
+
+async def test_on_a_terminal_the_next_prompt_follows_the_answer(
+    harness: Harness, tmp_path: Path
+) -> None:
+    app = await harness.start_gateway()
+    async with _on_terminal("stream", *target(harness, app, tmp_path)) as (proc, term):
+        await asyncio.to_thread(term.until, b"session ready")
+        await asyncio.to_thread(term.until, b"> ")
+        for word in (b"one", b"two"):
+            os.write(term.fd, word + b"\n")
+            after = await asyncio.to_thread(term.until, b"> ")
+            # The answer comes before the next prompt (typing waits for the answer).
+            assert b"echo:" + word[::-1] in after, after
+        os.write(term.fd, b"\x04")  # Ctrl-D: end of input
+        await asyncio.to_thread(term.until, b"2 responses, receipts verified")
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
 async def test_on_a_terminal_a_session_that_ends_is_reported_at_once(
@@ -405,25 +416,13 @@ async def test_on_a_terminal_a_session_that_ends_is_reported_at_once(
     """The session ends while the user types nothing (here the gateway stops; a time limit is
     the same): `horde stream` says so at once and exits 1, not at the next line typed."""
     app = await harness.start_gateway()
-    master, slave = pty.openpty()
-    proc = await asyncio.create_subprocess_exec(
-        HORDE, "stream", *target(harness, app, tmp_path),
-        stdin=slave, stdout=slave, stderr=slave,
-    )  # fmt: skip
-    os.close(slave)
-    term = _Terminal(master)
-    try:
+    async with _on_terminal("stream", *target(harness, app, tmp_path)) as (proc, term):
         await asyncio.to_thread(term.until, b"session ready")
         await asyncio.to_thread(term.until, b"> ")
         await harness.stop_gateway(app)
         said = await asyncio.to_thread(term.until, b"the gateway is shutting down")
         assert said.endswith(b"horde stream: session ended: the gateway is shutting down"), said
         assert await asyncio.wait_for(proc.wait(), 30) == 1
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        os.close(master)
 
 
 async def test_control_characters_from_the_job_are_escaped_on_a_terminal_only(
@@ -441,21 +440,10 @@ async def test_control_characters_from_the_job_are_escaped_on_a_terminal_only(
     assert code == 0, err
     assert out == answer(body).decode() + "\n"  # verbatim, escape sequences included
 
-    master, slave = pty.openpty()
-    proc = await asyncio.create_subprocess_exec(
-        HORDE, "stream", *target(harness, app, tmp_path), "--input", str(requests),
-        stdin=asyncio.subprocess.DEVNULL, stdout=slave, stderr=slave,
-    )  # fmt: skip
-    os.close(slave)
-    term = _Terminal(master)
-    try:
+    argv = ("stream", *target(harness, app, tmp_path), "--input", str(requests))
+    async with _on_terminal(*argv, stdin_too=False) as (proc, term):
         await asyncio.to_thread(term.until, b"receipts verified")
         assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        os.close(master)
     assert b"\x1b" not in term.seen and b"\x07" not in term.seen, term.seen
     assert b"\\x07denwp;0]\\x1b" in term.seen and b"\tand a tab" not in term.seen, term.seen
     assert b"bat a dna\t" in term.seen, term.seen  # tabs are harmless: kept
