@@ -190,9 +190,10 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         self._pool = pool
         self._receipts = receipts
         # The jobs this miner relays now (one record per RunJob that reserved an executor) and
-        # those that ended lately (`horde miner jobs`), and an event set whenever none is in
-        # flight: drain waits on it.
+        # those that ended lately (`horde miner jobs`), the synthetic rounds it relays now, and
+        # an event set whenever neither is in flight: drain waits on it.
         self.relayed = relayed or RelayedJobs()
+        self._rounds = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -203,12 +204,17 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         after that ends when the server stops (the validator reports miner_unreachable)."""
         self._pool.drain()
         jobs = sorted(r.job_uuid for r in self.relayed.in_flight())
-        if not jobs:
+        if self._idle.is_set():
             return
         if timeout_s <= 0:
-            log.warning("drain_skipped", job_uuids=jobs, reason="drain_timeout_s is 0")
+            log.warning(
+                "drain_skipped",
+                job_uuids=jobs,
+                synthetic_rounds=self._rounds,
+                reason="drain_timeout_s is 0",
+            )
             return
-        log.info("draining", job_uuids=jobs, timeout_s=timeout_s)
+        log.info("draining", job_uuids=jobs, synthetic_rounds=self._rounds, timeout_s=timeout_s)
         try:
             async with asyncio.timeout(timeout_s):
                 await self._idle.wait()
@@ -216,10 +222,15 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
             log.warning(
                 "drain_timed_out",
                 job_uuids=sorted(r.job_uuid for r in self.relayed.in_flight()),
+                synthetic_rounds=self._rounds,
                 timeout_s=timeout_s,
             )
             return
         log.info("drained", job_uuids=jobs)
+
+    def _settle_idle(self) -> None:
+        if not self.relayed and not self._rounds:
+            self._idle.set()
 
     async def GetManifest(
         self, request: miner_pb2.GetManifestRequest, context: grpc.aio.ServicerContext
@@ -394,15 +405,21 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                 record.detail = f"ended without a result: {why}"
             self._pool.release(conn, job)
             self.relayed.end(record)
-            if not self.relayed:
-                self._idle.set()
+            self._settle_idle()
 
     async def RunSyntheticRound(
         self, request: miner_pb2.RunSyntheticRoundRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[miner_pb2.RunSyntheticRoundResponse]:
         collector = SyntheticCollector.for_pool(self._pool)
-        async for resp in collector.run(self._pool, request):
-            yield resp
+        # In flight until its answers are relayed (or its deadline passed): a drain waits.
+        self._rounds += 1
+        self._idle.clear()
+        try:
+            async for resp in collector.run(self._pool, request):
+                yield resp
+        finally:
+            self._rounds -= 1
+            self._settle_idle()
 
     def _certify(
         self,

@@ -338,11 +338,10 @@ class JobManager:
                     stage,
                     "cancelled before an executor was reserved",
                 )
-            candidates, any_of_class, unreachable = await self._directory.candidates(
-                spec.executor_class
-            )
-            saw_class = saw_class or any_of_class
-            fresh = [m for m in candidates if m not in tried]
+            found = await self._directory.candidates(spec.executor_class)
+            unreachable = found.unreachable
+            saw_class = saw_class or found.any_of_class
+            fresh = [m for m in found.free if m not in tried]
             if (
                 not saw_class
                 and not unreachable
@@ -386,7 +385,12 @@ class JobManager:
                     common_pb2.FAILURE_REASON_BUSY,
                     stage,
                     f"every executor of class {spec.executor_class!r} stayed busy for "
-                    f"{spec.timeouts.reservation_s}s",
+                    f"{spec.timeouts.reservation_s}s"
+                    + (
+                        f" ({found.draining} of them shutting down: their miner takes no new job)"
+                        if found.draining
+                        else ""
+                    ),
                 )
             if not fresh:
                 tried.clear()

@@ -27,6 +27,16 @@ class MinerRef:
     address: str
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Where a job of one class could go now."""
+
+    free: list[MinerRef]  # miners with a free executor of the class, most free first
+    any_of_class: bool  # whether any miner that answered has the class at all (busy or not)
+    unreachable: int  # miners that did not answer: their executors are unknown
+    draining: int  # executors of the class that are shutting down (taking no new job)
+
+
 class MinerDirectory:
     def __init__(
         self,
@@ -87,15 +97,14 @@ class MinerDirectory:
             return None, error
         return resp.manifest, ""
 
-    async def candidates(self, executor_class: str) -> tuple[list[MinerRef], bool, int]:
-        """Miners with a free executor of the class (most free first), whether any miner has
-        the class at all (busy or not), and how many miners did not answer (their executors
-        are unknown, so "no executor of the class" cannot be concluded while they are down)."""
+    async def candidates(self, executor_class: str) -> Candidates:
+        """Miners with a free executor of the class; "no executor of the class" cannot be
+        concluded while some miner does not answer (its executors are unknown)."""
         miners = await self.miners()
         manifests = await asyncio.gather(*(self.manifest(m) for m in miners))
         scored: list[tuple[int, float, MinerRef]] = []
         any_of_class = False
-        unreachable = 0
+        unreachable = draining = 0
         for miner, manifest in zip(miners, manifests, strict=True):
             if manifest is None:
                 unreachable += 1
@@ -104,11 +113,12 @@ class MinerDirectory:
                 self._class_seen[e.executor_class] = time.monotonic()
             of_class = [e for e in manifest.executors if e.executor_class == executor_class]
             any_of_class = any_of_class or bool(of_class)
+            draining += sum(1 for e in of_class if e.draining)
             free = sum(1 for e in of_class if not e.busy and not e.draining)
             if free:
                 scored.append((-free, random.random(), miner))
         scored.sort(key=lambda t: (t[0], t[1]))
-        return [m for _, _, m in scored], any_of_class, unreachable
+        return Candidates([m for _, _, m in scored], any_of_class, unreachable, draining)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -24,6 +24,7 @@ from horde.v1 import (
     miner_pb2,
     miner_pb2_grpc,
     receipts_pb2,
+    synthetic_pb2,
 )
 
 from horde_services.core import lifecycle
@@ -190,6 +191,7 @@ class FakeExecutor:
         self.accepted = asyncio.Event()
         self.jobs: asyncio.Queue[miner_pb2.RunJobStart] = asyncio.Queue()
         self.cancels: asyncio.Queue[str] = asyncio.Queue()
+        self.challenges: asyncio.Queue[synthetic_pb2.SyntheticChallenge] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> FakeExecutor:
@@ -210,6 +212,19 @@ class FakeExecutor:
     async def next_cancel(self) -> str:
         async with asyncio.timeout(WAIT_S):
             return await self.cancels.get()
+
+    async def next_challenge(self) -> synthetic_pb2.SyntheticChallenge:
+        async with asyncio.timeout(WAIT_S):
+            return await self.challenges.get()
+
+    def answer(self, challenge_id: str) -> None:
+        self._outbox.put_nowait(
+            executor_pb2.ConnectRequest(
+                synthetic_answer=synthetic_pb2.SyntheticAnswer(
+                    challenge_id=challenge_id, secrets=[7], backend="cpu"
+                )
+            )
+        )
 
     def report(self, job_uuid: str, state: common_pb2.JobState.ValueType) -> None:
         self._outbox.put_nowait(
@@ -242,6 +257,8 @@ class FakeExecutor:
                         self.jobs.put_nowait(msg.run_job)
                     elif kind == "cancel":
                         self.cancels.put_nowait(msg.cancel.job_uuid)
+                    elif kind == "synthetic_challenge":
+                        self.challenges.put_nowait(msg.synthetic_challenge)
             except grpc.aio.AioRpcError:
                 return  # the miner went away
 

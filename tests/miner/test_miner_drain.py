@@ -16,14 +16,24 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from horde.v1 import common_pb2, manifest_pb2, miner_pb2, receipts_pb2
+from horde.v1 import (
+    common_pb2,
+    job_pb2,
+    manifest_pb2,
+    miner_pb2,
+    receipts_pb2,
+    synthetic_pb2,
+)
 from miner_admin_support import CPU_ONLY, WAIT_S, FakeExecutor, MinerNet, ValidatorJob, make_net
 
 from horde_services.core import lifecycle
+from horde_services.core.chain import LocalRoster
 from horde_services.core.identity import Ed25519Signer
 from horde_services.core.metrics import REGISTRY
 from horde_services.core.server import open_channel
 from horde_services.miner.pool import AllBusy, ExecutorConn, ExecutorPool, MinerDraining
+from horde_services.validator.jobs import JobManager, LiveJob
+from horde_services.validator.miners import MinerDirectory
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,6 +128,90 @@ async def test_a_job_in_flight_finishes_and_reports_while_the_miner_drains(net: 
             await stopping
         assert time.monotonic() - began < 10
         assert linked.cancels.empty()  # the job ended on its own: nothing to stop
+
+
+async def test_a_synthetic_round_in_flight_is_relayed_before_the_miner_stops(
+    net: MinerNet,
+) -> None:
+    stub = net.miner_stub(net.validator)
+    async with executor(net) as linked:
+        challenge = synthetic_pb2.SyntheticChallenge(
+            challenge_id="drain-round-1",
+            digests=[b"\0" * 32],
+            deadline_ns=time.time_ns() + 30 * 10**9,
+        )
+        call = stub.RunSyntheticRound(
+            miner_pb2.RunSyntheticRoundRequest(
+                round=1,
+                challenges=[
+                    miner_pb2.ExecutorChallenge(executor_id=linked.executor_id, challenge=challenge)
+                ],
+            )
+        )
+        read = asyncio.ensure_future(call.read())
+        assert (await linked.next_challenge()).challenge_id == "drain-round-1"
+        stopping = asyncio.create_task(net.stop_app())
+        await until(
+            lambda: health_is(net.address, health_pb2.HealthCheckResponse.NOT_SERVING),
+            "the miner to start draining",
+        )
+        assert not stopping.done(), "the miner stopped with a synthetic round in flight"
+        linked.answer("drain-round-1")
+        async with asyncio.timeout(WAIT_S):
+            resp = await read
+        assert (resp.executor_id, resp.answer.challenge_id, list(resp.answer.secrets)) == (
+            linked.executor_id,
+            "drain-round-1",
+            [7],
+        )
+        async with asyncio.timeout(WAIT_S):
+            await stopping
+
+
+async def health_is(address: str, status: int) -> bool:
+    return await health(address) == status
+
+
+async def test_a_validator_says_the_busy_executors_are_shutting_down(
+    net: MinerNet, tmp_path: Path
+) -> None:
+    """A job for a class whose only executors are draining is refused as busy, and the reason
+    says they are shutting down (not just "stayed busy")."""
+    directory = MinerDirectory(
+        net.validator, LocalRoster(net.settings.roster_file), {net.identity: net.address}
+    )
+    manager = JobManager(net.validator, None, directory, tmp_path, 1)  # type: ignore[arg-type]
+    spec = job_pb2.JobSpec(image="horde/base:latest", command=["true"], executor_class=CLASS)
+    spec.timeouts.reservation_s = 1
+    async with executor(net) as linked:
+        job = ValidatorJob(net, CLASS)
+        await job.started()
+        await linked.next_job()
+        busy = await manager._route(LiveJob("busy-job", spec, "client", None))
+        assert busy.reason == common_pb2.FAILURE_REASON_BUSY
+        assert "shutting down" not in busy.detail, busy.detail
+        stopping = asyncio.create_task(net.stop_app())
+
+        async def draining() -> bool:
+            return (await directory.candidates(CLASS)).draining == 1
+
+        await until(draining, "the validator to see the executor draining")
+        found = await directory.candidates(CLASS)
+        assert (found.free, found.any_of_class, found.unreachable) == ([], True, 0)
+        refused = await manager._route(LiveJob("drain-job", spec, "client", None))
+        assert (refused.state, refused.reason) == (
+            common_pb2.JOB_STATE_REJECTED,
+            common_pb2.FAILURE_REASON_BUSY,
+        )
+        assert refused.detail == (
+            f"every executor of class {CLASS!r} stayed busy for 1s (1 of them shutting down: "
+            "their miner takes no new job)"
+        )
+        linked.finish(job.job_uuid, common_pb2.JOB_STATE_COMPLETED, detail="done")
+        assert (await job.result()).state == common_pb2.JOB_STATE_COMPLETED
+        async with asyncio.timeout(WAIT_S):
+            await stopping
+    await directory.close()
 
 
 @pytest.mark.parametrize("net", [0.5], indirect=True)
