@@ -236,3 +236,24 @@ def test_a_result_without_a_stage_reads_without_one() -> None:
     assert _why({"reason": "timeout", "stage": "execution", "detail": "y"}) == (
         "timeout in execution: y"
     )
+
+
+def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback() -> None:
+    """A real SIGINT, raised just as the console script starts importing the CLI's modules."""
+    script = """
+import builtins, os, signal, sys
+real_import = builtins.__import__
+def interrupting_import(name, *args, **kwargs):
+    if name == "horde_services.cli.main":
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupting_import
+sys.argv = ["horde", "--version"]
+from horde_services.cli.entry import main
+sys.exit(main())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "", "")
+    # ... and it is the entry point the installed `horde` script runs.
+    assert "from horde_services.cli.entry import main" in Path(HORDE).read_text()
