@@ -2,6 +2,7 @@
 
     horde stream [--dev DIR] [--gateway ADDR --gateway-identity ID --key FILE] --image IMG
                  [--input FILE] [--receipts OUT.jsonl] [--class C] [--json] [--window N]
+                 [--env KEY=VALUE ...] [--extra [NAME=]FILE ...]
 
 Each line of --input (or of stdin; on a terminal, typed interactively) is one request body, sent
 byte for byte without its line ending (LF or CRLF); a body over 1 MiB travels as several frames
@@ -11,7 +12,9 @@ checked here as well against the session's certificate; --receipts writes them i
 JSON form, one a line, as they arrive (the file is created once the session is ready), which
 `horde receipts verify` accepts. --window N keeps up to N requests in flight (answers still
 arrive in order). --dev DIR fills in whichever of --gateway, --gateway-identity and --key are
-not given.
+not given. --env sets the job's environment; each --extra file is fed to the job once the session
+is ready, and placed read-only as /volume/extra/NAME (its own name unless NAME= is given) before
+the first request is sent; the size and sha256 the executor reports are checked against the file.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from horde_services.core.loop import run as run_loop
 
 EPILOG = """exit status: 0 when every request got a response with a verified receipt; 1 when the
 session could not be opened (the gateway unreachable or refusing included) or ended early, or a
-receipt failed its checks, or the receipts file could not be written; 2 for usage problems (bad
-options, unreadable input or key files); 130 when interrupted (Ctrl-C): the session is cancelled
-and the receipts received so far stay in --receipts; 141 when the output was closed early (e.g.
-piped into `head`)."""
+receipt failed its checks, or an --extra file was not placed, or the receipts file could not be
+written; 2 for usage problems (bad options, unreadable input, key or --extra files); 130 when
+interrupted (Ctrl-C): the session is cancelled and the receipts received so far stay in
+--receipts; 141 when the output was closed early (e.g. piped into `head`)."""
 
 MAX_TIME_LIMIT_S = 2**32 - 1  # SessionOpen.time_limit_s is a uint32
 
@@ -69,6 +72,21 @@ def register(sub: Any) -> None:
     p.add_argument("--input", type=Path, help="file of requests, one a line (default: stdin)")
     p.add_argument("--receipts", type=Path, help="write receipts here, one JSON line each")
     p.add_argument("--json", action="store_true", help="one JSON object per response")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the job (repeatable)",
+    )
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="a file fed to the job once it is ready, placed read-only as /volume/extra/NAME "
+        "before the first request (repeatable)",
+    )
     p.add_argument(
         "--window",
         type=int,
@@ -174,6 +192,37 @@ def _check_receipts_path(path: Path) -> None:
         raise _UsageError(f"--receipts {path}: permission denied")
 
 
+def _env_of(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise _UsageError(f"--env {item!r}: give KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _extra_files(items: list[str]) -> list[tuple[str, bytes]]:
+    """Each --extra [NAME=]FILE as (name, bytes), read now: a missing file is a usage error
+    before any session opens."""
+    from horde_services.core.proto_util import PLAIN_NAME_RULE, plain_file_name
+
+    files: list[tuple[str, bytes]] = []
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            name, path = Path(item).name, item
+        if not plain_file_name(name):
+            raise _UsageError(f"--extra {item!r}: {name!r}: {PLAIN_NAME_RULE}")
+        if name in (n for n, _ in files):
+            raise _UsageError(f"--extra {item!r}: the name {name!r} is given twice")
+        try:
+            files.append((name, Path(path).read_bytes()))
+        except OSError as exc:
+            raise _UsageError(f"--extra {item!r}: {exc.strerror or exc}") from None
+    return files
+
+
 def _count(n: int) -> str:
     return f"{n} response" if n == 1 else f"{n} responses"
 
@@ -189,7 +238,11 @@ async def _run(args: argparse.Namespace) -> int:
     from horde_services.cli.devenv import DevEnv, DevEnvError
     from horde_services.core.server import open_channel
     from horde_services.streaming_gateway.checks import BadReceipt, CertificateError
-    from horde_services.streaming_gateway.client import SessionEnded, StreamClient
+    from horde_services.streaming_gateway.client import (
+        ExtraDataError,
+        SessionEnded,
+        StreamClient,
+    )
 
     address, identity, key = args.gateway, args.gateway_identity, args.key
     validator_identity: str | None = None
@@ -212,6 +265,8 @@ async def _run(args: argparse.Namespace) -> int:
         raise _UsageError(str(exc)) from None
     if args.receipts is not None:
         _check_receipts_path(args.receipts)
+    job_env = _env_of(args.env)
+    extras = _extra_files(args.extra)
     interactive = args.input is None and sys.stdin.isatty()
     requests = (
         _file_lines(_lines_of_file(args.input))
@@ -268,7 +323,10 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         try:
             ready = await client.open(
-                args.image, executor_class=args.executor_class, time_limit_s=args.time_limit
+                args.image,
+                executor_class=args.executor_class,
+                time_limit_s=args.time_limit,
+                env=job_env,
             )
             cert = client.certificate
             miner = cert.miner_hotkey if cert else "?"
@@ -278,6 +336,13 @@ async def _run(args: argparse.Namespace) -> int:
                 f"session ready: job {ready.job_uuid} (miner {miner}; job key {job_key})",
                 file=sys.stderr,
             )
+            for name, data in extras:
+                placed = await client.add_extra(name, data)
+                print(
+                    f"extra data placed: /volume/extra/{name} ({placed.size_bytes} bytes, "
+                    f"sha256 {placed.sha256})",
+                    file=sys.stderr,
+                )
             if args.receipts is not None:
                 try:
                     receipts_file = args.receipts.open("w")
@@ -327,6 +392,12 @@ async def _run(args: argparse.Namespace) -> int:
         except (BadReceipt, CertificateError) as exc:
             print(f"horde stream: refusing the job's answer: {exc}", file=sys.stderr)
             client.cancel()
+            status = 1
+        except ExtraDataError as exc:
+            print(f"horde stream: {shown(str(exc), err_tty)}; closing the session", file=sys.stderr)
+            closed = await client.close("an extra-data file was not placed")
+            if closed is not None:
+                print(f"session closed: {shown(closed.reason, err_tty)}", file=sys.stderr)
             status = 1
         except _OutputClosed:
             client.cancel()

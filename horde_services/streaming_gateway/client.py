@@ -55,6 +55,14 @@ class SessionEnded(Exception):
         self.code = code
 
 
+class ExtraDataError(Exception):
+    """An extra-data file was not placed, or not as sent; `placed` is the gateway's word."""
+
+    def __init__(self, message: str, placed: streaming_pb2.ExtraDataPlaced | None = None) -> None:
+        super().__init__(message)
+        self.placed = placed
+
+
 @dataclass(frozen=True)
 class _Sent:
     """A request on its way: what its response and receipt are checked against."""
@@ -121,6 +129,8 @@ class StreamClient:
         self._ending: SessionEnded | None = None
         self._ended = asyncio.Event()
         self._checker: ReceiptChecker | None = None
+        # Extra-data files being placed, by name: their outcomes, read by the pump.
+        self._placements: dict[str, asyncio.Future[streaming_pb2.ExtraDataPlaced]] = {}
         self._seq = 0
         self.job_uuid = ""
         self.certificate: receipts_pb2.JobCertificatePayload | None = None
@@ -187,7 +197,7 @@ class StreamClient:
                 self.certificate = payload
                 self._checker = ReceiptChecker.for_certificate(payload, self._skew_s)
                 return msg.ready
-            else:
+            elif kind is not None:  # a payload this client does not know is skipped
                 raise SessionEnded(f"unexpected {kind} before the session was ready")
 
     async def request(self, body: bytes) -> Response:
@@ -291,6 +301,8 @@ class StreamClient:
             if kind == "event":
                 self._event(msg.event)
                 continue
+            if kind is None:
+                continue  # a payload this client does not know
             if kind != "response":
                 raise SessionEnded(f"unexpected {kind} while waiting for response {seq}")
             frame = msg.response
@@ -316,9 +328,50 @@ class StreamClient:
         )
         return Response(seq, output, frame.http_status, receipt, latency)
 
+    async def add_extra(
+        self, file_name: str, data: bytes, *, timeout_s: float | None = None
+    ) -> streaming_pb2.ExtraDataPlaced:
+        """Feed a file to the job and wait until the executor placed it read-only under
+        /volume/extra/; returns the placement (size, sha256), checked against `data`. Raises
+        ExtraDataError when it was not placed (or not as sent: the session goes on), ValueError
+        when a file of that name is still being placed by this client, SessionEnded when the
+        session ends first, TimeoutError after `timeout_s`."""
+        pending = self._placements.get(file_name)
+        if pending is not None and not pending.done():
+            raise ValueError(f"extra data {file_name!r} is still being placed")
+        outcome: asyncio.Future[streaming_pb2.ExtraDataPlaced] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._placements[file_name] = outcome
+        try:
+            await self.send_extra(file_name, data)
+            ended: asyncio.Future[Any] = asyncio.ensure_future(self._ended.wait())
+            waits: set[asyncio.Future[Any]] = {outcome, ended}
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+            if not outcome.done():
+                raise self._raised()
+            placed = outcome.result()
+        finally:
+            if self._placements.get(file_name) is outcome:
+                del self._placements[file_name]
+        if placed.error:
+            raise ExtraDataError(placed.error, placed)
+        digest = hashlib.sha256(data).hexdigest()
+        if placed.sha256 and (placed.sha256, placed.size_bytes) != (digest, len(data)):
+            raise ExtraDataError(
+                f"extra data {file_name!r} was placed as {placed.size_bytes} bytes with sha256 "
+                f"{placed.sha256}; {len(data)} bytes with sha256 {digest} were sent",
+                placed,
+            )
+        return placed
+
     async def send_extra(self, file_name: str, data: bytes) -> None:
-        """Feed a file to the job (placed read-only under /volume/extra/); the gateway answers
-        with an event once it is placed."""
+        """Feed a file to the job (placed read-only under /volume/extra/) without waiting for
+        it to be placed; the gateway says when it is, with an event (`add_extra` waits)."""
         offsets = range(0, max(len(data), 1), EXTRA_CHUNK)
         for offset in offsets:
             chunk = data[offset : offset + EXTRA_CHUNK]
@@ -478,10 +531,16 @@ class StreamClient:
                     else:
                         ending = SessionEnded("the gateway ended the session without a reason")
                     return
-                if msg.WhichOneof("payload") == "closed":
+                kind = msg.WhichOneof("payload")
+                if kind == "closed":
                     self.closed = msg.closed
                     ending = SessionEnded(msg.closed.reason, msg.closed, await self._final_code())
                     return
+                if kind == "extra_data_placed":
+                    outcome = self._placements.get(msg.extra_data_placed.file_name)
+                    if outcome is not None and not outcome.done():
+                        outcome.set_result(msg.extra_data_placed)
+                    continue
                 self._inbox.put_nowait(msg)
                 if msg.HasField("response"):
                     self._inbox_bytes += len(msg.response.body)

@@ -551,10 +551,18 @@ class Session:
             reply = await self._deps.validator.AddExtraData(
                 chunks(), timeout=self._cfg.max_time_limit_s + CALL_SLACK_S
             )
+            outcomes = list(reply.placed) or [
+                streaming_pb2.ExtraDataPlaced(job_uuid=job_uuid, file_name=name)
+            ]
             message = f"extra data placed: {', '.join(reply.file_names) or name}"
         except grpc.aio.AioRpcError as exc:
             message = f"extra data {name} failed: {_rpc_error(exc)}"
+            outcomes = [
+                streaming_pb2.ExtraDataPlaced(job_uuid=job_uuid, file_name=name, error=message)
+            ]
         self._log.info("extra_data", file=name, outcome=message)
+        for outcome in outcomes:
+            await self._write(gateway_pb2.SessionResponse(extra_data_placed=outcome))
         await self._write(
             gateway_pb2.SessionResponse(
                 event=event(

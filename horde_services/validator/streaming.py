@@ -243,7 +243,7 @@ class StreamingJobs:
 
     async def add_extra(
         self, requests: AsyncIterator[validator_pb2.AddExtraDataRequest], caller: str
-    ) -> list[str]:
+    ) -> list[streaming_pb2.ExtraDataPlaced]:
         it = aiter(requests)
         msg = await anext(it, None)
         if msg is None or not msg.job_uuid:
@@ -280,7 +280,7 @@ class StreamingJobs:
                 waiters.append((data.file_name, waiter))
             await self._send(job, miner_pb2.RunJobRequest(extra_data=data))
             msg = await anext(it, None)
-        names = []
+        placed_files = []
         for name, waiter in waiters:
             try:
                 async with asyncio.timeout(PLACE_WAIT_S):
@@ -291,9 +291,10 @@ class StreamingJobs:
                 ) from None
             if placed.error:
                 raise FailedPrecondition(f"extra data {name} was not placed: {placed.error}")
-            names.append(name)
+            placed_files.append(placed)
+        names = [p.file_name for p in placed_files]
         log.info("extra_data_placed", job_uuid=job_uuid, files=names, bytes=total)
-        return names
+        return placed_files
 
     async def _send(self, job: LiveJob, msg: miner_pb2.RunJobRequest) -> None:
         """Put a message on the job's RunJob stream, unless the job ends first."""
@@ -369,8 +370,10 @@ class StreamingRpcs:
         request_iterator: AsyncIterator[validator_pb2.AddExtraDataRequest],
         context: grpc.aio.ServicerContext,
     ) -> validator_pb2.AddExtraDataResponse:
-        names = await self._streaming().add_extra(request_iterator, str(current_caller()))
-        return validator_pb2.AddExtraDataResponse(file_names=names)
+        placed = await self._streaming().add_extra(request_iterator, str(current_caller()))
+        return validator_pb2.AddExtraDataResponse(
+            file_names=[p.file_name for p in placed], placed=placed
+        )
 
     async def ReportBadReceipt(
         self, request: validator_pb2.ReportBadReceiptRequest, context: grpc.aio.ServicerContext

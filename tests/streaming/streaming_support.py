@@ -183,6 +183,10 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
         self.certificate_validator: str | None = None  # issue certificates for someone else
         self.certificate_endpoint: str | None = None
         self.end_job_after_ready = False
+        # Extra data: names the executor "refuses" (with this error), and whether it reports a
+        # placement that differs from what was sent.
+        self.extra_refused: dict[str, str] = {}
+        self.extra_misplaced = False
 
     async def StartStreamingJob(
         self, request: validator_pb2.StartStreamingJobRequest, context: grpc.aio.ServicerContext
@@ -285,14 +289,31 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
         request_iterator: AsyncIterator[validator_pb2.AddExtraDataRequest],
         context: grpc.aio.ServicerContext,
     ) -> validator_pb2.AddExtraDataResponse:
-        names: list[str] = []
+        placed: list[streaming_pb2.ExtraDataPlaced] = []
+        job_uuid = ""
         async for msg in request_iterator:
-            job = self.proxy.jobs[msg.job_uuid]
+            job_uuid = msg.job_uuid or job_uuid
+            job = self.proxy.jobs[job_uuid]
             name = msg.data.file_name
             job.extra[name] = job.extra.get(name, b"") + msg.data.data
             if msg.data.last:
-                names.append(name)
-        return validator_pb2.AddExtraDataResponse(file_names=names)
+                if name in self.extra_refused:
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"extra data {name} was not placed: {self.extra_refused[name]}",
+                    )
+                data = job.extra[name] + (b"!" if self.extra_misplaced else b"")
+                placed.append(
+                    streaming_pb2.ExtraDataPlaced(
+                        job_uuid=job_uuid,
+                        file_name=name,
+                        size_bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(),
+                    )
+                )
+        return validator_pb2.AddExtraDataResponse(
+            file_names=[p.file_name for p in placed], placed=placed
+        )
 
     async def ReportBadReceipt(
         self, request: validator_pb2.ReportBadReceiptRequest, context: grpc.aio.ServicerContext

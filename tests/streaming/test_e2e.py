@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 import json
 import signal
@@ -197,6 +198,8 @@ async def test_horde_stream_against_horde_dev_up(images: None, tmp_path: Path) -
         requests = tmp_path / "requests.txt"
         requests.write_bytes(b"\n".join(lines) + b"\n")
         receipts = tmp_path / "receipts.jsonl"
+        notes = tmp_path / "notes.txt"
+        notes.write_bytes(b"context for the job\n" * 1000)
         code, out, err = await horde(
             "stream",
             "--dev",
@@ -207,8 +210,13 @@ async def test_horde_stream_against_horde_dev_up(images: None, tmp_path: Path) -
             str(requests),
             "--receipts",
             str(receipts),
+            "--extra",
+            str(notes),
         )
         assert code == 0, err
+        # The executor placed the file and reported its size and sha256 (checked by the client).
+        digest = hashlib.sha256(notes.read_bytes()).hexdigest()
+        assert f"extra data placed: /volume/extra/notes.txt (20000 bytes, sha256 {digest})" in err
         assert out.splitlines() == [expected(line).decode() for line in lines]
         assert f"{len(lines)} responses, receipts verified" in err
         code, out, err = await horde("receipts", "verify", str(receipts))

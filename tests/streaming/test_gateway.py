@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from horde_services.core.server import open_channel
 from horde_services.streaming_gateway import client as client_module
 from horde_services.streaming_gateway import session as session_module
 from horde_services.streaming_gateway.checks import CertificateError
-from horde_services.streaming_gateway.client import SessionEnded, StreamClient
+from horde_services.streaming_gateway.client import ExtraDataError, SessionEnded, StreamClient
 from horde_services.streaming_gateway.store import SqlStore
 
 
@@ -514,6 +515,52 @@ async def test_extra_data_goes_through_the_validator(harness: Harness) -> None:
     # Requests keep working after it.
     assert (await client.request(b"after")).body == answer(b"after")
     await client.close()
+    await channel.close()
+
+
+async def test_add_extra_waits_for_the_placement_and_checks_it(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    events: list[str] = []
+    client, channel = await open_session(harness, app, on_event=lambda e: events.append(e.message))
+    data = b"context " * 300_000  # more than one chunk
+    placed = await client.add_extra("notes.txt", data)
+    assert (placed.file_name, placed.size_bytes, placed.sha256, placed.error) == (
+        "notes.txt",
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        "",
+    )
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.extra["notes.txt"] == data
+    # Refused by the executor: the client learns why, and the session goes on.
+    harness.fake_validator.extra_refused["big.bin"] = "the job's extra-data space is full"
+    with pytest.raises(ExtraDataError) as refused:
+        await client.add_extra("big.bin", b"x" * 10)
+    assert refused.value.placed is not None and refused.value.placed.file_name == "big.bin"
+    assert "the job's extra-data space is full" in str(refused.value)
+    assert str(refused.value).startswith("extra data big.bin failed: FAILED_PRECONDITION")
+    # Placed, but not as sent: caught here.
+    harness.fake_validator.extra_misplaced = True
+    with pytest.raises(ExtraDataError) as differs:
+        await client.add_extra("notes2.txt", b"abc")
+    assert str(differs.value) == (
+        f"extra data 'notes2.txt' was placed as 4 bytes with sha256 "
+        f"{hashlib.sha256(b'abc!').hexdigest()}; 3 bytes with sha256 "
+        f"{hashlib.sha256(b'abc').hexdigest()} were sent"
+    )
+    assert (await client.request(b"after")).body == answer(b"after")
+    # Events in words still come, for people (and send_extra's callers).
+    assert "extra data placed: notes.txt" in events
+    await client.close()
+    await channel.close()
+
+
+async def test_add_extra_raises_when_the_session_ends_first(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    await client.close("done")
+    with pytest.raises(SessionEnded):
+        await client.add_extra("late.txt", b"x")
     await channel.close()
 
 

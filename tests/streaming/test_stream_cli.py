@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import pty
@@ -447,3 +448,83 @@ async def test_control_characters_from_the_job_are_escaped_on_a_terminal_only(
     assert b"\x1b" not in term.seen and b"\x07" not in term.seen, term.seen
     assert b"\\x07denwp;0]\\x1b" in term.seen and b"\tand a tab" not in term.seen, term.seen
     assert b"bat a dna\t" in term.seen, term.seen  # tabs are harmless: kept
+
+
+async def test_extra_files_are_placed_before_the_first_request_and_env_is_passed(
+    harness: Harness, tmp_path: Path
+) -> None:
+    app = await harness.start_gateway()
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"context for the job\n")
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(bytes(range(256)) * 10)
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\n")
+    argv = target(harness, app, tmp_path)
+    code, out, err = await horde(
+        "stream",
+        *argv,
+        "--input",
+        str(requests),
+        "--extra",
+        str(notes),
+        "--extra",
+        f"weights.bin={weights}",
+        "--env",
+        "MODE=fast",
+        "--env",
+        "EMPTY=",
+    )
+    assert code == 0, err
+    assert out == answer(b"one").decode() + "\n"
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.extra == {"notes.txt": notes.read_bytes(), "weights.bin": weights.read_bytes()}
+    assert dict(harness.fake_validator.starts[-1].spec.env) == {"MODE": "fast", "EMPTY": ""}
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert f"extra data placed: /volume/extra/weights.bin (2560 bytes, sha256 {digest})" in err
+    # Placed before the first request was sent.
+    assert err.index("extra data placed: /volume/extra/notes.txt") < err.index("1 response")
+
+
+async def test_an_extra_file_not_placed_ends_the_command_with_the_reason(
+    harness: Harness, tmp_path: Path
+) -> None:
+    app = await harness.start_gateway()
+    harness.fake_validator.extra_refused["notes.txt"] = "no room left"
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"x")
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\n")
+    code, out, err = await horde(
+        "stream", *target(harness, app, tmp_path), "--input", str(requests), "--extra", str(notes)
+    )
+    assert code == 1, err
+    assert out == ""
+    assert "horde stream: extra data notes.txt failed: FAILED_PRECONDITION" in err
+    assert "no room left; closing the session" in err
+    (job,) = harness.fake_proxy.jobs.values()
+    assert job.served == 0
+
+
+async def test_bad_extra_and_env_options_are_usage_errors(tmp_path: Path) -> None:
+    key = tmp_path / "client.json"
+    write_key_file(key, Ed25519Signer.generate())
+    gateway = str(Ed25519Signer.generate().identity)
+    base = ["stream", "--gateway", "127.0.0.1:1", "--gateway-identity", gateway, "--key", str(key)]
+    code, _, err = await horde(*base, "--image", WHITELIST, "--env", "NOEQUALS")
+    assert code == 2 and "--env 'NOEQUALS': give KEY=VALUE" in err, err
+    code, _, err = await horde(*base, "--image", WHITELIST, "--extra", str(tmp_path / "missing"))
+    assert code == 2 and "No such file or directory" in err, err
+    (tmp_path / "a").write_text("a")
+    code, _, err = await horde(*base, "--image", WHITELIST, "--extra", f"../x={tmp_path / 'a'}")
+    assert code == 2 and "a plain file name is required" in err, err
+    code, _, err = await horde(
+        *base,
+        "--image",
+        WHITELIST,
+        "--extra",
+        str(tmp_path / "a"),
+        "--extra",
+        f"a={tmp_path / 'a'}",
+    )
+    assert code == 2 and "the name 'a' is given twice" in err, err

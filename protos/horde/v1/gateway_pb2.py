@@ -27,7 +27,7 @@ from horde.v1 import receipts_pb2 as horde_dot_v1_dot_receipts__pb2
 from horde.v1 import streaming_pb2 as horde_dot_v1_dot_streaming__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16horde/v1/gateway.proto\x12\x08horde.v1\x1a\x12horde/v1/job.proto\x1a\x17horde/v1/receipts.proto\x1a\x18horde/v1/streaming.proto\"\xc7\x01\n\x0eSessionRequest\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x15.horde.v1.SessionOpenH\x00\x12/\n\x07request\x18\x02 \x01(\x0b\x32\x1c.horde.v1.StreamRequestFrameH\x00\x12)\n\nextra_data\x18\x03 \x01(\x0b\x32\x13.horde.v1.ExtraDataH\x00\x12\'\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x16.horde.v1.SessionCloseH\x00\x42\t\n\x07payload\"\xa3\x01\n\x0bSessionOpen\x12\r\n\x05image\x18\x01 \x01(\t\x12\x16\n\x0e\x65xecutor_class\x18\x02 \x01(\t\x12\x14\n\x0ctime_limit_s\x18\x03 \x01(\r\x12+\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x1e.horde.v1.SessionOpen.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x0cSessionClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc8\x01\n\x0fSessionResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.horde.v1.JobEventH\x00\x12\'\n\x05ready\x18\x02 \x01(\x0b\x32\x16.horde.v1.SessionReadyH\x00\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1d.horde.v1.StreamResponseFrameH\x00\x12)\n\x06\x63losed\x18\x04 \x01(\x0b\x32\x17.horde.v1.SessionClosedH\x00\x42\t\n\x07payload\"O\n\x0cSessionReady\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12-\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0b\x32\x18.horde.v1.JobCertificate\"Y\n\rSessionClosed\x12#\n\x06result\x18\x01 \x01(\x0b\x32\x13.horde.v1.JobResult\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61\x64_receipt\x18\x03 \x01(\x08\"3\n\x12ListSamplesRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\xe7\x01\n\x06Sample\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x14\n\x0cimage_digest\x18\x03 \x01(\t\x12\x0f\n\x07request\x18\x04 \x01(\x0c\x12\x10\n\x08response\x18\x05 \x01(\x0c\x12(\n\x07receipt\x18\x06 \x01(\x0b\x32\x17.horde.v1.StreamReceipt\x12-\n\x0b\x63\x65rtificate\x18\x07 \x01(\x0b\x32\x18.horde.v1.JobCertificate\x12*\n\tstreaming\x18\x08 \x01(\x0b\x32\x17.horde.v1.StreamingSpec\"M\n\x13ListSamplesResponse\x12!\n\x07samples\x18\x01 \x03(\x0b\x32\x10.horde.v1.Sample\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t2\xa0\x01\n\x0eGatewayService\x12\x42\n\x07Session\x12\x18.horde.v1.SessionRequest\x1a\x19.horde.v1.SessionResponse(\x01\x30\x01\x12J\n\x0bListSamples\x12\x1c.horde.v1.ListSamplesRequest\x1a\x1d.horde.v1.ListSamplesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16horde/v1/gateway.proto\x12\x08horde.v1\x1a\x12horde/v1/job.proto\x1a\x17horde/v1/receipts.proto\x1a\x18horde/v1/streaming.proto\"\xc7\x01\n\x0eSessionRequest\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x15.horde.v1.SessionOpenH\x00\x12/\n\x07request\x18\x02 \x01(\x0b\x32\x1c.horde.v1.StreamRequestFrameH\x00\x12)\n\nextra_data\x18\x03 \x01(\x0b\x32\x13.horde.v1.ExtraDataH\x00\x12\'\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x16.horde.v1.SessionCloseH\x00\x42\t\n\x07payload\"\xa3\x01\n\x0bSessionOpen\x12\r\n\x05image\x18\x01 \x01(\t\x12\x16\n\x0e\x65xecutor_class\x18\x02 \x01(\t\x12\x14\n\x0ctime_limit_s\x18\x03 \x01(\r\x12+\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x1e.horde.v1.SessionOpen.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x0cSessionClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x80\x02\n\x0fSessionResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.horde.v1.JobEventH\x00\x12\'\n\x05ready\x18\x02 \x01(\x0b\x32\x16.horde.v1.SessionReadyH\x00\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1d.horde.v1.StreamResponseFrameH\x00\x12)\n\x06\x63losed\x18\x04 \x01(\x0b\x32\x17.horde.v1.SessionClosedH\x00\x12\x36\n\x11\x65xtra_data_placed\x18\x05 \x01(\x0b\x32\x19.horde.v1.ExtraDataPlacedH\x00\x42\t\n\x07payload\"O\n\x0cSessionReady\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12-\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0b\x32\x18.horde.v1.JobCertificate\"Y\n\rSessionClosed\x12#\n\x06result\x18\x01 \x01(\x0b\x32\x13.horde.v1.JobResult\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61\x64_receipt\x18\x03 \x01(\x08\"3\n\x12ListSamplesRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\xe7\x01\n\x06Sample\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x14\n\x0cimage_digest\x18\x03 \x01(\t\x12\x0f\n\x07request\x18\x04 \x01(\x0c\x12\x10\n\x08response\x18\x05 \x01(\x0c\x12(\n\x07receipt\x18\x06 \x01(\x0b\x32\x17.horde.v1.StreamReceipt\x12-\n\x0b\x63\x65rtificate\x18\x07 \x01(\x0b\x32\x18.horde.v1.JobCertificate\x12*\n\tstreaming\x18\x08 \x01(\x0b\x32\x17.horde.v1.StreamingSpec\"M\n\x13ListSamplesResponse\x12!\n\x07samples\x18\x01 \x03(\x0b\x32\x10.horde.v1.Sample\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t2\xa0\x01\n\x0eGatewayService\x12\x42\n\x07Session\x12\x18.horde.v1.SessionRequest\x1a\x19.horde.v1.SessionResponse(\x01\x30\x01\x12J\n\x0bListSamples\x12\x1c.horde.v1.ListSamplesRequest\x1a\x1d.horde.v1.ListSamplesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,17 +45,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONCLOSE']._serialized_start=475
   _globals['_SESSIONCLOSE']._serialized_end=505
   _globals['_SESSIONRESPONSE']._serialized_start=508
-  _globals['_SESSIONRESPONSE']._serialized_end=708
-  _globals['_SESSIONREADY']._serialized_start=710
-  _globals['_SESSIONREADY']._serialized_end=789
-  _globals['_SESSIONCLOSED']._serialized_start=791
-  _globals['_SESSIONCLOSED']._serialized_end=880
-  _globals['_LISTSAMPLESREQUEST']._serialized_start=882
-  _globals['_LISTSAMPLESREQUEST']._serialized_end=933
-  _globals['_SAMPLE']._serialized_start=936
-  _globals['_SAMPLE']._serialized_end=1167
-  _globals['_LISTSAMPLESRESPONSE']._serialized_start=1169
-  _globals['_LISTSAMPLESRESPONSE']._serialized_end=1246
-  _globals['_GATEWAYSERVICE']._serialized_start=1249
-  _globals['_GATEWAYSERVICE']._serialized_end=1409
+  _globals['_SESSIONRESPONSE']._serialized_end=764
+  _globals['_SESSIONREADY']._serialized_start=766
+  _globals['_SESSIONREADY']._serialized_end=845
+  _globals['_SESSIONCLOSED']._serialized_start=847
+  _globals['_SESSIONCLOSED']._serialized_end=936
+  _globals['_LISTSAMPLESREQUEST']._serialized_start=938
+  _globals['_LISTSAMPLESREQUEST']._serialized_end=989
+  _globals['_SAMPLE']._serialized_start=992
+  _globals['_SAMPLE']._serialized_end=1223
+  _globals['_LISTSAMPLESRESPONSE']._serialized_start=1225
+  _globals['_LISTSAMPLESRESPONSE']._serialized_end=1302
+  _globals['_GATEWAYSERVICE']._serialized_start=1305
+  _globals['_GATEWAYSERVICE']._serialized_end=1465
 # @@protoc_insertion_point(module_scope)

@@ -145,7 +145,9 @@ Global___SessionClose: _TypeAlias = SessionClose  # noqa: Y015
 
 @_typing.final
 class SessionResponse(_message.Message):
-    """SessionResponse is one message to a client in a session."""
+    """SessionResponse is one message to a client in a session. A client skips a payload it does not
+    know: a newer gateway may send more kinds.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -153,6 +155,7 @@ class SessionResponse(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     CLOSED_FIELD_NUMBER: _builtins.int
+    EXTRA_DATA_PLACED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _job_pb2.JobEvent:
         """Start-up progress."""
@@ -169,6 +172,13 @@ class SessionResponse(_message.Message):
     def closed(self) -> Global___SessionClosed:
         """The session ended."""
 
+    @_builtins.property
+    def extra_data_placed(self) -> _streaming_pb2.ExtraDataPlaced:
+        """An extra-data file's outcome: placed under /volume/extra/ (its size and the sha256 of
+        what the executor wrote, to compare with what was sent), or not (error). Followed by an
+        event that says the same in words.
+        """
+
     def __init__(
         self,
         *,
@@ -176,12 +186,13 @@ class SessionResponse(_message.Message):
         ready: Global___SessionReady | None = ...,
         response: _streaming_pb2.StreamResponseFrame | None = ...,
         closed: Global___SessionClosed | None = ...,
+        extra_data_placed: _streaming_pb2.ExtraDataPlaced | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "event", b"event", "payload", b"payload", "ready", b"ready", "response", b"response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "event", b"event", "extra_data_placed", b"extra_data_placed", "payload", b"payload", "ready", b"ready", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "event", b"event", "payload", b"payload", "ready", b"ready", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "event", b"event", "extra_data_placed", b"extra_data_placed", "payload", b"payload", "ready", b"ready", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["event", "ready", "response", "closed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["event", "ready", "response", "closed", "extra_data_placed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -535,18 +535,24 @@ class AddExtraDataResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FILE_NAMES_FIELD_NUMBER: _builtins.int
+    PLACED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def file_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Files placed under /volume/extra/."""
+
+    @_builtins.property
+    def placed(self) -> _containers.RepeatedCompositeFieldContainer[_streaming_pb2.ExtraDataPlaced]:
+        """Each file as the executor placed it (size and sha256 of what it wrote), in the same order."""
 
     def __init__(
         self,
         *,
         file_names: _abc.Iterable[_builtins.str] | None = ...,
+        placed: _abc.Iterable[_streaming_pb2.ExtraDataPlaced] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_names", b"file_names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_names", b"file_names", "placed", b"placed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
