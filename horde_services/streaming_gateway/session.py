@@ -527,7 +527,14 @@ class Session:
             raise FailedPrecondition("extra data sent before SessionReady")
         name = data.file_name
         if not plain_file_name(name):
-            raise InvalidArgument(f"extra data file name {name!r}: {PLAIN_NAME_RULE}")
+            # That upload is refused (once, at its last chunk); the session goes on.
+            if data.last:
+                message = f"extra data file name {name!r}: {PLAIN_NAME_RULE}"
+                refused = streaming_pb2.ExtraDataPlaced(
+                    job_uuid=self._job_uuid, file_name=name, error=message
+                )
+                await self._extra_outcome(name, [refused], message)
+            return
         queue = self._extra.get(name)
         if queue is None:
             queue = asyncio.Queue()
@@ -560,13 +567,22 @@ class Session:
             outcomes = [
                 streaming_pb2.ExtraDataPlaced(job_uuid=job_uuid, file_name=name, error=message)
             ]
+        await self._extra_outcome(name, outcomes, message)
+
+    async def _extra_outcome(
+        self, name: str, outcomes: list[streaming_pb2.ExtraDataPlaced], message: str
+    ) -> None:
+        """Tell the client how an upload went: for programs, then in words."""
         self._log.info("extra_data", file=name, outcome=message)
         for outcome in outcomes:
             await self._write(gateway_pb2.SessionResponse(extra_data_placed=outcome))
         await self._write(
             gateway_pb2.SessionResponse(
                 event=event(
-                    job_uuid, common_pb2.JOB_STATE_RUNNING, common_pb2.STAGE_EXECUTION, message
+                    self._job_uuid,
+                    common_pb2.JOB_STATE_RUNNING,
+                    common_pb2.STAGE_EXECUTION,
+                    message,
                 )
             )
         )

@@ -568,21 +568,23 @@ async def test_add_extra_raises_when_the_session_ends_first(harness: Harness) ->
 async def test_extra_data_with_a_name_that_is_not_a_plain_file_name_is_refused_here(
     harness: Harness, name: str
 ) -> None:
-    """Refused by the gateway itself, with the rule, before anything reaches the validator."""
+    """Refused by the gateway itself, with the rule, before anything reaches the validator; that
+    upload only: the session goes on."""
     app = await harness.start_gateway()
-    refused = metrics.GATEWAY_SESSIONS.labels("client_error")._value.get()
-    client, channel = await open_session(harness, app)
-    await client.send_extra(name, b"data")
-    with pytest.raises(SessionEnded) as info:
-        await client.request(b"after")
-    await channel.close()
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value.reason
-    assert info.value.closed is not None
-    assert f"extra data file name {name!r}: a plain file name is required" in info.value.reason
-    assert "at most 255 bytes" in info.value.reason
+    events: list[str] = []
+    client, channel = await open_session(harness, app, on_event=lambda e: events.append(e.message))
+    with pytest.raises(ExtraDataError) as refused:
+        await client.add_extra(name, b"data" * 300_000)  # more than one chunk
+    rule = f"extra data file name {name!r}: a plain file name is required"
+    assert str(refused.value).startswith(rule), refused.value
+    assert "at most 255 bytes" in str(refused.value)
+    assert refused.value.placed is not None and refused.value.placed.file_name == name
+    assert (await client.request(b"after")).body == answer(b"after")
     (job,) = harness.fake_proxy.jobs.values()
     assert job.extra == {}
-    assert metrics.GATEWAY_SESSIONS.labels("client_error")._value.get() - refused == 1
+    assert [e for e in events if e.startswith("extra data")] == [str(refused.value)]
+    await client.close()
+    await channel.close()
 
 
 async def test_the_job_ending_ends_the_session_with_its_result(harness: Harness) -> None:

@@ -41,7 +41,10 @@ class SessionRequest(_message.Message):
 
     @_builtins.property
     def extra_data(self) -> _streaming_pb2.ExtraData:
-        """A file to feed to the job."""
+        """A file to feed to the job, in chunks (`last` set on the final one). Its
+        outcome comes back as SessionResponse.extra_data_placed; a name that is not a plain file
+        name is refused there, and the session goes on.
+        """
 
     @_builtins.property
     def close(self) -> Global___SessionClose:
