@@ -385,7 +385,8 @@ def _print_jobs(doc: dict[str, Any], as_json: bool) -> None:
         return
     table = Table()
     # Every column folds rather than vanishes on a narrow terminal (ids then span lines); into a
-    # pipe every value is whole. The class and the duration are in --json.
+    # pipe every value is whole. The class and the duration are in --json; the note starts
+    # with the kind of a job that is not organic.
     table.add_column("job", overflow="fold", min_width=18)
     table.add_column("validator", overflow="fold", min_width=8)
     table.add_column("executor", overflow="fold", min_width=8)
@@ -406,7 +407,10 @@ def _print_jobs(doc: dict[str, Any], as_json: bool) -> None:
             state = text(state)
         else:
             state = f"[red]{text(state)}[/red]"
-        notes = [] if j["in_flight"] or j["countersigned"] else ["not countersigned"]
+        # Organic is the usual kind; a streaming session says so first in its note.
+        notes = [] if j["job_kind"] in ("organic", "") else [j["job_kind"]]
+        if not j["in_flight"] and not j["countersigned"]:
+            notes.append("not countersigned")
         if j["detail"]:
             notes.append(j["detail"])
         table.add_row(

@@ -153,6 +153,9 @@ async def test_jobs_list_those_in_flight_and_those_that_ended(net: MinerNet) -> 
         assert "1 in flight, 1 ended (newest first)" in out
         [row] = [line for line in out.splitlines() if done.job_uuid in line]
         assert "failed: nonzero_exit" in row and "exit status 3" in row
+        assert "organic" not in row and "streaming" not in row
+        [row] = [line for line in out.splitlines() if live.job_uuid in line]
+        assert row.split("│")[-2].strip() == "streaming", row  # the note says the kind
 
         ex.finish(live.job_uuid, common_pb2.JOB_STATE_COMPLETED)
         await live.result()
