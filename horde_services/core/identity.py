@@ -26,7 +26,6 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 # `bittensor.sp_core` re-exports this binding (bittensor's own key primitives); importing it
 # directly spares every CLI start and service the 0.6 s import of the whole bittensor SDK.
 import bittensor_core as sp_core
-import structlog
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -48,7 +47,14 @@ __all__ = [
     "write_key_file",
 ]
 
-log = structlog.get_logger(__name__)
+
+def _log() -> Any:
+    """The module's logger, with structlog imported on first use: a client that imports this
+    module for its signer skips structlog's import (about 0.1 s, rich included)."""
+    import structlog
+
+    return structlog.get_logger(__name__)
+
 
 KeyType = Literal["sr25519", "ed25519"]
 KEY_TYPES: Final[tuple[KeyType, ...]] = ("sr25519", "ed25519")
@@ -411,7 +417,7 @@ def write_key_file(
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
-    log.info("key_file.written", path=str(target), identity=str(signer.identity))
+    _log().info("key_file.written", path=str(target), identity=str(signer.identity))
     return target
 
 
@@ -451,7 +457,7 @@ def load_key_file(path: str | os.PathLike[str]) -> KeyFileSigner:
         raise KeyFileError(source, f"cannot be read: {error}") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         # Warn rather than refuse: secret mounts (e.g. Kubernetes) are often 0644 by default.
-        log.warning(
+        _log().warning(
             "key_file.permissive_mode", path=str(source), mode=oct(stat.S_IMODE(info.st_mode))
         )
     try:
@@ -543,5 +549,5 @@ def load_wallet_hotkey(
     except Exception as error:  # bad JSON, wrong password, unreadable: all name the file
         raise KeyFileError(location, f"cannot load hotkey: {error}") from None
     signer = HotkeySigner(keypair)
-    log.info("wallet_hotkey.loaded", path=str(location), identity=str(signer.identity))
+    _log().info("wallet_hotkey.loaded", path=str(location), identity=str(signer.identity))
     return signer

@@ -89,12 +89,14 @@ def test_declared_floors_cover_what_the_generated_code_needs() -> None:
 
 def test_the_client_helpers_do_not_import_the_servers() -> None:
     """A client's imports (channel, streaming client, receipts) leave the settings, metrics,
-    database and Docker code alone: lighter, and nothing registered in the importer's process."""
+    database, Docker code and logging setup alone: lighter, and nothing registered in the
+    importer's process."""
     code = (
         "import sys\n"
         "import horde_services.core.channel, horde_services.streaming_gateway.client\n"
         "import horde_services.core.receipts\n"
         "heavy = ['pydantic', 'prometheus_client', 'sqlalchemy', 'aiodocker', 'bittensor',\n"
+        "         'structlog', 'rich',\n"
         "         'horde_services.core.server', 'horde_services.core.config']\n"
         "loaded = [m for m in heavy if m in sys.modules]\n"
         "assert loaded == [], loaded\n"
