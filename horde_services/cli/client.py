@@ -31,6 +31,31 @@ CHUNK = 1024 * 1024
 class CliError(Exception):
     """A usage or connection problem reported as one line, exit status 2."""
 
+    status = 2
+
+
+class Refused(CliError):
+    """The validator refused or failed a call (any gRPC status but the connection ones),
+    reported as one line, exit status 1."""
+
+    status = 1
+
+
+# What a client cannot tell from the network failing: nothing answered (in time). Every other
+# status is the validator's own answer.
+CONNECTION_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def call_failed(exc: grpc.aio.AioRpcError, address: str, refused: str = "") -> CliError:
+    """A failed call as one line: a connection problem (CliError, exit status 2) when nothing
+    answered, else the validator's refusal (Refused, exit status 1), after `refused` if given."""
+    why = f"{exc.code().name}: {exc.details()}"
+    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+        return CliError(f"cannot reach the validator at {address}: {why}")
+    if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CliError(f"no answer in time from the validator at {address}: {why}")
+    return Refused(f"{refused}: {why}" if refused else why)
+
 
 @dataclass
 class Target:
@@ -239,13 +264,14 @@ async def run_job(
     except grpc.aio.AioRpcError as exc:
         why = f"{exc.code().name}: {exc.details()}"
         if job_uuid:
-            raise CliError(
-                f"lost the validator while following job {job_uuid} ({why}); ask again with "
-                f"`horde job status {job_uuid}`"
+            # Nothing answered any more (2), or the validator itself ended the stream (1).
+            lost = exc.code() in CONNECTION_CODES
+            what = "lost the validator while following" if lost else "the validator ended"
+            error = CliError if lost else Refused
+            raise error(
+                f"{what} job {job_uuid} ({why}); ask again with `horde job status {job_uuid}`"
             ) from None
-        if exc.code() is grpc.StatusCode.UNAVAILABLE:
-            raise CliError(f"cannot reach the validator at {target.address}: {why}") from None
-        raise CliError(f"validator refused the job: {why}") from None
+        raise call_failed(exc, target.address, "validator refused the job") from None
     finally:
         for fh in files.values():
             fh.close()
@@ -342,21 +368,37 @@ def print_result(doc: dict[str, Any], output_dir: Path | None) -> None:
 
 
 @contextlib.contextmanager
-def _refused_as_cli_error() -> Iterator[None]:
-    """A failed call becomes one line: `CODE: details`."""
+def _refused_as_cli_error(target: Target) -> Iterator[None]:
+    """A failed call becomes one line: `CODE: details`, exit status 1 for the validator's
+    refusal, 2 when it could not be reached (call_failed)."""
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        raise CliError(f"{exc.code().name}: {exc.details()}") from None
+        raise call_failed(exc, target.address) from None
+
+
+# Every control character, newline and tab included: a label is shown inside one line.
+_CONTROL_IN_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def labels_text(labels: dict[str, str]) -> str:
+    """A job's labels in one line: `k=v,k2=v2` by key, control characters escaped (\\xNN)."""
+    text = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return _CONTROL_IN_LINE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 async def job_status(target: Target, job_uuid: str, as_json: bool) -> int:
     async with target.channel() as channel:
         stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-        with _refused_as_cli_error():
+        with _refused_as_cli_error(target):
             resp = await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid), timeout=10)
     job = resp.job
-    doc = {"job_uuid": job.job_uuid, "state": state_name(job.state), "image": job.spec.image}
+    doc: dict[str, Any] = {
+        "job_uuid": job.job_uuid,
+        "state": state_name(job.state),
+        "image": job.spec.image,
+        "labels": dict(sorted(job.spec.labels.items())),
+    }
     if job.HasField("result"):
         doc["result"] = result_json(job.result)
     if as_json:
@@ -377,7 +419,7 @@ async def job_cancel(target: Target, job_uuid: str, as_json: bool = False) -> in
     """Cancel a job; a job that had already ended is left as it was (and said so)."""
     async with target.channel() as channel:
         stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-        with _refused_as_cli_error():
+        with _refused_as_cli_error(target):
             resp = await stub.CancelJob(
                 validator_pb2.CancelJobRequest(job_uuid=job_uuid), timeout=30
             )
@@ -396,7 +438,7 @@ async def job_cancel(target: Target, job_uuid: str, as_json: bool = False) -> in
 async def job_list(target: Target, limit: int, as_json: bool) -> int:
     async with target.channel() as channel:
         stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-        with _refused_as_cli_error():
+        with _refused_as_cli_error(target):
             resp = await stub.ListJobs(validator_pb2.ListJobsRequest(limit=limit), timeout=10)
     rows = [
         {
@@ -404,12 +446,16 @@ async def job_list(target: Target, limit: int, as_json: bool) -> int:
             "state": state_name(j.state),
             "image": j.spec.image,
             "reason": reason_name(j.result.reason),
+            "labels": dict(sorted(j.spec.labels.items())),
         }
         for j in resp.jobs
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['job_uuid']}  {r['state']:<13} {r['reason']:<20} {r['image']}")
+        return 0
+    lines = [f"{r['job_uuid']}  {r['state']:<13} {r['reason']:<20} {r['image']}" for r in rows]
+    # A job's labels after its image, lined up in a column (no column when no job has any).
+    width = max(map(len, lines), default=0)
+    for line, r in zip(lines, rows, strict=True):
+        print(f"{line:<{width}}  {labels_text(r['labels'])}" if r["labels"] else line)
     return 0

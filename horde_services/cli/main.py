@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -170,16 +171,11 @@ def _job(args: argparse.Namespace) -> int:
             command = list(args.command)
             if command and command[0] == "--":
                 command = command[1:]
-            env = {}
-            for item in args.env:
-                key, sep, value = item.partition("=")
-                if not sep or not key:
-                    raise client.CliError(f"--env {item!r}: expected KEY=VALUE")
-                env[key] = value
             spec = job_pb2.JobSpec(
                 image=args.image,
                 command=command,
-                env=env,
+                env=_key_values("--env", args.env),
+                labels=_key_values("--label", args.label),
                 executor_class=args.job_class or "",
                 output=job_pb2.OutputSpec(stream=job_pb2.StreamOutput()),
             )
@@ -201,12 +197,34 @@ def _job(args: argparse.Namespace) -> int:
         return await client.job_list(target, args.limit, args.json)
 
     try:
-        return asyncio.run(go())
-    except client.CliError as exc:
+        status = asyncio.run(go())
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except client.CliError as exc:  # a refusal (1), or a usage or connection problem (2)
         print(f"horde job {args.job_cmd}: {exc}", file=sys.stderr)
-        return 2
+        return exc.status
     except KeyboardInterrupt:  # what was in flight already said what became of it
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as `horde stream`
+        # Nothing more can reach the closed pipe; keep the interpreter's final flush quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _key_values(option: str, items: list[str]) -> dict[str, str]:
+    """Repeated OPTION KEY=VALUE as a dict (the last of a repeated KEY wins); a usage error
+    (exit status 2) for an item without `=` or with no KEY."""
+    from horde_services.cli.client import CliError
+
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{option} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
 
 
 def _dev_up(args: argparse.Namespace) -> int:
@@ -240,6 +258,14 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--key", type=Path, help="client key file (`horde keys new`)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+# `horde job status|cancel|list` (`horde job run` says its own in its description).
+_JOB_EPILOG = (
+    "Exit status: 0 done, 1 refused by the validator (e.g. not an enrolled client, no such job, "
+    "another client's job), 2 for usage and connection problems, 130 when interrupted, "
+    "141 when the output was closed early (e.g. piped into `head`)."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,8 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a job and wait for its result",
         description="Run IMAGE (with COMMAND, if given) as an organic job and wait for its "
         "result. Ctrl-C cancels the job. Exit status: 0 when the job completed with exit code 0, "
-        "1 when it failed, was rejected or cancelled, or an output could not be written here, "
-        "2 for usage and connection problems, 130 when interrupted.",
+        "1 when it failed, was rejected or cancelled, the validator refused it (e.g. not an "
+        "enrolled client, a bad spec), or an output could not be written here, "
+        "2 for usage and connection problems, 130 when interrupted, "
+        "141 when the output was closed early (e.g. piped into `head`).",
     )
     _add_client_args(run)
     run.add_argument("--class", dest="job_class", help="executor class")
@@ -342,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment variable for the job's command; repeat for several",
     )
     run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a label kept with the job (shown by `horde job list` and `horde job status "
+        "--json`); repeat for several",
+    )
+    run.add_argument(
         "--timeout",
         type=bounded_int(1, 2**32 - 1, "--timeout"),
         help="execution time limit in seconds (default: the network's, 600 s)",
@@ -349,10 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("image")
     run.add_argument("command", nargs=argparse.REMAINDER)
     for name, helptext in (("status", "show a job"), ("cancel", "cancel a job")):
-        p = job.add_parser(name, help=helptext)
+        p = job.add_parser(name, help=helptext, epilog=_JOB_EPILOG)
         _add_client_args(p)
         p.add_argument("job_uuid")
-    lst = job.add_parser("list", help="list your recent jobs (a validator admin: every client's)")
+    lst = job.add_parser(
+        "list", help="list your recent jobs (a validator admin: every client's)", epilog=_JOB_EPILOG
+    )
     _add_client_args(lst)
     lst.add_argument(
         "--limit",

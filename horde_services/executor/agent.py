@@ -29,6 +29,9 @@ from horde_services.executor.streaming import StreamingJobRunner
 from horde_services.executor.synthetic import InProcessSolver, SyntheticSolver, answer
 
 log = structlog.get_logger("horde.executor.agent")
+# How long a link waits for the miner to accept it (its initial metadata) before it sends the
+# manifest anyway.
+LINK_ACCEPT_WAIT_S = 10.0
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
@@ -67,7 +70,7 @@ class ExecutorAgent:
         self._job_uuid = ""
         self._inputs: asyncio.Queue[job_pb2.InputChunk] = asyncio.Queue()
         # What goes to the miner on the live link (None while the link is down).
-        self._outbox: asyncio.Queue[executor_pb2.ConnectRequest] | None = None
+        self._outbox: asyncio.Queue[executor_pb2.ConnectRequest | None] | None = None
         self.draining = False
         self.connected = asyncio.Event()
         self.executor_id = ""
@@ -155,14 +158,16 @@ class ExecutorAgent:
         self._job = None
 
     async def _session(self) -> None:
-        outbox: asyncio.Queue[executor_pb2.ConnectRequest] = asyncio.Queue()
-        outbox.put_nowait(executor_pb2.ConnectRequest(manifest=self._manifest))
+        # None ends the request stream (the session is over): gRPC's own task that feeds the
+        # call from it then ends too, instead of waiting on the queue until the process exits.
+        outbox: asyncio.Queue[executor_pb2.ConnectRequest | None] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[executor_pb2.ConnectRequest]:
-            while True:
-                yield await outbox.get()
+            while (msg := await outbox.get()) is not None:
+                yield msg
                 # gRPC asks for the next message once it has written this one: done.
                 outbox.task_done()
+            outbox.task_done()
 
         async def send(msg: executor_pb2.ConnectRequest) -> None:
             outbox.put_nowait(msg)
@@ -175,6 +180,13 @@ class ExecutorAgent:
             heartbeat: asyncio.Task[None] | None = None
             self._outbox = outbox
             try:
+                # The miner sends its initial metadata once it accepted the link; a refusal
+                # (say, a key it does not enrol) then ends the call with its own status, with no
+                # write racing it. (A miner that sends none in time gets the manifest anyway.)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LINK_ACCEPT_WAIT_S):
+                        await call.initial_metadata()
+                outbox.put_nowait(executor_pb2.ConnectRequest(manifest=self._manifest))
                 async for msg in call:
                     kind = msg.WhichOneof("payload")
                     if kind == "accepted":
@@ -197,6 +209,7 @@ class ExecutorAgent:
                         self._start_synthetic(msg.synthetic_challenge, send)
             finally:
                 self._outbox = None
+                outbox.put_nowait(None)
                 for task in self._synthetic_tasks:
                     task.cancel()
                 if heartbeat is not None:

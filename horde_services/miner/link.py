@@ -30,6 +30,10 @@ class ExecutorLinkServicer(executor_pb2_grpc.ExecutorLinkServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[executor_pb2.ConnectResponse]:
         identity = current_caller()
+        # Accepted (authenticated and enrolled): say so at once. The executor writes its
+        # manifest only then, so a refusal never races its first write (grpc.aio then reports a
+        # generic INTERNAL error in place of the miner's reason).
+        await context.send_initial_metadata(())
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("payload") != "manifest":
             raise InvalidArgument("the first message on a link must be the executor's manifest")

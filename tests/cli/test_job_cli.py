@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from devnet import dev_network
 from docker_images import ensure_images
 
 from horde_services.cli.client import shown
+from horde_services.core.identity import create_key_file, load_key_file
 
 BIN = Path(sys.executable).parent
 BASE = "horde/base:latest"
@@ -133,6 +135,8 @@ def test_usage_problems_are_one_line_exit_2(dev: Path, tmp_path: Path) -> None:
             ["job", "list", "--dev", str(dev), "--validator-identity", "garbage"],
             "--validator-identity: invalid identity 'garbage'",
         ),
+        (["job", "run", "--dev", str(dev), "--label", "team", BASE], "--label 'team': expected"),
+        (["job", "run", "--dev", str(dev), "--label", "=ml", BASE], "--label '=ml': expected"),
     ]
     for argv, needle in cases:
         out = horde(*argv)
@@ -159,3 +163,83 @@ def test_unreachable_validator_is_not_called_a_refusal(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "cannot reach the validator at 127.0.0.1:1: UNAVAILABLE" in out.stderr
     assert time.monotonic() - started < 60
+
+
+def test_the_validators_refusals_exit_1(dev: Path, tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger.json"  # a key the validator has not enrolled
+    create_key_file(stranger, "ed25519")
+    unknown = "00000000-0000-0000-0000-000000000000"
+    not_enrolled = (
+        f"PERMISSION_DENIED: {load_key_file(stranger).identity} is not an enrolled client"
+    )
+    cases = [
+        (["list", "--key", str(stranger)], not_enrolled),
+        (["status", "--key", str(stranger), unknown], not_enrolled),
+        (["cancel", "--key", str(stranger), unknown], not_enrolled),
+        (["run", "--key", str(stranger), BASE, "--", "true"], not_enrolled),
+        (["status", unknown], f"NOT_FOUND: no job {unknown}"),
+        (["cancel", unknown], f"NOT_FOUND: no job {unknown}"),
+        (["status", "not-a-uuid"], "INVALID_ARGUMENT: job_uuid 'not-a-uuid' is not a UUID"),
+        (
+            ["run", "--label", "k=" + "x" * 1025, BASE, "--", "true"],
+            "INVALID_ARGUMENT: spec.labels['k']: 1025 characters, at most 1024",
+        ),
+    ]
+    for words, why in cases:
+        out = horde("job", words[0], "--dev", str(dev), *words[1:])
+        lead = "validator refused the job: " if words[0] == "run" else ""
+        assert out.returncode == 1, (words, out.stderr)
+        assert out.stderr == f"horde job {words[0]}: {lead}{why}\n", words
+
+
+def test_labels_are_kept_with_the_job_and_shown(dev: Path) -> None:
+    run = horde(
+        "job", "run", "--dev", str(dev), "--json", "--label", "team=ml", "--label", "note=a b,c",
+        "--label", "run=1", "--label", "run=2", "--label", "nl=x\ny", "--label", "empty=",
+        BASE, "--", "true",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    labelled = json.loads(run.stdout)["job_uuid"]
+    plain_run = horde("job", "run", "--dev", str(dev), "--json", BASE, "--", "true")
+    plain = json.loads(plain_run.stdout)["job_uuid"]
+    labels = {"empty": "", "nl": "x\ny", "note": "a b,c", "run": "2", "team": "ml"}
+
+    status = json.loads(horde("job", "status", "--dev", str(dev), "--json", labelled).stdout)
+    assert status["labels"] == labels
+    assert list(status["labels"]) == sorted(labels)  # in key order, whatever the map's
+    assert (
+        json.loads(horde("job", "status", "--dev", str(dev), "--json", plain).stdout)["labels"]
+        == {}
+    )
+    listed = horde("job", "list", "--dev", str(dev), "--json")
+    rows = {r["job_uuid"]: r["labels"] for r in json.loads(listed.stdout)}
+    assert rows[labelled] == labels and rows[plain] == {}
+
+    text = horde("job", "list", "--dev", str(dev))
+    assert text.returncode == 0, text.stderr
+    lines = {line.split()[0]: line for line in text.stdout.splitlines()}
+    # Lined up after the image, in key order; a newline in a label stays escaped, in one line.
+    assert lines[labelled] == (
+        f"{labelled}  completed{' ' * 26}{BASE}  empty=,nl=x\\x0ay,note=a b,c,run=2,team=ml"
+    )
+    assert lines[plain] == f"{plain}  completed{' ' * 26}{BASE}"  # nothing after the image
+
+
+def test_status_into_a_closed_pipe_exits_quietly_with_141(dev: Path) -> None:
+    run = horde("job", "run", "--dev", str(dev), "--json", BASE, "--", "true")
+    job_uuid = json.loads(run.stdout)["job_uuid"]
+    for words in (["status", "--json", job_uuid], ["list", "--json"], ["list"]):
+        reader, writer = os.pipe()
+        os.close(reader)  # `| head -c 10` once head has gone
+        try:
+            out = subprocess.run(
+                [str(BIN / "horde"), "job", words[0], "--dev", str(dev), *words[1:]],
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            os.close(writer)
+        assert out.returncode == 141, (words, out.stderr)
+        assert out.stderr == "", words

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import shutil
@@ -40,6 +41,10 @@ from organic_support import (
     wait_job_container_running,
     wait_no_job_objects,
 )
+
+from horde_services.core.config import ExecutorSettings, load_settings
+from horde_services.core.identity import Ed25519Signer
+from horde_services.executor.app import start_executor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -965,3 +970,43 @@ async def test_a_second_signal_stops_a_draining_miner_at_once(bare_net: Network)
     assert code == 130, log_path.read_text()[-3000:]
     assert log_events(log_path, "second_signal_exit_now"), log_path.read_text()[-3000:]
     await wait_no_job_objects(net.docker, [job_uuid], within=30)
+
+
+async def test_an_executor_the_miner_refuses_leaves_no_link_task_behind(bare_net: Network) -> None:
+    """A refused link (the key is not enrolled) is retried with backoff; each failed attempt's
+    request stream ends with it, so gRPC's task feeding that stream ends too. They were left
+    waiting, and reported "Task was destroyed but it is pending" when collected. (The garbage
+    collector is off meanwhile, so a task left behind stays to be seen.)"""
+    net = bare_net
+    settings = load_settings(ExecutorSettings, **net.executor_settings())
+    app, agent = await start_executor(settings, Ed25519Signer.generate())
+    refused: list[str] = []
+    session = agent._session
+
+    async def counted_session() -> None:
+        try:
+            await session()
+        except grpc.aio.AioRpcError as exc:
+            refused.append(f"{exc.code().name}: {exc.details()}")
+            raise
+
+    agent._session = counted_session  # type: ignore[method-assign]
+
+    def feeders() -> list[asyncio.Task[object]]:
+        return [
+            t
+            for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__qualname__", "").endswith("_consume_request_iterator")
+            and not t.done()
+        ]
+
+    gc.disable()
+    try:
+        app.start_background()
+        await wait_for(lambda: len(refused) >= 3, 30, "three refused link attempts")
+        assert all("is not an enrolled executor" in r for r in refused), refused
+        assert len(feeders()) <= 1  # the attempt under way, if any
+    finally:
+        gc.enable()
+        await app.stop(1.0)
+    assert not feeders()
