@@ -53,12 +53,17 @@ def open_channel(
     tls: TLSSettings | None = None,
     server_name: str | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to `target` whose calls are signed for `callee` (when a signer is given)."""
+    """A channel to `target` whose calls are signed for `callee` (when a signer is given).
+
+    It speaks TLS when `tls.ca_file` is set (the CA that signed the peer's certificate), and
+    then presents `tls.cert_file`/`key_file` as its client certificate when
+    `tls.require_client_cert` is set (mutual TLS). A service's own listener certificate alone
+    does not make its outgoing channels TLS: a peer without TLS stays reachable."""
     interceptors = client_interceptors(signer, callee) if signer and callee else None
     options = list(CHANNEL_OPTIONS)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    if tls is not None and (tls.ca_file or tls.enabled):
+    if tls is not None and tls.ca_file:
         creds = grpc.ssl_channel_credentials(
             root_certificates=read_file(tls.ca_file),
             private_key=read_file(tls.key_file) if tls.require_client_cert else None,

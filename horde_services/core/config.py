@@ -32,13 +32,15 @@ from horde_services.core.errors import ConfigError
 
 
 class TLSSettings(BaseModel):
-    """TLS for a listener (and for clients dialling peers)."""
+    """TLS for a listener (cert_file and key_file), and for the channels a service opens to its
+    peers (TLS when ca_file is set)."""
 
     model_config = ConfigDict(extra="forbid")
 
     cert_file: Path | None = None
     key_file: Path | None = None
-    # CA bundle used to verify peers; when set on a server, clients must present certificates.
+    # CA bundle that verifies peers: the servers this service dials (their channels then speak
+    # TLS) and, with require_client_cert, the client certificates its listener demands.
     ca_file: Path | None = None
     require_client_cert: bool = False
 

@@ -185,3 +185,22 @@ async def test_mutual_tls(start_server: StartServer, callers: Callers, pki: PKI)
 def test_missing_tls_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="file not found"):
         TLSSettings(cert_file=tmp_path / "nope.pem", key_file=tmp_path / "nope.key")
+
+
+async def test_a_services_own_listener_certificate_does_not_make_its_channels_tls(
+    start_server: StartServer, pki: PKI
+) -> None:
+    """A service serving TLS (cert and key, no ca_file) still dials a plaintext peer in plain:
+    its channels speak TLS only when ca_file says whom to trust."""
+    plain = await start_server()
+    listener_only = TLSSettings(cert_file=pki.server_cert, key_file=pki.server_key)
+    assert await _health(open_channel(plain.address, tls=listener_only)) == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+    # With ca_file it speaks TLS, so the plaintext peer cannot be reached.
+    await _expect_unavailable(
+        open_channel(
+            plain.address,
+            tls=TLSSettings(cert_file=pki.server_cert, key_file=pki.server_key, ca_file=pki.ca),
+        )
+    )
