@@ -469,7 +469,7 @@ def _unknown_env(cls: type[ServiceSettings]) -> list[str]:
         for depth, part in enumerate(path):
             if part not in model.model_fields:
                 field = ".".join(path[: depth + 1])
-                problems.append(f"invalid setting '{field}' (env {key}): unknown setting")
+                problems.append(f"invalid setting '{field}' (from env {key}): unknown setting")
                 break
             annotation = model.model_fields[part].annotation
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -479,14 +479,25 @@ def _unknown_env(cls: type[ServiceSettings]) -> list[str]:
 
 
 def _describe(exc: ValidationError, cls: type[ServiceSettings], config_file: Path | None) -> str:
-    where = f"{config_file}: " if config_file else ""
-    prefix = str(cls.model_config.get("env_prefix", ""))
+    """Each problem with its field and where its value came from: the environment variable
+    that set it (it wins over the file), else the config file (naming the variable that would
+    override it)."""
+    prefix = str(cls.model_config.get("env_prefix", "")).upper()
+    environ = {key.upper() for key in os.environ}
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join(loc) or "(root)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
-        env = prefix + field.upper().replace(".", "__")
-        parts.append(f"invalid setting '{field}' (env {env}): {msg}")
-    return where + "; ".join(parts)
+        env = prefix + "__".join(loc).upper()
+        # The variable itself, or the one that set its whole table (as JSON).
+        candidates = (env, prefix + loc[0].upper()) if loc else ()
+        from_env = next((name for name in candidates if name in environ), None)
+        if from_env is not None:
+            parts.append(f"invalid setting '{field}' (from env {from_env}): {msg}")
+        else:
+            where = f"{config_file}: " if config_file else ""
+            parts.append(f"{where}invalid setting '{field}' (env {env}): {msg}")
+    return "; ".join(parts)

@@ -99,7 +99,7 @@ class Validator:
 def validator(tmp_path: Path) -> Iterator[Validator]:
     key = tmp_path / "client.json"
     create_key_file(key, "ed25519")
-    fake = FakeValidator()
+    fake = FakeValidator()  # type: ignore[abstract]  # serves only what `horde job` calls
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
     validator_pb2_grpc.add_ValidatorServiceServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")

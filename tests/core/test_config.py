@@ -103,7 +103,7 @@ def test_bad_toml_value_names_field_and_env_var(tmp_path: Path) -> None:
 
 def test_bad_env_value_names_field_and_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HORDE_GATEWAY_SAMPLE_RATE", "lots")
-    with pytest.raises(ConfigError, match=r"invalid setting 'sample_rate' \(env "
+    with pytest.raises(ConfigError, match=r"^invalid setting 'sample_rate' \(from env "
                        r"HORDE_GATEWAY_SAMPLE_RATE\)"):  # fmt: skip
         load_settings(GatewaySettings)
 
@@ -230,16 +230,34 @@ def test_unknown_env_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HORDE_MINER_LISTN", "0.0.0.0:1")
     with pytest.raises(ConfigError) as info:
         load_settings(MinerSettings)
-    assert str(info.value) == ("invalid setting 'listn' (env HORDE_MINER_LISTN): unknown setting")
+    assert str(info.value) == (
+        "invalid setting 'listn' (from env HORDE_MINER_LISTN): unknown setting"
+    )
 
 
 def test_unknown_nested_env_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HORDE_MINER_TLS__CA_FIEL", "/x")
     with pytest.raises(ConfigError) as info:
         load_settings(MinerSettings)
-    assert "invalid setting 'tls.ca_fiel' (env HORDE_MINER_TLS__CA_FIEL): unknown setting" in str(
-        info.value
+    assert str(info.value) == (
+        "invalid setting 'tls.ca_fiel' (from env HORDE_MINER_TLS__CA_FIEL): unknown setting"
     )
+
+
+def test_a_bad_value_names_the_source_that_gave_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment's value wins over the file's, so a bad one there is blamed on the
+    variable, not the file; one from the file names the file (and the variable that would
+    override it)."""
+    cfg = write(tmp_path / "m.toml", 'log_level = "info"\nnetuid = -1\n')
+    monkeypatch.setenv("HORDE_MINER_LOG_LEVEL", "bogus")
+    with pytest.raises(ConfigError) as info:
+        load_settings(MinerSettings, cfg)
+    problems = sorted(str(info.value).split("; "), key=lambda p: "netuid" not in p)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{cfg}: invalid setting 'netuid' (env HORDE_MINER_NETUID): ")
+    assert problems[1].startswith("invalid setting 'log_level' (from env HORDE_MINER_LOG_LEVEL): ")
 
 
 def test_env_for_dict_entries_and_other_services_is_not_flagged(
