@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from horde_services.core.identity import Identity, KeyFileError, Signer, load_key_file
+
+if TYPE_CHECKING:
+    from horde_services.core.config import TLSSettings
+
+# The CLI's TLS, for services that serve it (their `tls` table): the CA that signed their
+# certificates, and a client certificate and key where they require one (mutual TLS).
+TLS_ENV = {
+    "ca_file": "HORDE_TLS_CA_FILE",
+    "cert_file": "HORDE_TLS_CERT_FILE",
+    "key_file": "HORDE_TLS_KEY_FILE",
+}
 
 
 def bounded_int(lo: int, hi: int, what: str) -> Callable[[str], int]:
@@ -50,3 +63,33 @@ def service_address(value: str, option: str) -> str:
         raise ValueError(
             f"{option} {value!r}: HOST:PORT is required (e.g. 127.0.0.1:7100)"
         ) from None
+
+
+def client_tls() -> TLSSettings | None:
+    """TLS for the CLI's channels from HORDE_TLS_CA_FILE (and HORDE_TLS_CERT_FILE with
+    HORDE_TLS_KEY_FILE for mutual TLS); None (plaintext) without a CA. ValueError naming the
+    variable that is wrong."""
+    given = {field: os.environ.get(var) or None for field, var in TLS_ENV.items()}
+    ca, cert, key = given["ca_file"], given["cert_file"], given["key_file"]
+    if ca is None:
+        if cert or key:
+            raise ValueError(
+                f"{TLS_ENV['cert_file']} and {TLS_ENV['key_file']} need {TLS_ENV['ca_file']} "
+                "(the CA that signed the service's certificate)"
+            )
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError(
+            f"{TLS_ENV['cert_file']} and {TLS_ENV['key_file']} go together (a client "
+            "certificate and its key)"
+        )
+    from pydantic import ValidationError
+
+    from horde_services.core.config import TLSSettings
+
+    try:
+        return TLSSettings.model_validate({**given, "require_client_cert": cert is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        var = TLS_ENV.get(str(err["loc"][0]) if err["loc"] else "", "TLS")
+        raise ValueError(f"{var}: {err['msg'].removeprefix('Value error, ')}") from None

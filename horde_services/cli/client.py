@@ -13,17 +13,20 @@ import tarfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 from rich.console import Console
 
-from horde_services.cli.args import checked_target
+from horde_services.cli.args import checked_target, client_tls
 from horde_services.cli.devenv import DevEnv, DevEnvError
 from horde_services.core.identity import Signer
 from horde_services.core.proto_util import TERMINAL_STATES, reason_name, stage_name, state_name
 from horde_services.core.server import open_channel
+
+if TYPE_CHECKING:
+    from horde_services.core.config import TLSSettings
 
 CHUNK = 1024 * 1024
 
@@ -62,9 +65,10 @@ class Target:
     address: str
     identity: str
     signer: Signer
+    tls: TLSSettings | None = None  # from HORDE_TLS_* (cli.args.client_tls)
 
     def channel(self) -> grpc.aio.Channel:
-        return open_channel(self.address, signer=self.signer, callee=self.identity)
+        return open_channel(self.address, signer=self.signer, callee=self.identity, tls=self.tls)
 
 
 def validator_target(
@@ -84,7 +88,7 @@ def validator_target(
             "give --dev DIR, or --validator ADDR with --validator-identity ID and --key FILE"
         )
     try:
-        return Target(*checked_target(address, identity, key, "validator"))
+        return Target(*checked_target(address, identity, key, "validator"), tls=client_tls())
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

@@ -103,7 +103,7 @@ def miner_target(
 ) -> tuple[Target, bool]:
     """The miner named by --dev or --miner/--miner-identity/--key, checked, and whether its
     identity was taken from the key (CliError for usage problems)."""
-    from horde_services.cli.args import checked_target, service_address
+    from horde_services.cli.args import checked_target, client_tls, service_address
     from horde_services.cli.client import CliError, Target
     from horde_services.cli.devenv import DevEnv, DevEnvError
     from horde_services.core.identity import load_key_file
@@ -132,7 +132,8 @@ def miner_target(
         except (ValueError, OSError) as exc:  # a KeyFileError is a ValueError
             raise CliError(str(exc)) from None
     try:
-        return Target(*checked_target(address, identity, key, "miner")), from_key
+        target = Target(*checked_target(address, identity, key, "miner"), tls=client_tls())
+        return target, from_key
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

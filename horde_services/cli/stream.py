@@ -30,7 +30,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
-from horde_services.cli.args import bounded_int, checked_target
+from horde_services.cli.args import bounded_int, checked_target, client_tls
 from horde_services.core.loop import run as run_loop
 
 EPILOG = """exit status: 0 when every request got a response with a verified receipt; 1 when the
@@ -261,6 +261,7 @@ async def _run(args: argparse.Namespace) -> int:
         )
     try:
         address, identity, signer = checked_target(address, identity, key, "gateway")
+        tls = client_tls()
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     if args.receipts is not None:
@@ -299,7 +300,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     receipts_file: IO[str] | None = None
     saved = 0
-    channel = open_channel(address)  # the session signs its own call
+    channel = open_channel(address, tls=tls)  # the session signs its own call
     client = StreamClient(
         channel,
         signer=signer,

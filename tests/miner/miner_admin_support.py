@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -113,13 +114,15 @@ class MinerNet:
     def miner_stub(self, signer: Signer) -> miner_pb2_grpc.MinerServiceStub:
         return miner_pb2_grpc.MinerServiceStub(self.channel(signer))
 
-    async def horde(self, *argv: str) -> tuple[int, str, str]:
-        """Run the `horde` CLI as a subprocess (without blocking the miner serving it here)."""
+    async def horde(self, *argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        """Run the `horde` CLI as a subprocess (without blocking the miner serving it here),
+        with `env` added to this process's environment."""
         proc = await asyncio.create_subprocess_exec(
             str(HORDE),
             *argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         async with asyncio.timeout(60):
             out, err = await proc.communicate()

@@ -20,8 +20,10 @@ from miner_admin_support import (
     ValidatorJob,
     make_net,
 )
+from tls_support import make_pki
 
 from horde_services.cli.main import main
+from horde_services.core.config import TLSSettings
 from horde_services.core.errors import ConfigError
 from horde_services.core.identity import load_key_file
 
@@ -308,3 +310,52 @@ async def test_admins_are_validated_at_start(tmp_path: Path) -> None:
     bad.settings.admins = ["5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"]
     with pytest.raises(ConfigError, match="invalid setting 'admins'"):
         await bad.start()
+
+
+async def test_the_cli_reaches_a_tls_miner_with_the_ca_from_the_environment(
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    net = await make_net(
+        tmp_path / "net",
+        executors=1,
+        tls=TLSSettings(
+            cert_file=pki.server_cert,
+            key_file=pki.server_key,
+            ca_file=pki.ca,
+            require_client_cert=True,
+        ),
+    )
+    await net.start()
+    argv = ("miner", "executors", *admin(net), "--json")
+    client_cert = {
+        "HORDE_TLS_CERT_FILE": str(pki.client_cert),
+        "HORDE_TLS_KEY_FILE": str(pki.client_key),
+    }
+    try:
+        # Plaintext, or TLS without the client certificate the miner requires: no connection.
+        for env in ({}, {"HORDE_TLS_CA_FILE": str(pki.ca)}):
+            code, out, err = await net.horde(*argv, env=env)
+            assert code == 2 and "cannot reach the miner" in err, (env, err)
+        code, out, err = await net.horde(
+            *argv, env={"HORDE_TLS_CA_FILE": str(pki.ca), **client_cert}
+        )
+        assert code == 0, err
+        assert json.loads(out)["executors"] == []
+        # Settings that cannot work are usage errors naming the variable.
+        bad = [
+            (
+                {"HORDE_TLS_CA_FILE": str(tmp_path / "missing.pem")},
+                "HORDE_TLS_CA_FILE: file not found",
+            ),
+            (client_cert, "need HORDE_TLS_CA_FILE"),
+            (
+                {"HORDE_TLS_CA_FILE": str(pki.ca), "HORDE_TLS_CERT_FILE": str(pki.client_cert)},
+                "go together",
+            ),
+        ]
+        for env, words in bad:
+            code, out, err = await net.horde(*argv, env=env)
+            assert code == 2 and words in err and out == "", (env, err)
+    finally:
+        await net.stop()
