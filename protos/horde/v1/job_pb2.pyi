@@ -156,7 +156,7 @@ class JobSpec(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form labels kept with the job (shown by `horde job list`)."""
+        """Free-form labels kept with the job (shown by `horde job list` and `horde job status --json`)."""
 
     def __init__(
         self,
@@ -533,7 +533,7 @@ class StreamingSpec(_message.Message):
     REQUEST_PATH_FIELD_NUMBER: _builtins.int
     HEALTH_PATH_FIELD_NUMBER: _builtins.int
     port: _builtins.int
-    """TCP port the service listens on inside the container."""
+    """TCP port the service listens on inside the container (default 8000)."""
     request_path: _builtins.str
     """Path requests are POSTed to (default "/")."""
     health_path: _builtins.str
