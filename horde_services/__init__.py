@@ -20,10 +20,17 @@ __version__ = "0.1.0"
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 
 
+# gRPC core's own log lines (plain text on stderr, e.g. one "Handshake failed" line per plaintext
+# connection a TLS listener turns away) would break a service's JSON-lines log: only its errors
+# are kept. What a caller needs to know reaches it as the call's status, and Horde logs that.
+GRPC_VERBOSITY = "ERROR"
+
+
 def grpc_runtime_options() -> None:
-    """Set GRPC_EXPERIMENTS for this process (and its children) unless the environment already
-    sets it: an operator's own value, even an empty one, wins."""
+    """Set GRPC_EXPERIMENTS and GRPC_VERBOSITY for this process (and its children) unless the
+    environment already sets them: an operator's own value, even an empty one, wins."""
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY)
 
 
 grpc_runtime_options()

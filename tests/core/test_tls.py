@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,3 +141,46 @@ async def test_a_services_own_listener_certificate_does_not_make_its_channels_tl
             tls=TLSSettings(cert_file=pki.server_cert, key_file=pki.server_key, ca_file=pki.ca),
         )
     )
+
+
+TURNED_AWAY = """
+import asyncio, sys
+import horde_services  # noqa: F401  (every Horde entry point imports it before grpc)
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+async def main() -> None:
+    cert, key = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read()
+    server = grpc.aio.server()
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(exc.code().name)
+    await server.stop(None)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("verbosity", [None, "INFO"])
+def test_grpc_core_log_lines_stay_out_of_a_services_log(pki: PKI, verbosity: str | None) -> None:
+    """A TLS listener turning a plaintext client away logs nothing of gRPC core's own on stderr
+    (a plain-text line there breaks the service's JSON lines), unless the operator asks for it
+    with GRPC_VERBOSITY."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    if verbosity is not None:
+        env["GRPC_VERBOSITY"] = verbosity
+    done = subprocess.run(
+        [sys.executable, "-c", TURNED_AWAY, str(pki.server_cert), str(pki.server_key)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.stdout == "UNAVAILABLE\n", done.stderr
+    assert ("Handshake failed" in done.stderr) == (verbosity == "INFO"), done.stderr
