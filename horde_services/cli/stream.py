@@ -143,15 +143,15 @@ async def _stdin_lines(prompt: bool) -> AsyncIterator[bytes]:
 
     def reader() -> None:
         pending = b""
+        ended = False  # a read found the end of input (on a terminal: Ctrl-D)
         while True:
             wanted.acquire()
-            while b"\n" not in pending:
+            while b"\n" not in pending and not ended:
                 try:
                     chunk = os.read(fd, 65536)
                 except OSError:
                     chunk = b""
-                if not chunk:
-                    break
+                ended = not chunk
                 pending += chunk
             line, sep, pending = pending.partition(b"\n")
             line += sep  # b"" only at the end of input

@@ -126,6 +126,14 @@ class StreamClient:
         self._inbox_room = asyncio.Event()
         self._inbox_room.set()
         self._pump_task: asyncio.Task[None] | None = None
+        # One write at a time on the call (a pipeline's sender, an upload and close() may
+        # write at once; grpc.aio fails overlapping writes with a generic INTERNAL error).
+        self._write_lock = asyncio.Lock()
+        # Set by close(): from then on the reader hands events to on_event itself and reads on
+        # without waiting for the caller, until SessionClosed; responses to requests in flight
+        # still reach their callers. `_receiving` counts the callers waiting for a response.
+        self._closing = False
+        self._receiving = 0
         self._ending: SessionEnded | None = None
         self._ended = asyncio.Event()
         self._checker: ReceiptChecker | None = None
@@ -144,6 +152,8 @@ class StreamClient:
         time_limit_s: int = 0,
         env: dict[str, str] | None = None,
     ) -> gateway_pb2.SessionReady:
+        if self._call is not None:
+            raise RuntimeError("this StreamClient has opened its session already: one per client")
         deadline = (
             time_limit_s + SESSION_DEADLINE_SLACK_S if time_limit_s else DEFAULT_SESSION_DEADLINE_S
         )
@@ -200,8 +210,14 @@ class StreamClient:
             elif kind is not None:  # a payload this client does not know is skipped
                 raise SessionEnded(f"unexpected {kind} before the session was ready")
 
+    def _opened(self) -> None:
+        """Requests, uploads and events need a session that open() made ready."""
+        if self._checker is None:
+            raise RuntimeError("open() the session first")
+
     async def request(self, body: bytes) -> Response:
         """Send one request and wait for its whole response; check its receipt."""
+        self._opened()
         return await self._receive(await self._send_request(body))
 
     async def pipeline(
@@ -263,7 +279,7 @@ class StreamClient:
 
     async def _send_request(self, body: bytes) -> _Sent:
         """Send one request: one frame, or REQUEST_FRAME_BYTES pieces when the body is larger."""
-        assert self._checker is not None, "open() first"
+        self._opened()
         self._seq += 1
         sent = _Sent(self._seq, hashlib.sha256(body).digest(), time.time_ns(), time.perf_counter())
         if len(body) <= REQUEST_FRAME_BYTES:
@@ -295,26 +311,30 @@ class StreamClient:
         assert self._checker is not None
         seq = sent.seq
         parts: list[bytes] = []
-        while True:
-            msg = await self._read()
-            kind = msg.WhichOneof("payload")
-            if kind == "event":
-                self._event(msg.event)
-                continue
-            if kind is None:
-                continue  # a payload this client does not know
-            if kind != "response":
-                raise SessionEnded(f"unexpected {kind} while waiting for response {seq}")
-            frame = msg.response
-            if frame.seq < seq:
-                continue  # the rest of a request whose caller stopped waiting for it
-            if frame.seq != seq:
-                raise SessionEnded(f"response for request {frame.seq} while waiting for {seq}")
-            parts.append(frame.body)
-            if self._on_chunk is not None and frame.body:
-                self._on_chunk(seq, frame.body)
-            if frame.last:
-                break
+        self._receiving += 1  # close() leaves the inbox to those waiting for a response
+        try:
+            while True:
+                msg = await self._read()
+                kind = msg.WhichOneof("payload")
+                if kind == "event":
+                    self._event(msg.event)
+                    continue
+                if kind is None:
+                    continue  # a payload this client does not know
+                if kind != "response":
+                    raise SessionEnded(f"unexpected {kind} while waiting for response {seq}")
+                frame = msg.response
+                if frame.seq < seq:
+                    continue  # the rest of a request whose caller stopped waiting for it
+                if frame.seq != seq:
+                    raise SessionEnded(f"response for request {frame.seq} while waiting for {seq}")
+                parts.append(frame.body)
+                if self._on_chunk is not None and frame.body:
+                    self._on_chunk(seq, frame.body)
+                if frame.last:
+                    break
+        finally:
+            self._receiving -= 1
         latency = time.perf_counter() - sent.started
         received_ns = time.time_ns()
         output = b"".join(parts)
@@ -336,6 +356,7 @@ class StreamClient:
         ExtraDataError when it was not placed (or not as sent: the session goes on), ValueError
         when a file of that name is still being placed by this client, SessionEnded when the
         session ends first, TimeoutError after `timeout_s`."""
+        self._opened()
         pending = self._placements.get(file_name)
         if pending is not None and not pending.done():
             raise ValueError(f"extra data {file_name!r} is still being placed")
@@ -372,6 +393,7 @@ class StreamClient:
     async def send_extra(self, file_name: str, data: bytes) -> None:
         """Feed a file to the job (placed read-only under /volume/extra/) without waiting for
         it to be placed; the gateway says when it is, with an event (`add_extra` waits)."""
+        self._opened()
         offsets = range(0, max(len(data), 1), EXTRA_CHUNK)
         for offset in offsets:
             chunk = data[offset : offset + EXTRA_CHUNK]
@@ -387,6 +409,8 @@ class StreamClient:
             )
 
     async def next_event(self) -> job_pb2.JobEvent:
+        if self._call is None:
+            raise RuntimeError("open() the session first")
         msg = await self._read()
         if msg.WhichOneof("payload") != "event":
             raise SessionEnded(f"unexpected {msg.WhichOneof('payload')} while waiting for an event")
@@ -396,22 +420,21 @@ class StreamClient:
         """Ask the gateway to end the session; returns its SessionClosed."""
         if self._call is None:
             return None
-        if self.closed is None:
+        if self._ending is None:
+            # The gateway answers the requests in flight, then sends SessionClosed. The reader
+            # takes it all: responses still reach the callers waiting for them (this reads
+            # none of them), events go to on_event, and it no longer waits for a caller.
+            self._closing = True
+            self._inbox_room.set()
             try:
                 await self._send(
                     gateway_pb2.SessionRequest(close=gateway_pb2.SessionClose(reason=reason))
                 )
-                while self.closed is None:
-                    msg = await self._read()
-                    if msg.WhichOneof("payload") == "event":
-                        self._event(msg.event)
             except SessionEnded:
                 pass
-        if self._pump_task is not None and self._ending is None:
-            # SessionClosed came: let the reader take the call's status before the call goes.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(END_READ_TIMEOUT_S):
-                    await self._ended.wait()
+            await self._ended.wait()
+        if not self._receiving:
+            self._pass_events()  # queued before close(), with nobody left to read them
         # Our side ends too: on a channel with interceptors (one that signs its calls) the call
         # feeds its writes through a task of grpc's own, which ends only with the writes.
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
@@ -454,7 +477,8 @@ class StreamClient:
         if self._ending is not None:
             raise self._raised()
         try:
-            await self._call.write(msg)
+            async with self._write_lock:
+                await self._call.write(msg)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
             # The write lost a race with the session's end (e.g. its time limit while the
             # client was idle): the reader has, or soon will have, the gateway's reason.
@@ -541,10 +565,13 @@ class StreamClient:
                     if outcome is not None and not outcome.done():
                         outcome.set_result(msg.extra_data_placed)
                     continue
+                if self._closing and kind == "event":
+                    self._event(msg.event)
+                    continue
                 self._inbox.put_nowait(msg)
                 if msg.HasField("response"):
                     self._inbox_bytes += len(msg.response.body)
-                    if self._inbox_bytes > INBOX_BYTES:
+                    if self._inbox_bytes > INBOX_BYTES and not self._closing:
                         self._inbox_room.clear()
                         await self._inbox_room.wait()
         except grpc.aio.AioRpcError as exc:

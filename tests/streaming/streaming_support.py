@@ -68,6 +68,8 @@ class Behaviour:
     # Answer only once this many requests have arrived (so a client that waits for each answer
     # before sending the next one would wait forever).
     answer_in_batches_of: int = 1
+    # When set, each response's first chunk goes at once and the rest once this is set.
+    gate: asyncio.Event | None = None
 
 
 @dataclass
@@ -126,7 +128,9 @@ class FakeProxy:
         self, job: FakeJob, held: list[tuple[int, bytes, int]], out: ResponseWriter
     ) -> None:
         for seq, body, started in held:
-            for response in self._answer(job, seq, body, started):
+            for i, response in enumerate(self._answer(job, seq, body, started)):
+                if i == 1 and job.behaviour.gate is not None:
+                    await job.behaviour.gate.wait()
                 await out.write(response)
             job.served += 1
         held.clear()

@@ -33,6 +33,14 @@ def channel_to(h: Harness, app: ServiceApp, signer: object = None) -> grpc.aio.C
     )
 
 
+async def wait_until(predicate: Any, what: str, within: float = 10.0) -> None:
+    """Poll `predicate` until it holds; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 async def open_session(
     h: Harness, app: ServiceApp, image: str = WHITELIST, **kw: object
 ) -> tuple[StreamClient, grpc.aio.Channel]:
@@ -515,6 +523,71 @@ async def test_extra_data_goes_through_the_validator(harness: Harness) -> None:
     # Requests keep working after it.
     assert (await client.request(b"after")).body == answer(b"after")
     await client.close()
+    await channel.close()
+
+
+async def test_close_while_a_request_is_in_flight_delivers_its_whole_response(
+    harness: Harness,
+) -> None:
+    """close() while a response is coming: the gateway answers what is in flight before its
+    SessionClosed, and the caller waiting for that response gets all of it, with its receipt
+    checked (close() read and dropped its frames, and the receipt then failed as if the miner had
+    cheated)."""
+    gate = asyncio.Event()
+    harness.fake_validator.next_behaviour = Behaviour(chunks=4, gate=gate)
+    app = await harness.start_gateway()
+    chunks: list[bytes] = []
+    events: list[str] = []
+    client, channel = await open_session(
+        harness,
+        app,
+        on_chunk=lambda _seq, body: chunks.append(body),
+        on_event=lambda e: events.append(e.message),
+    )
+    sent_close = asyncio.Event()
+    send = client._send
+
+    async def watched_send(msg: gateway_pb2.SessionRequest) -> None:
+        await send(msg)
+        if msg.HasField("close"):
+            sent_close.set()
+
+    client._send = watched_send  # type: ignore[method-assign]
+    request = asyncio.ensure_future(client.request(b"slow one"))
+    await wait_until(lambda: bool(chunks), "the first chunk")
+    closing = asyncio.ensure_future(client.close("bye"))
+    async with asyncio.timeout(10):
+        await sent_close.wait()
+    gate.set()  # the rest of the response comes now, after the close
+    async with asyncio.timeout(10):
+        res = await request
+        closed = await closing
+    assert res.body == answer(b"slow one") and res.receipt.is_valid()
+    assert b"".join(chunks) == res.body
+    assert closed is not None and closed.reason == "closed by the client: bye"
+    await channel.close()
+
+
+async def test_open_twice_and_calls_before_open_are_refused_at_once(harness: Harness) -> None:
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    client = StreamClient(channel)
+    for call in (
+        lambda: client.request(b"x"),
+        lambda: client.send_extra("a", b"x"),
+        lambda: client.add_extra("a", b"x"),
+        lambda: client.next_event(),
+    ):
+        with pytest.raises(RuntimeError, match=r"open\(\) the session first"):
+            await call()
+    with pytest.raises(RuntimeError, match=r"open\(\) the session first"):
+        await anext(aiter(client.pipeline([b"x"])))
+    await client.open(WHITELIST)
+    with pytest.raises(RuntimeError, match="opened its session already"):
+        await client.open(WHITELIST)
+    assert (await client.request(b"still")).body == answer(b"still")  # the first goes on
+    await client.close()
+    assert len(harness.fake_proxy.jobs) == 1  # no second job was started
     await channel.close()
 
 

@@ -411,6 +411,23 @@ async def test_on_a_terminal_the_next_prompt_follows_the_answer(
         assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
+async def test_on_a_terminal_ctrl_d_after_a_partial_line_ends_the_input(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Typed text then Ctrl-D twice (the first sends the text, the second is the end of input,
+    as for `cat`): the text is one request and the command ends; a third was needed."""
+    app = await harness.start_gateway()
+    async with _on_terminal("stream", *target(harness, app, tmp_path)) as (proc, term):
+        await asyncio.to_thread(term.until, b"session ready")
+        await asyncio.to_thread(term.until, b"> ")
+        os.write(term.fd, b"partial\x04")
+        await asyncio.to_thread(term.until, b"partial")  # the terminal's echo
+        os.write(term.fd, b"\x04")
+        said = await asyncio.to_thread(term.until, b"1 response, receipts verified")
+        assert b"echo:laitrap" in said, said
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
 async def test_on_a_terminal_a_session_that_ends_is_reported_at_once(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -528,3 +545,24 @@ async def test_bad_extra_and_env_options_are_usage_errors(tmp_path: Path) -> Non
         f"a={tmp_path / 'a'}",
     )
     assert code == 2 and "the name 'a' is given twice" in err, err
+
+
+async def test_closed_standard_descriptors_are_no_crash(harness: Harness, tmp_path: Path) -> None:
+    """Run with stdin (and then stdout) closed, as some daemon tools and `<&-` do: uvloop aborted
+    the process (an assertion on a descriptor below 3) once the session was over."""
+    app = await harness.start_gateway()
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\ntwo\n")
+    argv = [HORDE, "stream", *target(harness, app, tmp_path), "--input", str(requests)]
+    for closed in (0, 1):
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=lambda fd=closed: os.close(fd),  # type: ignore[misc]
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, (closed, err.decode())
+        assert b"2 responses, receipts verified" in err
+        if closed == 0:
+            assert out.decode() == answer(b"one").decode() + "\n" + answer(b"two").decode() + "\n"
