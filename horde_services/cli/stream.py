@@ -383,6 +383,13 @@ async def _run(args: argparse.Namespace) -> int:
             closed = await client.close("client done" if status == 0 else "client failed")
             if closed is not None:
                 print(f"session closed: {shown(closed.reason, err_tty)}", file=sys.stderr)
+            elif (ending := client.ending) is not None:
+                # No SessionClosed: the call failed instead (a gateway error, say).
+                print(
+                    f"horde stream: session ended: {shown(ending.reason, err_tty)}",
+                    file=sys.stderr,
+                )
+                status = 1
         except SessionEnded as exc:
             # On a terminal the prompt for the next line may be showing: start a line of its own.
             lead = "\n" if interactive else ""

@@ -22,6 +22,7 @@ from horde_services.core.proto_util import parse_cursor
 from horde_services.core.proxy_wire import ProxyLink
 from horde_services.core.runtime import load_signer, open_chain, parse_identities
 from horde_services.core.server import (
+    RunningServer,
     ServiceRegistration,
     create_server,
     current_caller,
@@ -45,6 +46,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._store = store
         self._sessions: dict[Session, asyncio.Task[Any]] = {}
         self._draining = False
+        self._health_tasks: set[asyncio.Future[None]] = set()
+        # Health follows the receipt store: NOT_SERVING from a batch that could not be stored
+        # until one is stored again (set once the server exists).
+        self.server: RunningServer | None = None
+        self._storing = True
+
+    def receipts_lost(self, job_uuids: set[str], error: str) -> None:
+        """The receipt writer could not store a batch: end the sessions whose receipts were in
+        it, and report NOT_SERVING (a balancer sends clients elsewhere meanwhile)."""
+        for session in list(self._sessions):
+            if session.job_uuid and session.job_uuid in job_uuids:
+                session.receipts_lost(error)
+        self._health(storing=False)
+
+    def receipts_stored(self) -> None:
+        self._health(storing=True)
+
+    def _health(self, *, storing: bool) -> None:
+        if storing == self._storing:
+            return
+        self._storing = storing
+        if storing:
+            log.info("receipts_stored_again")
+        if self.server is not None and not self._draining:
+            task = asyncio.ensure_future(self.server.set_serving(storing))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new sessions; end the open ones with SHUTDOWN_REASON (their jobs stopped, their
@@ -166,6 +194,8 @@ async def start_gateway(
         max_skew_s=settings.auth.max_clock_skew_s,
     )
     servicer = GatewayServicer(deps, store)
+    writer.on_lost = servicer.receipts_lost
+    writer.on_stored = servicer.receipts_stored
     server = await create_server(
         settings.listen,
         [
@@ -179,6 +209,7 @@ async def start_gateway(
         service_label="gateway",
         tls=settings.tls,
     )
+    servicer.server = server
 
     async def close_all() -> None:
         await writer.close()

@@ -248,6 +248,20 @@ class Session:
             )
         return limit
 
+    @property
+    def job_uuid(self) -> str:
+        """The session's job ("" before it is ready)."""
+        return self._job_uuid
+
+    def receipts_lost(self, error: str) -> None:
+        """Receipts of this session could not be stored: end it rather than serve on with
+        answers nobody can prove later."""
+        self._finish(
+            _Ending(
+                f"the gateway could not store the session's receipts ({error})", "receipts_lost"
+            )
+        )
+
     def shut_down(self, reason: str) -> None:
         """End the session now with `reason` (the gateway is stopping): the job is stopped, the
         receipts stored, and the client gets SessionClosed with the reason."""
@@ -657,7 +671,11 @@ class Session:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._proxy is not None:
             await self._proxy.aclose()
-        await self._deps.writer.flush()
+        try:
+            await self._deps.writer.flush()
+        except RuntimeError as exc:  # the database refused them (logged as receipts_lost)
+            ending.reason += f"; its last receipts could not be stored ({exc})"
+            ending.how = "receipts_lost"
         metrics.GATEWAY_SESSIONS.labels(ending.how).inc()
         self._log.info(
             "session_ended",

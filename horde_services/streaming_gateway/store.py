@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -176,6 +176,10 @@ class ReceiptWriter:
 
     def __init__(self, store: GatewayStore) -> None:
         self.store = store
+        # Told when a batch could not be stored (the jobs whose receipts were lost, and why),
+        # and when one was stored again: the gateway ends those sessions and reports its health.
+        self.on_lost: Callable[[set[str], str], None] | None = None
+        self.on_stored: Callable[[], None] | None = None
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._hurry = asyncio.Event()  # a flush is waiting, or a batch is full
@@ -263,6 +267,11 @@ class ReceiptWriter:
                     samples=len(batch.samples),
                     error=repr(error),
                 )
+                if self.on_lost is not None:
+                    jobs = {str(r.job_uuid) for r in batch.receipts}
+                    self.on_lost(jobs | {s.job_uuid for s in batch.samples}, repr(error))
+            elif self.on_stored is not None:
+                self.on_stored()
         for waiter in batch.waiters:
             if not waiter.done():
                 if error is None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy.exc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from horde.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from streaming_support import WHITELIST, Behaviour, Harness, answer
 
@@ -566,6 +568,58 @@ async def test_close_while_a_request_is_in_flight_delivers_its_whole_response(
     assert b"".join(chunks) == res.body
     assert closed is not None and closed.reason == "closed by the client: bye"
     await channel.close()
+
+
+class FailingStore(SqlStore):
+    """A real SQLite store that refuses every write while `failing` is set (a full disk)."""
+
+    failing = False
+
+    async def add(self, receipts: Any, samples: Any) -> None:
+        if self.failing:
+            raise sqlalchemy.exc.OperationalError(
+                "INSERT", {}, Exception("database or disk is full")
+            )
+        await super().add(receipts, samples)
+
+
+async def test_receipts_that_cannot_be_stored_end_their_session_and_the_health(
+    harness: Harness,
+) -> None:
+    """Nothing is served that could not be proven later: a session whose receipts the database
+    refused ends with the reason, and the gateway reports NOT_SERVING until a write succeeds."""
+    store = FailingStore(await open_database(f"sqlite+aiosqlite:///{harness.root / 'g.db'}"))
+    app = await harness.start_gateway(store=store)
+    client, channel = await open_session(harness, app)
+    assert (await client.request(b"stored")).body == answer(b"stored")
+    assert await gateway_health(harness, app) == health_pb2.HealthCheckResponse.SERVING
+    store.failing = True
+    await client.request(b"lost")  # answered; its receipt cannot be stored
+    async with asyncio.timeout(20):  # the writer's retries take about 3 s
+        ended = await client.wait_ended()
+    assert ended.closed is not None, ended.reason
+    assert ended.reason.startswith("the gateway could not store the session's receipts ("), ended
+    assert "database or disk is full" in ended.reason
+    assert await gateway_health(harness, app) == health_pb2.HealthCheckResponse.NOT_SERVING
+    await channel.close()
+    # The database takes writes again: served, and healthy once a receipt is stored.
+    store.failing = False
+    client, channel = await open_session(harness, app)
+    assert (await client.request(b"again")).body == answer(b"again")
+    await client.close()
+    await channel.close()
+    deadline = time.monotonic() + 10
+    while await gateway_health(harness, app) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "the gateway stayed NOT_SERVING"
+        await asyncio.sleep(0.05)
+
+
+async def gateway_health(harness: Harness, app: ServiceApp) -> int:
+    async with open_channel(f"127.0.0.1:{app.port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return int(reply.status)
 
 
 async def test_open_twice_and_calls_before_open_are_refused_at_once(harness: Harness) -> None:
