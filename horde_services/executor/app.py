@@ -1,10 +1,16 @@
-"""Start an executor: probe the hardware, sweep leftovers, dial the miner, run jobs."""
+"""Start an executor: lock its work_dir, probe the hardware, sweep leftovers, dial the miner,
+run jobs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import shutil
 import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -20,6 +26,7 @@ from horde_services.core.identity import Identity, Signer
 from horde_services.core.proxy_wire import ProxyServer
 from horde_services.core.runtime import load_signer
 from horde_services.core.server import create_server
+from horde_services.core.statelock import StateLock, lock_dir
 from horde_services.executor.agent import ExecutorAgent
 from horde_services.executor.hardware import executor_class, probe
 from horde_services.executor.jobs import OrganicJobRunner
@@ -29,6 +36,44 @@ from horde_services.executor.streaming import StreamingJobRunner
 from horde_services.executor.synthetic import DockerSolver
 
 log = structlog.get_logger("horde.executor")
+
+# The directories jobs make in work_dir (tempfile.mkdtemp's names: PREFIX + 8 characters of
+# [a-z0-9_]): organic jobs "job-<job uuid[:8]>-" (jobs.py), streaming jobs
+# "stream-<sandbox-safe job uuid[:8]>-" (streaming.py), synthetic challenges "synthetic-"
+# (synthetic.py).
+_JOB_DIR_RE = re.compile(
+    r"(?:job-[^/]{0,8}|stream-[a-zA-Z0-9_.-]{1,8})-[a-z0-9_]{8}|synthetic-[a-z0-9_]{8}",
+    re.DOTALL,
+)
+
+
+def sweep_job_dirs(work_dir: Path) -> int:
+    """Remove the job directories left in ``work_dir`` (by an executor that was killed); only
+    directories named as jobs name theirs, never a symlink or anything else. Returns how many
+    were removed; one that cannot be removed is logged and left."""
+    try:
+        with os.scandir(work_dir) as entries:
+            leftovers = [
+                Path(e.path)
+                for e in entries
+                if _JOB_DIR_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+            ]
+    except OSError as exc:
+        log.warning("job_dirs_not_swept", work_dir=str(work_dir), error=exc.strerror or str(exc))
+        return 0
+    removed = 0
+    for path in leftovers:
+        errors: list[str] = []
+
+        def failed(_fn: object, where: str, exc: Any, errors: list[str] = errors) -> None:
+            errors.append(f"{where}: {exc[1]}")
+
+        shutil.rmtree(path, onerror=failed)
+        if errors or path.exists():
+            log.warning("job_dir_not_swept", path=str(path), error=errors[0] if errors else "")
+        else:
+            removed += 1
+    return removed
 
 
 async def start_executor(
@@ -58,12 +103,30 @@ async def start_executor(
             f"invalid setting 'work_dir': {work_dir}: {exc.strerror or exc} (jobs make their "
             "directories there)"
         ) from None
-    hardware = probe(work_dir)
     cpus = os.cpu_count() or 1
     if settings.cpu_limit > cpus:
         raise ConfigError(
             f"invalid setting 'cpu_limit': {settings.cpu_limit:g} CPUs, this host has {cpus}"
         )
+    # One executor per work_dir, found out before the start-up sweep: a second one would remove
+    # the live one's job containers (killing its running job) and its jobs' directories. Held
+    # until the service is closed (or the process ends, however it ends).
+    lock = lock_dir(work_dir, "executor", setting="work_dir")
+    try:
+        return await _start_locked(settings, signer, miner, work_dir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+async def _start_locked(
+    settings: ExecutorSettings,
+    signer: Signer,
+    miner: Identity,
+    work_dir: Path,
+    lock: StateLock,
+) -> tuple[ServiceApp, ExecutorAgent]:
+    hardware = probe(work_dir)
     klass = executor_class(hardware, settings.executor_class)
     # One label per executor identity, so executors sharing an engine never sweep each other.
     runtime = DockerRuntime(
@@ -83,6 +146,11 @@ async def start_executor(
         ) from None
     if swept:
         log.warning("swept_leftovers", count=swept)
+    # The job directories of a crashed executor (clients' inputs, outputs) go too: no container
+    # uses them any more, and no job of this process has started yet.
+    dirs = await asyncio.to_thread(sweep_job_dirs, work_dir)
+    if dirs:
+        log.warning("swept_job_dirs", count=dirs, work_dir=str(work_dir))
     limits = SandboxLimits(
         memory_bytes=settings.memory_limit_mb * 2**20,
         nano_cpus=int(settings.cpu_limit * 1e9),
@@ -165,7 +233,8 @@ async def start_executor(
         signer=signer,
         servers=[server],
         background=[agent.run_forever],
-        closers=[close_all],
+        # The lock goes last (closers run in reverse): after the shutdown sweep.
+        closers=[lock.aclose, close_all],
         # SIGTERM: the running job may finish first (up to drain_timeout_s), no new one starts.
         drainers=[lambda _grace_s: agent.drain(settings.drain_timeout_s)],
         grace_s=settings.shutdown_grace_s,

@@ -19,6 +19,7 @@ from horde_services.core.errors import ConfigError
 from horde_services.core.identity import Signer
 from horde_services.core.runtime import load_signer, open_chain, parse_identities
 from horde_services.core.server import ServiceRegistration, create_server
+from horde_services.core.statelock import StateLock, lock_dir
 from horde_services.validator.admin import ValidatorAdminServicer
 from horde_services.validator.jobs import JobManager
 from horde_services.validator.miners import MinerDirectory
@@ -47,6 +48,26 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
         whitelist = Whitelist(settings.streaming_whitelist)
     except ValueError as exc:
         raise ConfigError(f"invalid setting 'streaming_whitelist': {exc}") from None
+    # One validator per state dir, found out before anything touches its database or spool: a
+    # second one's recover() would end the live one's jobs as validator_restarted and empty the
+    # spool holding its queued jobs' inputs. Held until the service is closed (or the process
+    # ends, however it ends).
+    lock = lock_dir(settings.state_dir, "validator")
+    try:
+        return await _start_locked(settings, signer, clients, admins, whitelist, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+async def _start_locked(
+    settings: ValidatorSettings,
+    signer: Signer,
+    clients: set[str],
+    admins: set[str],
+    whitelist: Whitelist,
+    lock: StateLock,
+) -> ServiceApp:
     chain = open_chain(settings, signer)
     engine = await open_database(settings.database("validator"))
     store = JobStore(engine)
@@ -138,6 +159,7 @@ async def start_validator(settings: ValidatorSettings, signer: Signer | None = N
         signer=signer,
         servers=[server],
         background=background,
-        closers=[close_all],
+        # The lock goes last (closers run in reverse): after the database is closed.
+        closers=[lock.aclose, close_all],
         grace_s=settings.shutdown_grace_s,
     )

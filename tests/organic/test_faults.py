@@ -428,7 +428,9 @@ async def test_two_executors_with_one_key_are_told_why_they_lose_their_link(
     proc = await spawn_executor(net, net.executor_config("executor"), log_path)
     try:
         await net.wait_executors(1, within=60)
-        await net.start_executor()  # the same key, in process: replaces the twin's link
+        # The same key, another work_dir (one executor per work_dir), in process: replaces
+        # the twin's link.
+        await net.start_executor(work_dir=net.root / "twin-work")
 
         def replaced() -> bool:
             return any(
