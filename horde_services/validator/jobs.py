@@ -43,6 +43,10 @@ DEFAULT_TIMEOUTS = {
 # Time the network may add on top of the job's own stage limits before the validator gives up.
 DEADLINE_SLACK_S = 30.0
 CANCEL_WAIT_S = 10.0
+# Pauses before writing a job's result again when the database refused it (e.g. a full disk);
+# its followers have the result by then. After the last, the result stays in memory only (the
+# store shows it to readers, and writes it once a later job's result is stored).
+FINISH_RETRY_DELAYS_S = (0.1, 0.5, 2.0)
 
 Item = job_pb2.JobEvent | job_pb2.OutputChunk | job_pb2.JobResult | validator_pb2.StreamingJobReady
 
@@ -66,6 +70,10 @@ class LiveJob:
     task: asyncio.Task[None] | None = None
     outputs: dict[str, bytearray] = field(default_factory=dict)
     output_bytes: int = 0
+    # The miner that took the job (answered with more than a refusal, i.e. reserved an
+    # executor for it), while it has it: results the validator makes then name that miner, so
+    # scoring counts them against it as it counts the miner's own.
+    miner: str = ""
     # Streaming jobs: the gateway allowed at the job proxy, the image id the whitelist pins (or
     # ""), the ready message once the miner certified the job key, the open RunJob stream's
     # outbox (extra data) and the placements awaited, by file name.
@@ -227,8 +235,14 @@ class JobManager:
                 )
         for timing in res.stage_timings:
             metrics.STAGE_SECONDS.labels(stage_name(timing.stage)).observe(timing.seconds)
-        await self._store.finish(res)
-        await self._publish(job, res)
+        error: Exception | None = None
+        try:
+            error = await self._store_result(res)
+            if error is not None:
+                self._store.hold(res)  # GetJob/ListJobs/WatchJob read it meanwhile
+        finally:
+            # Its followers get the result whatever became of the write.
+            await self._publish(job, res)
         log.info(
             "job_finished",
             job_uuid=job.job_uuid,
@@ -236,6 +250,37 @@ class JobManager:
             reason=common_pb2.FailureReason.Name(res.reason),
             miner=res.miner_hotkey,
         )
+        for delay in FINISH_RETRY_DELAYS_S:
+            if error is None:
+                break
+            log.warning(
+                "job_result_store_failed", job_uuid=job.job_uuid, error=repr(error), retry_s=delay
+            )
+            await asyncio.sleep(delay)
+            error = await self._store_result(res)
+        if error is not None:
+            log.error(
+                "job_result_not_stored",
+                job_uuid=job.job_uuid,
+                error=repr(error),
+                attempts=1 + len(FINISH_RETRY_DELAYS_S),
+                state=common_pb2.JobState.Name(res.state),
+                reason=common_pb2.FailureReason.Name(res.reason),
+            )
+            return
+        # The database takes writes again: store the results it refused before.
+        for held in self._store.unstored():
+            if await self._store_result(held) is not None:
+                break
+            log.info("job_result_stored_late", job_uuid=held.job_uuid)
+
+    async def _store_result(self, res: job_pb2.JobResult) -> Exception | None:
+        """Write a job's result; the error when the database refused it."""
+        try:
+            await self._store.finish(res)
+        except Exception as exc:
+            return exc
+        return None
 
     def _deadline_s(self, job: LiveJob) -> float:
         t = job.spec.timeouts
@@ -270,13 +315,16 @@ class JobManager:
             if route.done():
                 return route.result()
             log.warning("cancel_unconfirmed", job_uuid=job.job_uuid, waited_s=CANCEL_WAIT_S)
-            return result(
-                job.job_uuid,
-                common_pb2.JOB_STATE_CANCELLED,
-                common_pb2.FAILURE_REASON_CANCELLED,
-                common_pb2.STAGE_UNSPECIFIED,
-                f"cancelled; the miner did not confirm within {CANCEL_WAIT_S:.0f} s (its "
-                "stream was dropped, which stops the job there)",
+            return _on_miner(
+                job.miner,
+                result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_CANCELLED,
+                    common_pb2.FAILURE_REASON_CANCELLED,
+                    common_pb2.STAGE_UNSPECIFIED,
+                    f"cancelled; the miner did not confirm within {CANCEL_WAIT_S:.0f} s (its "
+                    "stream was dropped, which stops the job there)",
+                ),
             )
         finally:
             cancelled.cancel()
@@ -307,7 +355,10 @@ class JobManager:
                     common_pb2.STAGE_UNSPECIFIED,
                     f"the job missed its overall deadline of {self._deadline_s(job):.0f}s",
                 )
+            # Still on a miner at the deadline: it held the job past every stage's limit.
+            _on_miner(job.miner, res)
         except Exception as exc:
+            # The validator's own error: not held against the miner the job was on.
             log.exception("job_route_error", job_uuid=job.job_uuid)
             res = result(
                 job.job_uuid,
@@ -318,6 +369,9 @@ class JobManager:
             )
         try:
             await self._finish(job, res)
+        except Exception:
+            # Nothing may escape this task (nobody awaits it but a cancel or a shutdown).
+            log.exception("job_finish_error", job_uuid=job.job_uuid)
         finally:
             self._live.pop(job.job_uuid, None)
             if job.spool is not None:
@@ -423,9 +477,15 @@ class JobManager:
         sender: asyncio.Task[None] | None = None
         canceller = asyncio.create_task(self._watch_cancel(job, outbox))
         stage = common_pb2.STAGE_RESERVATION
+        # Whether this miner took the job: anything but a refusal (its first message then is
+        # the job-started receipt, sent once it reserved an executor).
+        taken = False
         try:
             async for msg in call:
                 kind = msg.WhichOneof("payload")
+                if kind != "result" and not taken:
+                    taken = True
+                    job.miner = miner.identity
                 if kind == "result":
                     res: job_pb2.JobResult = msg.result
                     if res.state == common_pb2.JOB_STATE_REJECTED and res.reason in (
@@ -433,7 +493,11 @@ class JobManager:
                         common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS,
                     ):
                         log.info("miner_busy", job_uuid=job.job_uuid, miner=miner.identity)
+                        job.miner = ""
                         return None
+                    # The miner this stream is with, whatever its result says: a miner cannot
+                    # put its failures on another's account.
+                    res.miner_hotkey = miner.identity
                     if job.cancel.is_set() and res.state not in TERMINAL_STATES - {
                         common_pb2.JOB_STATE_CANCELLED
                     }:
@@ -460,12 +524,15 @@ class JobManager:
                     problem = self._streaming_ready(job, miner, msg.streaming_ready)
                     if problem is not None:
                         log.warning("bad_streaming_ready", job_uuid=job.job_uuid, problem=problem)
-                        return result(
-                            job.job_uuid,
-                            common_pb2.JOB_STATE_HORDE_FAILED,
-                            common_pb2.FAILURE_REASON_INVALID_SIGNATURE,
-                            common_pb2.STAGE_STREAMING_START,
-                            f"miner {miner.identity}: {problem}",
+                        return _on_miner(
+                            miner.identity,
+                            result(
+                                job.job_uuid,
+                                common_pb2.JOB_STATE_HORDE_FAILED,
+                                common_pb2.FAILURE_REASON_INVALID_SIGNATURE,
+                                common_pb2.STAGE_STREAMING_START,
+                                f"miner {miner.identity}: {problem}",
+                            ),
                         )
                     stage = common_pb2.STAGE_EXECUTION
                     assert job.ready is not None
@@ -475,12 +542,15 @@ class JobManager:
                     waiter = job.placements.pop(placed.file_name, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(placed)
-            return result(
-                job.job_uuid,
-                common_pb2.JOB_STATE_HORDE_FAILED,
-                common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
-                stage,
-                f"miner {miner.identity} closed the job stream without a result",
+            return _on_miner(
+                miner.identity if taken else "",
+                result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_HORDE_FAILED,
+                    common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
+                    stage,
+                    f"miner {miner.identity} closed the job stream without a result",
+                ),
             )
         except grpc.aio.AioRpcError as exc:
             log.warning(
@@ -490,13 +560,19 @@ class JobManager:
                 code=exc.code().name,
             )
             if stage == common_pb2.STAGE_RESERVATION and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                job.miner = ""  # the job goes to another miner
                 return None
-            return result(
-                job.job_uuid,
-                common_pb2.JOB_STATE_HORDE_FAILED,
-                common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
-                stage,
-                f"lost the miner {miner.identity}: {exc.code().name}: {exc.details()}",
+            # A miner that went away before it took the job (unreachable, or refusing this
+            # validator) is not blamed for it; one that took it is.
+            return _on_miner(
+                miner.identity if taken else "",
+                result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_HORDE_FAILED,
+                    common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
+                    stage,
+                    f"lost the miner {miner.identity}: {exc.code().name}: {exc.details()}",
+                ),
             )
         finally:
             job.outbox = None
@@ -579,3 +655,10 @@ class JobManager:
         if chunk.last and job.output_bytes <= self._max_output:
             await self._store.put_output(job.job_uuid, chunk.path, bytes(buf))
             del job.outputs[chunk.path]
+
+
+def _on_miner(miner_hotkey: str, res: job_pb2.JobResult) -> job_pb2.JobResult:
+    """A result the validator made, naming the miner the job was on ("": none took it)."""
+    if miner_hotkey and not res.miner_hotkey:
+        res.miner_hotkey = miner_hotkey
+    return res

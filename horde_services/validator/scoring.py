@@ -7,7 +7,12 @@ A miner's score over the window (the last epoch):
   zero), so the score is the hardware it proved, on average per round;
 * organic: ``organic_completed_weight`` per organic job it completed, minus
   ``organic_failed_weight`` per job that ended ``horde_failed`` on it (the network's fault: the
-  miner or its executor; a job's own failure is not the miner's);
+  miner or its executor; a job's own failure is not the miner's). A job is on a miner once the
+  miner took it (reserved an executor: its job-started receipt); the results the validator makes
+  for it from then on name the miner as the miner's own results do (``executor_lost``), e.g.
+  ``miner_unreachable`` when the miner went away mid-job or ``deadline_missed``. A job no miner
+  took (busy, or unreachable at reservation) or that failed on the validator's side
+  (``validator_restarted``, its own ``internal_error``) names no miner and counts against none;
 * penalties: the sum of the amounts in the ``penalties`` table (the streaming checks add them);
 
 floored at zero, then multiplied by the smallest factor of the miner's active sanctions (a spot

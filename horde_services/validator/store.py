@@ -18,6 +18,20 @@ from horde_services.core.proto_util import TERMINAL_STATES
 class JobStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # Results of ended jobs that could not be written (e.g. a full disk), by job uuid:
+        # `get` and `list_jobs` show them over the stored rows (so a job that ended never reads
+        # as running while this process lives) until `finish` stores them.
+        self._unstored: dict[str, job_pb2.JobResult] = {}
+
+    def hold(self, res: job_pb2.JobResult) -> None:
+        """Keep a result the database refused, for readers, until `finish` stores it."""
+        kept = job_pb2.JobResult()
+        kept.CopyFrom(res)
+        self._unstored[res.job_uuid] = kept
+
+    def unstored(self) -> list[job_pb2.JobResult]:
+        """The results held by `hold` and not stored since, oldest first."""
+        return list(self._unstored.values())
 
     async def create(self, job_uuid: str, client: str, kind: str, spec: job_pb2.JobSpec) -> None:
         now = time.time_ns()
@@ -58,6 +72,7 @@ class JobStore:
                     updated_ns=time.time_ns(),
                 )
             )
+        self._unstored.pop(res.job_uuid, None)
 
     async def put_output(self, job_uuid: str, path: str, data: bytes) -> None:
         async with self.engine.begin() as conn:
@@ -84,7 +99,7 @@ class JobStore:
     async def get(self, job_uuid: str) -> job_pb2.JobRecord | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(jobs).where(jobs.c.job_uuid == job_uuid))).first()
-        return _record(row) if row is not None else None
+        return self._overlay(_record(row)) if row is not None else None
 
     async def list_jobs(
         self,
@@ -97,21 +112,27 @@ class JobStore:
         """A page of jobs, newest first (only `client`'s when given), and the cursor of the
         next page (None at the end). With `max_bytes` the page ends early rather than hold more
         serialized bytes than that (it always holds at least one job)."""
-        query = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit + 1)
+        held = list(self._unstored) if state else []
+        # A held result's row still has the state before it: with a state asked for, held jobs
+        # are read whatever their row says and kept below when their result has that state.
+        query = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit + 1 + len(held))
         if client is not None:
             query = query.where(jobs.c.client == client)
         if cursor is not None:
             query = query.where(jobs.c.seq < cursor)
         if state:
-            query = query.where(jobs.c.state == state)
+            matches = jobs.c.state == state
+            query = query.where(sa.or_(matches, jobs.c.job_uuid.in_(held)) if held else matches)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).fetchall()
-        more = len(rows) > limit
+        pairs = [(row, self._overlay(_record(row))) for row in rows]
+        if held:
+            pairs = [(row, record) for row, record in pairs if record.state == state][: limit + 1]
+        more = len(pairs) > limit
         records: list[job_pb2.JobRecord] = []
         size = 0
         last_seq = None
-        for row in rows[:limit]:
-            record = _record(row)
+        for row, record in pairs[:limit]:
             size += record.ByteSize()
             if max_bytes is not None and records and size > max_bytes:
                 more = True
@@ -126,6 +147,13 @@ class JobStore:
                 sa.select(jobs.c.job_uuid).where(jobs.c.state.not_in(TERMINAL_STATES))
             )
             return [r.job_uuid for r in rows]
+
+    def _overlay(self, record: job_pb2.JobRecord) -> job_pb2.JobRecord:
+        res = self._unstored.get(record.job_uuid)
+        if res is not None:
+            record.state = res.state
+            record.result.CopyFrom(res)
+        return record
 
     async def put_receipt(self, receipt: receipts_pb2.LifecycleReceipt) -> None:
         payload = lifecycle.parse(receipt)
