@@ -7,6 +7,16 @@ framed by Content-Length, chunked, or ended by the connection closing; a connect
 when its response was read to the end and did not ask to close. A request that finds its reused
 connection closed by the service before any byte of the response came back is sent once more on
 a fresh connection (what browsers and urllib3 do for idle keep-alive connections).
+
+A service may answer before it has read the whole request (a 413 for a body over its limit) and
+close, resetting the connection under the rest of a large body. The answer that came back is still
+the request's answer: while a large body goes out, `_ResetGuard` keeps what was received readable
+(asyncio would otherwise hand the reader the reset and drop it), and an answer whose framing says
+it came whole is returned like any other. Its connection is not reused, nor is one whose large
+body got an error answer (the service may not have read the rest, and may even take it for a
+request and answer it). With no answer, `RequestCutOff` says the service closed the connection
+while the request was being sent. Small bodies leave with their head in one write, as before, and
+take none of this.
 """
 
 from __future__ import annotations
@@ -14,15 +24,72 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 MAX_HEAD_BYTES = 64 * 1024
 CONNECT_TIMEOUT_S = 10.0
+SMALL_BODY_BYTES = 64 * 1024  # a smaller body leaves with its head in one write
 
 
 class HttpError(Exception):
     """The service's answer could not be read as HTTP/1.1 (or the connection broke)."""
+
+
+class RequestCutOff(HttpError):
+    """The service closed the connection while the request was still being sent, and no answer
+    that can be trusted whole came back: `cause` is the error the connection ended with, `detail`
+    what came back (empty: nothing)."""
+
+    def __init__(self, cause: BaseException, detail: str = "") -> None:
+        self.cause = cause
+        self.detail = detail
+        super().__init__(
+            f"the service closed the connection while the request was being sent{detail}: {cause!r}"
+        )
+
+
+class _ResetGuard(asyncio.Protocol):
+    """Stands in front of a connection's stream protocol while a large request goes out.
+
+    When the connection breaks (the service answered early and closed: a reset under the rest of
+    the body), asyncio gives the reader the error, and the reader then refuses even the bytes it
+    already holds. The guard gives it an end of stream instead, so the answer received before the
+    reset can be read to its end, and keeps the error. Everything else passes straight through.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.inner = cast(asyncio.Protocol, transport.get_protocol())
+        self.error: BaseException | None = None
+        self.sent = False  # the request was handed over whole (drained)
+        self.while_sending = False  # the connection broke before it was
+        transport.set_protocol(self)
+
+    def remove(self) -> None:
+        self.transport.set_protocol(self.inner)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.error = exc
+            self.while_sending = not self.sent
+        self.inner.connection_lost(None)  # the reader sees the end, its bytes still readable
 
 
 class Response:
@@ -134,14 +201,14 @@ class Http1Client:
                 b"\r\n\r\n",
             )
         )
+        if len(body) >= SMALL_BODY_BYTES:
+            return await self._post_large(head, body)
         while True:
             reused = bool(self._idle)
             conn = self._idle.pop() if reused else await self._open()
             reader, writer = conn
             try:
-                writer.write(head + body if len(body) < 65536 else head)
-                if len(body) >= 65536:
-                    writer.write(body)
+                writer.write(head + body)
                 await writer.drain()
                 status, headers = await self._read_head(reader)
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -159,6 +226,63 @@ class Http1Client:
                 _close(conn)
                 raise
             return Response(self, conn, status, headers)
+
+    async def _post_large(self, head: bytes, body: bytes | bytearray) -> Response:
+        """`post` for a body of SMALL_BODY_BYTES or more: head and body in two writes, under a
+        `_ResetGuard`, so that an answer sent before the service closed the connection under the
+        body is still returned. The guard goes once a 2xx answer's head is in with the connection
+        whole (which is then kept as usual); it stays under a framed answer on a connection that
+        broke or that got an error answer (not reused), so a reset cannot spoil it."""
+        while True:
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else await self._open()
+            reader, writer = conn
+            guard = _ResetGuard(writer.transport)
+            try:
+                writer.write(head)
+                writer.write(body)
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()  # broken under the body: an answer may be there
+                guard.sent = True
+                status, headers = await self._read_head(reader)
+                resp = Response(self, conn, status, headers)
+                if guard.error is None and status < 300:
+                    guard.remove()  # from here on, like any connection
+                    return resp
+                # The connection broke under the request, or an error answer may have come before
+                # the service read the whole body (what it would make of the rest is anyone's
+                # guess): the connection is not reused.
+                resp._keep = False
+                if resp.chunked or resp.content_length is not None:
+                    # Under the guard, a reset cannot spoil an answer already in; its framing
+                    # tells whether all of it came.
+                    return resp
+                # Its body runs to the end of the connection: a reset must stay an error.
+                if guard.error is None:
+                    guard.remove()
+                    return resp
+                if guard.while_sending:
+                    raise RequestCutOff(
+                        guard.error,
+                        f"; its answer (HTTP {status}) has no length, so it may be cut short",
+                    )
+                raise HttpError(f"reading the response: {guard.error!r}")
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                _close(conn)
+                nothing_came = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
+                if reused and nothing_came:
+                    continue  # the service closed an idle connection: once more, fresh
+                if guard.error is not None and guard.while_sending:
+                    raise RequestCutOff(guard.error) from None
+                raise HttpError(f"the service did not answer: {guard.error or exc!r}") from None
+            except (OSError, asyncio.LimitOverrunError, HttpError) as exc:
+                _close(conn)
+                if isinstance(exc, HttpError):
+                    raise
+                raise HttpError(f"the service did not answer: {exc!r}") from None
+            except BaseException:
+                _close(conn)
+                raise
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._closed:

@@ -13,6 +13,12 @@ Requests are answered one after another in seq order, while the next ones are al
 their arrival time taken for `timestamp_from_ns`): receipts then never run backwards. A response
 with a Content-Length goes back whole in one frame (split at 1 MiB) carrying the receipt; a chunked
 response is relayed chunk by chunk as it arrives and ended by an empty frame with the receipt.
+
+An answer the service sends before reading the whole request (a 413 for a body over its limit,
+then a reset under the rest) is that request's answer, relayed and signed like any other, and the
+session goes on. A request the service gives no answer to ends the stream (UNAVAILABLE, saying
+which request and how): the wire protocol has no per-request error, and a made-up HTTP answer
+signed with the job's key would be a receipt for bytes the service never produced.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from horde_services.core.errors import (
 from horde_services.core.identity import Identity
 from horde_services.core.proxy_wire import ResponseWriter
 from horde_services.core.receipts import sign_receipt
-from horde_services.executor.http1 import Http1Client, HttpError
+from horde_services.executor.http1 import Http1Client, HttpError, RequestCutOff
 
 log = structlog.get_logger("horde.executor.proxy")
 
@@ -308,21 +314,34 @@ class JobProxy:
             resp = await live.client.post(
                 live.request_path, request.body, b"application/octet-stream"
             )
-            try:
-                status = resp.status
-                held: bytes | None = None  # one piece held back: the last goes with the receipt
-                async for piece in resp.iter_body(FRAME_BYTES):
-                    digest.update(piece)
-                    if held is not None:
-                        await emit(held, False, status)
-                    held = piece
-                    if resp.chunked:  # token streaming: relay each chunk as it comes
-                        await emit(held, False, status)
-                        held = None
-                await emit(held or b"", True, status)
-            finally:
-                resp.close()
         except HttpError as exc:
             if live.closed_reason:
                 raise live.ended() from None
+            # The wire protocol has no per-request error: the stream ends (see the module notes).
+            if isinstance(exc, RequestCutOff):
+                raise Unavailable(
+                    f"the job's service closed the connection while request {seq} was being "
+                    f"sent{exc.detail}: {exc.cause!r}"
+                ) from None
             raise Unavailable(f"the job's service did not answer request {seq}: {exc}") from None
+        try:
+            status = resp.status
+            held: bytes | None = None  # one piece held back: the last goes with the receipt
+            async for piece in resp.iter_body(FRAME_BYTES):
+                digest.update(piece)
+                if held is not None:
+                    await emit(held, False, status)
+                held = piece
+                if resp.chunked:  # token streaming: relay each chunk as it comes
+                    await emit(held, False, status)
+                    held = None
+            await emit(held or b"", True, status)
+        except HttpError as exc:
+            if live.closed_reason:
+                raise live.ended() from None
+            raise Unavailable(
+                f"the job's service broke off its answer to request {seq} (HTTP {resp.status}): "
+                f"{exc}"
+            ) from None
+        finally:
+            resp.close()

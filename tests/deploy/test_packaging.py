@@ -51,7 +51,8 @@ def test_wheel_contents(tmp_path: Path) -> None:
     assert top_level == {"horde", "horde_services"}, top_level
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert (
-        "horde = horde_services.cli.entry:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+        "horde = horde_services.cli.entry:main"
+        in zipfile.ZipFile(wheel).read(entry_points).decode()
     )
 
 
