@@ -30,7 +30,12 @@ from horde.v1 import (
 )
 
 from horde_services.core import metrics
-from horde_services.core.errors import FailedPrecondition, HordeError, InvalidArgument
+from horde_services.core.errors import (
+    FailedPrecondition,
+    HordeError,
+    InvalidArgument,
+    Unavailable,
+)
 from horde_services.core.proto_util import (
     PLAIN_NAME_RULE,
     TERMINAL_STATES,
@@ -290,11 +295,13 @@ class Session:
                     self._job_ended = True
                     self._job_uuid = self._job_uuid or msg.result.job_uuid
                     prefix = "job ended" if self._ready else "job did not start"
+                    reason = f"{prefix}: {_result_reason(msg.result)}"
                     self._finish(
                         _Ending(
-                            f"{prefix}: {_result_reason(msg.result)}",
+                            reason,
                             "job_ended" if self._ready else "job_not_started",
                             result=msg.result,
+                            error=None if self._ready else _not_started(msg.result, reason),
                         )
                     )
                     return
@@ -725,6 +732,26 @@ class Session:
         with contextlib.suppress(Exception):
             async with self._write_lock:
                 await self._write_raw(gateway_pb2.SessionResponse(closed=closed))
+
+
+def _not_started(res: job_pb2.JobResult, reason: str) -> HordeError | None:
+    """The call's status for a job that did not start, when a client may act on it: try again
+    later (no free executor, the miner lost) or not here (no executor of the class). A job
+    refused for its image, or ended another way, leaves the session's normal OK."""
+    if res.reason in _TRY_LATER:
+        return Unavailable(reason)
+    if res.reason == common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS:
+        return FailedPrecondition(reason)
+    return None
+
+
+_TRY_LATER = frozenset(
+    {
+        common_pb2.FAILURE_REASON_BUSY,
+        common_pb2.FAILURE_REASON_MINER_UNREACHABLE,
+        common_pb2.FAILURE_REASON_EXECUTOR_LOST,
+    }
+)
 
 
 class _Internal(HordeError):

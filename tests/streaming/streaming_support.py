@@ -187,6 +187,7 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
         self.certificate_validator: str | None = None  # issue certificates for someone else
         self.certificate_endpoint: str | None = None
         self.end_job_after_ready = False
+        self.refuse_with: common_pb2.FailureReason.ValueType = common_pb2.FAILURE_REASON_UNSPECIFIED
         # Extra data: names the executor "refuses" (with this error), and whether it reports a
         # placement that differs from what was sent.
         self.extra_refused: dict[str, str] = {}
@@ -197,6 +198,17 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
     ) -> AsyncIterator[validator_pb2.StartStreamingJobResponse]:
         self.starts.append(request)
         job_uuid = str(uuid.uuid4())
+        if self.refuse_with:  # e.g. busy: the job does not start
+            yield validator_pb2.StartStreamingJobResponse(
+                result=job_pb2.JobResult(
+                    job_uuid=job_uuid,
+                    state=common_pb2.JOB_STATE_REJECTED,
+                    reason=self.refuse_with,
+                    stage=common_pb2.STAGE_RESERVATION,
+                    detail="the stand-in refuses",
+                )
+            )
+            return
         if request.spec.image not in self.whitelist:
             yield validator_pb2.StartStreamingJobResponse(
                 result=job_pb2.JobResult(

@@ -284,6 +284,32 @@ async def test_an_image_off_the_whitelist_is_refused(harness: Harness) -> None:
 
 
 @pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        (common_pb2.FAILURE_REASON_BUSY, grpc.StatusCode.UNAVAILABLE),
+        (common_pb2.FAILURE_REASON_MINER_UNREACHABLE, grpc.StatusCode.UNAVAILABLE),
+        (common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS, grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+async def test_a_job_that_did_not_start_for_want_of_capacity_ends_with_a_status_to_act_on(
+    harness: Harness, refusal: int, code: grpc.StatusCode
+) -> None:
+    """Busy or lost: UNAVAILABLE (try again later); no executor of the class: FAILED_PRECONDITION;
+    the SessionClosed with the job's result and the reason still comes first. (An image off the
+    whitelist stays OK, as the test above says.)"""
+    harness.fake_validator.refuse_with = refusal  # type: ignore[assignment]
+    app = await harness.start_gateway()
+    channel = channel_to(harness, app)
+    client = StreamClient(channel)
+    with pytest.raises(SessionEnded) as info:
+        await client.open(WHITELIST)
+    await channel.close()
+    assert info.value.code == code, info.value.reason
+    assert info.value.closed is not None and info.value.closed.result.reason == refusal
+    assert info.value.reason.startswith("job did not start: rejected "), info.value.reason
+
+
+@pytest.mark.parametrize(
     ("setup", "reason"),
     [
         ("validator", "issued for validator"),

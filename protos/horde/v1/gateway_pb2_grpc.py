@@ -57,7 +57,11 @@ class GatewayServiceServicer:
         session ended normally (closed, time limit, the job ended, a bad receipt: see bad_receipt),
         INVALID_ARGUMENT for a malformed client message (e.g. a wrong seq, or a close in the middle
         of a request), FAILED_PRECONDITION when the client's clock disagrees with the gateway's
-        beyond the allowed skew or a request or extra data comes before SessionReady. A gateway
+        beyond the allowed skew or a request or extra data comes before SessionReady. A job that did
+        not start ends the call UNAVAILABLE when trying again later may work (no free executor,
+        the miner lost: result reason busy, miner_unreachable, executor_lost) and
+        FAILED_PRECONDITION when no miner offers the class; an image off the whitelist ends it OK
+        (SessionClosed carries the job's result and the reason in each case). A gateway
         shutting down ends open sessions with SessionClosed ("the gateway is shutting down", status
         OK) and refuses new ones with UNAVAILABLE (no SessionClosed).
         """
