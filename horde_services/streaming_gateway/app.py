@@ -12,7 +12,7 @@ from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2_grpc
 
 from horde_services.core import metrics
 from horde_services.core.app import ServiceApp
-from horde_services.core.auth import Authenticator, MethodPolicy, StaticPolicy
+from horde_services.core.auth import H_TIMESTAMP, Authenticator, MethodPolicy, StaticPolicy
 from horde_services.core.chain import ChainAdapter
 from horde_services.core.config import GatewaySettings
 from horde_services.core.db import open_database
@@ -96,7 +96,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # Accepted: say so at once (StreamClient waits for it before its first write, so that a
         # refusal is never mistaken for a broken write).
         await context.send_initial_metadata(())
-        session = Session(self._deps, str(current_caller()), context.write)
+        stamped = dict(context.invocation_metadata() or ()).get(H_TIMESTAMP)
+        session = Session(
+            self._deps,
+            str(current_caller()),
+            context.write,
+            called_ns=int(stamped) if isinstance(stamped, str) and stamped.isdigit() else None,
+        )
         task = asyncio.current_task()
         assert task is not None
         self._sessions[session] = task

@@ -168,10 +168,14 @@ class Session:
         deps: GatewayDeps,
         client: str,
         write: Callable[[gateway_pb2.SessionResponse], Awaitable[None]],
+        *,
+        called_ns: int | None = None,
     ) -> None:
         self._deps = deps
         self._cfg = deps.config
         self._client = client
+        # When the client signed the session's call, by its clock (its authentication).
+        self._called_ns = called_ns
         self._write_raw = write
         self._write_lock = asyncio.Lock()
         self._end: asyncio.Future[_Ending] = asyncio.get_running_loop().create_future()
@@ -246,6 +250,12 @@ class Session:
         self._open = first.open
         if not first.open.image:
             raise InvalidArgument("SessionOpen.image is required")
+        if self._called_ns is not None:
+            # Its first request would be refused for it: say so before a job is started.
+            try:
+                check_client_clock(self._called_ns, self._deps.clock_ns(), self._cfg.skew_ns)
+            except ClockSkew as exc:
+                raise FailedPrecondition(f"session refused: {exc}") from None
         limit = first.open.time_limit_s or self._cfg.default_time_limit_s
         if limit > self._cfg.max_time_limit_s:
             raise InvalidArgument(

@@ -17,6 +17,14 @@ from streaming_support import WHITELIST, Behaviour, Harness, answer
 
 from horde_services.core import metrics
 from horde_services.core.app import ServiceApp
+from horde_services.core.auth import (
+    H_CALLEE,
+    H_CALLER,
+    H_NONCE,
+    H_SIGNATURE,
+    H_TIMESTAMP,
+    signing_message,
+)
 from horde_services.core.db import open_database
 from horde_services.core.receipts import verify_lines
 from horde_services.core.server import open_channel
@@ -228,6 +236,37 @@ def _first_request(
     frame.request.body = body
     frame.request.last = last
     return frame
+
+
+@pytest.mark.parametrize("offset_s", [3.0, -3.0])
+async def test_a_client_whose_clock_disagrees_is_refused_before_a_job_starts(
+    harness: Harness, offset_s: float
+) -> None:
+    """The session's call is signed with the client's clock: off by more than the skew (but
+    within what authentication allows), the open is refused at once, before a job is started
+    for requests that would all be refused."""
+    app = await harness.start_gateway()
+    method = "/horde.v1.GatewayService/Session"
+    ts = time.time_ns() + int(offset_s * 1e9)
+    nonce = "ab" * 16
+    signature = harness.client.sign(signing_message(method, app.identity, ts, nonce))
+    metadata = [
+        (H_CALLER, str(harness.client.identity)),
+        (H_CALLEE, app.identity),
+        (H_TIMESTAMP, str(ts)),
+        (H_NONCE, nonce),
+        (H_SIGNATURE, signature.hex()),
+    ]
+    async with open_channel(f"127.0.0.1:{app.port}") as channel:
+        call = gateway_pb2_grpc.GatewayServiceStub(channel).Session(timeout=30, metadata=metadata)
+        await call.write(gateway_pb2.SessionRequest(open=gateway_pb2.SessionOpen(image=WHITELIST)))
+        assert await call.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = await call.details()
+    direction = "ahead of" if offset_s > 0 else "behind"
+    assert details.startswith("session refused: client clock is "), details
+    assert 2.5 < float(details.split()[5]) < 3.5, details
+    assert details.endswith(f"s {direction} the gateway's (allowed skew 2 s)"), details
+    assert harness.fake_validator.starts == []
 
 
 @pytest.mark.parametrize("offset_s", [3.0, -3.0])
