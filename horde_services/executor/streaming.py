@@ -168,7 +168,8 @@ def build_service_config(
     for key, value in env.items():
         if not key or "=" in key or "\x00" in key or "\x00" in value:
             raise SandboxError(f"invalid environment variable name or value: {key!r}")
-    env = {"HORDE_PORT": str(service.port), "HORDE_EXTRA_DIR": EXTRA_PATH, **env}
+    # Horde's own variables win (the validator refuses specs that set them).
+    env = {**env, "HORDE_PORT": str(service.port), "HORDE_EXTRA_DIR": EXTRA_PATH}
     host_config = _hardening(limits)  # NetworkMode "none": a loopback interface and nothing else
     host_config["Mounts"] = [
         {

@@ -22,6 +22,13 @@ MAX_SPEC_BYTES = 256 * 1024
 # Image references never hold whitespace or control characters.
 _NOT_IN_IMAGE = re.compile(r"[\s\x00-\x1f\x7f]")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# Variables the executor sets for jobs: a client's value would only break the job (a streaming
+# service listening on another port than the proxy dials waits out its start-up limit).
+RESERVED_ENV = {
+    "HORDE_PORT": "the streaming service's port, spec.streaming.port",
+    "HORDE_EXTRA_DIR": "where extra data is placed",
+    "HORDE_CHALLENGE": "a synthetic challenge",
+}
 
 
 def shorten(text: str, limit: int = 80) -> str:
@@ -52,6 +59,8 @@ def spec_problem(spec: job_pb2.JobSpec) -> str | None:
     for key, value in spec.env.items():
         if not key or "=" in key or "\x00" in key:
             return f"spec.env: invalid variable name {shorten(key)!r}"
+        if key in RESERVED_ENV:
+            return f"spec.env[{key!r}]: set by Horde itself ({RESERVED_ENV[key]})"
         if "\x00" in value:
             return f"spec.env[{shorten(key)!r}]: a value cannot contain a NUL byte"
     if len(spec.labels) > MAX_LABELS:

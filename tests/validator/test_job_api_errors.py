@@ -441,6 +441,11 @@ _BIG = _with(command=["python3", "-c", "#" * (300 * 1024)])
             "spec.env['A']: a value cannot contain a NUL byte",
         ),
         (
+            _with(env={"HORDE_PORT": "9999"}),
+            "spec.env['HORDE_PORT']: set by Horde itself (the streaming service's port, "
+            "spec.streaming.port)",
+        ),
+        (
             _with(command=["echo", "a\x00b"]),
             "spec.command[1]: an argument cannot contain a NUL byte",
         ),
@@ -486,6 +491,7 @@ _BIG = _with(command=["python3", "-c", "#" * (300 * 1024)])
     ],
     ids=[
         "nul_in_env_value",
+        "horde_env",
         "nul_in_command",
         "newline_in_image",
         "too_many_labels",
