@@ -113,6 +113,14 @@ class RpcMiddleware(grpc.aio.ServerInterceptor):
             # What generated servicer base classes raise for a method the servicer lacks.
             call.code, call.detail = grpc.StatusCode.UNIMPLEMENTED, "method not implemented"
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
+        storage = _storage_trouble(exc)
+        if storage is not None:
+            # The database refused (a full disk, a read-only file, a server gone): the caller
+            # may try again later, and is told so rather than "internal error".
+            detail = f"the service cannot use its database right now ({storage}): try again later"
+            call.code, call.detail = grpc.StatusCode.UNAVAILABLE, detail
+            log.error("rpc_storage_error", rpc=call.method, error=repr(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, detail)
         call.code, call.detail = grpc.StatusCode.INTERNAL, "internal error"
         log.exception("rpc_internal_error", rpc=call.method, error=repr(exc))
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
@@ -254,6 +262,16 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
         root_certificates=read_file(tls.ca_file),
         require_client_auth=tls.require_client_cert,
     )
+
+
+def _storage_trouble(exc: BaseException) -> str | None:
+    """The database driver's own short words when `exc` is SQLAlchemy's OperationalError (the
+    database could not do what was asked: full, read-only, unreachable), else None."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded by every service with a database
+    if sa_exc is None or not isinstance(exc, sa_exc.OperationalError):
+        return None
+    words = str(getattr(exc, "orig", None) or "").strip().splitlines()
+    return (words[0][:120] if words else "") or "its database refused the operation"
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

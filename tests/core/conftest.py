@@ -9,6 +9,7 @@ releases it. `start_server` builds it through `create_server` exactly as the ser
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy.exc
 from horde.v1 import manifest_pb2, miner_pb2, miner_pb2_grpc
 
 from horde_services.core.auth import AllowPolicy, Authenticator, StaticPolicy
@@ -62,6 +64,12 @@ class MinerTestServicer(miner_pb2_grpc.MinerServiceServicer):  # type: ignore[mi
             raise NotFound("no such cursor")
         if request.cursor == "boom":
             raise RuntimeError("secret internal detail: db password is hunter2")
+        if request.cursor == "disk-full":
+            raise sqlalchemy.exc.OperationalError(
+                "INSERT INTO secret_table VALUES (?)",
+                ("hunter2",),
+                sqlite3.OperationalError("database or disk is full"),
+            )
         return miner_pb2.ListReceiptsResponse(next_cursor=str(current_caller()))
 
     async def RunSyntheticRound(

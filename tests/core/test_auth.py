@@ -434,6 +434,21 @@ async def test_unexpected_exception_is_internal_without_leaking(
     await assert_still_serving(served, callers)
 
 
+async def test_a_database_that_refuses_is_unavailable_with_its_words_only(
+    served: Served, callers: Callers
+) -> None:
+    """A full disk is no internal error: the caller may try again later, and learns why, but
+    not the statement or its values."""
+    err = await expect_error(
+        served.stub(callers.hotkey).ListReceipts(miner_pb2.ListReceiptsRequest(cursor="disk-full")),
+        grpc.StatusCode.UNAVAILABLE,
+        "the service cannot use its database right now (database or disk is full): try again later",
+    )
+    details = err.details() or ""
+    assert "hunter2" not in details and "secret_table" not in details
+    await assert_still_serving(served, callers)
+
+
 async def test_exception_mid_stream_is_internal_after_the_first_message(
     served: Served, callers: Callers
 ) -> None:
