@@ -370,9 +370,12 @@ class ProxyServer:
         except ConnectionError:
             code, message = grpc.StatusCode.CANCELLED, "the caller went away"
         except asyncio.CancelledError:
+            # Only stop() cancels a stream (the proxy is shutting down): it ends with the
+            # reason, and its task returns. asyncio's stream server reads the task's outcome
+            # with task.exception(), which raises for a cancelled task: a "CancelledError"
+            # traceback in the log for every stream open at shutdown.
             code, message = grpc.StatusCode.UNAVAILABLE, "the job proxy is shutting down"
             linger = False
-            raise
         except Exception as exc:
             log.exception("proxy_stream_failed", service=self._label)
             code, message = grpc.StatusCode.INTERNAL, f"job proxy error: {exc!r}"
