@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Client commands log only warnings, to stderr; `serve` and `dev up` reconfigure.
-    configure_logging("warning")
+    configure_logging("warning", json=False)
     func: Callable[[argparse.Namespace], int | Awaitable[int]] = args.func
     result = func(args)
     assert isinstance(result, int)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from horde_services.core.identity import load_key_file
+from horde_services.core.identity import Ed25519Signer, load_key_file
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 VECTORS = json.loads(
@@ -257,3 +257,19 @@ sys.exit(main())
     assert (out.returncode, out.stdout, out.stderr) == (130, "", "")
     # ... and it is the entry point the installed `horde` script runs.
     assert "from horde_services.cli.entry import main" in Path(HORDE).read_text()
+
+
+def test_a_clients_warnings_are_plain_lines_not_json(tmp_path: Path) -> None:
+    """The CLI's own warnings (here: a key file others can read) are a line for a person, also
+    when stderr is a file or a pipe, where services write JSON lines."""
+    key = tmp_path / "client.json"
+    out = horde("keys", "new", "--out", str(key))
+    assert out.returncode == 0, out.stderr
+    key.chmod(0o644)
+    identity = str(Ed25519Signer.generate().identity)
+    done = horde("miner", "jobs", "--miner", "127.0.0.1:1", "--miner-identity", identity,
+                 "--key", str(key))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    [warning] = [line for line in done.stderr.splitlines() if "permissive_mode" in line]
+    assert not warning.lstrip().startswith("{"), warning
+    assert "[warning" in warning and str(key) in warning, warning
