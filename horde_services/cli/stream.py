@@ -69,7 +69,9 @@ def register(sub: Any) -> None:
         help="session time limit in seconds (default 0: the gateway's default, 3600 unless "
         "its operator changed it)",
     )
-    p.add_argument("--input", type=Path, help="file of requests, one a line (default: stdin)")
+    p.add_argument(
+        "--input", type=Path, help="file of requests, one a line (default, or `-`: stdin)"
+    )
     p.add_argument("--receipts", type=Path, help="write receipts here, one JSON line each")
     p.add_argument("--json", action="store_true", help="one JSON object per response")
     p.add_argument(
@@ -266,6 +268,8 @@ async def _run(args: argparse.Namespace) -> int:
         raise _UsageError(str(exc)) from None
     if args.receipts is not None:
         _check_receipts_path(args.receipts)
+    if args.input is not None and str(args.input) == "-":
+        args.input = None  # standard input, read as it comes
     job_env = _env_of(args.env)
     extras = _extra_files(args.extra)
     interactive = args.input is None and sys.stdin.isatty()

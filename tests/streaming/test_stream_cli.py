@@ -566,3 +566,20 @@ async def test_closed_standard_descriptors_are_no_crash(harness: Harness, tmp_pa
         assert b"2 responses, receipts verified" in err
         if closed == 0:
             assert out.decode() == answer(b"one").decode() + "\n" + answer(b"two").decode() + "\n"
+
+
+async def test_input_dash_reads_standard_input(harness: Harness, tmp_path: Path) -> None:
+    app = await harness.start_gateway()
+    proc = await asyncio.create_subprocess_exec(
+        HORDE,
+        "stream",
+        *target(harness, app, tmp_path),
+        "--input",
+        "-",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(b"one\ntwo\n")
+    assert proc.returncode == 0, err.decode()
+    assert out.decode() == answer(b"one").decode() + "\n" + answer(b"two").decode() + "\n"
