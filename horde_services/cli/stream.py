@@ -1,12 +1,12 @@
 """`horde stream`: a streaming session from the command line.
 
     horde stream [--dev DIR] [--gateway ADDR --gateway-identity ID --key FILE] --image IMG
-                 [--input FILE] [--receipts OUT.jsonl] [--class C] [--json] [--window N]
+                 [--input FILE|-] [--receipts OUT.jsonl] [--class C] [--json] [--window N]
                  [--env KEY=VALUE ...] [--extra [NAME=]FILE ...]
 
-Each line of --input (or of stdin; on a terminal, typed interactively) is one request body, sent
-byte for byte without its line ending (LF or CRLF); a body over 1 MiB travels as several frames
-(the job proxy's limit per request, 64 MiB by default, applies). Each response is printed as one
+Each line of --input (or of stdin, also with `--input -`; on a terminal, typed interactively) is
+one request body, sent byte for byte without its line ending (LF or CRLF); a body over 1 MiB
+travels as several frames (the job proxy's limit per request, 64 MiB by default, applies). Each response is printed as one
 line (newlines inside it escaped as \\n), or with --json as one JSON object. Every receipt is
 checked here as well against the session's certificate; --receipts writes them in DESIGN.md's
 JSON form, one a line, as they arrive (the file is created once the session is ready), which
