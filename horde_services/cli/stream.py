@@ -6,8 +6,9 @@
 
 Each line of --input (or of stdin, also with `--input -`; on a terminal, typed interactively) is
 one request body, sent byte for byte without its line ending (LF or CRLF); a body over 1 MiB
-travels as several frames (the job proxy's limit per request, 64 MiB by default, applies). Each response is printed as one
-line (newlines inside it escaped as \\n), or with --json as one JSON object. Every receipt is
+travels as several frames (the job proxy's limit per request, 64 MiB by default, applies). Each
+response is printed as one line (newlines inside it escaped as \\n), or with --json as one JSON
+object. Every receipt is
 checked here as well against the session's certificate; --receipts writes them in DESIGN.md's
 JSON form, one a line, as they arrive (the file is created once the session is ready), which
 `horde receipts verify` accepts. --window N keeps up to N requests in flight (answers still

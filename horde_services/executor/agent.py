@@ -132,6 +132,12 @@ class ExecutorAgent:
                     await outbox.join()
         log.info("drained", job_uuid=self._job_uuid)
 
+    async def stop_job(self, reason: str) -> None:
+        """Shutting down (past the drain): stop the running job, as a cancel would, before its
+        container is swept: killed under it, the job would end "failed: exited with status 137",
+        the job's own fault, in the logs and metrics."""
+        await self._abort_job(reason)
+
     async def _link_changed(self, up: bool) -> None:
         if up and self.draining:
             return  # shutting down: health stays NOT_SERVING whatever the link does

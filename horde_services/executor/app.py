@@ -223,6 +223,7 @@ async def _start_locked(
     await server.set_serving(False)
 
     async def close_all() -> None:
+        await agent.stop_job("the executor is shutting down")
         await proxy_server.stop()
         await streaming.close()
         await runtime.sweep()

@@ -733,6 +733,15 @@ async def test_executor_stopped_mid_job_past_its_drain_timeout(bare_net: Network
     assert_clean_exit(code, log_path)
     assert [e["job_uuid"] for e in log_events(log_path, "drain_timed_out")] == [job_uuid]
     assert await job_objects(net.docker, [job_uuid]) == []
+    # The executor stopped the job itself before sweeping its container: not "failed: exited
+    # with status 137", which would be the job's own fault.
+    [finished] = [e for e in log_events(log_path, "job_finished") if e["job_uuid"] == job_uuid]
+    assert (finished["state"], finished["reason"]) == (
+        "JOB_STATE_CANCELLED",
+        "FAILURE_REASON_CANCELLED",
+    ), finished
+    [aborted] = [e for e in log_events(log_path, "job_aborted") if e["job_uuid"] == job_uuid]
+    assert aborted["reason"] == "the executor is shutting down"
 
 
 async def test_job_waits_for_executors_reconnecting_after_a_miner_restart(net: Network) -> None:
