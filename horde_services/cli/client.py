@@ -416,6 +416,8 @@ async def job_status(target: Target, job_uuid: str, as_json: bool) -> int:
         if res["exit_code"] is not None:
             line += f", exit code {res['exit_code']}"
     print(shown(line, sys.stdout.isatty()))
+    if doc["labels"]:
+        print(f"labels: {labels_text(doc['labels'])}")
     return 0
 
 

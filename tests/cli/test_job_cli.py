@@ -223,6 +223,11 @@ def test_labels_are_kept_with_the_job_and_shown(dev: Path) -> None:
         f"{labelled}  completed{' ' * 26}{BASE}  empty=,nl=x\\x0ay,note=a b,c,run=2,team=ml"
     )
     assert lines[plain] == f"{plain}  completed{' ' * 26}{BASE}"  # nothing after the image
+    # `job status` as text: a line of its own, the same form.
+    said = horde("job", "status", "--dev", str(dev), labelled).stdout.splitlines()
+    assert said[1:] == ["labels: empty=,nl=x\\x0ay,note=a b,c,run=2,team=ml"], said
+    said = horde("job", "status", "--dev", str(dev), plain).stdout.splitlines()
+    assert len(said) == 1 and said[0].startswith(f"{plain} completed"), said
 
 
 def test_status_into_a_closed_pipe_exits_quietly_with_141(dev: Path) -> None:
