@@ -31,7 +31,7 @@ from horde_services.executor.synthetic import InProcessSolver, SyntheticSolver, 
 log = structlog.get_logger("horde.executor.agent")
 # How long a link waits for the miner to accept it (its initial metadata) before it sends the
 # manifest anyway.
-LINK_ACCEPT_WAIT_S = 10.0
+LINK_ACCEPT_WAIT_S = 5.0
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

@@ -11,7 +11,14 @@ import collections
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +78,13 @@ class _Sent:
     input_sha256: bytes
     sent_ns: int  # wall clock, for the receipt's timestamps
     started: float  # perf_counter, for the latency
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Done-callback: a shielded write's error is read by its caller, or by nobody once the
+    caller was cancelled (and then means the session ended, which the reader reports)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _aiter(items: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
@@ -207,7 +221,7 @@ class StreamClient:
                 self.certificate = payload
                 self._checker = ReceiptChecker.for_certificate(payload, self._skew_s)
                 return msg.ready
-            elif kind is not None:  # a payload this client does not know is skipped
+            else:
                 raise SessionEnded(f"unexpected {kind} before the session was ready")
 
     def _opened(self) -> None:
@@ -291,19 +305,25 @@ class StreamClient:
                 )
             )
             return sent
-        view = memoryview(body)
-        for offset in range(0, len(body), REQUEST_FRAME_BYTES):
-            piece = view[offset : offset + REQUEST_FRAME_BYTES]
-            await self._send(
-                gateway_pb2.SessionRequest(
+
+        def frames() -> Iterator[gateway_pb2.SessionRequest]:
+            view = memoryview(body)
+            for offset in range(0, len(body), REQUEST_FRAME_BYTES):
+                yield gateway_pb2.SessionRequest(
                     request=streaming_pb2.StreamRequestFrame(
                         seq=sent.seq,
                         client_timestamp_ns=time.time_ns(),
-                        body=bytes(piece),
+                        body=bytes(view[offset : offset + REQUEST_FRAME_BYTES]),
                         last=offset + REQUEST_FRAME_BYTES >= len(body),
                     )
                 )
-            )
+
+        # All its frames in a row (nothing else is written between them: a close, another
+        # request), and to the end even when the caller stops waiting: half a request would end
+        # the session as the client's error.
+        writing = asyncio.ensure_future(self._send_all(frames()))
+        writing.add_done_callback(_retrieved)
+        await asyncio.shield(writing)
         return sent
 
     async def _receive(self, sent: _Sent) -> Response:
@@ -319,8 +339,6 @@ class StreamClient:
                 if kind == "event":
                     self._event(msg.event)
                     continue
-                if kind is None:
-                    continue  # a payload this client does not know
                 if kind != "response":
                     raise SessionEnded(f"unexpected {kind} while waiting for response {seq}")
                 frame = msg.response
@@ -474,11 +492,17 @@ class StreamClient:
             self._on_event(event)
 
     async def _send(self, msg: gateway_pb2.SessionRequest) -> None:
+        await self._send_all((msg,))
+
+    async def _send_all(self, msgs: Iterable[gateway_pb2.SessionRequest]) -> None:
+        """Write the messages in a row: one write at a time on the call (grpc.aio fails
+        overlapping writes), and nothing of another writer's between these."""
         if self._ending is not None:
             raise self._raised()
         try:
             async with self._write_lock:
-                await self._call.write(msg)
+                for msg in msgs:
+                    await self._call.write(msg)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
             # The write lost a race with the session's end (e.g. its time limit while the
             # client was idle): the reader has, or soon will have, the gateway's reason.
@@ -556,6 +580,8 @@ class StreamClient:
                         ending = SessionEnded("the gateway ended the session without a reason")
                     return
                 kind = msg.WhichOneof("payload")
+                if kind is None:
+                    continue  # a payload kind this client does not know (a newer gateway's)
                 if kind == "closed":
                     self.closed = msg.closed
                     ending = SessionEnded(msg.closed.reason, msg.closed, await self._final_code())
@@ -569,7 +595,7 @@ class StreamClient:
                     self._event(msg.event)
                     continue
                 self._inbox.put_nowait(msg)
-                if msg.HasField("response"):
+                if kind == "response":
                     self._inbox_bytes += len(msg.response.body)
                     if self._inbox_bytes > INBOX_BYTES and not self._closing:
                         self._inbox_room.clear()

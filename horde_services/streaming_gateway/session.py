@@ -271,11 +271,9 @@ class Session:
     def receipts_lost(self, error: str) -> None:
         """Receipts of this session could not be stored: end it rather than serve on with
         answers nobody can prove later."""
-        self._finish(
-            _Ending(
-                f"the gateway could not store the session's receipts ({error})", "receipts_lost"
-            )
-        )
+        reason = f"the gateway could not store the session's receipts ({error})"
+        # The gateway's own failure, not a normal end: UNAVAILABLE (another gateway may serve).
+        self._finish(_Ending(reason, "receipts_lost", error=Unavailable(reason)))
 
     def shut_down(self, reason: str) -> None:
         """End the session now with `reason` (the gateway is stopping): the job is stopped, the

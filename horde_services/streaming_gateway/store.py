@@ -32,6 +32,11 @@ MAX_BATCH = 1000
 # the gateway's event loop busy with SQLAlchemy between a request and its response.
 BATCH_WINDOW_S = 0.05
 WRITE_RETRIES = 5
+# Receipts the database refused are kept (up to MAX_UNSTORED) and written again every
+# RETRY_UNSTORED_S until it takes them: nothing is lost to a full disk that is freed, and the
+# gateway learns it may serve again without waiting for new sessions.
+RETRY_UNSTORED_S = 5.0
+MAX_UNSTORED = 100_000
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,7 @@ class ReceiptWriter:
         self.on_lost: Callable[[set[str], str], None] | None = None
         self.on_stored: Callable[[], None] | None = None
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._unstored: list[_Batch] = []  # refused by the database, to write again
         self._task: asyncio.Task[None] | None = None
         self._hurry = asyncio.Event()  # a flush is waiting, or a batch is full
 
@@ -206,12 +212,48 @@ class ReceiptWriter:
         await done
 
     async def close(self) -> None:
-        await self.flush()
+        with contextlib.suppress(RuntimeError):  # refused: kept as unstored, tried below
+            await self.flush()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._unstored:
+            await self._store_unstored()  # a last try before the gateway stops
+        for batch in self._unstored:
+            log.error("receipts_lost", receipts=len(batch.receipts), samples=len(batch.samples))
+        self._unstored.clear()
+
+    def _keep_unstored(self, batch: _Batch, error: BaseException) -> None:
+        """Keep a refused batch to write again later; past MAX_UNSTORED the oldest go."""
+        log.error(
+            "receipts_not_stored",
+            receipts=len(batch.receipts),
+            samples=len(batch.samples),
+            error=repr(error),
+            retry_s=RETRY_UNSTORED_S,
+        )
+        self._unstored.append(_Batch(list(batch.receipts), list(batch.samples)))
+        kept = sum(len(b.receipts) + len(b.samples) for b in self._unstored)
+        while kept > MAX_UNSTORED and len(self._unstored) > 1:
+            dropped = self._unstored.pop(0)
+            kept -= len(dropped.receipts) + len(dropped.samples)
+            log.error("receipts_lost", receipts=len(dropped.receipts), samples=len(dropped.samples))
+
+    async def _store_unstored(self) -> None:
+        """Write the refused batches again, oldest first, until one is refused again."""
+        while self._unstored:
+            batch = self._unstored[0]
+            try:
+                await self.store.add(batch.receipts, batch.samples)
+            except Exception as exc:
+                log.warning("receipts_still_not_stored", error=repr(exc))
+                return
+            self._unstored.pop(0)
+            log.info("receipts_stored_late", receipts=len(batch.receipts))
+        if self.on_stored is not None:
+            self.on_stored()
 
     def _drain(self, batch: _Batch) -> _Batch:
         while len(batch.receipts) + len(batch.samples) < MAX_BATCH:
@@ -234,7 +276,13 @@ class ReceiptWriter:
     async def _run(self) -> None:
         while True:
             batch = _Batch()
-            self._add(batch, await self._queue.get())
+            try:
+                async with asyncio.timeout(RETRY_UNSTORED_S if self._unstored else None):
+                    item = await self._queue.get()
+            except TimeoutError:
+                await self._store_unstored()
+                continue
+            self._add(batch, item)
             if not batch.waiters and not self._hurry.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(BATCH_WINDOW_S):
@@ -261,17 +309,15 @@ class ReceiptWriter:
                     )
                     await asyncio.sleep(0.2 * attempt)  # back-off before retrying, not a sync
             if error is not None:
-                log.error(
-                    "receipts_lost",
-                    receipts=len(batch.receipts),
-                    samples=len(batch.samples),
-                    error=repr(error),
-                )
+                self._keep_unstored(batch, error)
                 if self.on_lost is not None:
                     jobs = {str(r.job_uuid) for r in batch.receipts}
                     self.on_lost(jobs | {s.job_uuid for s in batch.samples}, repr(error))
-            elif self.on_stored is not None:
-                self.on_stored()
+            else:
+                if self.on_stored is not None:
+                    self.on_stored()
+                if self._unstored:
+                    await self._store_unstored()
         for waiter in batch.waiters:
             if not waiter.done():
                 if error is None:

@@ -506,8 +506,9 @@ class JobManager:
                 if kind == "receipt":
                     receipt = msg.receipt
                     problem = lifecycle.verify(receipt, require_validator=False)
-                    payload = lifecycle.parse(receipt)
-                    if problem is not None or payload.miner_hotkey != miner.identity:
+                    if problem is None and lifecycle.parse(receipt).miner_hotkey != miner.identity:
+                        problem = "signed for another miner"
+                    if problem is not None:  # (a malformed one is not parsed: no crash here)
                         log.warning("bad_lifecycle_receipt", miner=miner.identity, problem=problem)
                         continue
                     signed = lifecycle.countersign(receipt, self._signer)
@@ -559,7 +560,11 @@ class JobManager:
                 miner=miner.identity,
                 code=exc.code().name,
             )
-            if stage == common_pb2.STAGE_RESERVATION and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            if (
+                not taken
+                and stage == common_pb2.STAGE_RESERVATION
+                and exc.code() == grpc.StatusCode.UNAVAILABLE
+            ):
                 job.miner = ""  # the job goes to another miner
                 return None
             # A miner that went away before it took the job (unreachable, or refusing this

@@ -30,6 +30,7 @@ from horde_services.core.receipts import verify_lines
 from horde_services.core.server import open_channel
 from horde_services.streaming_gateway import client as client_module
 from horde_services.streaming_gateway import session as session_module
+from horde_services.streaming_gateway import store as store_module
 from horde_services.streaming_gateway.checks import CertificateError
 from horde_services.streaming_gateway.client import ExtraDataError, SessionEnded, StreamClient
 from horde_services.streaming_gateway.store import SqlStore
@@ -649,10 +650,11 @@ class FailingStore(SqlStore):
 
 
 async def test_receipts_that_cannot_be_stored_end_their_session_and_the_health(
-    harness: Harness,
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing is served that could not be proven later: a session whose receipts the database
     refused ends with the reason, and the gateway reports NOT_SERVING until a write succeeds."""
+    monkeypatch.setattr(store_module, "RETRY_UNSTORED_S", 0.2)
     store = FailingStore(await open_database(f"sqlite+aiosqlite:///{harness.root / 'g.db'}"))
     app = await harness.start_gateway(store=store)
     client, channel = await open_session(harness, app)
@@ -665,18 +667,17 @@ async def test_receipts_that_cannot_be_stored_end_their_session_and_the_health(
     assert ended.closed is not None, ended.reason
     assert ended.reason.startswith("the gateway could not store the session's receipts ("), ended
     assert "database or disk is full" in ended.reason
+    assert ended.code == grpc.StatusCode.UNAVAILABLE  # the gateway's failure: try another
     assert await gateway_health(harness, app) == health_pb2.HealthCheckResponse.NOT_SERVING
     await channel.close()
-    # The database takes writes again: served, and healthy once a receipt is stored.
+    # The database takes writes again: with no session at all (a balancer sends none to a
+    # gateway that is NOT_SERVING), the refused receipts are written and it serves again.
     store.failing = False
-    client, channel = await open_session(harness, app)
-    assert (await client.request(b"again")).body == answer(b"again")
-    await client.close()
-    await channel.close()
     deadline = time.monotonic() + 10
     while await gateway_health(harness, app) != health_pb2.HealthCheckResponse.SERVING:
         assert time.monotonic() < deadline, "the gateway stayed NOT_SERVING"
         await asyncio.sleep(0.05)
+    assert [r.seq for r in await store.receipts(client.job_uuid)] == [1, 2]  # nothing lost
 
 
 async def gateway_health(harness: Harness, app: ServiceApp) -> int:
@@ -685,6 +686,22 @@ async def gateway_health(harness: Harness, app: ServiceApp) -> int:
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
     return int(reply.status)
+
+
+async def test_close_while_a_large_request_is_being_sent_waits_for_its_last_frame(
+    harness: Harness,
+) -> None:
+    """A body of several frames goes out whole, with no close (or other request) written in
+    between: the gateway would end the session as the client's error, a request cut in half."""
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    body = b"x" * (client_module.REQUEST_FRAME_BYTES * 6)
+    request = asyncio.ensure_future(client.request(body))
+    await wait_until(lambda: client._write_lock.locked(), "the first frame to go out", 10)
+    closed = await client.close("bye")
+    assert closed is not None and closed.reason == "closed by the client: bye", closed
+    assert (await request).body == answer(body)
+    await channel.close()
 
 
 async def test_open_twice_and_calls_before_open_are_refused_at_once(harness: Harness) -> None:

@@ -18,7 +18,14 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from horde.v1 import common_pb2, job_pb2, miner_pb2, miner_pb2_grpc, validator_admin_pb2
+from horde.v1 import (
+    common_pb2,
+    job_pb2,
+    miner_pb2,
+    miner_pb2_grpc,
+    receipts_pb2,
+    validator_admin_pb2,
+)
 from test_job_finish_faults import Net, S, job_spec, running_net, waited
 
 from horde_services.core.chain import LocalRoster, write_roster
@@ -202,4 +209,46 @@ async def test_a_miner_cannot_put_its_result_on_another_miners_account(tmp_path:
         await directory.close()
         await server.stop(None)
     assert res is not None and res.reason == common_pb2.FAILURE_REASON_EXECUTOR_LOST
+    assert res.miner_hotkey == str(me.identity)
+
+
+async def test_a_miner_that_took_the_job_and_dropped_is_blamed_not_passed_over(
+    tmp_path: Path,
+) -> None:
+    """A miner that answered (it took the job: here a malformed receipt, which must not crash
+    the validator either) and then dropped the call
+    UNAVAILABLE, still at reservation: the job ends on it, named, not quietly sent to another
+    miner (where it could run twice)."""
+    me = HotkeySigner.generate()
+
+    class Dropping(miner_pb2_grpc.MinerServiceServicer):  # type: ignore[misc]
+        async def RunJob(self, request_iterator: Any, context: Any) -> Any:
+            start = await anext(aiter(request_iterator))
+            assert start.start.job_uuid
+            # A started receipt it could not even sign properly: taken all the same.
+            yield miner_pb2.RunJobResponse(
+                receipt=receipts_pb2.LifecycleReceipt(payload=b"garbage", miner_signature=b"x")
+            )
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gone")
+
+    server = grpc.aio.server()
+    miner_pb2_grpc.add_MinerServiceServicer_to_server(Dropping(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    validator = HotkeySigner.generate()
+    roster = write_roster(tmp_path / "roster.toml", [])
+    directory = MinerDirectory(
+        validator, LocalRoster(roster), {str(me.identity): f"127.0.0.1:{port}"}
+    )
+    manager = JobManager(validator, None, directory, tmp_path, 1)  # type: ignore[arg-type]
+    spec = job_pb2.JobSpec(image="horde/base:latest", command=["true"], executor_class="c")
+    job = LiveJob("job-2", spec, "client", None)
+    try:
+        (miner,) = await directory.miners()
+        res = await manager._attempt(job, miner)
+    finally:
+        await directory.close()
+        await server.stop(None)
+    assert res is not None, "the job was passed over to another miner"
+    assert res.reason == common_pb2.FAILURE_REASON_MINER_UNREACHABLE
     assert res.miner_hotkey == str(me.identity)
