@@ -158,6 +158,10 @@ def _result_reason(result: job_pb2.JobResult) -> str:
     return f"{text}: {result.detail}" if result.detail else text
 
 
+# What connecting may add between a client signing its session's call and the call arriving.
+OPEN_LATENCY_ALLOWANCE_NS = 2_000_000_000
+
+
 def _rpc_error(exc: grpc.aio.AioRpcError | ProxyError) -> str:
     return f"{exc.code().name}: {exc.details() or ''}".rstrip(": ")
 
@@ -174,8 +178,10 @@ class Session:
         self._deps = deps
         self._cfg = deps.config
         self._client = client
-        # When the client signed the session's call, by its clock (its authentication).
+        # When the client signed the session's call, by its clock (its authentication), and
+        # when the call reached this gateway, by ours.
         self._called_ns = called_ns
+        self._arrived_ns = deps.clock_ns()
         self._write_raw = write
         self._write_lock = asyncio.Lock()
         self._end: asyncio.Future[_Ending] = asyncio.get_running_loop().create_future()
@@ -251,9 +257,13 @@ class Session:
         if not first.open.image:
             raise InvalidArgument("SessionOpen.image is required")
         if self._called_ns is not None:
-            # Its first request would be refused for it: say so before a job is started.
+            # Its first request would be refused for it: say so before a job is started. The
+            # call was signed before its connection was made (a TLS handshake far away takes a
+            # while): a client seemingly behind gets that much more.
+            off = self._called_ns - self._arrived_ns
+            allowed = self._cfg.skew_ns + (OPEN_LATENCY_ALLOWANCE_NS if off < 0 else 0)
             try:
-                check_client_clock(self._called_ns, self._deps.clock_ns(), self._cfg.skew_ns)
+                check_client_clock(self._called_ns, self._arrived_ns, allowed)
             except ClockSkew as exc:
                 raise FailedPrecondition(f"session refused: {exc}") from None
         limit = first.open.time_limit_s or self._cfg.default_time_limit_s

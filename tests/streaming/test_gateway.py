@@ -239,13 +239,14 @@ def _first_request(
     return frame
 
 
-@pytest.mark.parametrize("offset_s", [3.0, -3.0])
+@pytest.mark.parametrize("offset_s", [3.0, -5.0])
 async def test_a_client_whose_clock_disagrees_is_refused_before_a_job_starts(
     harness: Harness, offset_s: float
 ) -> None:
     """The session's call is signed with the client's clock: off by more than the skew (but
     within what authentication allows), the open is refused at once, before a job is started
-    for requests that would all be refused."""
+    for requests that would all be refused. (Behind, it is allowed 2 s more: the time a far
+    connection takes to set up after the call was signed.)"""
     app = await harness.start_gateway()
     method = "/horde.v1.GatewayService/Session"
     ts = time.time_ns() + int(offset_s * 1e9)
@@ -265,8 +266,9 @@ async def test_a_client_whose_clock_disagrees_is_refused_before_a_job_starts(
         details = await call.details()
     direction = "ahead of" if offset_s > 0 else "behind"
     assert details.startswith("session refused: client clock is "), details
-    assert 2.5 < float(details.split()[5]) < 3.5, details
-    assert details.endswith(f"s {direction} the gateway's (allowed skew 2 s)"), details
+    assert abs(offset_s) - 0.5 < float(details.split()[5]) < abs(offset_s) + 0.5, details
+    allowed = 2 if offset_s > 0 else 4
+    assert details.endswith(f"s {direction} the gateway's (allowed skew {allowed} s)"), details
     assert harness.fake_validator.starts == []
 
 
