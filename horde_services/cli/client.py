@@ -49,14 +49,26 @@ class Refused(CliError):
 CONNECTION_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
+def unreachable(service: str, address: str, exc: grpc.aio.AioRpcError) -> str | None:
+    """What went wrong when no usable answer came (exit status 2): the service could not be
+    reached, did not answer in time, or answered that it is unavailable (its database refusing);
+    None when the service answered with a refusal of its own."""
+    if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer in time from the {service} at {address}"
+    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    if (exc.details() or "").startswith("the service cannot use its database"):
+        return f"the {service} at {address} is unavailable"
+    return f"cannot reach the {service} at {address}"
+
+
 def call_failed(exc: grpc.aio.AioRpcError, address: str, refused: str = "") -> CliError:
     """A failed call as one line: a connection problem (CliError, exit status 2) when nothing
     answered, else the validator's refusal (Refused, exit status 1), after `refused` if given."""
     why = f"{exc.code().name}: {exc.details()}"
-    if exc.code() is grpc.StatusCode.UNAVAILABLE:
-        return CliError(f"cannot reach the validator at {address}: {why}")
-    if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CliError(f"no answer in time from the validator at {address}: {why}")
+    where = unreachable("validator", address, exc)
+    if where is not None:
+        return CliError(f"{where}: {why}")
     return Refused(f"{refused}: {why}" if refused else why)
 
 

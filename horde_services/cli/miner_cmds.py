@@ -141,7 +141,7 @@ def miner_target(
 def miner_call(args: argparse.Namespace, name: str, fn: MinerCall) -> int:
     """Run `fn` on a channel to the miner named by the options; usage and connection problems
     exit 2, refused or failed calls exit 1 with the status and its reason."""
-    from horde_services.cli.client import CONNECTION_CODES, CliError
+    from horde_services.cli.client import CliError, unreachable
 
     prog = f"horde miner {name}"
 
@@ -160,12 +160,8 @@ def miner_call(args: argparse.Namespace, name: str, fn: MinerCall) -> int:
             return asyncio.run(go())
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or ""
-            if code in CONNECTION_CODES:
-                where = (
-                    f"cannot reach the miner at {target.address}"
-                    if code is grpc.StatusCode.UNAVAILABLE
-                    else f"no answer in time from the miner at {target.address}"
-                )
+            where = unreachable("miner", target.address, exc)
+            if where is not None:
                 print(f"{prog}: {where}: {details}", file=sys.stderr)
                 return 2
             line = f"{prog}: {code.name}: {details}"

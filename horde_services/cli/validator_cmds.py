@@ -99,7 +99,7 @@ def admin_call(args: argparse.Namespace, name: str, fn: AdminCall) -> int:
     """Run `fn` against the validator's admin service named by --dev or --validator/--key;
     usage and connection problems exit 2 (as `horde job` does), refused or failed calls exit 1
     with the status and its reason."""
-    from horde_services.cli.client import CONNECTION_CODES, CliError, validator_target
+    from horde_services.cli.client import CliError, unreachable, validator_target
 
     prog = f"horde validator {name}"
 
@@ -117,12 +117,8 @@ def admin_call(args: argparse.Namespace, name: str, fn: AdminCall) -> int:
         try:
             return asyncio.run(go())
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in CONNECTION_CODES:
-                where = (
-                    f"cannot reach the validator at {target.address}"
-                    if exc.code() is grpc.StatusCode.UNAVAILABLE
-                    else f"no answer in time from the validator at {target.address}"
-                )
+            where = unreachable("validator", target.address, exc)
+            if where is not None:
                 print(f"{prog}: {where}: {exc.details()}", file=sys.stderr)
                 return 2
             print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -264,14 +264,31 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
     )
 
 
+# SQLite's primary result codes that mean the storage, not the statement, is the trouble:
+# BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
+_SQLITE_STORAGE_CODES = frozenset({5, 6, 8, 10, 13, 14})
+
+
 def _storage_trouble(exc: BaseException) -> str | None:
-    """The database driver's own short words when `exc` is SQLAlchemy's OperationalError (the
-    database could not do what was asked: full, read-only, unreachable), else None."""
+    """Why the database could not do what was asked when the storage is at fault (full,
+    read-only, locked, unreachable), else None (a bug is no reason to try again later)."""
     sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded by every service with a database
-    if sa_exc is None or not isinstance(exc, sa_exc.OperationalError):
+    if sa_exc is None or not isinstance(exc, sa_exc.DBAPIError):
         return None
-    words = str(getattr(exc, "orig", None) or "").strip().splitlines()
-    return (words[0][:120] if words else "") or "its database refused the operation"
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        if code & 0xFF not in _SQLITE_STORAGE_CODES:
+            return None
+        words = str(orig).strip().splitlines()  # SQLite's own short words ("database or
+        return words[0][:120] if words else "SQLite refused"  # disk is full")
+    # PostgreSQL: the connection is gone, or the server refuses for want of resources (SQLSTATE
+    # 08: connection, 53: insufficient resources, 57P: shutting down). Its message is not
+    # passed on: it may name the server's host.
+    sqlstate = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+    if exc.connection_invalidated or sqlstate.startswith(("08", "53", "57P")):
+        return "the database server is unreachable or out of resources"
+    return None
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

@@ -24,9 +24,10 @@ class Failing:
     """Fails every call with `code`."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    detail = ""
 
     def _fail(self, context: grpc.ServicerContext) -> Any:
-        context.abort(self.code, f"the stand-in says {self.code.name.lower()}")
+        context.abort(self.code, self.detail or f"the stand-in says {self.code.name.lower()}")
 
 
 class Validator(Failing, validator_admin_pb2_grpc.ValidatorAdminServiceServicer):
@@ -53,22 +54,30 @@ def served() -> Iterator[tuple[str, Validator, Miner]]:
         server.stop(None)
 
 
+STORAGE = "the service cannot use its database right now (database or disk is full): try again"
+
+
 @pytest.mark.parametrize(
-    ("code", "status", "words"),
+    ("code", "detail", "status", "words"),
     [
-        (grpc.StatusCode.DEADLINE_EXCEEDED, 2, "no answer in time from the {} at"),
-        (grpc.StatusCode.PERMISSION_DENIED, 1, "PERMISSION_DENIED: the stand-in says"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", 2, "no answer in time from the {} at"),
+        (grpc.StatusCode.UNAVAILABLE, STORAGE, 2, "the {} at 127.0.0.1:"),
+        (grpc.StatusCode.PERMISSION_DENIED, "", 1, "PERMISSION_DENIED: the stand-in says"),
     ],
 )
 def test_no_answer_in_time_is_2_and_a_refusal_1(
     served: tuple[str, Validator, Miner],
     tmp_path: Path,
     code: grpc.StatusCode,
+    detail: str,
     status: int,
     words: str,
 ) -> None:
+    """(A service whose database refuses answers UNAVAILABLE: exit 2 as well, and the words say
+    it is unavailable, not that it cannot be reached.)"""
     address, validator, miner = served
     validator.code = miner.code = code
+    validator.detail = miner.detail = detail
     key = tmp_path / "admin.json"
     create_key_file(key, "ed25519")
     identity = "sr25519:" + "11" * 32
@@ -84,4 +93,6 @@ def test_no_answer_in_time_is_2_and_a_refusal_1(
         )
         assert done.returncode == status, done.stderr
         assert words.format(service) in done.stderr, done.stderr
+        if detail:
+            assert "is unavailable: " in done.stderr and "cannot reach" not in done.stderr
         assert done.stdout == ""

@@ -35,6 +35,23 @@ from horde_services.core.server import (
 SERVICE = "horde.v1.MinerService"
 
 
+def sqlite_error(*, full: bool) -> sqlite3.Error:
+    """A genuine SQLite error: a full database (SQLITE_FULL), or a statement in error."""
+    db = sqlite3.connect(":memory:")
+    try:
+        if full:
+            db.execute("PRAGMA max_page_count = 2")
+            db.execute("CREATE TABLE t (x BLOB)")
+            db.execute("INSERT INTO t VALUES (zeroblob(100000))")
+        else:
+            db.execute("SELEC 1")
+    except sqlite3.Error as exc:
+        return exc
+    finally:
+        db.close()
+    raise AssertionError("SQLite did not refuse")
+
+
 class MinerTestServicer(miner_pb2_grpc.MinerServiceServicer):  # type: ignore[misc]
     # Round numbers that make RunSyntheticRound misbehave.
     ROUND_NOT_FOUND = 404
@@ -64,11 +81,11 @@ class MinerTestServicer(miner_pb2_grpc.MinerServiceServicer):  # type: ignore[mi
             raise NotFound("no such cursor")
         if request.cursor == "boom":
             raise RuntimeError("secret internal detail: db password is hunter2")
-        if request.cursor == "disk-full":
+        if request.cursor in ("disk-full", "sql-bug"):
             raise sqlalchemy.exc.OperationalError(
                 "INSERT INTO secret_table VALUES (?)",
                 ("hunter2",),
-                sqlite3.OperationalError("database or disk is full"),
+                sqlite_error(full=request.cursor == "disk-full"),
             )
         return miner_pb2.ListReceiptsResponse(next_cursor=str(current_caller()))
 

@@ -446,6 +446,12 @@ async def test_a_database_that_refuses_is_unavailable_with_its_words_only(
     )
     details = err.details() or ""
     assert "hunter2" not in details and "secret_table" not in details
+    # A statement in error is a bug, not a reason to try again later: internal, as before.
+    await expect_error(
+        served.stub(callers.hotkey).ListReceipts(miner_pb2.ListReceiptsRequest(cursor="sql-bug")),
+        grpc.StatusCode.INTERNAL,
+        "internal error",
+    )
     await assert_still_serving(served, callers)
 
 
