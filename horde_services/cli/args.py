@@ -37,6 +37,18 @@ def bounded_int(lo: int, hi: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def key_values(option: str, items: list[str]) -> dict[str, str]:
+    """Repeated OPTION KEY=VALUE as a dict (the last of a repeated KEY wins); ValueError for an
+    item without `=` or with no KEY."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def checked_target(address: str, identity: str, key: Path, option: str) -> tuple[str, str, Signer]:
     """What --OPTION, --OPTION-identity and --key name, checked: the address, the canonical
     identity and the key's signer; ValueError saying which option is wrong."""

@@ -14,7 +14,7 @@ from horde.v1 import job_pb2
 
 from horde_services import __version__
 from horde_services.cli import miner_cmds, spotcheck_cmds, stream, validator_cmds
-from horde_services.cli.args import bounded_int
+from horde_services.cli.args import bounded_int, key_values
 from horde_services.core.config import (
     ExecutorSettings,
     GatewaySettings,
@@ -214,17 +214,12 @@ def _job(args: argparse.Namespace) -> int:
 
 
 def _key_values(option: str, items: list[str]) -> dict[str, str]:
-    """Repeated OPTION KEY=VALUE as a dict (the last of a repeated KEY wins); a usage error
-    (exit status 2) for an item without `=` or with no KEY."""
     from horde_services.cli.client import CliError
 
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"{option} {item!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
+    try:
+        return key_values(option, items)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _dev_up(args: argparse.Namespace) -> int:

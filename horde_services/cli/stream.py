@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
-from horde_services.cli.args import bounded_int, checked_target, client_tls
+from horde_services.cli.args import bounded_int, checked_target, client_tls, key_values
 from horde_services.core.loop import run as run_loop
 
 EPILOG = """exit status: 0 when every request got a response with a verified receipt; 1 when the
@@ -42,6 +42,9 @@ interrupted (Ctrl-C): the session is cancelled and the receipts received so far 
 --receipts; 141 when the output was closed early (e.g. piped into `head`)."""
 
 MAX_TIME_LIMIT_S = 2**32 - 1  # SessionOpen.time_limit_s is a uint32
+# How long an --extra file may take to be uploaded and placed (a gateway that never says, an
+# older one, would otherwise hold the command until the session's end).
+EXTRA_WAIT_S = 600.0
 
 
 def register(sub: Any) -> None:
@@ -195,16 +198,6 @@ def _check_receipts_path(path: Path) -> None:
         raise _UsageError(f"--receipts {path}: permission denied")
 
 
-def _env_of(items: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise _UsageError(f"--env {item!r}: give KEY=VALUE")
-        env[key] = value
-    return env
-
-
 def _extra_files(items: list[str]) -> list[tuple[str, bytes]]:
     """Each --extra [NAME=]FILE as (name, bytes), read now: a missing file is a usage error
     before any session opens."""
@@ -271,7 +264,10 @@ async def _run(args: argparse.Namespace) -> int:
         _check_receipts_path(args.receipts)
     if args.input is not None and str(args.input) == "-":
         args.input = None  # standard input, read as it comes
-    job_env = _env_of(args.env)
+    try:
+        job_env = key_values("--env", args.env)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
     extras = _extra_files(args.extra)
     interactive = args.input is None and sys.stdin.isatty()
     requests = (
@@ -343,10 +339,15 @@ async def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             for name, data in extras:
-                placed = await client.add_extra(name, data)
+                try:
+                    placed = await client.add_extra(name, data, timeout_s=EXTRA_WAIT_S)
+                except TimeoutError:
+                    raise ExtraDataError(
+                        f"extra data {name}: no word of its placement within {EXTRA_WAIT_S:g}s"
+                    ) from None
+                digest = f", sha256 {placed.sha256}" if placed.sha256 else ""
                 print(
-                    f"extra data placed: /volume/extra/{name} ({placed.size_bytes} bytes, "
-                    f"sha256 {placed.sha256})",
+                    f"extra data placed: /volume/extra/{name} ({placed.size_bytes} bytes{digest})",
                     file=sys.stderr,
                 )
             if args.receipts is not None:

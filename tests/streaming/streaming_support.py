@@ -192,6 +192,7 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
         # placement that differs from what was sent.
         self.extra_refused: dict[str, str] = {}
         self.extra_misplaced = False
+        self.extra_hangs = False  # never answers AddExtraData (until the call is cancelled)
 
     async def StartStreamingJob(
         self, request: validator_pb2.StartStreamingJobRequest, context: grpc.aio.ServicerContext
@@ -307,6 +308,8 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
     ) -> validator_pb2.AddExtraDataResponse:
         placed: list[streaming_pb2.ExtraDataPlaced] = []
         job_uuid = ""
+        if self.extra_hangs:
+            await asyncio.Event().wait()
         async for msg in request_iterator:
             job_uuid = msg.job_uuid or job_uuid
             job = self.proxy.jobs[job_uuid]

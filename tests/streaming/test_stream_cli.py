@@ -14,9 +14,14 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import pytest
+import structlog
 from streaming_support import WHITELIST, Behaviour, Harness, answer
 
+from horde_services.cli import stream as stream_module
+from horde_services.cli.main import main as cli_main
 from horde_services.core.app import ServiceApp
 from horde_services.core.identity import Ed25519Signer, write_key_file
 
@@ -529,7 +534,7 @@ async def test_bad_extra_and_env_options_are_usage_errors(tmp_path: Path) -> Non
     gateway = str(Ed25519Signer.generate().identity)
     base = ["stream", "--gateway", "127.0.0.1:1", "--gateway-identity", gateway, "--key", str(key)]
     code, _, err = await horde(*base, "--image", WHITELIST, "--env", "NOEQUALS")
-    assert code == 2 and "--env 'NOEQUALS': give KEY=VALUE" in err, err
+    assert code == 2 and "--env 'NOEQUALS': expected KEY=VALUE" in err, err
     code, _, err = await horde(*base, "--image", WHITELIST, "--extra", str(tmp_path / "missing"))
     assert code == 2 and "No such file or directory" in err, err
     (tmp_path / "a").write_text("a")
@@ -583,3 +588,28 @@ async def test_input_dash_reads_standard_input(harness: Harness, tmp_path: Path)
     out, err = await proc.communicate(b"one\ntwo\n")
     assert proc.returncode == 0, err.decode()
     assert out.decode() == answer(b"one").decode() + "\n" + answer(b"two").decode() + "\n"
+
+
+async def test_an_extra_file_never_confirmed_ends_the_command_in_time(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """A gateway that never says whether a file was placed (an older one) does not hold the
+    command until the session's end: after EXTRA_WAIT_S it says so and exits 1. (In process,
+    on a thread of its own, with the wait shortened.)"""
+    app = await harness.start_gateway()
+    harness.fake_validator.extra_hangs = True
+    monkeypatch.setattr(stream_module, "EXTRA_WAIT_S", 0.5)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"x")
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\n")
+    argv = ["stream", *target(harness, app, tmp_path), "--input", str(requests)]
+    logging_config = structlog.get_config()  # the CLI sets its own; later tests keep theirs
+    try:
+        code = await asyncio.to_thread(cli_main, [*argv, "--extra", str(notes)])
+    finally:
+        structlog.configure(**logging_config)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "horde stream: extra data notes.txt: no word of its placement within 0.5s; " in err
+    assert "closing the session" in err, err
