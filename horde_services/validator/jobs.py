@@ -177,13 +177,21 @@ class JobManager:
 
     async def close(self) -> None:
         """Stop following jobs in flight (shutdown): their miners see the stream end and cancel
-        the work; the next start ends them as horde_failed (validator_restarted)."""
+        the work; the next start ends them as horde_failed (validator_restarted). Results the
+        database refused earlier get a last try (else the next start would call jobs whose
+        followers saw them end validator_restarted)."""
         tasks = [job.task for job in self._live.values() if job.task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for held in self._store.unstored():
+            error = await self._store_result(held)
+            if error is not None:
+                log.error("job_result_not_stored", job_uuid=held.job_uuid, error=repr(error))
+            else:
+                log.info("job_result_stored_late", job_uuid=held.job_uuid)
 
     def live(self, job_uuid: str) -> LiveJob | None:
         return self._live.get(job_uuid)

@@ -531,3 +531,21 @@ async def test_a_failure_of_the_job_is_delivered_when_nothing_can_be_stored(
     assert (res.state, res.reason) == (S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_EXECUTOR_LOST)
     await net.job_ended(job_uuid)
     assert (await net.get_job(job_uuid)).state == S.JOB_STATE_HORDE_FAILED
+
+
+async def test_a_held_result_gets_a_last_try_at_shutdown(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database takes writes again, but no job ended since: the shutdown stores the held
+    result (else the next start would end a job its followers saw complete as
+    validator_restarted)."""
+    monkeypatch.setattr(jobs, "FINISH_RETRY_DELAYS_S", ())
+    failing = FailingFinish(monkeypatch, failures=None)
+    submitted, _watcher, job_uuid = await run_to_completion(net)
+    assert (await submitted.finished()).state == S.JOB_STATE_COMPLETED
+    await net.job_ended(job_uuid)
+    failing.failures = 0
+    assert net.manager is not None
+    await net.manager.close()
+    row = await net.stored(job_uuid)
+    assert row is not None and row.state == S.JOB_STATE_COMPLETED
