@@ -697,10 +697,27 @@ async def test_close_while_a_large_request_is_being_sent_waits_for_its_last_fram
     between: the gateway would end the session as the client's error, a request cut in half."""
     app = await harness.start_gateway()
     client, channel = await open_session(harness, app)
+    # The request's first frame goes out, then its writer waits until the close is underway.
+    first_frame = asyncio.Event()
+    go_on = asyncio.Event()
+    write = client._call.write
+
+    async def paused_write(msg: gateway_pb2.SessionRequest) -> None:
+        await write(msg)
+        if msg.HasField("request") and not msg.request.last and not first_frame.is_set():
+            first_frame.set()
+            await go_on.wait()
+
+    client._call.write = paused_write
     body = b"x" * (client_module.REQUEST_FRAME_BYTES * 6)
     request = asyncio.ensure_future(client.request(body))
-    await wait_until(lambda: client._write_lock.locked(), "the first frame to go out", 10)
-    closed = await client.close("bye")
+    async with asyncio.timeout(10):
+        await first_frame.wait()
+    closing = asyncio.ensure_future(client.close("bye"))
+    await wait_until(lambda: client._closing, "the close to begin")
+    go_on.set()
+    async with asyncio.timeout(10):
+        closed = await closing
     assert closed is not None and closed.reason == "closed by the client: bye", closed
     assert (await request).body == answer(body)
     await channel.close()
