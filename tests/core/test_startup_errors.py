@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from process_support import one_line
 
 from horde_services.core.identity import create_key_file
 
@@ -41,14 +42,6 @@ def config(tmp_path: Path, service: str, extra: str = "") -> Path:
     path = tmp_path / f"{service}.toml"
     path.write_text(text + extra)
     return path
-
-
-def one_line(out: subprocess.CompletedProcess[str]) -> str:
-    """The only line on stderr that is not a JSON log line; fails if there are more."""
-    lines = [line for line in out.stderr.splitlines() if not line.startswith("{")]
-    assert "Traceback" not in out.stderr, out.stderr
-    assert len(lines) == 1, out.stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from process_support import one_line
 
 from horde_services.core.errors import ConfigError
 from horde_services.core.identity import create_key_file
@@ -126,13 +127,6 @@ def test_a_directory_that_cannot_hold_the_lock_file_names_the_setting(tmp_path: 
 # -------------------------------------------------------------------- `horde SERVICE serve`
 
 
-def one_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if not line.startswith("{")]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
 @pytest.fixture
 async def live_validator(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path]]:
     """`horde validator serve` on tmp_path/state, started (its service_started line seen)."""
@@ -190,7 +184,7 @@ async def test_a_second_validator_on_a_live_ones_state_dir_exits_2_and_leaves_it
         timeout=60,
     )
     assert second.returncode == 2, second.stderr
-    assert one_line(second.stderr) == (
+    assert one_line(second) == (
         f"horde validator: configuration error: state_dir {state} is in use by another "
         f"validator (pid {first.pid})"
     )
@@ -227,7 +221,7 @@ async def test_an_executor_on_a_held_work_dir_exits_2_before_it_sweeps(
         env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path / 'no-engine.sock'}"},
     )
     assert out.returncode == 2, out.stderr
-    assert one_line(out.stderr) == (
+    assert one_line(out) == (
         f"horde executor: configuration error: work_dir {work} is in use by another executor "
         f"(pid {holder.pid})"
     )

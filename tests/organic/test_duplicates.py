@@ -31,7 +31,8 @@ from organic_support import (
     wait_for,
     wait_job_container_running,
 )
-from test_faults import log_events, spawn_executor, stop_process
+from process_support import one_line
+from test_faults import log_events, spawn_executor, spawn_service, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,14 +59,6 @@ async def open_gate(net: Network, container_id: str) -> None:
 
     info = await wait_for(exited, 30, "`docker exec touch /tmp/gate` to end")
     assert info["ExitCode"] == 0, info
-
-
-def one_line(stderr: str) -> str:
-    """The only line on stderr that is not a JSON log line."""
-    lines = [line for line in stderr.splitlines() if not line.startswith("{")]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 async def serve_again(kind: str, config: Path) -> subprocess.CompletedProcess[str]:
@@ -111,17 +104,7 @@ async def test_a_second_validator_on_the_same_state_dir_leaves_the_live_one_alon
     with config.open("a") as f:
         f.write(f'listen = "127.0.0.1:{port}"\n')
     log_path = net.root / "validator-sub.log"
-    with log_path.open("ab") as log:
-        first = await asyncio.create_subprocess_exec(
-            str(HORDE_BIN),
-            "validator",
-            "serve",
-            "--config",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
+    first = await spawn_service("validator", config, log_path)
     try:
         await wait_for(
             lambda: log_events(log_path, "service_started"), 60, "the validator to start"
@@ -141,7 +124,7 @@ async def test_a_second_validator_on_the_same_state_dir_leaves_the_live_one_alon
 
         second = await serve_again("validator", config)
         assert second.returncode == 2, second.stderr
-        assert one_line(second.stderr) == (
+        assert one_line(second) == (
             f"horde validator: configuration error: state_dir {state_dir} is in use by another "
             f"validator (pid {first.pid})"
         )
@@ -183,7 +166,7 @@ async def test_a_second_executor_on_the_same_work_dir_does_not_sweep_the_running
 
         second = await serve_again("executor", config)
         assert second.returncode == 2, second.stderr
-        assert one_line(second.stderr) == (
+        assert one_line(second) == (
             f"horde executor: configuration error: work_dir {work_dir} is in use by another "
             f"executor (pid {first.pid})"
         )

@@ -356,12 +356,12 @@ async def test_allowed_but_missing_image_is_image_not_found(net: Network) -> Non
 # ----------------------------------------------------------------------------- the network's faults
 
 
-async def spawn_executor(net: Network, config: Path, log_path: Path) -> asyncio.subprocess.Process:
-    """`horde executor serve --config FILE` as a child process, logging (JSON lines) to a file."""
+async def spawn_service(service: str, config: Path, log_path: Path) -> asyncio.subprocess.Process:
+    """`horde SERVICE serve --config FILE` as a child process, logging (JSON lines) to a file."""
     with log_path.open("ab") as log:
         return await asyncio.create_subprocess_exec(
             str(HORDE_BIN),
-            "executor",
+            service,
             "serve",
             "--config",
             str(config),
@@ -369,6 +369,11 @@ async def spawn_executor(net: Network, config: Path, log_path: Path) -> asyncio.
             stdout=log,
             stderr=log,
         )
+
+
+async def spawn_executor(net: Network, config: Path, log_path: Path) -> asyncio.subprocess.Process:
+    """`horde executor serve --config FILE` as a child process, logging to a file."""
+    return await spawn_service("executor", config, log_path)
 
 
 def log_events(log_path: Path, name: str) -> list[dict[str, object]]:
@@ -825,17 +830,7 @@ async def spawn_miner(
     config = net.root / "miner-sub.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
     before = len(log_events(log_path, "service_started")) if log_path.exists() else 0
-    with log_path.open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            str(HORDE_BIN),
-            "miner",
-            "serve",
-            "--config",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
+    proc = await spawn_service("miner", config, log_path)
 
     def started() -> bool:
         assert proc.returncode is None, log_path.read_text()[-3000:]

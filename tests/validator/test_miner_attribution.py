@@ -173,6 +173,30 @@ async def test_a_miner_unreachable_before_it_took_the_job_is_not_blamed(net: Net
     assert net.miner_identity not in await weights(net)
 
 
+async def attempt_on(
+    miner_servicer: miner_pb2_grpc.MinerServiceServicer, miner_key: HotkeySigner, tmp_path: Path
+) -> job_pb2.JobResult | None:
+    """One attempt of a job by a real JobManager on a stand-in miner (a real gRPC server on port
+    0 serving `miner_servicer` as `miner_key`'s miner): what `_attempt` makes of its answers."""
+    server = grpc.aio.server()
+    miner_pb2_grpc.add_MinerServiceServicer_to_server(miner_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    validator = HotkeySigner.generate()
+    roster = write_roster(tmp_path / "roster.toml", [])
+    directory = MinerDirectory(
+        validator, LocalRoster(roster), {str(miner_key.identity): f"127.0.0.1:{port}"}
+    )
+    manager = JobManager(validator, None, directory, tmp_path, 1)  # type: ignore[arg-type]
+    spec = job_pb2.JobSpec(image="horde/base:latest", command=["true"], executor_class="c")
+    try:
+        (miner,) = await directory.miners()
+        return await manager._attempt(LiveJob("job-1", spec, "client", None), miner)
+    finally:
+        await directory.close()
+        await server.stop(None)
+
+
 async def test_a_miner_cannot_put_its_result_on_another_miners_account(tmp_path: Path) -> None:
     """The result's miner is the miner whose stream it came on, whatever the result says: a
     stand-in miner (a real gRPC server on port 0) answering a failure in a rival's name."""
@@ -191,23 +215,7 @@ async def test_a_miner_cannot_put_its_result_on_another_miners_account(tmp_path:
                 )
             )
 
-    server = grpc.aio.server()
-    miner_pb2_grpc.add_MinerServiceServicer_to_server(Dishonest(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    validator = HotkeySigner.generate()
-    roster = write_roster(tmp_path / "roster.toml", [])
-    directory = MinerDirectory(
-        validator, LocalRoster(roster), {str(me.identity): f"127.0.0.1:{port}"}
-    )
-    manager = JobManager(validator, None, directory, tmp_path, 1)  # type: ignore[arg-type]
-    spec = job_pb2.JobSpec(image="horde/base:latest", command=["true"], executor_class="c")
-    try:
-        (miner,) = await directory.miners()
-        res = await manager._attempt(LiveJob("job-1", spec, "client", None), miner)
-    finally:
-        await directory.close()
-        await server.stop(None)
+    res = await attempt_on(Dishonest(), me, tmp_path)
     assert res is not None and res.reason == common_pb2.FAILURE_REASON_EXECUTOR_LOST
     assert res.miner_hotkey == str(me.identity)
 
@@ -216,9 +224,8 @@ async def test_a_miner_that_took_the_job_and_dropped_is_blamed_not_passed_over(
     tmp_path: Path,
 ) -> None:
     """A miner that answered (it took the job: here a malformed receipt, which must not crash
-    the validator either) and then dropped the call
-    UNAVAILABLE, still at reservation: the job ends on it, named, not quietly sent to another
-    miner (where it could run twice)."""
+    the validator either) and then dropped the call UNAVAILABLE, still at reservation: the job
+    ends on it, named, not quietly sent to another miner (where it could run twice)."""
     me = HotkeySigner.generate()
 
     class Dropping(miner_pb2_grpc.MinerServiceServicer):  # type: ignore[misc]
@@ -231,24 +238,7 @@ async def test_a_miner_that_took_the_job_and_dropped_is_blamed_not_passed_over(
             )
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gone")
 
-    server = grpc.aio.server()
-    miner_pb2_grpc.add_MinerServiceServicer_to_server(Dropping(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    validator = HotkeySigner.generate()
-    roster = write_roster(tmp_path / "roster.toml", [])
-    directory = MinerDirectory(
-        validator, LocalRoster(roster), {str(me.identity): f"127.0.0.1:{port}"}
-    )
-    manager = JobManager(validator, None, directory, tmp_path, 1)  # type: ignore[arg-type]
-    spec = job_pb2.JobSpec(image="horde/base:latest", command=["true"], executor_class="c")
-    job = LiveJob("job-2", spec, "client", None)
-    try:
-        (miner,) = await directory.miners()
-        res = await manager._attempt(job, miner)
-    finally:
-        await directory.close()
-        await server.stop(None)
+    res = await attempt_on(Dropping(), me, tmp_path)
     assert res is not None, "the job was passed over to another miner"
     assert res.reason == common_pb2.FAILURE_REASON_MINER_UNREACHABLE
     assert res.miner_hotkey == str(me.identity)
