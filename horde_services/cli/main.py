@@ -58,7 +58,7 @@ def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> i
             )
             return 2
 
-    async def main() -> None:
+    async def main() -> bool:
         if kind == "validator":
             from horde_services.validator.app import start_validator
 
@@ -75,17 +75,17 @@ def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> i
             from horde_services.streaming_gateway.app import start_gateway
 
             app = await start_gateway(settings)  # type: ignore[arg-type]
-        await app.serve_forever()
+        return await app.serve_forever()
 
     try:
-        run_loop(main())
+        hurried = run_loop(main())
     except ConfigError as exc:
         print(f"horde {kind}: configuration error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"horde {kind}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return 130 if hurried else 0  # a second signal cut the shutdown short
 
 
 def _keys_new(args: argparse.Namespace) -> int:

@@ -69,11 +69,14 @@ class ServiceApp:
             except Exception as exc:
                 log.warning("close_failed", service=self.name, error=repr(exc))
 
-    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
+    async def serve_forever(self, stop: asyncio.Event | None = None) -> bool:
+        """Serve until a signal (or `stop`), then shut down; whether a second signal hurried
+        the shutdown."""
+
         def ready() -> None:
             log.info("service_started", service=self.name, port=self.port, identity=self.identity)
 
-        await serve_until_signal(
+        return await serve_until_signal(
             self.servers,
             grace_s=self.grace_s,
             background=[functools.partial(_guard, self.name, fn) for fn in self.background],

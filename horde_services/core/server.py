@@ -4,7 +4,8 @@
 context, one summary line per RPC, errors mapped to status codes), the health and reflection
 services, and a TLS or plaintext port. `serve_until_signal` runs it until SIGTERM/SIGINT and shuts
 down gracefully: health goes NOT_SERVING, in-flight RPCs get a grace period, background tasks are
-cancelled. A second signal exits at once.
+cancelled. A second signal cuts that short (calls in flight are cancelled, clean-up still runs);
+a third exits at once.
 """
 
 from __future__ import annotations
@@ -405,18 +406,34 @@ async def serve_until_signal(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     on_ready: Callable[[], None] | None = None,
     on_drain: Callable[[float], Awaitable[None]] | None = None,
-) -> None:
+    hurry: asyncio.Event | None = None,
+) -> bool:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully: health says
     NOT_SERVING, `on_drain(grace_s)` ends long-lived calls in their own words, the servers stop
-    (calls still running after `grace_s` are cancelled), then `on_stop`."""
+    (calls still running after `grace_s` are cancelled), then `on_stop`.
+
+    A second signal (or `hurry` set) cuts the drain and the grace period short: calls in flight
+    are cancelled at once, but `on_stop` still runs (an executor still stops its job and removes
+    its containers). A third signal exits at once, leaving whatever is left. Returns whether the
+    shutdown was hurried so."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    hurry = hurry or asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
 
     def _on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            log.warning("second_signal_exit_now", signal=sig.name)
+        if hurry.is_set():
+            log.warning("third_signal_exit_now", signal=sig.name)
             os._exit(130)
+        if stop.is_set():
+            log.warning(
+                "second_signal_stopping_now",
+                signal=sig.name,
+                hint="calls in flight are cancelled and the service cleans up; a third signal "
+                "exits at once, leaving what is not cleaned up yet",
+            )
+            hurry.set()
+            return
         log.info("shutdown_requested", signal=sig.name)
         stop.set()
 
@@ -432,14 +449,45 @@ async def serve_until_signal(
             for srv in running:
                 await srv.set_serving(False)
             if on_drain is not None:
-                await on_drain(grace_s)
-            await asyncio.gather(*(srv.server.stop(grace_s) for srv in running))
+                await _unless_hurried(on_drain(grace_s), hurry)
+            stopping = asyncio.gather(*(srv.server.stop(grace_s) for srv in running))
+            if not await _unless_hurried(asyncio.shield(stopping), hurry):
+                # Cancel what is still in flight now (gRPC's stop(None) on a stopping server).
+                await asyncio.gather(*(srv.server.stop(None) for srv in running))
+            await stopping
             for task in tasks:
                 task.cancel()
     finally:
-        for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
-        if on_stop is not None:
-            await on_stop()
-    log.info("shutdown_complete")
+        try:
+            if on_stop is not None:
+                await on_stop()  # (the handlers stay: a third signal during clean-up exits)
+        finally:
+            for sig in signals:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+    log.info("shutdown_complete", hurried=hurry.is_set())
+    return hurry.is_set()
+
+
+async def _unless_hurried(work: Awaitable[Any], hurry: asyncio.Event) -> bool:
+    """Await `work` unless `hurry` is set first (then it is cancelled). Whether it finished."""
+    task = asyncio.ensure_future(work)
+    hurried = asyncio.create_task(hurry.wait())
+    try:
+        await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        hurried.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we were cancelled too, not only the work
+    return False

@@ -1,6 +1,9 @@
 """A tiny Horde server for the SIGTERM tests (run as a subprocess by test_shutdown.py).
 
-Usage: python shutdown_server.py GRACE_S
+Usage: python shutdown_server.py GRACE_S [--stuck-cleanup]
+
+Exits 130 when a second signal hurried the shutdown. With --stuck-cleanup its clean-up (on_stop)
+logs "cleanup_started" and never ends, so only a third signal stops it.
 
 Prints "READY <port> <identity>" on stdout once the signal handlers are installed, logs JSON lines
 on stderr, and serves MinerService.RunSyntheticRound as one response followed by a wait that only
@@ -45,7 +48,16 @@ async def background() -> None:
         raise
 
 
-async def main(grace_s: float) -> None:
+async def stuck_cleanup() -> None:
+    log.info("cleanup_started")
+    await asyncio.Event().wait()
+
+
+async def cleanup() -> None:
+    log.info("cleanup_done")
+
+
+async def main(grace_s: float, stuck: bool) -> bool:
     configure_logging("info", json=True, stream=sys.stderr)
     me = Ed25519Signer.generate()
     running = await create_server(
@@ -64,8 +76,15 @@ async def main(grace_s: float) -> None:
     def ready() -> None:
         print(f"READY {running.port} {me.identity}", flush=True)
 
-    await serve_until_signal([running], grace_s=grace_s, background=[background], on_ready=ready)
+    return await serve_until_signal(
+        [running],
+        grace_s=grace_s,
+        background=[background],
+        on_ready=ready,
+        on_stop=stuck_cleanup if stuck else cleanup,
+    )
 
 
 if __name__ == "__main__":
-    asyncio.run(main(float(sys.argv[1])))
+    hurried = asyncio.run(main(float(sys.argv[1]), "--stuck-cleanup" in sys.argv[2:]))
+    sys.exit(130 if hurried else 0)

@@ -147,10 +147,11 @@ async def test_failing_background_task_stops_serving(served: Served) -> None:
 
 @pytest.fixture
 def server_process(request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[str]]:
-    grace = str(getattr(request, "param", 0.3))
+    param = getattr(request, "param", 0.3)
+    args = [str(a) for a in (param if isinstance(param, tuple) else (param,))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "protos"), str(REPO)])}
     proc = subprocess.Popen(
-        [sys.executable, str(HELPER), grace],
+        [sys.executable, str(HELPER), *args],
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -224,7 +225,11 @@ async def test_sigterm_shuts_the_process_down_cleanly(
 
 
 @pytest.mark.parametrize("server_process", [60.0], indirect=True)
-async def test_second_signal_exits_at_once(server_process: subprocess.Popen[str]) -> None:
+async def test_a_second_signal_cuts_the_grace_period_short(
+    server_process: subprocess.Popen[str],
+) -> None:
+    """A second signal cancels the calls in flight at once (not after the 60 s grace period),
+    the clean-up still runs, and the process exits 130."""
     address, identity = await _start(server_process)
     client = Ed25519Signer.generate()
     async with open_channel(address, signer=client, callee=identity) as channel:
@@ -236,7 +241,31 @@ async def test_second_signal_exits_at_once(server_process: subprocess.Popen[str]
         # Wait until the first signal was handled: the long grace period is now running.
         while "shutdown_requested" not in (line := await _readline(server_process.stderr)):
             assert line, "server exited before logging shutdown_requested"
+        started = time.monotonic()
         server_process.send_signal(signal.SIGINT)
         _, stderr = await asyncio.to_thread(server_process.communicate, timeout=15)
+        elapsed = time.monotonic() - started
     assert server_process.returncode == 130, stderr
-    assert "second_signal_exit_now" in stderr
+    assert elapsed < 10
+    events = _log_events(stderr)
+    assert "second_signal_stopping_now" in events, stderr
+    assert events.index("second_signal_stopping_now") < events.index("in_flight_rpc_cancelled")
+    assert events[-2:] == ["cleanup_done", "shutdown_complete"], stderr
+
+
+@pytest.mark.parametrize("server_process", [(60.0, "--stuck-cleanup")], indirect=True)
+async def test_a_third_signal_exits_during_a_stuck_cleanup(
+    server_process: subprocess.Popen[str],
+) -> None:
+    await _start(server_process)
+    server_process.send_signal(signal.SIGTERM)
+    while "cleanup_started" not in (line := await _readline(server_process.stderr)):
+        assert line, "server exited before its clean-up started"
+    server_process.send_signal(signal.SIGTERM)  # a second signal: the clean-up goes on
+    while "second_signal_stopping_now" not in (line := await _readline(server_process.stderr)):
+        assert line, "server exited on the second signal"
+    assert server_process.poll() is None
+    server_process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.to_thread(server_process.communicate, timeout=15)
+    assert server_process.returncode == 130, stderr
+    assert "third_signal_exit_now" in _log_events(stderr), stderr

@@ -749,6 +749,41 @@ async def test_executor_stopped_mid_job_past_its_drain_timeout(bare_net: Network
     assert aborted["reason"] == "the executor is shutting down"
 
 
+async def test_a_second_signal_cuts_an_executor_drain_short_and_still_cleans_up(
+    bare_net: Network,
+) -> None:
+    """A second SIGTERM while the executor drains (a long drain_timeout_s): it stops at once,
+    but still stops the job and removes its container before exiting 130; it used to exit on
+    the spot and leave the container running until the next start-up sweep."""
+    net = bare_net
+    config = net.executor_config("executor2", drain_timeout_s=600)
+    log_path = net.root / "executor2.log"
+    proc = await spawn_executor(net, config, log_path)
+    twice = False
+    try:
+        await net.wait_executors(1, within=60)
+        job, job_uuid = await _sigterm_mid_job(
+            net, proc, spec_for(BASE_IMAGE, ["sleep", "600"], execution_s=900)
+        )
+        await wait_for(lambda: log_events(log_path, "draining"), 10, "the executor to drain")
+        proc.send_signal(signal.SIGTERM)
+        twice = True
+        code = await stop_process(proc, None)
+        run = await job.finished(within=20)
+        assert_result(run, S.JOB_STATE_HORDE_FAILED, S.FAILURE_REASON_EXECUTOR_LOST)
+    finally:
+        if not twice:
+            await stop_process(proc, signal.SIGKILL)
+    log = log_path.read_text()
+    assert code == 130, log[-3000:]
+    assert log_events(log_path, "second_signal_stopping_now"), log[-3000:]
+    [aborted] = [e for e in log_events(log_path, "job_aborted") if e["job_uuid"] == job_uuid]
+    assert aborted["reason"] == "the executor is shutting down"
+    # Gone when the process is: nothing waits for a next start's sweep.
+    assert await job_objects(net.docker, [job_uuid]) == []
+    assert log_events(log_path, "shutdown_complete")[-1]["hurried"] is True
+
+
 async def test_job_waits_for_executors_reconnecting_after_a_miner_restart(net: Network) -> None:
     """A class the miner offered moments ago is not rejected while its executors reconnect:
     the job waits (within its reservation limit) and runs once they are back."""
@@ -956,8 +991,9 @@ async def test_miner_stopped_mid_job_past_its_drain_timeout(bare_net: Network) -
 
 
 async def test_a_second_signal_stops_a_draining_miner_at_once(bare_net: Network) -> None:
-    """While the miner drains (a long drain_timeout_s), a second SIGTERM exits at once (130);
-    the job ends miner_unreachable and the executor removes its container."""
+    """While the miner drains (a long drain_timeout_s), a second SIGTERM stops it at once (exit
+    130, its clean-up done); the job ends miner_unreachable and the executor removes its
+    container."""
     net = bare_net
     log_path = net.root / "miner-sub.log"
     proc = await _miner_subprocess_with_executor(net, log_path, drain_timeout_s=600)
@@ -974,7 +1010,7 @@ async def test_a_second_signal_stops_a_draining_miner_at_once(bare_net: Network)
     finally:
         code = await stop_process(proc, None if twice else signal.SIGKILL)
     assert code == 130, log_path.read_text()[-3000:]
-    assert log_events(log_path, "second_signal_exit_now"), log_path.read_text()[-3000:]
+    assert log_events(log_path, "second_signal_stopping_now"), log_path.read_text()[-3000:]
     await wait_no_job_objects(net.docker, [job_uuid], within=30)
 
 
