@@ -207,6 +207,7 @@ async def _dev_up(
                 # (`horde validator spotcheck --dev`).
                 gateways={str(ids["gateway"]): f"127.0.0.1:{gateway_port}"},
                 trusted_miner={"identity": str(ids["trusted_miner"]), "address": trusted_addr},
+                drain_timeout_s=0,  # the whole network stops at once: no job to drain for
                 **common,
             ),
             signers["validator"],

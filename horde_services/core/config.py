@@ -262,6 +262,11 @@ class ValidatorSettings(ServiceSettings):
     # refused, so no client holds an executor for days.
     max_stage_timeout_s: int = Field(default=86400, gt=0)
     min_miner_stake: float = 0.0
+    # On SIGTERM, how long the organic jobs in flight may go on to finish (new jobs and streaming
+    # sessions are refused UNAVAILABLE meanwhile); then every job still live, streaming sessions
+    # too, ends horde_failed (validator_restarted), counted against no miner. Keep the unit's
+    # TimeoutStopSec above this plus shutdown_grace_s. 0 stops them at once.
+    drain_timeout_s: float = Field(default=20.0, ge=0)
     # Gateways whose samples this validator checks (identity string -> host:port).
     gateways: dict[str, str] = {}
     # The trusted miner spot checks run on (unregistered, not in `miners`); none: no checks.

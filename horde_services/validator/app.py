@@ -161,5 +161,8 @@ async def _start_locked(
         background=background,
         # The lock goes last (closers run in reverse): after the database is closed.
         closers=[lock.aclose, close_all],
+        # SIGTERM: no new job; the organic ones in flight may finish (up to drain_timeout_s),
+        # then the rest end with a result their followers see before the server stops.
+        drainers=[lambda _grace_s: manager.drain(settings.drain_timeout_s)],
         grace_s=settings.shutdown_grace_s,
     )

@@ -17,6 +17,7 @@ from horde.v1 import common_pb2, job_pb2, miner_pb2, streaming_pb2, validator_pb
 
 from horde_services.core import lifecycle, metrics
 from horde_services.core.certificates import CertificateError, verify_certificate
+from horde_services.core.errors import Unavailable
 from horde_services.core.identity import Signer
 from horde_services.core.proto_util import (
     TERMINAL_STATES,
@@ -47,6 +48,9 @@ CANCEL_WAIT_S = 10.0
 # its followers have the result by then. After the last, the result stays in memory only (the
 # store shows it to readers, and writes it once a later job's result is stored).
 FINISH_RETRY_DELAYS_S = (0.1, 0.5, 2.0)
+SHUTTING_DOWN = (
+    "the validator is shutting down and takes no new job: submit it again once it is back"
+)
 
 Item = job_pb2.JobEvent | job_pb2.OutputChunk | job_pb2.JobResult | validator_pb2.StreamingJobReady
 
@@ -85,6 +89,8 @@ class LiveJob:
     placements: dict[str, asyncio.Future[streaming_pb2.ExtraDataPlaced]] = field(
         default_factory=dict
     )
+    # Set when the validator, shutting down, stops the job: why (its result says so).
+    stopped_by_shutdown: str = ""
 
 
 class JobManager:
@@ -102,6 +108,8 @@ class JobManager:
         self._spool_dir = spool_dir
         self._max_output = max_output_bytes
         self._live: dict[str, LiveJob] = {}
+        # Shutting down: no new job is taken (callers answer UNAVAILABLE).
+        self.draining = False
 
     def new_spool(self) -> tuple[str, Path]:
         job_uuid = str(uuid.uuid4())
@@ -139,6 +147,7 @@ class JobManager:
         gateway: str = "",
         image_digest: str = "",
     ) -> LiveJob:
+        self.refuse_if_draining()
         fill_timeouts(spec)
         if kind == "organic" and spec.output.WhichOneof("target") != "upload":
             # Inline outputs are capped by the validator whatever the client asked for.
@@ -175,11 +184,54 @@ class JobManager:
         await self._store.create(job_uuid, client, kind, spec)
         await self._store.finish(res)
 
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise Unavailable(SHUTTING_DOWN)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shutting down: take no new job, give the organic jobs in flight up to `timeout_s` to
+        finish, then end every job still live (streaming sessions too) as horde_failed
+        (validator_restarted), naming no miner: its miner sees the call end and stops the
+        work, and its followers get that result before the server stops, not a broken call."""
+        self.draining = True
+        organic = {
+            job.task: job.job_uuid
+            for job in self._live.values()
+            if job.kind == "organic" and job.task is not None and not job.task.done()
+        }
+        if organic and timeout_s > 0:
+            log.info("draining", jobs=len(organic), timeout_s=timeout_s)
+            _, pending = await asyncio.wait(organic, timeout=timeout_s)
+            if pending:
+                log.warning(
+                    "drain_timed_out",
+                    timeout_s=timeout_s,
+                    job_uuids=sorted(organic[task] for task in pending),
+                )
+            else:
+                log.info("drained", jobs=len(organic))
+        live = [job for job in self._live.values() if job.task is not None and not job.task.done()]
+        for job in live:
+            job.stopped_by_shutdown = (
+                f"the validator shut down while the job was in flight (after a drain of "
+                f"{timeout_s:g}s); submit it again"
+                if job.kind == "organic"
+                else "the validator shut down during the session; start a new one"
+            )
+            assert job.task is not None
+            job.task.cancel()
+        for job in live:
+            assert job.task is not None
+            with contextlib.suppress(asyncio.CancelledError):
+                await job.task
+        if live:
+            log.warning("jobs_stopped_by_shutdown", job_uuids=[job.job_uuid for job in live])
+
     async def close(self) -> None:
-        """Stop following jobs in flight (shutdown): their miners see the stream end and cancel
-        the work; the next start ends them as horde_failed (validator_restarted). Results the
-        database refused earlier get a last try (else the next start would call jobs whose
-        followers saw them end validator_restarted)."""
+        """Stop following jobs in flight (shutdown; drain() normally ended them all already):
+        their miners see the stream end and cancel the work; the next start ends them as
+        horde_failed (validator_restarted). Results the database refused earlier get a last try
+        (else the next start would call jobs whose followers saw them end validator_restarted)."""
         tasks = [job.task for job in self._live.values() if job.task is not None]
         for task in tasks:
             task.cancel()
@@ -346,6 +398,20 @@ class JobManager:
         try:
             async with asyncio.timeout(self._deadline_s(job)):
                 res = await self._route_or_cancel(job)
+        except asyncio.CancelledError:
+            if not job.stopped_by_shutdown:
+                raise
+            # The drain's end stopped it (drain()): it ends here, with its own result.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            res = result(
+                job.job_uuid,
+                common_pb2.JOB_STATE_HORDE_FAILED,
+                common_pb2.FAILURE_REASON_VALIDATOR_RESTARTED,
+                common_pb2.STAGE_UNSPECIFIED,
+                job.stopped_by_shutdown,
+            )
         except TimeoutError:
             if job.cancel.is_set():  # the client had cancelled it: that is how it ended
                 res = result(

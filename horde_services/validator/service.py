@@ -20,6 +20,7 @@ from horde_services.core.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from horde_services.core.proto_util import TERMINAL_STATES, parse_cursor, result
 from horde_services.core.server import current_caller
@@ -139,8 +140,9 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             raise InvalidArgument("the first SubmitJob message must carry the job spec")
         spec = first.spec
         try:
+            self._manager.refuse_if_draining()
             validate_spec(spec, self._max_stage_timeout_s)
-        except InvalidArgument:
+        except (InvalidArgument, Unavailable):
             await self._discard_upload(requests, first.ByteSize())  # so the client reads why
             raise
         if not spec.executor_class:
@@ -174,10 +176,11 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             return
         try:
             await self._spool_inputs(spec, requests, spool)
+            # (A drain that began during the upload refuses it here, its spool removed.)
+            job = await self._manager.submit(job_uuid, spec, client, spool)
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
-        job = await self._manager.submit(job_uuid, spec, client, spool)
         log.info("job_submitted", job_uuid=job_uuid, image=spec.image, client=client)
         watcher = asyncio.create_task(self._watch_cancel(requests, job_uuid))
         try:

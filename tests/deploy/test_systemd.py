@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from horde_services.core.chain import Neuron, write_roster
-from horde_services.core.config import ExecutorSettings, MinerSettings, ServiceSettings
+from horde_services.core.config import (
+    ExecutorSettings,
+    MinerSettings,
+    ServiceSettings,
+    ValidatorSettings,
+)
 from horde_services.core.identity import create_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,12 +140,13 @@ def test_exec_start_loads_the_example_config(tmp_path: Path, service: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("service", "settings"), [("executor", ExecutorSettings), ("miner", MinerSettings)]
+    ("service", "settings"),
+    [("executor", ExecutorSettings), ("miner", MinerSettings), ("validator", ValidatorSettings)],
 )
 def test_unit_outlasts_its_drain(service: str, settings: type[ServiceSettings]) -> None:
-    """systemd's stop timeout leaves the example executor or miner time to drain its jobs and
-    shut down, or it would SIGKILL it mid-drain (an executor leaving the job's containers behind,
-    a miner losing the results of jobs that finish meanwhile)."""
+    """systemd's stop timeout leaves the example executor, miner or validator time to drain its
+    jobs and shut down, or it would SIGKILL it mid-drain (an executor leaving the job's
+    containers behind, a miner or validator losing the results of jobs that finish meanwhile)."""
     text = (UNITS / f"horde-{service}.service").read_text()
     (stop_timeout,) = unit_value(text, "TimeoutStopSec")
     config = tomllib.loads((CONFIGS / f"{service}.toml").read_text())

@@ -451,14 +451,21 @@ class Network:
             executor, self.executor = self.executor, None
             await executor.stop(1.0)
 
-    async def start_validator(self, validator_images: list[str] | None = None) -> ServiceApp:
+    async def start_validator(
+        self, validator_images: list[str] | None = None, **overrides: Any
+    ) -> ServiceApp:
         settings = load_settings(
             ValidatorSettings,
             clients=[self.keys.identity(name) for name in ("client", "client2", "admin")],
             admins=[self.keys.identity("admin")],
             allowed_images=validator_images if validator_images is not None else self.images,
             streaming_whitelist=[],
-            **self._common(),
+            **{
+                **self._common(),
+                # A test's teardown stops it at once; drain tests ask for a drain.
+                "drain_timeout_s": 0,
+                **overrides,
+            },
         )
         self.validator = await start_validator(settings, self.keys.signers["validator"])
         self.validator.start_background()

@@ -421,6 +421,28 @@ async def test_a_dead_relay_ends_the_job_horde_failed(net: Network) -> None:
     assert "relay" in ended.details(), ended
 
 
+async def test_a_stopping_validator_ends_the_session_with_a_result(net: Network) -> None:
+    """The validator shutting down ends a live session with a result the gateway reads (not a
+    broken call), counted against no miner, and its miner stops the service."""
+    session = net.start_session(streaming_spec(LLM_IMAGE))
+    ready = await session.wait_ready()
+    proxy = await net.proxy(ready)
+    (await proxy.ask(b"hello")).receipt.verify()
+    validator, net.validator = net.validator, None
+    assert validator is not None
+    await validator.stop(1.0)
+    res = await session.finished(within=10)
+    assert res.state == S.JOB_STATE_HORDE_FAILED, session.describe()
+    assert res.reason == S.FAILURE_REASON_VALIDATOR_RESTARTED, session.describe()
+    assert "validator shut down during the session" in res.detail, res.detail
+    assert res.miner_hotkey == ""
+
+    async def removed() -> bool:
+        return await job_objects(net.docker, {ready.job_uuid}) == []
+
+    await wait_for(removed, 30, "the miner's executor to remove the service")
+
+
 async def test_a_killed_executor_ends_the_session_as_executor_lost(bare_net: Network) -> None:
     net = bare_net
     await net.start(executor=False)
