@@ -8,7 +8,8 @@ Each line of --input (or of stdin, also with `--input -`; on a terminal, typed i
 one request body, sent byte for byte without its line ending (LF or CRLF); a body over 1 MiB
 travels as several frames (the job proxy's limit per request, 64 MiB by default, applies). Each
 response is printed as one line (newlines inside it escaped as \\n), or with --json as one JSON
-object. Every receipt is
+object. A request the job's service gave no answer to prints an empty line (with --json, an
+object with "error"), says why on stderr, and the session goes on. Every receipt is
 checked here as well against the session's certificate; --receipts writes them in DESIGN.md's
 JSON form, one a line, as they arrive (the file is created once the session is ready), which
 `horde receipts verify` accepts. --window N keeps up to N requests in flight (answers still
@@ -36,10 +37,11 @@ from horde_services.core.loop import run as run_loop
 
 EPILOG = """exit status: 0 when every request got a response with a verified receipt; 1 when the
 session could not be opened (the gateway unreachable or refusing included) or ended early, or a
-receipt failed its checks, or an --extra file was not placed, or the receipts file could not be
-written; 2 for usage problems (bad options, unreadable input, key or --extra files); 130 when
-interrupted (Ctrl-C): the session is cancelled and the receipts received so far stay in
---receipts; 141 when the output was closed early (e.g. piped into `head`)."""
+receipt failed its checks, or a request failed (the job's service gave it no answer), or an
+--extra file was not placed, or the receipts file could not be written; 2 for usage problems
+(bad options, unreadable input, key or --extra files); 130 when interrupted (Ctrl-C): the
+session is cancelled and the receipts received so far stay in --receipts; 141 when the output
+was closed early (e.g. piped into `head`)."""
 
 MAX_TIME_LIMIT_S = 2**32 - 1  # SessionOpen.time_limit_s is a uint32
 # How long an --extra file may take to be uploaded and placed (a gateway that never says, an
@@ -236,6 +238,7 @@ async def _run(args: argparse.Namespace) -> int:
     from horde_services.streaming_gateway.checks import BadReceipt, CertificateError
     from horde_services.streaming_gateway.client import (
         ExtraDataError,
+        RequestFailed,
         SessionEnded,
         StreamClient,
     )
@@ -311,6 +314,7 @@ async def _run(args: argparse.Namespace) -> int:
         on_chunk=on_chunk,
     )
     latencies: list[float] = []
+    failed = 0  # requests the job's service gave no answer to
     status = 0
 
     async def answers() -> AsyncGenerator[Any, None]:
@@ -318,7 +322,8 @@ async def _run(args: argparse.Namespace) -> int:
         # the answer before it is printed, and a session that ends while it waits for a line
         # (its time limit, say) ends this at once, with the gateway's reason.
         window = 1 if interactive else args.window  # typed lines: one answer, one prompt
-        async with contextlib.aclosing(client.pipeline(requests, window=window)) as rs:
+        pipeline = client.pipeline(requests, window=window, return_failures=True)
+        async with contextlib.aclosing(pipeline) as rs:
             async for res in rs:
                 yield res
 
@@ -359,6 +364,27 @@ async def _run(args: argparse.Namespace) -> int:
                     ) from None
             async with contextlib.aclosing(answers()) as responses:
                 async for res in responses:
+                    if isinstance(res, RequestFailed):
+                        failed += 1
+                        if args.json:
+                            write_out(
+                                json.dumps(
+                                    {
+                                        "seq": res.seq,
+                                        "error": res.reason,
+                                        "latency_ms": round(res.latency_s * 1000, 3),
+                                    }
+                                )
+                            )
+                        elif not live:
+                            write_out("")  # one line per request still
+                        lead = "\n" if live else ""  # after chunks printed on the line
+                        print(
+                            f"{lead}horde stream: request {res.seq} failed, no receipt: "
+                            f"{shown(res.reason, err_tty)}",
+                            file=sys.stderr,
+                        )
+                        continue
                     latencies.append(res.latency_s)
                     if args.json:
                         doc = {
@@ -447,4 +473,7 @@ async def _run(args: argparse.Namespace) -> int:
             f"p99 {p99:.2f} ms",
             file=sys.stderr,
         )
+    if failed:
+        print(f"horde stream: {failed} request(s) failed (no answer, no receipt)", file=sys.stderr)
+        status = status or 1
     return status

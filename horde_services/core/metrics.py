@@ -67,6 +67,11 @@ GATEWAY_SESSIONS = Counter(
     ["ending"],
     registry=REGISTRY,
 )
+GATEWAY_REQUESTS_FAILED = Counter(
+    "horde_gateway_requests_failed_total",
+    "Streaming requests the job's service gave no answer to (no receipt; the session went on)",
+    registry=REGISTRY,
+)
 GATEWAY_LATENCY = Histogram(
     "horde_gateway_request_seconds",
     "Streaming request latency seen by the gateway",

@@ -16,9 +16,10 @@ response is relayed chunk by chunk as it arrives and ended by an empty frame wit
 
 An answer the service sends before reading the whole request (a 413 for a body over its limit,
 then a reset under the rest) is that request's answer, relayed and signed like any other, and the
-session goes on. A request the service gives no answer to ends the stream (UNAVAILABLE, saying
-which request and how): the wire protocol has no per-request error, and a made-up HTTP answer
-signed with the job's key would be a receipt for bytes the service never produced.
+session goes on. A request the service gives no answer to (it closes the connection, or breaks
+its answer off) gets a last frame with `error` saying how and no receipt: a made-up HTTP answer
+signed with the job's key would be a receipt for bytes the service never produced. The session
+goes on with the next request, on a fresh connection.
 """
 
 from __future__ import annotations
@@ -317,13 +318,15 @@ class JobProxy:
         except HttpError as exc:
             if live.closed_reason:
                 raise live.ended() from None
-            # The wire protocol has no per-request error: the stream ends (see the module notes).
             if isinstance(exc, RequestCutOff):
-                raise Unavailable(
+                why = (
                     f"the job's service closed the connection while request {seq} was being "
                     f"sent{exc.detail}: {exc.cause!r}"
-                ) from None
-            raise Unavailable(f"the job's service did not answer request {seq}: {exc}") from None
+                )
+            else:
+                why = f"the job's service did not answer request {seq}: {exc}"
+            await self._failed(live, stream, seq, why)
+            return
         try:
             status = resp.status
             held: bytes | None = None  # one piece held back: the last goes with the receipt
@@ -339,9 +342,20 @@ class JobProxy:
         except HttpError as exc:
             if live.closed_reason:
                 raise live.ended() from None
-            raise Unavailable(
+            await self._failed(
+                live,
+                stream,
+                seq,
                 f"the job's service broke off its answer to request {seq} (HTTP {resp.status}): "
-                f"{exc}"
-            ) from None
+                f"{exc}",
+            )
         finally:
             resp.close()
+
+    async def _failed(self, live: LiveStream, stream: _ProxyStream, seq: int, why: str) -> None:
+        """The service gave request `seq` no (whole) answer: say so in that request's last
+        frame, with no receipt (there is nothing to sign for: a made-up answer signed with the
+        job's key would be a receipt for bytes the service never produced). The session goes
+        on; if the service is gone for good, the job's end ends it."""
+        log.info("request_failed", job_uuid=live.job_uuid, seq=seq, error=why)
+        await stream.write(streaming_pb2.StreamResponseFrame(seq=seq, last=True, error=why))

@@ -20,7 +20,7 @@ from collections.abc import (
     Iterator,
 )
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import grpc
 from horde.v1 import gateway_pb2, gateway_pb2_grpc, job_pb2, receipts_pb2, streaming_pb2
@@ -60,6 +60,17 @@ class SessionEnded(Exception):
         self.reason = reason
         self.closed = closed
         self.code = code
+
+
+class RequestFailed(Exception):
+    """The job's service gave request `seq` no answer (the job proxy's `reason`): no receipt
+    comes for it, and the session goes on."""
+
+    def __init__(self, seq: int, reason: str, latency_s: float) -> None:
+        super().__init__(f"request {seq} failed: {reason}")
+        self.seq = seq
+        self.reason = reason
+        self.latency_s = latency_s
 
 
 class ExtraDataError(Exception):
@@ -230,17 +241,42 @@ class StreamClient:
             raise RuntimeError("open() the session first")
 
     async def request(self, body: bytes) -> Response:
-        """Send one request and wait for its whole response; check its receipt."""
+        """Send one request and wait for its whole response; check its receipt. RequestFailed
+        when the job's service gave it no answer (the session goes on)."""
         self._opened()
         return await self._receive(await self._send_request(body))
 
+    @overload
+    def pipeline(
+        self,
+        bodies: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        window: int = 1,
+        return_failures: Literal[False] = False,
+    ) -> AsyncGenerator[Response, None]: ...
+
+    @overload
+    def pipeline(
+        self,
+        bodies: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        window: int = 1,
+        return_failures: Literal[True],
+    ) -> AsyncGenerator[Response | RequestFailed, None]: ...
+
     async def pipeline(
-        self, bodies: AsyncIterable[bytes] | Iterable[bytes], *, window: int = 1
-    ) -> AsyncGenerator[Response, None]:
+        self,
+        bodies: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        window: int = 1,
+        return_failures: bool = False,
+    ) -> AsyncGenerator[Response | RequestFailed, None]:
         """Send the requests with up to `window` of them in flight (the job proxy answers them in
         order), yielding each response, receipt checked, in order. `window` 1 is one request
         after another; more keeps the session busy while answers travel back (a response's
-        latency then includes its wait behind the ones before it)."""
+        latency then includes its wait behind the ones before it). A request the job's service
+        gave no answer to raises RequestFailed, or with `return_failures` is yielded as one in
+        its place and the requests go on (as asyncio.gather's return_exceptions)."""
         if window < 1:
             raise ValueError("window must be at least 1")
         in_flight: collections.deque[_Sent] = collections.deque()
@@ -280,7 +316,13 @@ class StreamClient:
                 if not in_flight:
                     sender.result()  # the requests ran out (or sending failed: raise why)
                     return
-                response = await self._receive(in_flight[0])
+                response: Response | RequestFailed
+                try:
+                    response = await self._receive(in_flight[0])
+                except RequestFailed as failed:
+                    if not return_failures:
+                        raise
+                    response = failed
                 in_flight.popleft()
                 yield response
                 # Only now is the next request taken from `bodies`: with `window` 1 a prompt
@@ -346,6 +388,10 @@ class StreamClient:
                     continue  # the rest of a request whose caller stopped waiting for it
                 if frame.seq != seq:
                     raise SessionEnded(f"response for request {frame.seq} while waiting for {seq}")
+                if frame.error:
+                    if not frame.last or frame.HasField("receipt"):
+                        raise SessionEnded(f"malformed failure of request {seq} from the gateway")
+                    raise RequestFailed(seq, frame.error, time.perf_counter() - sent.started)
                 parts.append(frame.body)
                 if self._on_chunk is not None and frame.body:
                     self._on_chunk(seq, frame.body)
@@ -441,7 +487,9 @@ class StreamClient:
         if self._ending is None:
             # The gateway answers the requests in flight, then sends SessionClosed. The reader
             # takes it all: responses still reach the callers waiting for them (this reads
-            # none of them), events go to on_event, and it no longer waits for a caller.
+            # none of them), events go to on_event, and it no longer waits for a caller. The
+            # events queued so far go first, so on_event sees them all in order.
+            self._pass_events()
             self._closing = True
             self._inbox_room.set()
             try:
@@ -451,8 +499,7 @@ class StreamClient:
             except SessionEnded:
                 pass
             await self._ended.wait()
-        if not self._receiving:
-            self._pass_events()  # queued before close(), with nobody left to read them
+        self._pass_events()  # queued before the end, with nobody left to read them
         # Our side ends too: on a channel with interceptors (one that signs its calls) the call
         # feeds its writes through a task of grpc's own, which ends only with the writes.
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
@@ -525,17 +572,20 @@ class StreamClient:
         return msg
 
     def _pass_events(self) -> None:
-        """Hand the events still queued to `on_event` (the session has ended)."""
+        """Hand the events queued so far to `on_event` (close(), or the session has ended);
+        responses stay queued, in order, for the callers waiting for them."""
+        kept: list[gateway_pb2.SessionResponse | None] = []
         while True:
             try:
                 msg = self._inbox.get_nowait()
             except asyncio.QueueEmpty:
-                return
-            if msg is None:
-                self._inbox.put_nowait(None)
-                return
-            if msg.HasField("event"):
+                break
+            if msg is not None and msg.HasField("event"):
                 self._event(msg.event)
+            else:
+                kept.append(msg)
+        for msg in kept:
+            self._inbox.put_nowait(msg)
 
     def _end_with(self, ending: SessionEnded) -> None:
         """The session ended (the first reason found stands): wake every reader."""

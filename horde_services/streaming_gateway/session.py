@@ -60,6 +60,8 @@ log = structlog.get_logger("horde.gateway.session")
 _RECEIPTS_VERIFIED = metrics.RECEIPTS.labels("verified")
 _RECEIPTS_REJECTED = metrics.RECEIPTS.labels("rejected")
 
+# A failed request's reason is passed on to the client cut to this many characters.
+MAX_ERROR_CHARS = 4096
 # Bodies larger than this are relayed and hashed but not kept for sampling.
 MAX_SAMPLE_BYTES = 16 * 1024 * 1024
 # Deadline slack on the long-lived calls, beyond the session's own limits.
@@ -499,6 +501,9 @@ class Session:
                 )
             )
             return
+        if frame.error:
+            await self._on_failed(pending, frame)
+            return
         pending.add_response(frame.body)
         if not frame.last:
             await self._write(
@@ -536,6 +541,27 @@ class Session:
         if not self._pending:
             self._idle.set()
         await self._write(gateway_pb2.SessionResponse(response=frame))
+
+    async def _on_failed(self, pending: _Pending, frame: streaming_pb2.StreamResponseFrame) -> None:
+        """The job's service gave this request no answer (the proxy's word): the client is told,
+        no receipt is due, and the session goes on."""
+        if not frame.last or frame.HasField("receipt") or pending.input_sha256 is None:
+            self._finish(
+                _Ending(f"job proxy failed request {frame.seq} out of turn", "proxy_error")
+            )
+            return
+        metrics.GATEWAY_REQUESTS_FAILED.inc()
+        self._log.info("request_failed", seq=frame.seq, error=frame.error[:500])
+        del self._pending[frame.seq]
+        if not self._pending:
+            self._idle.set()
+        await self._write(
+            gateway_pb2.SessionResponse(
+                response=streaming_pb2.StreamResponseFrame(
+                    seq=frame.seq, last=True, error=frame.error[:MAX_ERROR_CHARS]
+                )
+            )
+        )
 
     def _maybe_sample(
         self, pending: _Pending, frame: streaming_pb2.StreamResponseFrame

@@ -551,6 +551,11 @@ class TrustedMinerClient:
                         answer_frame = await link.read()
                         if answer_frame is None:
                             raise SpotCheckError(f"the trusted job proxy ended at request {seq}")
+                        if answer_frame.error:
+                            raise SpotCheckError(
+                                f"the trusted instance gave request {seq} no answer: "
+                                f"{answer_frame.error[:500]}"
+                            )
                         parts.append(answer_frame.body)
                         if answer_frame.last:
                             receipt = answer_frame.receipt

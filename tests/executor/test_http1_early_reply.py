@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import grpc
 import nacl.signing
 import pytest
 import uvloop
@@ -24,7 +23,7 @@ from horde.v1 import streaming_pb2
 
 from horde_services.core.auth import Authenticator
 from horde_services.core.identity import Ed25519Signer
-from horde_services.core.proxy_wire import ProxyError, ProxyLink, ProxyServer
+from horde_services.core.proxy_wire import ProxyLink, ProxyServer
 from horde_services.core.receipts import StreamReceipt
 from horde_services.executor.http1 import Http1Client, HttpError, RequestCutOff
 from horde_services.executor.proxy import JobProxy, LiveStream, StreamSessions
@@ -279,7 +278,7 @@ async def send(link: ProxyLink, seq: int, body: bytes) -> None:
         )
 
 
-async def answer(link: ProxyLink) -> tuple[int, bytes, StreamReceipt]:
+async def answer_of(link: ProxyLink) -> tuple[int, bytes, StreamReceipt]:
     body = b""
     while True:
         frame = await link.read()
@@ -303,7 +302,7 @@ def test_the_proxy_relays_an_early_answer_with_a_receipt_and_goes_on(
             await send(link, 1, large)
             await send(link, 2, b"hello")
             link.done_writing()
-            first, second = await answer(link), await answer(link)
+            first, second = await answer_of(link), await answer_of(link)
             end = await link.read()
             await link.aclose()
             return key, first, second, end
@@ -335,22 +334,33 @@ def test_the_proxy_relays_an_early_answer_with_a_receipt_and_goes_on(
     ],
     ids=["no-answer", "answer-cut-short"],
 )
-def test_a_request_left_without_an_answer_ends_the_stream_saying_how(
+def test_a_request_left_without_an_answer_fails_alone_saying_how(
     run: Callable[..., Any], answer: bytes, reason: str
 ) -> None:
-    """The wire protocol has no per-request error: the stream ends, UNAVAILABLE, with no frame of
-    the unfinished answer (and so no receipt for it)."""
+    """A request the service leaves without a (whole) answer gets one last frame with `error`,
+    saying how, and no body or receipt (no frame of the unfinished answer either); the stream
+    goes on, and the next request is answered and signed as usual, on a fresh connection."""
 
-    async def main() -> ProxyError:
-        async with Proxy(Service(answer=answer)) as proxy:
+    async def main() -> tuple[Any, ...]:
+        service = Service(answer=answer)
+        async with Proxy(service) as proxy:
             link = await proxy.link()
             await send(link, 1, b"x" * (LIMIT + 4 * 1024 * 1024))
-            with pytest.raises(ProxyError) as info:
-                await link.read()
+            await send(link, 2, b"hello")
+            link.done_writing()
+            failed = await link.read()
+            second = await answer_of(link)
+            end = await link.read()
             await link.aclose()
-            return info.value
+            return failed, second, end, service.connections
 
-    err = run(main())
-    assert err.code() is grpc.StatusCode.UNAVAILABLE
-    assert err.details().startswith(reason)
-    assert "did not answer" not in err.details()
+    failed, (status2, body2, receipt2), end, connections = run(main())
+    assert failed is not None and failed.seq == 1 and failed.last
+    assert failed.error.startswith(reason), failed.error
+    assert "did not answer" not in failed.error
+    assert failed.body == b"" and not failed.HasField("receipt")
+    assert (status2, body2) == (200, b"5 bytes")
+    receipt2.verify()
+    assert receipt2.seq == 2 and receipt2.input_sha256 == hashlib.sha256(b"hello").digest()
+    assert end is None  # the stream ended OK: the caller was done
+    assert connections == 2

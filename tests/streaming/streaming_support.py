@@ -70,6 +70,8 @@ class Behaviour:
     answer_in_batches_of: int = 1
     # When set, each response's first chunk goes at once and the rest once this is set.
     gate: asyncio.Event | None = None
+    # Requests the service gives no answer to: the proxy says so (an `error` frame, no receipt).
+    fail_seqs: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -139,6 +141,12 @@ class FakeProxy:
         self, job: FakeJob, seq: int, body: bytes, started: int
     ) -> list[streaming_pb2.StreamResponseFrame]:
         b = job.behaviour
+        if seq in b.fail_seqs:
+            return [
+                streaming_pb2.StreamResponseFrame(
+                    seq=seq, last=True, error=f"the job's service did not answer request {seq}"
+                )
+            ]
         output = b.respond(body)
         finished = time.time_ns() + b.clock_offset_ns
         tamper = b.tamper if seq == b.tamper_seq else None

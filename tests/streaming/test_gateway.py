@@ -12,7 +12,7 @@ import grpc
 import pytest
 import sqlalchemy.exc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from horde.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from horde.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, job_pb2
 from streaming_support import WHITELIST, Behaviour, Harness, answer
 
 from horde_services.core import metrics
@@ -32,7 +32,13 @@ from horde_services.streaming_gateway import client as client_module
 from horde_services.streaming_gateway import session as session_module
 from horde_services.streaming_gateway import store as store_module
 from horde_services.streaming_gateway.checks import CertificateError
-from horde_services.streaming_gateway.client import ExtraDataError, SessionEnded, StreamClient
+from horde_services.streaming_gateway.client import (
+    ExtraDataError,
+    RequestFailed,
+    Response,
+    SessionEnded,
+    StreamClient,
+)
 from horde_services.streaming_gateway.store import SqlStore
 
 
@@ -96,6 +102,44 @@ async def test_n_requests_give_n_receipts_that_verify_offline(harness: Harness) 
     start = harness.fake_validator.starts[0]
     assert start.spec.image == WHITELIST
     assert start.client_identity == str(harness.client.identity)
+
+
+async def test_a_request_the_service_leaves_unanswered_fails_alone(harness: Harness) -> None:
+    """The proxy's `error` frame reaches the client as RequestFailed for that request only:
+    no receipt is stored for it, and the session goes on, by request() and in a pipeline."""
+    harness.fake_validator.next_behaviour = Behaviour(fail_seqs=frozenset({2, 4}))
+    app = await harness.start_gateway()
+    failed_before = metrics.GATEWAY_REQUESTS_FAILED._value.get()
+    client, channel = await open_session(harness, app)
+    first = await client.request(b"one")
+    with pytest.raises(RequestFailed) as failed:
+        await client.request(b"two")
+    assert failed.value.seq == 2
+    assert "did not answer request 2" in failed.value.reason
+    third = await client.request(b"three")
+    assert third.body == answer(b"three") and third.receipt.seq == 3
+    got = [r async for r in client.pipeline([b"four", b"five"], window=2, return_failures=True)]
+    assert isinstance(got[0], RequestFailed) and got[0].seq == 4
+    assert isinstance(got[1], Response) and got[1].body == answer(b"five")
+    closed = await client.close("done")
+    await channel.close()
+    assert closed is not None and not closed.bad_receipt
+    receipts = [first.receipt.to_json(), third.receipt.to_json(), got[1].receipt.to_json()]
+    assert await stored_receipts(harness, client.job_uuid) == receipts
+    assert metrics.GATEWAY_REQUESTS_FAILED._value.get() - failed_before == 2
+
+
+async def test_a_failed_request_in_a_pipeline_raises_by_default(harness: Harness) -> None:
+    harness.fake_validator.next_behaviour = Behaviour(fail_seqs=frozenset({1}))
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    with pytest.raises(RequestFailed):
+        async for _ in client.pipeline([b"one", b"two"]):
+            pass
+    # The session is still there for what comes next.
+    assert (await client.request(b"three")).body == answer(b"three")
+    await client.close()
+    await channel.close()
 
 
 async def test_chunked_response_is_relayed_as_it_comes_and_covered_by_one_receipt(
@@ -879,6 +923,53 @@ async def test_a_write_that_loses_the_race_with_the_end_reads_the_gateways_reaso
     assert info.value.closed is not None
     assert info.value.closed.reason == "the session reached its time limit"
     assert client.closed is not None
+
+
+async def test_events_reach_on_event_in_order_across_close() -> None:
+    """An event queued while the client was idle reaches on_event before those the gateway sends
+    during close() (they came the other way round). (A stand-in call again: the timing of a
+    gateway's events cannot be arranged through a real one.)"""
+
+    def ev(message: str) -> gateway_pb2.SessionResponse:
+        return gateway_pb2.SessionResponse(event=job_pb2.JobEvent(message=message))
+
+    class ClosingCall:
+        def __init__(self) -> None:
+            self.incoming: asyncio.Queue[object] = asyncio.Queue()
+            self.incoming.put_nowait(ev("queued before close"))
+
+        async def write(self, msg: gateway_pb2.SessionRequest) -> None:
+            if msg.HasField("close"):  # the gateway says more while it closes
+                self.incoming.put_nowait(ev("sent during close"))
+                closed = gateway_pb2.SessionClosed(reason="closed by the client")
+                self.incoming.put_nowait(gateway_pb2.SessionResponse(closed=closed))
+                self.incoming.put_nowait(grpc.aio.EOF)
+
+        async def read(self) -> object:
+            return await self.incoming.get()
+
+        async def done_writing(self) -> None:
+            pass
+
+        async def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.OK
+
+        def cancel(self) -> None:
+            pass
+
+    events: list[str] = []
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never dialled
+    try:
+        client = StreamClient(channel, on_event=lambda e: events.append(e.message))
+        call = ClosingCall()
+        client._call = call
+        client._pump_task = asyncio.ensure_future(client._pump())
+        await wait_until(lambda: call.incoming.empty(), "the first event to be read")
+        closed = await client.close()
+    finally:
+        await channel.close()
+    assert closed is not None and closed.reason == "closed by the client"
+    assert events == ["queued before close", "sent during close"]
 
 
 async def test_a_crashed_job_proxy_ends_the_session_with_a_clear_reason(

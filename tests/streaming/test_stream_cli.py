@@ -97,6 +97,40 @@ async def test_json_output(harness: Harness, tmp_path: Path) -> None:
     assert all(d["http_status"] == 200 and d["receipt"]["version"] == 1 for d in docs)
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["lines", "json"])
+async def test_a_request_left_unanswered_keeps_its_line_and_fails_the_command(
+    harness: Harness, tmp_path: Path, as_json: bool
+) -> None:
+    """Its line stays (empty, or an object with "error"), stderr says why, the other requests
+    are answered and their receipts saved, and the exit status is 1."""
+    harness.fake_validator.next_behaviour = Behaviour(fail_seqs=frozenset({2}))
+    app = await harness.start_gateway()
+    requests = tmp_path / "requests.txt"
+    requests.write_text("one\ntwo\nthree\n")
+    receipts = tmp_path / "receipts.jsonl"
+    code, out, err = await horde(
+        "stream",
+        *target(harness, app, tmp_path),
+        "--input",
+        str(requests),
+        "--receipts",
+        str(receipts),
+        *(["--json"] if as_json else []),
+    )
+    assert code == 1, err
+    if as_json:
+        docs = [json.loads(line) for line in out.splitlines()]
+        assert [d["seq"] for d in docs] == [1, 2, 3]
+        assert [d.get("response") for d in docs] == ["echo:eno", None, "echo:eerht"]
+        assert "did not answer request 2" in docs[1]["error"]
+    else:
+        assert out.splitlines() == ["echo:eno", "", "echo:eerht"]
+    assert "request 2 failed, no receipt: the job's service did not answer request 2" in err
+    assert "2 responses, receipts verified" in err
+    assert "1 request(s) failed" in err
+    assert [json.loads(line)["seq"] for line in receipts.read_text().splitlines()] == [1, 3]
+
+
 async def test_a_tampered_response_fails_the_command(harness: Harness, tmp_path: Path) -> None:
     harness.fake_validator.next_behaviour = Behaviour(tamper="output", tamper_seq=2)
     app = await harness.start_gateway()

@@ -131,7 +131,11 @@ class H(BaseHTTPRequestHandler):
             NOTES.append(json.loads(body))
             self.reply({"ok": True})
             return
-        self.reply(op(json.loads(body)))
+        req = json.loads(body)
+        if req["op"] == "drop":  # no answer: the connection just closes
+            self.close_connection = True
+            return
+        self.reply(op(req))
 
 server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("HORDE_PORT", "8000"))), H)
 server.daemon_threads = True

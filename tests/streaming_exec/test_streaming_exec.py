@@ -387,11 +387,32 @@ async def test_closing_removes_container_relay_and_key(net: Network, how: str) -
     assert ended is not None and ended.code() is grpc.StatusCode.PERMISSION_DENIED, ended
 
 
+async def test_a_request_the_service_drops_fails_alone(net: Network) -> None:
+    """The service closes the connection without answering one request: the proxy says so in
+    that request's last frame (no receipt) and the next request is answered and signed."""
+    session = net.start_session(probe_spec())
+    proxy = await net.proxy(await session.wait_ready())
+    dropped = await proxy.ask(json.dumps({"op": "drop"}).encode())
+    [frame] = dropped.frames
+    assert frame.last and not frame.HasField("receipt") and frame.body == b""
+    assert "did not answer request 1" in frame.error, frame.error
+    after = await proxy.ask(json.dumps({"op": "notes"}).encode())
+    assert after.json()["ok"] is True
+    receipt = after.receipt
+    receipt.verify()
+    assert receipt.seq == 2
+    assert session.result is None  # the session goes on
+
+
 async def test_a_crashing_service_ends_the_session_with_its_exit_status(net: Network) -> None:
     session = net.start_session(probe_spec())
     proxy = await net.proxy(await session.wait_ready())
-    with pytest.raises(ProxyError):
-        await proxy.op(op="exit", code=3)
+    try:
+        # The request dies with the service: it fails alone, or the job's end comes first.
+        answer = await proxy.ask(json.dumps({"op": "exit", "code": 3}).encode())
+        assert answer.frames[-1].error and not answer.frames[-1].HasField("receipt")
+    except ProxyError:
+        pass
     res = await session.finished()
     assert res.state == S.JOB_STATE_FAILED, session.describe()
     assert res.reason == S.FAILURE_REASON_NONZERO_EXIT

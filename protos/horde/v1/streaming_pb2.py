@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from horde.v1 import receipts_pb2 as horde_dot_v1_dot_receipts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18horde/v1/streaming.proto\x12\x08horde.v1\x1a\x17horde/v1/receipts.proto\"Z\n\x12StreamRequestFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1b\n\x13\x63lient_timestamp_ns\x18\x02 \x01(\x03\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"}\n\x13StreamResponseFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x04 \x01(\r\x12(\n\x07receipt\x18\x05 \x01(\x0b\x32\x17.horde.v1.StreamReceipt\"J\n\tExtraData\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"i\n\x0f\x45xtraDataPlaced\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18horde/v1/streaming.proto\x12\x08horde.v1\x1a\x17horde/v1/receipts.proto\"Z\n\x12StreamRequestFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1b\n\x13\x63lient_timestamp_ns\x18\x02 \x01(\x03\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x8c\x01\n\x13StreamResponseFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x04 \x01(\r\x12(\n\x07receipt\x18\x05 \x01(\x0b\x32\x17.horde.v1.StreamReceipt\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"J\n\tExtraData\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"i\n\x0f\x45xtraDataPlaced\x12\x10\n\x08job_uuid\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMREQUESTFRAME']._serialized_start=63
   _globals['_STREAMREQUESTFRAME']._serialized_end=153
-  _globals['_STREAMRESPONSEFRAME']._serialized_start=155
-  _globals['_STREAMRESPONSEFRAME']._serialized_end=280
-  _globals['_EXTRADATA']._serialized_start=282
-  _globals['_EXTRADATA']._serialized_end=356
-  _globals['_EXTRADATAPLACED']._serialized_start=358
-  _globals['_EXTRADATAPLACED']._serialized_end=463
+  _globals['_STREAMRESPONSEFRAME']._serialized_start=156
+  _globals['_STREAMRESPONSEFRAME']._serialized_end=296
+  _globals['_EXTRADATA']._serialized_start=298
+  _globals['_EXTRADATA']._serialized_end=372
+  _globals['_EXTRADATAPLACED']._serialized_start=374
+  _globals['_EXTRADATAPLACED']._serialized_end=479
 # @@protoc_insertion_point(module_scope)

@@ -62,6 +62,7 @@ class StreamResponseFrame(_message.Message):
     LAST_FIELD_NUMBER: _builtins.int
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The request number this answers."""
     body: _builtins.bytes
@@ -70,6 +71,12 @@ class StreamResponseFrame(_message.Message):
     """True on the final chunk; the receipt comes with it."""
     http_status: _builtins.int
     """HTTP status the service answered with."""
+    error: _builtins.str
+    """Set, on a last frame with no receipt, when the job's service gave this request no answer
+    (it closed the connection, or broke its answer off): why. Nothing was produced to sign
+    for, so no receipt comes; chunks of this response relayed before are void. The session
+    goes on with the next request.
+    """
     @_builtins.property
     def receipt(self) -> _receipts_pb2.StreamReceipt:
         """Receipt covering the whole response; set only when last is true."""
@@ -82,10 +89,11 @@ class StreamResponseFrame(_message.Message):
         last: _builtins.bool = ...,
         http_status: _builtins.int = ...,
         receipt: _receipts_pb2.StreamReceipt | None = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "http_status", b"http_status", "last", b"last", "receipt", b"receipt", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "error", b"error", "http_status", b"http_status", "last", b"last", "receipt", b"receipt", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
