@@ -97,7 +97,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--window",
-        type=int,
+        type=bounded_int(1, 64, "--window"),
         default=1,
         help="requests in flight at once (default 1: each waits for the answer before it); "
         "more raises throughput, answers still come in order (lines typed on a terminal go "
@@ -230,8 +230,6 @@ def _one_line(body: bytes) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    if args.window < 1:
-        raise _UsageError("--window must be at least 1")
     from horde_services.cli.client import shown
     from horde_services.cli.devenv import DevEnv, DevEnvError
     from horde_services.core.server import open_channel

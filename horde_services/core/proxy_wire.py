@@ -54,6 +54,8 @@ PROXY_METHOD = "/horde.v1.JobProxyService/Stream"
 # A frame carries what one gRPC message brought the gateway, plus a few bytes of wrapping.
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES + 64 * 1024
 OPEN_TIMEOUT_S = 10.0
+# The `open` message (a job uuid, two identities, a nonce and a signature) is far smaller.
+MAX_OPEN_BYTES = 4096
 # How long a proxy waits for the caller to close after the end of a stream.
 LINGER_S = 2.0
 # Above this many unsent bytes a writer waits for the peer to read.
@@ -91,8 +93,11 @@ def encode(msg: Message) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-async def read_message(reader: asyncio.StreamReader, cls: type[M]) -> M | None:
-    """The next message, or None at a clean end of stream (EOF between frames)."""
+async def read_message(
+    reader: asyncio.StreamReader, cls: type[M], limit: int = MAX_FRAME_BYTES
+) -> M | None:
+    """The next message (of at most `limit` bytes), or None at a clean end of stream (EOF
+    between frames)."""
     try:
         head = await reader.readexactly(4)
     except asyncio.IncompleteReadError as exc:
@@ -100,8 +105,8 @@ async def read_message(reader: asyncio.StreamReader, cls: type[M]) -> M | None:
             raise InvalidArgument("the stream ended inside a frame header") from None
         return None
     (size,) = _LEN.unpack(head)
-    if size > MAX_FRAME_BYTES:
-        raise InvalidArgument(f"a frame of {size} bytes exceeds the limit of {MAX_FRAME_BYTES}")
+    if size > limit:
+        raise InvalidArgument(f"a frame of {size} bytes exceeds the limit of {limit}")
     try:
         data = await reader.readexactly(size)
     except asyncio.IncompleteReadError:
@@ -345,7 +350,8 @@ class ProxyServer:
         try:
             try:
                 async with asyncio.timeout(self._open_timeout_s):
-                    first = await read_message(reader, job_proxy_pb2.StreamRequest)
+                    # Small: nothing of size is read before the caller is known.
+                    first = await read_message(reader, job_proxy_pb2.StreamRequest, MAX_OPEN_BYTES)
             except TimeoutError:
                 raise InvalidArgument("no `open` within the time allowed") from None
             if first is None or first.WhichOneof("payload") != "open":

@@ -55,6 +55,10 @@ from horde_services.executor.http1 import Http1Client, HttpError, RequestCutOff
 log = structlog.get_logger("horde.executor.proxy")
 
 FRAME_BYTES = 1024 * 1024
+# Requests read ahead of the one being answered, at most (and their bytes, beyond one request):
+# twice what a gateway lets a session have in flight (streaming_gateway/session.py).
+READ_AHEAD_REQUESTS = 128
+READ_AHEAD_BYTES = 256 * 1024 * 1024
 
 Clock = Callable[[], int]
 
@@ -117,6 +121,29 @@ class _ProxyStream:
         self.out = out
         self.ended: HordeError | None = None
         self.writing = False
+        # Requests read ahead and not yet taken, and their bytes (bounded: see queue()).
+        self.queued = 0
+        self.queued_bytes = 0
+
+    def queue(self, request: _Request) -> None:
+        """Queue a request read ahead of the answers. A caller that sends on without reading
+        them is refused past READ_AHEAD_REQUESTS or READ_AHEAD_BYTES (a gateway keeps its
+        sessions under half of that), rather than held in memory without bound."""
+        if self.queued >= READ_AHEAD_REQUESTS or (
+            self.queued and self.queued_bytes + len(request.body) > READ_AHEAD_BYTES
+        ):
+            raise ResourceExhausted(
+                f"request {request.seq}: {self.queued} requests ({self.queued_bytes} bytes) "
+                f"are already waiting for their answers; the job proxy reads at most "
+                f"{READ_AHEAD_REQUESTS} ({READ_AHEAD_BYTES} bytes) ahead"
+            )
+        self.queued += 1
+        self.queued_bytes += len(request.body)
+        self.pending.put_nowait(request)
+
+    def taken(self, request: _Request) -> None:
+        self.queued -= 1
+        self.queued_bytes -= len(request.body)
 
     def end(self, exc: HordeError) -> None:
         """End the stream with `exc` now, even while a request waits on the job's service."""
@@ -211,13 +238,14 @@ class JobProxy:
         pending: asyncio.Queue[_Request | _Out] = asyncio.Queue()
         stream = _ProxyStream(pending, asyncio.current_task(), out)
         live.stream = stream
-        reader = asyncio.create_task(self._read(live, requests, pending))
+        reader = asyncio.create_task(self._read(live, requests, stream))
         try:
             try:
                 if live.closed_reason:
                     raise live.ended()
                 # Answered here, in the handler's own task, written straight to the call.
                 while isinstance(item := await pending.get(), _Request):
+                    stream.taken(item)
                     await self._forward(live, item, stream)
                 if item is None:
                     return
@@ -245,8 +273,9 @@ class JobProxy:
         self,
         live: LiveStream,
         requests: AsyncIterator[streaming_pb2.StreamRequestFrame],
-        pending: asyncio.Queue[_Request | _Out],
+        stream: _ProxyStream,
     ) -> None:
+        pending = stream.pending
         current: _Request | None = None
         try:
             async for frame in requests:
@@ -274,7 +303,7 @@ class JobProxy:
                 current.body += frame.body
                 if frame.last:
                     live.next_seq += 1
-                    pending.put_nowait(current)
+                    stream.queue(current)
                     current = None
             if current is not None:
                 raise InvalidArgument(f"the stream ended in the middle of request {current.seq}")

@@ -43,6 +43,9 @@ REQUEST_FRAME_BYTES = 1024 * 1024
 SESSION_METHOD = "/horde.v1.GatewayService/Session"
 # How long a write that failed waits for the reader to learn why the session ended.
 END_READ_TIMEOUT_S = 5.0
+# Requests a pipeline keeps in flight at most: a gateway refuses a session more (its
+# MAX_IN_FLIGHT).
+MAX_WINDOW = 64
 # Response bytes read ahead of the caller before the reader waits for it to catch up.
 INBOX_BYTES = 8 * 1024 * 1024
 
@@ -277,8 +280,8 @@ class StreamClient:
         latency then includes its wait behind the ones before it). A request the job's service
         gave no answer to raises RequestFailed, or with `return_failures` is yielded as one in
         its place and the requests go on (as asyncio.gather's return_exceptions)."""
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window must be 1 to {MAX_WINDOW}")
         in_flight: collections.deque[_Sent] = collections.deque()
         slots = asyncio.Semaphore(window)
         sent_more = asyncio.Event()

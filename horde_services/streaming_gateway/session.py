@@ -34,6 +34,7 @@ from horde_services.core.errors import (
     FailedPrecondition,
     HordeError,
     InvalidArgument,
+    ResourceExhausted,
     Unavailable,
 )
 from horde_services.core.proto_util import (
@@ -60,6 +61,13 @@ log = structlog.get_logger("horde.gateway.session")
 _RECEIPTS_VERIFIED = metrics.RECEIPTS.labels("verified")
 _RECEIPTS_REJECTED = metrics.RECEIPTS.labels("rejected")
 
+# Requests a session may have in flight (sent, not yet answered), and their bytes beyond the
+# first: a client that sends on without reading the answers is refused past this (held in
+# memory here and at the job proxy otherwise). StreamClient.pipeline's window is capped to fit.
+MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT_BYTES = 128 * 1024 * 1024
+# Extra-data chunks (1 MiB each from StreamClient) held for the validator per upload, at most.
+EXTRA_QUEUE_CHUNKS = 8
 # A failed request's reason is passed on to the client cut to this many characters.
 MAX_ERROR_CHARS = 4096
 # Bodies larger than this are relayed and hashed but not kept for sampling.
@@ -144,6 +152,14 @@ class _Pending:
         self.response_parts = _keep(self.response_parts, body, self.response_size)
 
 
+@dataclass
+class _Upload:
+    """An extra-data file on its way to the validator."""
+
+    queue: asyncio.Queue[streaming_pb2.ExtraData | None]
+    over: bool = False  # the upload ended (placed, refused or failed): later chunks are dropped
+
+
 def _keep(parts: list[bytes] | None, body: bytes, total: int) -> list[bytes] | None:
     if parts is None or total > MAX_SAMPLE_BYTES:
         return None
@@ -203,9 +219,10 @@ class Session:
         self._next_seq = 1
         self._current: _Pending | None = None  # request whose frames are still arriving
         self._pending: dict[int, _Pending] = {}
+        self._in_flight_bytes = 0  # request bytes of `_pending`
         self._idle = asyncio.Event()
         self._idle.set()
-        self._extra: dict[str, asyncio.Queue[streaming_pb2.ExtraData | None]] = {}
+        self._extra: dict[str, _Upload] = {}  # extra-data uploads under way, by file name
         self._log = log.bind(client=client)
 
     # --- entry point ----------------------------------------------------------------------
@@ -238,10 +255,12 @@ class Session:
         self._spawn(self._read_client(requests))
         try:
             ending = await self._end
+            # A call cancelled during the teardown too (a client that half-closed or sent
+            # SessionClose, then cancelled at once): the job must not outlive the session.
+            await self._teardown(ending)
         except asyncio.CancelledError:
             self._abandon()
             raise
-        await self._teardown(ending)
         if ending.client_gone:
             return
         await self._send_closed(ending)
@@ -462,6 +481,11 @@ class Session:
         if current is None:
             if frame.seq != self._next_seq:
                 raise InvalidArgument(f"request seq {frame.seq}: expected {self._next_seq}")
+            if len(self._pending) >= MAX_IN_FLIGHT:
+                raise ResourceExhausted(
+                    f"request {frame.seq}: {len(self._pending)} requests are already in flight, "
+                    f"the most a session may have: read their answers before sending more"
+                )
             check_client_clock(frame.client_timestamp_ns, now, self._cfg.skew_ns)
             sampling = self._cfg.sample_rate > 0  # else the bodies are never kept
             current = _Pending(
@@ -477,7 +501,15 @@ class Session:
             raise InvalidArgument(
                 f"request seq {frame.seq} started before request {current.seq} ended"
             )
+        if len(self._pending) > 1 and (
+            self._in_flight_bytes + len(frame.body) > MAX_IN_FLIGHT_BYTES
+        ):
+            raise ResourceExhausted(
+                f"request {frame.seq}: the requests in flight would pass {MAX_IN_FLIGHT_BYTES} "
+                f"bytes, the most a session may have: read their answers before sending more"
+            )
         current.add_request(frame.body)
+        self._in_flight_bytes += len(frame.body)
         if frame.last:
             current.input_sha256 = current.request_hash.digest()
             self._current = None
@@ -537,9 +569,7 @@ class Session:
         _RECEIPTS_VERIFIED.inc()
         metrics.GATEWAY_LATENCY.observe((received - pending.arrived_ns) / 1e9)
         self._deps.writer.submit(receipt, self._maybe_sample(pending, frame))
-        del self._pending[frame.seq]
-        if not self._pending:
-            self._idle.set()
+        self._answered(pending)
         await self._write(gateway_pb2.SessionResponse(response=frame))
 
     async def _on_failed(self, pending: _Pending, frame: streaming_pb2.StreamResponseFrame) -> None:
@@ -552,9 +582,7 @@ class Session:
             return
         metrics.GATEWAY_REQUESTS_FAILED.inc()
         self._log.info("request_failed", seq=frame.seq, error=frame.error[:500])
-        del self._pending[frame.seq]
-        if not self._pending:
-            self._idle.set()
+        self._answered(pending)
         await self._write(
             gateway_pb2.SessionResponse(
                 response=streaming_pb2.StreamResponseFrame(
@@ -562,6 +590,12 @@ class Session:
                 )
             )
         )
+
+    def _answered(self, pending: _Pending) -> None:
+        del self._pending[pending.seq]
+        self._in_flight_bytes -= pending.request_size
+        if not self._pending:
+            self._idle.set()
 
     def _maybe_sample(
         self, pending: _Pending, frame: streaming_pb2.StreamResponseFrame
@@ -600,28 +634,42 @@ class Session:
                 )
                 await self._extra_outcome(name, [refused], message)
             return
-        queue = self._extra.get(name)
-        if queue is None:
-            queue = asyncio.Queue()
-            self._extra[name] = queue
-            self._spawn(self._upload_extra(name, queue))
-        queue.put_nowait(data)
+        upload = self._extra.get(name)
+        if upload is None:
+            upload = _Upload(asyncio.Queue(maxsize=EXTRA_QUEUE_CHUNKS))
+            self._extra[name] = upload
+            self._spawn(self._upload_extra(name, upload))
+        # Waits while the validator takes the chunks before (the client is held back, not
+        # buffered here); dropped once that upload has ended (refused: its outcome was sent).
+        if not upload.over:
+            await upload.queue.put(data)
         if data.last:
-            queue.put_nowait(None)
+            if not upload.over:
+                await upload.queue.put(None)
             del self._extra[name]
 
-    async def _upload_extra(
-        self, name: str, queue: asyncio.Queue[streaming_pb2.ExtraData | None]
-    ) -> None:
+    async def _upload_extra(self, name: str, upload: _Upload) -> None:
         job_uuid = self._job_uuid
+        queue = upload.queue
 
         async def chunks() -> AsyncIterator[validator_pb2.AddExtraDataRequest]:
             while (item := await queue.get()) is not None:
                 yield validator_pb2.AddExtraDataRequest(job_uuid=job_uuid, data=item)
 
         try:
+            await self._place_extra(name, chunks())
+        finally:
+            upload.over = True
+            while not queue.empty():  # nobody reads them now
+                queue.get_nowait()
+
+    async def _place_extra(
+        self, name: str, chunks: AsyncIterator[validator_pb2.AddExtraDataRequest]
+    ) -> None:
+        job_uuid = self._job_uuid
+        try:
             reply = await self._deps.validator.AddExtraData(
-                chunks(), timeout=self._cfg.max_time_limit_s + CALL_SLACK_S
+                chunks, timeout=self._cfg.max_time_limit_s + CALL_SLACK_S
             )
             outcomes = list(reply.placed) or [
                 streaming_pb2.ExtraDataPlaced(job_uuid=job_uuid, file_name=name)

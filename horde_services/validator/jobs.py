@@ -111,6 +111,10 @@ class JobManager:
         # Shutting down: no new job is taken (callers answer UNAVAILABLE).
         self.draining = False
 
+    @property
+    def spool_dir(self) -> Path:
+        return self._spool_dir
+
     def new_spool(self) -> tuple[str, Path]:
         job_uuid = str(uuid.uuid4())
         path = self._spool_dir / job_uuid

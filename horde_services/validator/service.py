@@ -106,6 +106,12 @@ def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None)
         raise InvalidArgument("spec.output.upload.url: must be an http(s) URL")
 
 
+# Inline-input uploads one client may have under way at once (each up to max_inline_input_bytes,
+# spooled to the state_dir's disk), and the disk space an upload must leave free there.
+MAX_UPLOADS_PER_CLIENT = 4
+SPOOL_MIN_FREE_BYTES = 1024 * 1024 * 1024
+
+
 class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServicer):
     def __init__(
         self,
@@ -125,6 +131,7 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         self._allowed = allowed_images
         self._default_class = default_class
         self._max_input = max_input_bytes
+        self._uploads: dict[str, int] = {}  # inline-input uploads under way, by client
         # Bytes read from one upload at most (stored ones included) before it is cut off.
         self._read_limit = max_input_bytes + min(max_input_bytes, REFUSED_UPLOAD_DRAIN_BYTES)
 
@@ -147,11 +154,12 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             raise
         if not spec.executor_class:
             spec.executor_class = self._default_class
-        declared = sum(
-            getattr(v, v.WhichOneof("source") or "").size_bytes
+        inline = [
+            getattr(v, v.WhichOneof("source") or "")
             for v in spec.inputs
             if v.WhichOneof("source") in ("inline_archive", "inline_file")
-        )
+        ]
+        declared = sum(i.size_bytes for i in inline)
         if declared > self._max_input:
             # Refused before any input byte is stored (nothing on disk, nothing in the DB).
             refusal = ResourceExhausted(
@@ -161,6 +169,11 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             if declared <= self._read_limit:
                 await self._discard_upload(requests, 0)
             raise refusal
+        if inline:
+            problem = self._upload_refusal(client, declared, all(i.size_bytes for i in inline))
+            if problem is not None:
+                await self._discard_upload(requests, first.ByteSize())
+                raise problem
         job_uuid, spool = self._manager.new_spool()
         if spec.image not in self._allowed:
             res = result(
@@ -174,6 +187,7 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             spool.rmdir()
             yield validator_pb2.SubmitJobResponse(result=res)
             return
+        self._uploads[client] = self._uploads.get(client, 0) + 1
         try:
             await self._spool_inputs(spec, requests, spool)
             # (A drain that began during the upload refuses it here, its spool removed.)
@@ -181,6 +195,10 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
+        finally:
+            self._uploads[client] -= 1
+            if not self._uploads[client]:
+                del self._uploads[client]
         log.info("job_submitted", job_uuid=job_uuid, image=spec.image, client=client)
         watcher = asyncio.create_task(self._watch_cancel(requests, job_uuid))
         try:
@@ -195,6 +213,29 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+    def _upload_refusal(self, client: str, declared: int, all_declared: bool) -> HordeError | None:
+        """Why an upload of inline inputs may not start now, if it may not: the client has
+        MAX_UPLOADS_PER_CLIENT under way already, or the spool's disk would be left with less
+        than SPOOL_MIN_FREE_BYTES (the database shares it: a full disk stops the validator)."""
+        under_way = self._uploads.get(client, 0)
+        if under_way >= MAX_UPLOADS_PER_CLIENT:
+            return ResourceExhausted(
+                f"{under_way} uploads of inline inputs of yours are under way, the most a "
+                f"client may have at once: submit this job once one of them has finished"
+            )
+        need = declared if all_declared else self._max_input
+        try:
+            free = shutil.disk_usage(self._manager.spool_dir).free
+        except OSError:
+            return None  # (the spool itself then says what is wrong)
+        if free - need < SPOOL_MIN_FREE_BYTES:
+            return Unavailable(
+                f"the validator is short of disk space for inputs ({free // 2**20} MiB free, "
+                f"{need // 2**20} MiB asked, {SPOOL_MIN_FREE_BYTES // 2**20} MiB kept free): "
+                f"try again later"
+            )
+        return None
 
     async def _watch_cancel(
         self, requests: AsyncIterator[validator_pb2.SubmitJobRequest], job_uuid: str

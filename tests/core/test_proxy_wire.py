@@ -18,6 +18,7 @@ from horde_services.core.identity import Ed25519Signer, Identity
 from horde_services.core.metrics import REGISTRY
 from horde_services.core.proxy_wire import (
     MAX_FRAME_BYTES,
+    MAX_OPEN_BYTES,
     PROXY_METHOD,
     ProxyError,
     ProxyLink,
@@ -176,10 +177,13 @@ async def test_a_stranger_is_denied_and_counted(net: Net) -> None:
     [
         (encode(job_proxy_pb2.StreamRequest(request=request(1, b"x"))), "must be `open`"),
         (struct.pack(">I", MAX_FRAME_BYTES + 1), "exceeds the limit"),
+        # Before the caller is known, no frame bigger than an `open` is taken (a stranger's
+        # 8 MiB frames held 8 MiB each, unauthenticated).
+        (struct.pack(">I", MAX_OPEN_BYTES + 1), f"exceeds the limit of {MAX_OPEN_BYTES}"),
         (struct.pack(">I", 3) + b"\xff\xff\xff", "not a valid StreamRequest"),
         (b"", "no `open` within"),
     ],
-    ids=["request-first", "oversized", "garbage", "silence"],
+    ids=["request-first", "oversized", "oversized-open", "garbage", "silence"],
 )
 async def test_malformed_streams_get_invalid_argument(net: Net, data: bytes, fragment: str) -> None:
     reply = await net.raw(data, eof=bool(data))

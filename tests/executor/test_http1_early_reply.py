@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import grpc
 import nacl.signing
 import pytest
 import uvloop
@@ -23,8 +24,9 @@ from horde.v1 import streaming_pb2
 
 from horde_services.core.auth import Authenticator
 from horde_services.core.identity import Ed25519Signer
-from horde_services.core.proxy_wire import ProxyLink, ProxyServer
+from horde_services.core.proxy_wire import ProxyError, ProxyLink, ProxyServer
 from horde_services.core.receipts import StreamReceipt
+from horde_services.executor import proxy as proxy_module
 from horde_services.executor.http1 import Http1Client, HttpError, RequestCutOff
 from horde_services.executor.proxy import JobProxy, LiveStream, StreamSessions
 
@@ -59,6 +61,7 @@ class Service:
         self.read_first = read_first
         self.stray = stray
         self.connections = 0
+        self.gate: asyncio.Event | None = None  # when set: small bodies are answered once set
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -86,6 +89,8 @@ class Service:
                     await writer.drain()
                     return
                 body = await reader.readexactly(length)
+                if self.gate is not None:
+                    await self.gate.wait()
                 answer = b"%d bytes" % len(body)
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
@@ -364,3 +369,47 @@ def test_a_request_left_without_an_answer_fails_alone_saying_how(
     assert receipt2.seq == 2 and receipt2.input_sha256 == hashlib.sha256(b"hello").digest()
     assert end is None  # the stream ended OK: the caller was done
     assert connections == 2
+
+
+def test_a_caller_that_sends_on_without_reading_is_refused_past_the_read_ahead(
+    run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests read ahead of the answers are bounded (they were held without bound: a client
+    sending without reading grew the executor by gigabytes): past the bound the proxy reads no
+    more, answers what it took, then ends the stream RESOURCE_EXHAUSTED naming the request."""
+    monkeypatch.setattr(proxy_module, "READ_AHEAD_REQUESTS", 2)
+    service = Service()
+    service.gate = asyncio.Event()
+
+    async def main() -> tuple[Any, ...]:
+        async with Proxy(service) as proxy:
+            assert proxy.live is not None
+            link = await proxy.link()
+
+            async def until(check: Callable[[], bool], what: str) -> None:
+                deadline = time.monotonic() + 10
+                while not check():
+                    assert time.monotonic() < deadline, what
+                    await asyncio.sleep(0.01)
+
+            await send(link, 1, b"r1")
+            await until(lambda: service.connections == 1, "request 1 to reach the service")
+            for seq in range(2, 5):
+                await send(link, seq, b"r%d" % seq)
+            # Request 1 is with the service; 2 and 3 wait; 4 was refused (the error queued).
+            stream = proxy.live.stream
+            assert stream is not None
+            await until(lambda: stream.pending.qsize() == 3, "the read-ahead to fill")
+            assert service.gate is not None
+            service.gate.set()
+            answers = [await answer_of(link) for _ in range(3)]
+            with pytest.raises(ProxyError) as ended:
+                await link.read()
+            await link.aclose()
+            return answers, ended.value
+
+    answers, ended = run(main())
+    assert [body for _, body, _ in answers] == [b"2 bytes"] * 3
+    assert [receipt.seq for _, _, receipt in answers] == [1, 2, 3]
+    assert ended.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ended.details().startswith("request 4: 2 requests"), ended.details()

@@ -201,6 +201,7 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
         self.extra_refused: dict[str, str] = {}
         self.extra_misplaced = False
         self.extra_hangs = False  # never answers AddExtraData (until the call is cancelled)
+        self.extra_cap: int | None = None  # refuses an upload past this many bytes, as a validator
 
     async def StartStreamingJob(
         self, request: validator_pb2.StartStreamingJobRequest, context: grpc.aio.ServicerContext
@@ -315,6 +316,7 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> validator_pb2.AddExtraDataResponse:
         placed: list[streaming_pb2.ExtraDataPlaced] = []
+        got: dict[str, bytes] = {}
         job_uuid = ""
         if self.extra_hangs:
             await asyncio.Event().wait()
@@ -322,7 +324,13 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
             job_uuid = msg.job_uuid or job_uuid
             job = self.proxy.jobs[job_uuid]
             name = msg.data.file_name
-            job.extra[name] = job.extra.get(name, b"") + msg.data.data
+            got[name] = got.get(name, b"") + msg.data.data  # this call's bytes: a new upload
+            job.extra[name] = got[name]  # replaces what an earlier one left
+            if self.extra_cap is not None and len(job.extra[name]) > self.extra_cap:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"extra data exceeds the validator's cap of {self.extra_cap} bytes per call",
+                )
             if msg.data.last:
                 if name in self.extra_refused:
                     await context.abort(

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import sqlalchemy.exc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from horde.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, job_pb2
+from horde.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, job_pb2, streaming_pb2
 from streaming_support import WHITELIST, Behaviour, Harness, answer
 
 from horde_services.core import metrics
@@ -217,11 +217,42 @@ async def test_a_bad_receipt_in_a_pipeline_ends_it_after_the_good_answers(
 async def test_a_pipeline_window_must_be_positive(harness: Harness) -> None:
     app = await harness.start_gateway()
     client, channel = await open_session(harness, app)
-    with pytest.raises(ValueError, match="window"):
-        async for _ in client.pipeline([b"x"], window=0):
-            pass
+    for window in (0, 65):  # 65: more than a gateway lets a session have in flight
+        with pytest.raises(ValueError, match="window must be 1 to 64"):
+            async for _ in client.pipeline([b"x"], window=window):
+                pass
     assert (await client.request(b"still fine")).seq == 1
     await client.close()
+    await channel.close()
+
+
+@pytest.mark.parametrize("what", ["requests", "bytes"])
+async def test_a_client_that_sends_on_without_reading_is_refused(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """Requests in flight are bounded per session, by count and by bytes (a client sending
+    without reading the answers grew the gateway and the executor by gigabytes): past the bound
+    the session ends RESOURCE_EXHAUSTED, saying so."""
+    if what == "bytes":
+        monkeypatch.setattr(session_module, "MAX_IN_FLIGHT_BYTES", 1024 * 1024)
+    harness.fake_validator.next_behaviour = Behaviour(answer_in_batches_of=10_000)  # no answers
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    # Exactly one request too many (a write after the refusal could race the call's end, and
+    # grpc.aio then reports INTERNAL in place of the gateway's status).
+    if what == "bytes":
+        bodies = [b"x" * (400 * 1024)] * 3  # the third would make 1.2 MiB
+    else:
+        bodies = [b"x"] * (session_module.MAX_IN_FLIGHT + 1)
+    for body in bodies:
+        await client._send_request(body)
+    ending = await client.wait_ended()
+    assert ending.code is grpc.StatusCode.RESOURCE_EXHAUSTED, ending
+    if what == "bytes":
+        assert ending.reason.startswith("request 3: the requests in flight would pass 1048576")
+    else:
+        assert ending.reason.startswith("request 65: 64 requests are already in flight")
+    client.cancel()
     await channel.close()
 
 
@@ -640,6 +671,45 @@ async def test_extra_data_goes_through_the_validator(harness: Harness) -> None:
     await channel.close()
 
 
+async def test_chunks_of_a_refused_upload_are_dropped_not_held(harness: Harness) -> None:
+    """An upload the validator refused mid-way (over its cap): the chunks the client goes on
+    sending for it are dropped, and an upload never holds more than EXTRA_QUEUE_CHUNKS (they
+    piled up in the gateway, a GiB for a GiB sent). A retry under the name works after `last`."""
+    harness.fake_validator.extra_cap = 256 * 1024
+    app = await harness.start_gateway()
+    events: list[str] = []
+    client, channel = await open_session(harness, app, on_event=lambda e: events.append(e.message))
+    [servicer] = [d.__self__ for d in app.drainers]  # type: ignore[attr-defined]
+    [session] = servicer._sessions
+
+    async def chunk(offset: int, last: bool = False) -> None:
+        await client._send(
+            gateway_pb2.SessionRequest(
+                extra_data=streaming_pb2.ExtraData(
+                    file_name="big.bin", offset=offset, data=b"x" * 65536, last=last
+                )
+            )
+        )
+
+    for i in range(8):
+        await chunk(i * 65536)
+    upload = session._extra["big.bin"]
+    await wait_until(lambda: upload.over, "the validator's refusal")
+    for i in range(8, 200):
+        await chunk(i * 65536)
+        assert upload.queue.qsize() <= session_module.EXTRA_QUEUE_CHUNKS
+    # The session goes on, reads its client (the chunks were not held), and the name is free
+    # again after `last`.
+    assert (await client.request(b"after")).body == answer(b"after")
+    assert any("cap of 262144" in e for e in events), events  # told, once
+    await chunk(200 * 65536, last=True)
+    harness.fake_validator.extra_cap = None
+    placed = await client.add_extra("big.bin", b"small")
+    assert placed.size_bytes == 5 and not placed.error
+    await client.close()
+    await channel.close()
+
+
 async def test_close_while_a_request_is_in_flight_delivers_its_whole_response(
     harness: Harness,
 ) -> None:
@@ -1006,6 +1076,36 @@ async def test_a_crashed_gateway_ends_the_session_and_the_job(harness: Harness) 
     await harness.stop_gateway(app)
 
 
+async def test_a_client_that_closes_then_cancels_at_once_still_stops_the_job(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half-closed (the end of a session's requests), then cancelled while the gateway was
+    tearing the session down: the job is stopped all the same. It ran on to its time limit,
+    holding its executor, as the teardown was cut off before it cancelled the job's call."""
+    tearing_down, go_on = asyncio.Event(), asyncio.Event()
+    stop_job = session_module.Session._stop_job
+
+    async def slow_stop_job(self: Any, reason: str) -> Any:
+        tearing_down.set()
+        await go_on.wait()
+        return await stop_job(self, reason)
+
+    monkeypatch.setattr(session_module.Session, "_stop_job", slow_stop_job)
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    await client.request(b"one")
+    await client._call.done_writing()
+    async with asyncio.timeout(10):
+        await tearing_down.wait()
+    client._call.cancel()
+    async with asyncio.timeout(10):
+        how = await harness.fake_validator.wait_ended(client.job_uuid)
+    assert how == "cancelled", how  # its call cancelled: the validator's word for "stop it"
+    go_on.set()
+    client.cancel()
+    await channel.close()
+
+
 async def test_a_client_that_goes_away_stops_the_job(harness: Harness) -> None:
     app = await harness.start_gateway()
     client, channel = await open_session(harness, app)
@@ -1036,6 +1136,15 @@ async def test_protocol_errors_have_clear_status_codes(harness: Harness) -> None
     msg = await call.read()
     assert msg.closed.reason == "request seq 7: expected 1"
     assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Bytes that are no SessionRequest: the caller's error (it was INTERNAL, with a traceback).
+    raw = channel.stream_stream(
+        "/horde.v1.GatewayService/Session",
+        request_serializer=lambda b: b,
+        response_deserializer=gateway_pb2.SessionResponse.FromString,
+    )(timeout=30)
+    await raw.write(b"\xff\xff\xff\xff\x0f")
+    assert await raw.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "could not be parsed" in await raw.details()
     await channel.close()
     # An unenrolled client.
     from horde_services.core.identity import Ed25519Signer

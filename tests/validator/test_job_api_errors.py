@@ -565,3 +565,55 @@ async def test_a_refused_streaming_spec_is_not_stored_whole(v: Validator) -> Non
     assert reply.result.detail.startswith("spec: 10"), reply.result.detail
     (record,) = (await v.stub.ListJobs(validator_pb2.ListJobsRequest(), timeout=10)).jobs
     assert record.spec.image == IMAGE and record.spec.ByteSize() < 1024
+
+
+# ------------------------------------------------------------------ uploads a validator can hold
+
+
+async def test_a_client_may_have_only_so_many_uploads_under_way(
+    v: Validator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each upload is spooled to the validator's disk (which its database shares): one client's
+    uploads at once are bounded, and the next is refused with the reason, nothing kept."""
+    monkeypatch.setattr(service, "MAX_UPLOADS_PER_CLIENT", 1)
+    hold = asyncio.Event()
+    data = blob(4 * CHUNK)
+    # The first upload sends half its input, then waits.
+    first = v.stub.SubmitJob(
+        uploads(spec_with(inline_file("in.bin", 2 * len(data))), {0: data}, hold=hold),
+        timeout=30,
+    )
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not list(v.spool.iterdir()):
+            assert asyncio.get_running_loop().time() < deadline, "the first upload never began"
+            await asyncio.sleep(0.01)
+        err = await submit_refused(v, spec_with(inline_file("b", len(data), data)), {0: data})
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        assert err.details().startswith("1 uploads of inline inputs of yours are under way"), err
+        assert len(list(v.spool.iterdir())) == 1  # the refused one kept nothing
+    finally:
+        hold.set()
+        first.cancel()
+    deadline = asyncio.get_running_loop().time() + 10
+    while list(v.spool.iterdir()):  # the cancelled upload's spool goes with its count
+        assert asyncio.get_running_loop().time() < deadline, "the cancelled upload stayed"
+        await asyncio.sleep(0.01)
+    # Once it is over, the client may upload again (here: refused only for its image).
+    call = v.stub.SubmitJob(
+        uploads(spec_with(inline_file("b", len(data), data), image="not/allowed"), {0: data}),
+        timeout=30,
+    )
+    [answer] = [msg async for msg in call]
+    assert answer.result.reason == common_pb2.FAILURE_REASON_IMAGE_NOT_ALLOWED, answer
+
+
+async def test_an_upload_that_would_fill_the_disk_is_refused(
+    v: Validator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "SPOOL_MIN_FREE_BYTES", 2**62)  # more than any disk has
+    data = blob(CHUNK)
+    err = await submit_refused(v, spec_with(inline_file("in.bin", len(data), data)), {0: data})
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+    assert "short of disk space for inputs" in err.details(), err
+    await v.assert_nothing_left()
