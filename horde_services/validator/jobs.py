@@ -48,6 +48,9 @@ CANCEL_WAIT_S = 10.0
 # its followers have the result by then. After the last, the result stays in memory only (the
 # store shows it to readers, and writes it once a later job's result is stored).
 FINISH_RETRY_DELAYS_S = (0.1, 0.5, 2.0)
+# Complete output files are stored in batches of this many, or of this many bytes.
+OUTPUT_BATCH_FILES = 256
+OUTPUT_BATCH_BYTES = 8 * 1024 * 1024
 SHUTTING_DOWN = (
     "the validator is shutting down and takes no new job: submit it again once it is back"
 )
@@ -74,6 +77,10 @@ class LiveJob:
     task: asyncio.Task[None] | None = None
     outputs: dict[str, bytearray] = field(default_factory=dict)
     output_bytes: int = 0
+    # Output files complete but not stored yet: written in batches (a transaction per file took
+    # seconds for a job with thousands), and before the job's result.
+    unstored_outputs: list[tuple[str, bytes]] = field(default_factory=list)
+    unstored_output_bytes: int = 0
     # The miner that took the job (answered with more than a refusal, i.e. reserved an
     # executor for it), while it has it: results the validator makes then name that miner, so
     # scoring counts them against it as it counts the miner's own.
@@ -287,6 +294,11 @@ class JobManager:
     async def _finish(self, job: LiveJob, res: job_pb2.JobResult) -> None:
         if job.result is not None:
             return
+        try:
+            await self._store_outputs(job)  # the last batch, before the result says "done"
+        except Exception as exc:
+            # Its followers had every byte as it came; the job's result stands.
+            log.error("job_outputs_not_stored", job_uuid=job.job_uuid, error=repr(exc))
         res.job_uuid = job.job_uuid
         job.result = res
         metrics.JOBS.labels(job.kind, state_name(res.state), reason_name(res.reason)).inc()
@@ -736,8 +748,19 @@ class JobManager:
             buf.extend(chunk.data)
         await self._publish(job, chunk)
         if chunk.last and job.output_bytes <= self._max_output:
-            await self._store.put_output(job.job_uuid, chunk.path, bytes(buf))
+            job.unstored_outputs.append((chunk.path, bytes(buf)))
+            job.unstored_output_bytes += len(buf)
             del job.outputs[chunk.path]
+            if (
+                len(job.unstored_outputs) >= OUTPUT_BATCH_FILES
+                or job.unstored_output_bytes >= OUTPUT_BATCH_BYTES
+            ):
+                await self._store_outputs(job)
+
+    async def _store_outputs(self, job: LiveJob) -> None:
+        files, job.unstored_outputs, job.unstored_output_bytes = job.unstored_outputs, [], 0
+        if files:
+            await self._store.put_outputs(job.job_uuid, files)
 
 
 def _on_miner(miner_hotkey: str, res: job_pb2.JobResult) -> job_pb2.JobResult:

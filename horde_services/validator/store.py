@@ -74,9 +74,13 @@ class JobStore:
             )
         self._unstored.pop(res.job_uuid, None)
 
-    async def put_output(self, job_uuid: str, path: str, data: bytes) -> None:
+    async def put_outputs(self, job_uuid: str, files: list[tuple[str, bytes]]) -> None:
+        """Store a job's output files (path, bytes), in one transaction."""
         async with self.engine.begin() as conn:
-            await conn.execute(job_outputs.insert().values(job_uuid=job_uuid, path=path, data=data))
+            await conn.execute(
+                job_outputs.insert(),
+                [{"job_uuid": job_uuid, "path": path, "data": data} for path, data in files],
+            )
 
     async def outputs(self, job_uuid: str) -> list[tuple[str, bytes]]:
         async with self.engine.connect() as conn:

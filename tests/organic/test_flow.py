@@ -31,6 +31,7 @@ from organic_support import (
 from horde_services.core import lifecycle
 from horde_services.core.identity import Ed25519Signer
 from horde_services.core.metrics import REGISTRY
+from horde_services.validator.store import JobStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -592,6 +593,35 @@ async def test_nested_and_empty_output_files(net: Network) -> None:
     assert_completed(run)
     assert_outputs(run, {"a/b/c.txt": b"deep", "empty": b"", "zeros.bin": bytes(3_000_000)})
     assert max(len(c.data) for c in run.chunks) <= 1024 * 1024  # zeros.bin came in chunks
+
+
+async def test_many_output_files_are_stored_in_batches(
+    net: Network, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 small outputs: stored in a few transactions (one per file took about 2.7 ms each, so
+    a job with 10,000 waited ~27 s after its last byte), every one downloadable after."""
+    writes: list[int] = []
+    put_outputs = JobStore.put_outputs
+
+    async def counted(self: JobStore, job_uuid: str, files: list[tuple[str, bytes]]) -> None:
+        writes.append(len(files))
+        await put_outputs(self, job_uuid, files)
+
+    monkeypatch.setattr(JobStore, "put_outputs", counted)
+    script = "for i in $(seq 1 600); do echo $i > /output/f$i.txt; done"
+    run = await net.run_job(spec_for(BASE_IMAGE, ["sh", "-c", script]))
+    assert_completed(run)
+    assert writes == [256, 256, 88], writes
+    res = run.result
+    assert res is not None
+    files: dict[str, bytearray] = {}
+    async for msg in net.client().DownloadOutputs(
+        validator_pb2.DownloadOutputsRequest(job_uuid=res.job_uuid)
+    ):
+        files.setdefault(msg.chunk.path, bytearray()).extend(msg.chunk.data)
+    assert {k: bytes(v) for k, v in files.items()} == {
+        f"f{i}.txt": f"{i}\n".encode() for i in range(1, 601)
+    }
 
 
 async def test_symlink_out_of_output_is_refused(net: Network) -> None:

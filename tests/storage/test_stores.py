@@ -41,8 +41,7 @@ async def test_job_lifecycle_round_trips(engine: AsyncEngine) -> None:
     assert record.result.exit_code == 0 and record.result.outputs[0].path == "a.txt"
     assert [e.message for e in await store.events(job)] == ["go", ""]
     assert await store.unfinished() == []
-    await store.put_output(job, "a.txt", b"abc")
-    await store.put_output(job, "dir/b.bin", b"\x00\xff")
+    await store.put_outputs(job, [("a.txt", b"abc"), ("dir/b.bin", b"\x00\xff")])
     assert await store.outputs(job) == [("a.txt", b"abc"), ("dir/b.bin", b"\x00\xff")]
     assert await store.get(str(uuid.uuid4())) is None
 
