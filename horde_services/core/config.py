@@ -267,6 +267,9 @@ class ValidatorSettings(ServiceSettings):
     # too, ends horde_failed (validator_restarted), counted against no miner. Keep the unit's
     # TimeoutStopSec above this plus shutdown_grace_s. 0 stops them at once.
     drain_timeout_s: float = Field(default=20.0, ge=0)
+    # How long a finished job's inline output files are kept for DownloadOutputs (they are in
+    # the database: it grows with them); its record, result and events stay. Pruned hourly.
+    output_retention_days: float = Field(default=7.0, gt=0)
     # Gateways whose samples this validator checks (identity string -> host:port).
     gateways: dict[str, str] = {}
     # The trusted miner spot checks run on (unregistered, not in `miners`); none: no checks.

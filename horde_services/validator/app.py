@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 
 from horde.v1 import (
@@ -149,9 +150,11 @@ async def _start_locked(
         await chain.close()
         await engine.dispose()
 
-    background: list[Callable[[], Awaitable[None]]] = (
-        [rounds.run_forever, scorer.run_forever] if settings.synthetic.enabled else []
-    )
+    background: list[Callable[[], Awaitable[None]]] = [
+        functools.partial(manager.prune_outputs_forever, settings.output_retention_days * 86400)
+    ]
+    if settings.synthetic.enabled:
+        background += [rounds.run_forever, scorer.run_forever]
     if settings.spotcheck.enabled and spotcheck.configured:
         background.append(spotcheck.run_forever)
     return ServiceApp(

@@ -48,6 +48,8 @@ CANCEL_WAIT_S = 10.0
 # its followers have the result by then. After the last, the result stays in memory only (the
 # store shows it to readers, and writes it once a later job's result is stored).
 FINISH_RETRY_DELAYS_S = (0.1, 0.5, 2.0)
+# How often the output files past their retention are deleted.
+PRUNE_INTERVAL_S = 3600.0
 # Complete output files are stored in batches of this many, or of this many bytes.
 OUTPUT_BATCH_FILES = 256
 OUTPUT_BATCH_BYTES = 8 * 1024 * 1024
@@ -194,6 +196,19 @@ class JobManager:
     ) -> None:
         await self._store.create(job_uuid, client, kind, spec)
         await self._store.finish(res)
+
+    async def prune_outputs_forever(self, retention_s: float) -> None:
+        """Every PRUNE_INTERVAL_S, delete the output files of jobs that ended more than
+        `retention_s` ago (a background loop)."""
+        while True:
+            try:
+                pruned = await self._store.prune_outputs(time.time_ns() - int(retention_s * 1e9))
+            except Exception as exc:  # the database refusing now: the next round tries again
+                log.warning("outputs_prune_failed", error=repr(exc))
+            else:
+                if pruned:
+                    log.info("outputs_pruned", jobs=pruned, retention_days=retention_s / 86400)
+            await asyncio.sleep(PRUNE_INTERVAL_S)
 
     def refuse_if_draining(self) -> None:
         if self.draining:

@@ -401,6 +401,13 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         self, request: validator_pb2.DownloadOutputsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.DownloadOutputsResponse]:
         job_uuid = parse_job_uuid(request.job_uuid)
-        await self._own_record(job_uuid)
-        for chunk in chunks(await self._store.outputs(job_uuid), OUTPUT_CHUNK):
+        record = await self._own_record(job_uuid)
+        files = await self._store.outputs(job_uuid)
+        inline = record.spec.output.WhichOneof("target") != "upload"
+        if not files and inline and len(record.result.outputs):
+            raise NotFound(
+                f"the output files of job {job_uuid} are no longer kept (a validator keeps them "
+                f"for output_retention_days after the job ends)"
+            )
+        for chunk in chunks(files, OUTPUT_CHUNK):
             yield validator_pb2.DownloadOutputsResponse(chunk=chunk)

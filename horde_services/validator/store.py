@@ -82,6 +82,24 @@ class JobStore:
                 [{"job_uuid": job_uuid, "path": path, "data": data} for path, data in files],
             )
 
+    async def prune_outputs(self, ended_before_ns: int) -> int:
+        """Delete the stored output files of jobs that ended before `ended_before_ns` (their
+        records, results and events stay); the number of jobs whose files went."""
+        ended = sa.select(jobs.c.job_uuid).where(
+            jobs.c.state.in_(sorted(TERMINAL_STATES)), jobs.c.updated_ns < ended_before_ns
+        )
+        async with self.engine.begin() as conn:
+            count = (
+                await conn.execute(
+                    sa.select(sa.func.count(sa.distinct(job_outputs.c.job_uuid))).where(
+                        job_outputs.c.job_uuid.in_(ended)
+                    )
+                )
+            ).scalar_one()
+            if count:
+                await conn.execute(job_outputs.delete().where(job_outputs.c.job_uuid.in_(ended)))
+        return int(count)
+
     async def outputs(self, job_uuid: str) -> list[tuple[str, bytes]]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(

@@ -46,6 +46,27 @@ async def test_job_lifecycle_round_trips(engine: AsyncEngine) -> None:
     assert await store.get(str(uuid.uuid4())) is None
 
 
+async def test_outputs_of_jobs_ended_before_the_cutoff_are_pruned(engine: AsyncEngine) -> None:
+    store = JobStore(engine)
+    ended, running = str(uuid.uuid4()), str(uuid.uuid4())
+    for job in (ended, running):
+        await store.create(job, "ed25519:" + "ab" * 32, "organic", spec())
+        await store.put_outputs(job, [("a.txt", b"abc"), ("b.txt", b"de")])
+    await store.finish(
+        result(ended, common_pb2.JOB_STATE_COMPLETED, common_pb2.FAILURE_REASON_UNSPECIFIED)
+    )
+    before = await store.get(ended)
+    assert before is not None
+    assert await store.prune_outputs(before.updated_ns) == 0  # not ended before that
+    assert len(await store.outputs(ended)) == 2
+    assert await store.prune_outputs(before.updated_ns + 1) == 1
+    assert await store.outputs(ended) == []
+    assert len(await store.outputs(running)) == 2  # a job still running keeps its files
+    after = await store.get(ended)
+    assert after is not None and after.result == before.result  # the record stays whole
+    assert await store.prune_outputs(before.updated_ns + 1) == 0
+
+
 async def test_list_pages_newest_first_without_loss_or_duplicates(engine: AsyncEngine) -> None:
     store = JobStore(engine)
     made = []
