@@ -68,6 +68,17 @@ class JobFailure(Exception):
         self.state, self.reason, self.stage, self.detail = state, reason, stage, detail
 
 
+# Failures of the job's own after which its inline outputs are still returned.
+OUTPUTS_OF_FAILED = frozenset(
+    {
+        common_pb2.FAILURE_REASON_NONZERO_EXIT,
+        common_pb2.FAILURE_REASON_TIMEOUT,
+        common_pb2.FAILURE_REASON_OUT_OF_MEMORY,
+        common_pb2.FAILURE_REASON_PIDS_LIMIT,
+    }
+)
+
+
 def failed(
     reason: common_pb2.FailureReason.ValueType, stage: common_pb2.Stage.ValueType, detail: str
 ) -> JobFailure:
@@ -300,6 +311,8 @@ class OrganicJobRunner:
         res = self._classify(ctx.job_uuid, outcome)
         res.stage_timings.extend(timings)
         if res.state != common_pb2.JOB_STATE_COMPLETED:
+            if res.reason in OUTPUTS_OF_FAILED and spec.output.WhichOneof("target") != "upload":
+                await self._outputs_of_failed(ctx, output_dir, res)
             return res
 
         t0 = time.monotonic()
@@ -553,6 +566,26 @@ class OrganicJobRunner:
         res.stdout.CopyFrom(_captured(out.stdout, out.stdout_truncated, out.stdout_total_bytes))
         res.stderr.CopyFrom(_captured(out.stderr, out.stderr_truncated, out.stderr_total_bytes))
         return res
+
+    async def _outputs_of_failed(
+        self, ctx: JobContext, output_dir: Path, res: job_pb2.JobResult
+    ) -> None:
+        """A job that failed on its own still returns what it wrote under /output (partial
+        results, its own logs) when they come inline: the client may need them to see why. The
+        failure stands; outputs that cannot be returned are only noted in its detail."""
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(_timeout(ctx.spec, "output_upload_s")):
+                res.outputs.extend(await self._outputs(ctx, output_dir))
+        except JobFailure as exc:
+            res.detail += f"; its outputs were not returned: {exc.detail}"
+        except TimeoutError:
+            res.detail += "; its outputs were not returned within the output stage time limit"
+        except OSError as exc:
+            res.detail += f"; its outputs could not be read: {exc.strerror or exc}"
+        res.stage_timings.append(
+            job_pb2.StageTiming(stage=common_pb2.STAGE_OUTPUT_UPLOAD, seconds=time.monotonic() - t0)
+        )
 
     async def _outputs(self, ctx: JobContext, output_dir: Path) -> list[job_pb2.OutputFile]:
         paths = sorted(p for p in output_dir.rglob("*") if p.is_file() and not p.is_symlink())

@@ -65,6 +65,23 @@ async def test_nonzero_exit_captures_stderr(net: Network) -> None:
     assert S.JOB_STATE_RUNNING in run.states
 
 
+async def test_a_failed_job_still_returns_its_outputs(net: Network) -> None:
+    """What a failing job wrote under /output (partial results, its own logs) comes back with
+    its failure: it was thrown away, and with it what the client needed to see why."""
+    script = "mkdir /output/logs && echo partial > /output/p.txt && echo why > /output/logs/l"
+    run = await net.run_job(spec_for(BASE_IMAGE, ["sh", "-c", script + " && exit 3"]))
+    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_NONZERO_EXIT, S.STAGE_EXECUTION)
+    assert res.exit_code == 3 and res.detail == "the job exited with status 3"
+    assert run.files() == {"p.txt": b"partial\n", "logs/l": b"why\n"}
+    assert sorted(o.path for o in res.outputs) == ["logs/l", "p.txt"]
+    # Killed at its time limit: what it wrote before comes back too.
+    run = await net.run_job(
+        spec_for(BASE_IMAGE, ["sh", "-c", "echo before > /output/pre.txt; sleep 60"], execution_s=2)
+    )
+    res = assert_result(run, S.JOB_STATE_FAILED, S.FAILURE_REASON_TIMEOUT, S.STAGE_EXECUTION)
+    assert run.files() == {"pre.txt": b"before\n"}
+
+
 async def test_execution_timeout_kills_container(net: Network) -> None:
     started = time.monotonic()
     run = await net.run_job(spec_for(BASE_IMAGE, ["sleep", "60"], execution_s=2))
