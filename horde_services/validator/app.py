@@ -123,6 +123,7 @@ async def _start_locked(
         str(signer.identity),
         synthetic,
         settings.max_inline_input_bytes,
+        frozenset(parse_identities(list(settings.gateways), "gateways")),
     )
     server = await create_server(
         settings.listen,

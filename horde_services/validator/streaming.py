@@ -110,7 +110,11 @@ class StreamingJobs:
         identity: str,
         reports: SyntheticStore,
         max_extra_bytes: int,
+        gateways: frozenset[str] = frozenset(),
     ) -> None:
+        # Gateways this validator knows (its `gateways` setting): their word on which client a
+        # session serves is taken; any other caller's session is its own.
+        self._gateways = gateways
         self._manager = manager
         self._store = store
         self._whitelist = whitelist
@@ -127,8 +131,10 @@ class StreamingJobs:
         if not spec.executor_class:
             spec.executor_class = self._default_class
         job_uuid = str(uuid.uuid4())
-        if request.client_identity:
+        if request.client_identity and caller in self._gateways:
             spec.labels["horde.client"] = request.client_identity
+        else:  # a caller may not put its session on another's account
+            spec.labels["horde.client"] = caller
         problem = self._check_spec(spec)
         gateway = request.gateway_identity or caller
         if problem is None:

@@ -467,13 +467,16 @@ class Network:
         )
         if executor:
             await self.start_executor(**executor_overrides)
+        await self.start_validator()
+
+    async def start_validator(self, **overrides: Any) -> None:
         self.validator = await start_validator(
             load_settings(
                 ValidatorSettings,
                 clients=[self.keys.identity("gateway"), self.keys.identity("stranger")],
                 allowed_images=IMAGES,
                 streaming_whitelist=self.whitelist,
-                **self._common(),
+                **{**self._common(), **overrides},
             ),
             self.keys.signers["validator"],
         )

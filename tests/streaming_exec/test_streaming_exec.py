@@ -442,6 +442,27 @@ async def test_a_dead_relay_ends_the_job_horde_failed(net: Network) -> None:
     assert "relay" in ended.details(), ended
 
 
+@pytest.mark.parametrize("known", [False, True], ids=["any-caller", "known-gateway"])
+async def test_only_a_known_gateway_names_the_client_a_session_serves(
+    net: Network, known: bool
+) -> None:
+    """Any enrolled caller may start a session, but only a gateway the validator knows (its
+    `gateways`) may say which client it serves: another caller's session is its own (it could
+    put its sessions on anyone's account)."""
+    gateway = net.keys.identity("gateway")
+    if known:
+        assert net.validator is not None
+        await net.validator.stop(1.0)
+        await net.start_validator(gateways={gateway: "127.0.0.1:9"})
+    session = net.start_session(streaming_spec(LLM_IMAGE))  # client_identity: ed25519:00...
+    ready = await session.wait_ready()
+    record = (
+        await net.validator_stub().GetJob(validator_pb2.GetJobRequest(job_uuid=ready.job_uuid))
+    ).job
+    expected = "ed25519:" + "00" * 32 if known else gateway
+    assert record.spec.labels["horde.client"] == expected
+
+
 async def test_a_stopping_validator_ends_the_session_with_a_result(net: Network) -> None:
     """The validator shutting down ends a live session with a result the gateway reads (not a
     broken call), counted against no miner, and its miner stops the service."""
