@@ -1,19 +1,25 @@
-"""Client side of the CLI: connect to a validator and run, follow, list and cancel jobs."""
+"""Client side of the CLI: connect to a validator and run, follow, list and cancel jobs and
+download their outputs."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import json
+import os
 import re
+import secrets
+import shlex
+import signal
 import sys
 import tarfile
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
@@ -205,13 +211,25 @@ def result_json(res: job_pb2.JobResult) -> dict[str, Any]:
         "stderr": res.stderr.data.decode(errors="replace"),
         "stdout_truncated": res.stdout.truncated,
         "stderr_truncated": res.stderr.truncated,
-        "outputs": [
-            {"path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256} for o in res.outputs
-        ],
+        "outputs": [_output_json(o) for o in res.outputs],
         "stage_seconds": {stage_name(t.stage): round(t.seconds, 3) for t in res.stage_timings},
         "miner": res.miner_hotkey,
         "executor": res.executor_id,
     }
+
+
+def _output_json(o: job_pb2.OutputFile) -> dict[str, Any]:
+    return {"path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
+
+
+def _output_line(o: dict[str, Any]) -> str:
+    """`output PATH (N bytes, sha256 HEX...)`, then where it was written or why it was not
+    (when it was to be written here)."""
+    line = f"output {o['path']} ({o['size_bytes']} bytes, sha256 {o['sha256'][:16]}...)"
+    if "written_to" in o:
+        where = o["written_to"]
+        line += f" -> {where}" if where is not None else f" not written: {o['not_written']}"
+    return line
 
 
 def _safe_output_path(root: Path, rel: str) -> Path:
@@ -219,6 +237,272 @@ def _safe_output_path(root: Path, rel: str) -> Path:
     if not target.is_relative_to(root.resolve()):
         raise CliError(f"refusing output path {rel!r} outside {root}")
     return target
+
+
+# Why an output is not written when the command stops before it is complete.
+INTERRUPTED = "interrupted before it was complete"
+
+
+@dataclass
+class _Part:
+    """An output file being received: its bytes go to `temp`, beside `target`."""
+
+    target: Path
+    temp: Path
+    fh: BinaryIO
+    digest: Any = field(default_factory=hashlib.sha256)
+    size: int = 0
+    complete: bool = False
+
+
+class Outputs:
+    """A job's output files, written under `root`: each into a temporary file beside its final
+    name, renamed into place only once complete and of the size and sha256 the job's result
+    lists for it. An output that cannot be (a write error, a mismatch, an interruption) leaves
+    no file behind and is noted in `unwritten`, the others still arrive."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.parts: dict[str, _Part] = {}  # received (in part or whole), not yet checked
+        self.written: dict[str, Path] = {}  # output path -> where it was written
+        self.unwritten: dict[str, str] = {}  # output path -> why it was not written here
+        self.listed: dict[str, job_pb2.OutputFile] = {}  # the result's entries, once known
+
+    def expect(self, listed: Iterable[job_pb2.OutputFile]) -> None:
+        """The job's result lists these outputs: a complete one is checked at once."""
+        self.listed = {o.path: o for o in listed}
+
+    def chunk(self, chunk: job_pb2.OutputChunk) -> str | None:
+        """Write one chunk; returns the output's path once it is written into place."""
+        path = chunk.path
+        if path in self.unwritten:
+            return None
+        if path in self.written:
+            return None  # (sent once more: it is written already)
+        if path in self.parts and self.parts[path].complete:
+            self._drop(path, "its bytes came twice")
+            return None
+        try:
+            part = self.parts.get(path) or self._open(path)
+            if chunk.offset != part.size:
+                self._drop(path, f"bytes at offset {chunk.offset} came after {part.size} bytes")
+                return None
+            part.fh.write(chunk.data)
+            part.digest.update(chunk.data)
+            part.size += len(chunk.data)
+            if chunk.last:
+                part.fh.close()
+                part.complete = True
+        except OSError as exc:
+            self._drop(path, _os_error(exc))
+            return None
+        except CliError as exc:
+            self._drop(path, str(exc))
+            return None
+        if chunk.last and path in self.listed:
+            return path if self._place(path) else None
+        return None
+
+    def _open(self, path: str) -> _Part:
+        target = _safe_output_path(self.root, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        part = self.parts[path] = _Part(target, temp, os.fdopen(fd, "wb"))
+        return part
+
+    def _place(self, path: str) -> bool:
+        """Check a complete output against the result's entry and rename it into place."""
+        part = self.parts[path]
+        entry = self.listed[path]
+        sha256 = part.digest.hexdigest()
+        if part.size != entry.size_bytes:
+            self._drop(path, f"{part.size} bytes came, the result lists {entry.size_bytes}")
+            return False
+        if sha256 != entry.sha256.lower():
+            self._drop(
+                path,
+                f"sha256 {sha256[:16]}... of the bytes that came, the result lists "
+                f"{entry.sha256[:16]}...",
+            )
+            return False
+        try:
+            os.replace(part.temp, part.target)
+        except OSError as exc:
+            self._drop(path, _os_error(exc, part.target))
+            return False
+        del self.parts[path]
+        self.written[path] = part.target
+        return True
+
+    def finish(self, listed: Iterable[job_pb2.OutputFile], missing: str) -> None:
+        """The stream ended with the result listing `listed`: write what came complete and as
+        listed; the rest is not written (an output listed but never sent: `missing`)."""
+        self.expect(listed)
+        for path in self.listed:
+            if path in self.written or path in self.unwritten:
+                continue
+            part = self.parts.get(path)
+            if part is None:
+                self.unwritten[path] = missing
+            elif not part.complete:
+                self._drop(path, f"the stream ended after {part.size} of its bytes")
+            else:
+                self._place(path)
+        for path in list(self.parts):
+            self._drop(path, "the job's result does not list it (it cannot be checked)")
+
+    def abandon(self, why: str) -> None:
+        """Stop: every output not yet written (and, once the result's list is known, every one
+        listed and not yet come) is not written, for `why`; no temporary file stays."""
+        for path in list(self.parts):
+            self._drop(path, why)
+        for path in self.listed:
+            if path not in self.written:
+                self.unwritten.setdefault(path, why)
+
+    def _drop(self, path: str, why: str) -> None:
+        part = self.parts.pop(path, None)
+        if part is not None:
+            with contextlib.suppress(OSError):
+                part.fh.close()
+            with contextlib.suppress(OSError):
+                part.temp.unlink()
+        self.unwritten[path] = why
+
+    def mark(self, doc: dict[str, Any]) -> None:
+        """Say in a document's `outputs` where each was written, or why it was not."""
+        for o in doc["outputs"]:
+            written = o["path"] in self.written
+            o["written_to"] = str(self.root / o["path"]) if written else None
+            if not written:
+                o["not_written"] = self.unwritten.get(o["path"], "not received")
+        if self.unwritten:
+            doc["outputs_not_written"] = dict(self.unwritten)
+
+    def report(self, cmd: str) -> None:
+        """A line on stderr for each output not written."""
+        terminal = sys.stderr.isatty()
+        for path, why in self.unwritten.items():
+            _say(shown(f"horde job {cmd}: output {path} not written: {why}", terminal))
+
+
+def _os_error(exc: OSError, path: Path | None = None) -> str:
+    return f"{exc.strerror or exc} ({path or exc.filename})"
+
+
+def _say(line: str) -> None:
+    """A line on stderr that must not fail the command (a hung-up terminal)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Stop:
+    """The signal (SIGTERM, SIGHUP) that stopped the command; None for none or Ctrl-C."""
+
+    signum: int | None = None
+
+
+_STOP = _Stop()
+# Signals that stop a command as Ctrl-C does, except that a job being run is not cancelled.
+DETACHING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+async def stoppable(work: Awaitable[int]) -> int:
+    """Await `work` with SIGTERM and SIGHUP cancelling it as Ctrl-C does (what was in flight says
+    what became of it; a job being run or followed is left as it is): then 128 + the signal's
+    number (143, 129)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    _STOP.signum = None
+
+    def stop(signum: int) -> None:
+        if _STOP.signum is None and not task.cancelling():
+            _STOP.signum = signum
+            task.cancel()
+
+    for signum in DETACHING_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if _STOP.signum is None:
+            raise  # Ctrl-C
+        task.uncancel()
+        return 128 + _STOP.signum
+    finally:
+        for signum in DETACHING_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+def _stopped_how() -> str:
+    """'interrupted' (Ctrl-C), or 'stopped by SIGTERM' (or SIGHUP)."""
+    if _STOP.signum is None:
+        return "interrupted"
+    return f"stopped by {signal.Signals(_STOP.signum).name}"
+
+
+def _detached(cmd: str, job_uuid: str, output_dir: Path | None) -> None:
+    """One line: the command stopped following a job it leaves as it is, and how to go on."""
+    lead = "\n" if _STOP.signum is None else ""  # after the terminal's ^C
+    if not job_uuid:
+        _say(f"{lead}horde job {cmd}: {_stopped_how()} before the validator accepted the job")
+        return
+    out = f" --output {shlex.quote(str(output_dir))}" if output_dir is not None else ""
+    _say(
+        f"{lead}horde job {cmd}: {_stopped_how()}: job {job_uuid} was not cancelled; follow it "
+        f"again with `horde job watch {job_uuid}{out}`, or cancel it with "
+        f"`horde job cancel {job_uuid}`"
+    )
+
+
+class _Follower:
+    """Follows a job's stream: shows its progress (a live line on a terminal, else a line per
+    event on stderr; nothing with --json), writes output chunks, keeps the result."""
+
+    def __init__(self, as_json: bool, job_uuid: str = "") -> None:
+        self.console = Console(stderr=True)
+        self.live = self.console.is_terminal and not as_json
+        self.as_json = as_json
+        self.job_uuid = job_uuid
+        self.answered = False  # a message came
+        self.result: job_pb2.JobResult | None = None
+
+    @contextlib.contextmanager
+    def showing(self, what: str) -> Iterator[Any]:
+        status = self.console.status(what) if self.live else None
+        if status is not None:
+            status.start()
+        try:
+            yield status
+        finally:
+            if status is not None:
+                status.stop()
+
+    async def follow(self, call: AsyncIterator[Any], outputs: Outputs | None, what: str) -> None:
+        with self.showing(what) as status:
+            async for msg in call:
+                self.answered = True
+                kind = msg.WhichOneof("payload")
+                if kind == "event":
+                    ev = msg.event
+                    self.job_uuid = self.job_uuid or ev.job_uuid
+                    text = shown(
+                        f"{state_name(ev.state)} [{stage_name(ev.stage)}] {ev.message}",
+                        self.console.is_terminal,
+                    )
+                    if status is not None:
+                        status.update(f"{ev.job_uuid} {text}")
+                    elif not self.as_json:
+                        print(f"{ev.job_uuid} {text}", file=sys.stderr)
+                elif kind == "output_chunk" and outputs is not None:
+                    outputs.chunk(msg.output_chunk)
+                elif kind == "result":
+                    self.result = msg.result
 
 
 async def run_job(
@@ -229,7 +513,7 @@ async def run_job(
     as_json: bool,
 ) -> int:
     """Submit, follow and print one job. Ctrl-C cancels the job (once the validator has accepted
-    it) before the command ends."""
+    it) before the command ends; SIGTERM and SIGHUP leave it running and say how to follow it."""
     inline: list[tuple[int, bytes]] = []
     for item in inputs:
         if isinstance(item, Inline):
@@ -237,47 +521,34 @@ async def run_job(
             spec.inputs.append(item.volume)
         else:
             spec.inputs.append(item)
-    console = Console(stderr=True)
-    live = console.is_terminal and not as_json
-    final: job_pb2.JobResult | None = None
-    files: dict[str, Any] = {}
-    unwritten: dict[str, str] = {}  # output path -> why it could not be written here
-    job_uuid = ""
+    follower = _Follower(as_json)
+    outputs = Outputs(output_dir) if output_dir is not None else None
     try:
         async with target.channel() as channel:
             stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-            call = stub.SubmitJob(_requests(spec, inline))
-            status = console.status("submitting job...") if live else None
-            if status is not None:
-                status.start()
             try:
-                async for msg in call:
-                    kind = msg.WhichOneof("payload")
-                    if kind == "event":
-                        ev = msg.event
-                        job_uuid = job_uuid or ev.job_uuid
-                        text = shown(
-                            f"{state_name(ev.state)} [{stage_name(ev.stage)}] {ev.message}",
-                            console.is_terminal,
-                        )
-                        if status is not None:
-                            status.update(f"{ev.job_uuid} {text}")
-                        elif not as_json:
-                            print(f"{ev.job_uuid} {text}", file=sys.stderr)
-                    elif kind == "output_chunk" and output_dir is not None:
-                        _write_output(output_dir, msg.output_chunk, files, unwritten)
-                    elif kind == "result":
-                        final = msg.result
-            except asyncio.CancelledError:  # Ctrl-C
-                if status is not None:
-                    status.stop()
-                    status = None
-                await _cancel_on_interrupt(stub, job_uuid)
+                await follower.follow(
+                    stub.SubmitJob(_requests(spec, inline)), outputs, "submitting job..."
+                )
+            except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP
+                if outputs is not None:
+                    outputs.abandon(INTERRUPTED)
+                if _STOP.signum is None:
+                    await _cancel_on_interrupt(stub, follower.job_uuid)
+                else:
+                    _detached("run", follower.job_uuid, output_dir)
+                if outputs is not None:
+                    outputs.report("run")
                 raise
-            finally:
-                if status is not None:
-                    status.stop()
+            if outputs is not None and follower.result is not None:
+                outputs.finish(follower.result.outputs, "the validator did not send it")
+            elif outputs is not None:
+                outputs.abandon("the stream ended without the job's result")
     except grpc.aio.AioRpcError as exc:
+        job_uuid = follower.job_uuid
+        if outputs is not None:
+            outputs.abandon(f"the stream broke off ({exc.code().name})")
+            outputs.report("run")
         why = f"{exc.code().name}: {exc.details()}"
         if job_uuid:
             # Nothing answered any more (2), or the validator itself ended the stream (1).
@@ -289,45 +560,176 @@ async def run_job(
             ) from None
         raise call_failed(exc, target.address, "validator refused the job") from None
     finally:
-        for fh in files.values():
-            fh.close()
-    if final is None:
+        if outputs is not None:
+            outputs.abandon(INTERRUPTED)  # whatever happened, no temporary file stays
+    if follower.result is None:
+        if outputs is not None:
+            outputs.report("run")
         raise CliError("the validator closed the stream without a result")
-    doc = result_json(final)
+    return _outcome("run", follower.result, outputs, as_json)
+
+
+async def job_watch(target: Target, job_uuid: str, output_dir: Path | None, as_json: bool) -> int:
+    """Follow a job (replaying its past events) to its result and print it as `run_job` does,
+    its outputs downloaded into `output_dir` when given. Ctrl-C, SIGTERM and SIGHUP stop
+    following; the job is left as it is."""
+    follower = _Follower(as_json, job_uuid)
+    outputs = Outputs(output_dir) if output_dir is not None else None
+    try:
+        async with target.channel() as channel:
+            stub = validator_pb2_grpc.ValidatorServiceStub(channel)
+            try:
+                call = stub.WatchJob(validator_pb2.WatchJobRequest(job_uuid=job_uuid))
+                await follower.follow(call, None, f"following job {job_uuid}...")
+                final = follower.result
+                if outputs is None or final is None or not final.outputs:
+                    pass
+                elif final.upload_url:  # the validator holds none of them
+                    outputs.finish(final.outputs, f"the job uploaded it to {final.upload_url}")
+                else:
+                    with follower.showing(f"downloading the outputs of job {job_uuid}..."):
+                        await _fetch(stub, job_uuid, outputs, final.outputs)
+            except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP
+                if outputs is not None:
+                    outputs.abandon(INTERRUPTED)
+                _detached("watch", job_uuid, output_dir)
+                if outputs is not None:
+                    outputs.report("watch")
+                raise
+    except grpc.aio.AioRpcError as exc:
+        if outputs is not None:
+            outputs.abandon(f"the download broke off ({exc.code().name})")
+            outputs.report("watch")
+        if not follower.answered:
+            raise call_failed(exc, target.address) from None
+        lost = exc.code() in CONNECTION_CODES
+        error = CliError if lost else Refused
+        why = f"{exc.code().name}: {exc.details()}"
+        if follower.result is not None:
+            raise error(
+                f"downloading the outputs of job {job_uuid}: {why}; fetch them again with "
+                f"`horde job download {job_uuid} --output {shlex.quote(str(output_dir))}`"
+            ) from None
+        what = "lost the validator while following" if lost else "the validator ended"
+        raise error(
+            f"{what} job {job_uuid} ({why}); follow it again with `horde job watch {job_uuid}`"
+        ) from None
+    finally:
+        if outputs is not None:
+            outputs.abandon(INTERRUPTED)
+    if follower.result is None:
+        raise CliError(
+            f"the validator closed the stream without a result; ask again with "
+            f"`horde job status {job_uuid}`"
+        )
+    return _outcome("watch", follower.result, outputs, as_json)
+
+
+# An output the result lists that DownloadOutputs does not send (past the validator's cap).
+NOT_HELD = "the validator does not hold it (past its cap for a job's inline outputs)"
+
+
+async def _fetch(
+    stub: validator_pb2_grpc.ValidatorServiceStub,
+    job_uuid: str,
+    outputs: Outputs,
+    listed: Iterable[job_pb2.OutputFile],
+    written: Callable[[str], None] | None = None,
+) -> None:
+    """Download a finished job's outputs (DownloadOutputs) and write those the result lists;
+    `written` is told each one as it is written into place."""
+    outputs.expect(listed)
+    call = stub.DownloadOutputs(validator_pb2.DownloadOutputsRequest(job_uuid=job_uuid))
+    async for msg in call:
+        path = outputs.chunk(msg.chunk)
+        if path is not None and written is not None:
+            written(path)
+    outputs.finish(listed, NOT_HELD)
+
+
+async def job_download(target: Target, job_uuid: str, output_dir: Path, as_json: bool) -> int:
+    """Fetch a finished job's outputs into `output_dir` again; as text, a line for each output
+    as it is written."""
+    outputs = Outputs(output_dir)
+    terminal = sys.stdout.isatty()
+    listed: dict[str, job_pb2.OutputFile] = {}
+
+    def written(path: str) -> None:
+        if not as_json:
+            doc = _output_json(listed[path])
+            doc["written_to"] = str(output_dir / path)
+            print(shown(_output_line(doc), terminal), flush=True)
+
+    try:
+        async with target.channel() as channel:
+            stub = validator_pb2_grpc.ValidatorServiceStub(channel)
+            with _refused_as_cli_error(target):
+                job = (
+                    await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job_uuid), timeout=10)
+                ).job
+            state = state_name(job.state)
+            if job.state not in TERMINAL_STATES:
+                raise Refused(
+                    f"job {job_uuid} has not finished ({state}); follow it with "
+                    f"`horde job watch {job_uuid} --output {shlex.quote(str(output_dir))}`"
+                )
+            if job.spec.output.WhichOneof("target") == "upload":
+                raise Refused(
+                    f"job {job_uuid} uploaded its outputs to {job.result.upload_url or 'a URL'}; "
+                    "the validator holds none"
+                )
+            listed = {o.path: o for o in job.result.outputs}
+            try:
+                if listed:
+                    await _fetch(stub, job_uuid, outputs, job.result.outputs, written)
+            except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP
+                outputs.abandon(INTERRUPTED)
+                lead = "\n" if _STOP.signum is None else ""
+                _say(
+                    f"{lead}horde job download: {_stopped_how()}; fetch the outputs again with "
+                    f"`horde job download {job_uuid} --output {shlex.quote(str(output_dir))}`"
+                )
+                outputs.report("download")
+                raise
+    except grpc.aio.AioRpcError as exc:
+        outputs.abandon(f"the download broke off ({exc.code().name})")
+        outputs.report("download")
+        raise call_failed(
+            exc, target.address, f"downloading the outputs of job {job_uuid}"
+        ) from None
+    finally:
+        outputs.abandon(INTERRUPTED)
+    doc: dict[str, Any] = {
+        "job_uuid": job_uuid,
+        "state": state,
+        "outputs": [_output_json(o) for o in job.result.outputs],
+    }
+    outputs.mark(doc)
     if as_json:
-        if unwritten:
-            doc["outputs_not_written"] = unwritten
         print(json.dumps(doc, indent=2))
     else:
-        print_result(doc, output_dir)
-    for path, why in unwritten.items():
-        print(f"horde job run: output {path} not written: {why}", file=sys.stderr)
+        for o in doc["outputs"]:
+            if o["written_to"] is None:  # (the others were said as they were written)
+                print(shown(_output_line(o), terminal))
+    if not listed:
+        _say(f"horde job download: job {job_uuid} ({state}) returned no output files")
+    outputs.report("download")
+    return 1 if outputs.unwritten else 0
+
+
+def _outcome(cmd: str, final: job_pb2.JobResult, outputs: Outputs | None, as_json: bool) -> int:
+    """Print a job's result (and where its outputs went) and return the exit status."""
+    doc = result_json(final)
+    if outputs is not None:
+        outputs.mark(doc)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print_result(doc)
+    if outputs is not None:
+        outputs.report(cmd)
     ok = final.state == common_pb2.JOB_STATE_COMPLETED and doc["exit_code"] == 0
-    return 0 if ok and not unwritten else 1
-
-
-def _write_output(
-    root: Path, chunk: job_pb2.OutputChunk, files: dict[str, Any], unwritten: dict[str, str]
-) -> None:
-    """Write one chunk of an output file under `root`; a file that cannot be written here is
-    noted in `unwritten` (and skipped), the others still arrive."""
-    if chunk.path in unwritten:
-        return
-    try:
-        if chunk.path not in files:
-            path = _safe_output_path(root, chunk.path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            files[chunk.path] = path.open("wb")
-        files[chunk.path].write(chunk.data)
-        if chunk.last:
-            files.pop(chunk.path).close()
-    except (OSError, CliError) as exc:
-        fh = files.pop(chunk.path, None)
-        if fh is not None:
-            fh.close()
-        unwritten[chunk.path] = (
-            str(exc) if isinstance(exc, CliError) else f"{exc.strerror or exc} ({exc.filename})"
-        )
+    return 0 if ok and not (outputs is not None and outputs.unwritten) else 1
 
 
 async def _cancel_on_interrupt(
@@ -350,7 +752,7 @@ def _why(res: dict[str, Any]) -> str:
     return f"{res['reason']}{where}: {res['detail']}"
 
 
-def print_result(doc: dict[str, Any], output_dir: Path | None) -> None:
+def print_result(doc: dict[str, Any]) -> None:
     """The result as text. The job's stdout and stderr come out as they were (on a terminal
     with control characters escaped), not re-wrapped."""
     terminal = sys.stdout.isatty()
@@ -370,14 +772,7 @@ def print_result(doc: dict[str, Any], output_dir: Path | None) -> None:
             text = shown(doc[stream], terminal)
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
     for o in doc["outputs"]:
-        where = f" -> {output_dir / o['path']}" if output_dir else ""
-        print(
-            shown(
-                f"output {o['path']} ({o['size_bytes']} bytes, sha256 {o['sha256'][:16]}...)"
-                f"{where}",
-                terminal,
-            )
-        )
+        print(shown(_output_line(o), terminal))
     if doc["stage_seconds"]:
         print("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in doc["stage_seconds"].items()))
     sys.stdout.flush()

@@ -181,15 +181,16 @@ def _job(args: argparse.Namespace) -> int:
             )
             if args.timeout:
                 spec.timeouts.execution_s = args.timeout
-            if args.output:
-                try:
-                    args.output.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    why = exc.strerror or exc
-                    raise client.CliError(f"--output {args.output}: {why}") from None
+            _output_dir(args.output)
             return await client.run_job(
                 target, spec, client.build_inputs(args.input), args.output, args.json
             )
+        if args.job_cmd == "watch":
+            _output_dir(args.output)
+            return await client.job_watch(target, args.job_uuid, args.output, args.json)
+        if args.job_cmd == "download":
+            _output_dir(args.output)
+            return await client.job_download(target, args.job_uuid, args.output, args.json)
         if args.job_cmd == "status":
             return await client.job_status(target, args.job_uuid, args.json)
         if args.job_cmd == "cancel":
@@ -197,7 +198,8 @@ def _job(args: argparse.Namespace) -> int:
         return await client.job_list(target, args.limit, args.json)
 
     try:
-        status = asyncio.run(go())
+        # SIGTERM and SIGHUP end it as Ctrl-C does, with 143 and 129, leaving a job running.
+        status = asyncio.run(client.stoppable(go()))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
         return status
     except client.CliError as exc:  # a refusal (1), or a usage or connection problem (2)
@@ -211,6 +213,18 @@ def _job(args: argparse.Namespace) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141
+
+
+def _output_dir(path: Path | None) -> None:
+    """Make the --output directory (when given)."""
+    from horde_services.cli.client import CliError
+
+    if path is None:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--output {path}: {exc.strerror or exc}") from None
 
 
 def _key_values(option: str, items: list[str]) -> dict[str, str]:
@@ -255,11 +269,18 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-# `horde job status|cancel|list` (`horde job run` says its own in its description).
+# `horde job status|cancel|list` (`run`, `watch` and `download` say their own in their
+# descriptions).
 _JOB_EPILOG = (
     "Exit status: 0 done, 1 refused by the validator (e.g. not an enrolled client, no such job, "
     "another client's job), 2 for usage and connection problems, 130 when interrupted, "
     "141 when the output was closed early (e.g. piped into `head`)."
+)
+# How `horde job run`, `watch` and `download` write outputs.
+_OUTPUTS_WRITTEN = (
+    "Each output is written under a temporary name beside its own and renamed into place only "
+    "once complete and of the size and sha256 the job's result lists; one that is not (a write "
+    "error, a mismatch, an interruption) leaves no file and is named on stderr as not written."
 )
 
 
@@ -340,11 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a job and wait for its result",
         description="Run IMAGE (with COMMAND, if given) as an organic job and wait for its "
-        "result. Ctrl-C cancels the job. Exit status: 0 when the job completed with exit code 0, "
+        "result. Ctrl-C cancels the job. SIGTERM and SIGHUP leave it running: the command says "
+        "how to follow it again (`horde job watch JOB_UUID`) or cancel it, and ends. "
+        f"{_OUTPUTS_WRITTEN} "
+        "Exit status: 0 when the job completed with exit code 0, "
         "1 when it failed, was rejected or cancelled, the validator refused it (e.g. not an "
         "enrolled client, a bad spec), or an output could not be written here, "
-        "2 for usage and connection problems, 130 when interrupted, "
-        "141 when the output was closed early (e.g. piped into `head`).",
+        "2 for usage and connection problems, 129 on SIGHUP, 130 when interrupted, "
+        "141 when the output was closed early (e.g. piped into `head`), 143 on SIGTERM.",
     )
     _add_client_args(run)
     run.add_argument("--class", dest="job_class", help="executor class")
@@ -379,6 +403,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("image")
     run.add_argument("command", nargs=argparse.REMAINDER)
+    watch = job.add_parser(
+        "watch",
+        help="follow a job to its result (again), downloading its outputs",
+        description="Follow a job (its past events first) until its result and print it as "
+        "`horde job run` does; with --output, download its outputs (as `horde job download`). "
+        "Ctrl-C, SIGTERM and SIGHUP stop following and leave the job as it is. "
+        f"{_OUTPUTS_WRITTEN} "
+        "Exit status: 0 when the job completed with exit code 0 (and every output was written), "
+        "1 when it failed, was rejected or cancelled, the validator refused the call (e.g. no "
+        "such job, another client's job), or an output could not be written here, "
+        "2 for usage and connection problems, 129 on SIGHUP, 130 when interrupted, "
+        "141 when the output was closed early (e.g. piped into `head`), 143 on SIGTERM.",
+    )
+    _add_client_args(watch)
+    watch.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="directory to download the job's /output files into",
+    )
+    watch.add_argument("job_uuid")
+    download = job.add_parser(
+        "download",
+        help="download a finished job's outputs (again)",
+        description="Download the output files a finished job returned inline (the validator "
+        "keeps them for its output retention) into DIR, saying each one as it is written. "
+        f"{_OUTPUTS_WRITTEN} "
+        "Exit status: 0 when every output was written, 1 when one was not, the job has not "
+        "finished or the validator refused the call (e.g. no such job, another client's job), "
+        "2 for usage and connection problems, 129 on SIGHUP, 130 when interrupted, "
+        "141 when the output was closed early (e.g. piped into `head`), 143 on SIGTERM.",
+    )
+    _add_client_args(download)
+    download.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory to write the job's /output files into",
+    )
+    download.add_argument("job_uuid")
     for name, helptext in (("status", "show a job"), ("cancel", "cancel a job")):
         p = job.add_parser(name, help=helptext, epilog=_JOB_EPILOG)
         _add_client_args(p)

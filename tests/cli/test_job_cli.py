@@ -179,6 +179,9 @@ def test_the_validators_refusals_exit_1(dev: Path, tmp_path: Path) -> None:
         (["run", "--key", str(stranger), BASE, "--", "true"], not_enrolled),
         (["status", unknown], f"NOT_FOUND: no job {unknown}"),
         (["cancel", unknown], f"NOT_FOUND: no job {unknown}"),
+        (["watch", unknown], f"NOT_FOUND: no job {unknown}"),
+        (["download", "--output", str(tmp_path / "out"), unknown], f"NOT_FOUND: no job {unknown}"),
+        (["watch", "--key", str(stranger), unknown], not_enrolled),
         (["status", "not-a-uuid"], "INVALID_ARGUMENT: job_uuid 'not-a-uuid' is not a UUID"),
         (
             ["run", "--label", "k=" + "x" * 1025, BASE, "--", "true"],
