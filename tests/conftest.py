@@ -116,3 +116,9 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         yield eng
     finally:
         await eng.dispose()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "settings(**kw): more settings for a test's service (where its fixture says)"
+    )

@@ -99,9 +99,9 @@ def register(sub: Any) -> None:
         "--window",
         type=bounded_int(1, 64, "--window"),
         default=1,
-        help="requests in flight at once (default 1: each waits for the answer before it); "
-        "more raises throughput, answers still come in order (lines typed on a terminal go "
-        "one at a time)",
+        help="requests in flight at once, 1 to 64 (default 1: each waits for the answer before "
+        "it); more raises throughput, answers still come in order (lines typed on a terminal go "
+        "one at a time); fewer while 120 MiB are in flight",
     )
     p.set_defaults(func=main)
 

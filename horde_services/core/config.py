@@ -267,6 +267,9 @@ class ValidatorSettings(ServiceSettings):
     # too, ends horde_failed (validator_restarted), counted against no miner. Keep the unit's
     # TimeoutStopSec above this plus shutdown_grace_s. 0 stops them at once.
     drain_timeout_s: float = Field(default=20.0, ge=0)
+    # Disk space (MiB) an inline-input upload must leave free under state_dir (where inputs are
+    # spooled, beside the database): one that would not is refused UNAVAILABLE.
+    spool_min_free_mb: int = Field(default=1024, ge=0)
     # How long a finished job's inline output files are kept for DownloadOutputs (they are in
     # the database: it grows with them); its record, result and events stay. Pruned hourly.
     output_retention_days: float = Field(default=7.0, gt=0)

@@ -27,7 +27,6 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -115,12 +114,6 @@ class RpcMiddleware(grpc.aio.ServerInterceptor):
             # What generated servicer base classes raise for a method the servicer lacks.
             call.code, call.detail = grpc.StatusCode.UNIMPLEMENTED, "method not implemented"
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
-        if isinstance(exc, DecodeError):
-            # A message of a request stream that is not its protobuf type (gRPC itself answers
-            # so for unary calls): the caller's error, not the service's.
-            detail = f"a request message could not be parsed: {exc}"
-            call.code, call.detail = grpc.StatusCode.INVALID_ARGUMENT, detail
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
         storage = _storage_trouble(exc)
         if storage is not None:
             # The database refused (a full disk, a read-only file, a server gone): the caller

@@ -43,9 +43,10 @@ REQUEST_FRAME_BYTES = 1024 * 1024
 SESSION_METHOD = "/horde.v1.GatewayService/Session"
 # How long a write that failed waits for the reader to learn why the session ended.
 END_READ_TIMEOUT_S = 5.0
-# Requests a pipeline keeps in flight at most: a gateway refuses a session more (its
-# MAX_IN_FLIGHT).
+# Requests a pipeline keeps in flight at most, and their bytes (unless one request alone is
+# more): a gateway refuses a session more (its MAX_IN_FLIGHT and MAX_IN_FLIGHT_BYTES).
 MAX_WINDOW = 64
+MAX_WINDOW_BYTES = 120 * 1024 * 1024
 # Response bytes read ahead of the caller before the reader waits for it to catch up.
 INBOX_BYTES = 8 * 1024 * 1024
 
@@ -92,6 +93,7 @@ class _Sent:
     input_sha256: bytes
     sent_ns: int  # wall clock, for the receipt's timestamps
     started: float  # perf_counter, for the latency
+    size: int = 0  # body bytes
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
@@ -285,6 +287,7 @@ class StreamClient:
         in_flight: collections.deque[_Sent] = collections.deque()
         slots = asyncio.Semaphore(window)
         sent_more = asyncio.Event()
+        answered = asyncio.Event()
 
         async def send_all() -> None:
             try:
@@ -294,6 +297,12 @@ class StreamClient:
                     body = await anext(requests, None)
                     if body is None:
                         return
+                    # Bytes in flight are bounded too (a gateway refuses a session more).
+                    while in_flight and (
+                        sum(s.size for s in in_flight) + len(body) > MAX_WINDOW_BYTES
+                    ):
+                        answered.clear()
+                        await answered.wait()
                     in_flight.append(await self._send_request(body))
                     sent_more.set()
             finally:
@@ -327,6 +336,7 @@ class StreamClient:
                         raise
                     response = failed
                 in_flight.popleft()
+                answered.set()
                 yield response
                 # Only now is the next request taken from `bodies`: with `window` 1 a prompt
                 # for it comes after this answer was handled.
@@ -340,7 +350,9 @@ class StreamClient:
         """Send one request: one frame, or REQUEST_FRAME_BYTES pieces when the body is larger."""
         self._opened()
         self._seq += 1
-        sent = _Sent(self._seq, hashlib.sha256(body).digest(), time.time_ns(), time.perf_counter())
+        sent = _Sent(
+            self._seq, hashlib.sha256(body).digest(), time.time_ns(), time.perf_counter(), len(body)
+        )
         if len(body) <= REQUEST_FRAME_BYTES:
             await self._send(
                 gateway_pb2.SessionRequest(

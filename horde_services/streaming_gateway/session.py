@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from horde.v1 import (
     common_pb2,
     gateway_pb2,
@@ -66,8 +67,11 @@ _RECEIPTS_REJECTED = metrics.RECEIPTS.labels("rejected")
 # memory here and at the job proxy otherwise). StreamClient.pipeline's window is capped to fit.
 MAX_IN_FLIGHT = 64
 MAX_IN_FLIGHT_BYTES = 128 * 1024 * 1024
-# Extra-data chunks (1 MiB each from StreamClient) held for the validator per upload, at most.
-EXTRA_QUEUE_CHUNKS = 8
+# Extra-data uploads a session may have under way at once, and the bytes of one held for the
+# validator at most (its default cap on one upload: a client sending faster than the validator
+# takes them is never held back, as its requests share the stream).
+MAX_EXTRA_UPLOADS = 4
+EXTRA_BUFFER_BYTES = 256 * 1024 * 1024
 # A failed request's reason is passed on to the client cut to this many characters.
 MAX_ERROR_CHARS = 4096
 # Bodies larger than this are relayed and hashed but not kept for sampling.
@@ -156,8 +160,11 @@ class _Pending:
 class _Upload:
     """An extra-data file on its way to the validator."""
 
-    queue: asyncio.Queue[streaming_pb2.ExtraData | None]
+    queue: asyncio.Queue[streaming_pb2.ExtraData | None] = field(default_factory=asyncio.Queue)
+    queued_bytes: int = 0  # sent by the client, not yet taken by the validator's call
     over: bool = False  # the upload ended (placed, refused or failed): later chunks are dropped
+    task: asyncio.Task[None] | None = None
+    refused: str = ""  # why the gateway itself stopped it
 
 
 def _keep(parts: list[bytes] | None, body: bytes, total: int) -> list[bytes] | None:
@@ -228,7 +235,11 @@ class Session:
     # --- entry point ----------------------------------------------------------------------
 
     async def run(self, requests: AsyncIterator[gateway_pb2.SessionRequest]) -> None:
-        first = await anext(aiter(requests), None)
+        try:
+            first = await anext(aiter(requests), None)
+        except DecodeError as exc:  # bytes that are no SessionRequest: the client's error
+            metrics.GATEWAY_SESSIONS.labels("refused").inc()
+            raise InvalidArgument(f"a session message could not be parsed: {exc}") from None
         try:
             limit = self._check_open(first)
         except HordeError:
@@ -348,10 +359,16 @@ class Session:
             if exc.code() is grpc.StatusCode.CANCELLED and self._end.done():
                 return
             self._job_ended = True  # the validator stops the job when this call breaks
-            self._finish(_Ending(f"validator: {_rpc_error(exc)}", "validator_lost"))
+            self._finish(self._validator_lost(f"validator: {_rpc_error(exc)}"))
             return
         self._job_ended = True
-        self._finish(_Ending("validator closed the job stream without a result", "validator_lost"))
+        self._finish(self._validator_lost("validator closed the job stream without a result"))
+
+    def _validator_lost(self, reason: str) -> _Ending:
+        # Before the session is ready (the validator refusing for now, e.g. shutting down, or
+        # unreachable): UNAVAILABLE, a status a client retries on.
+        error = None if self._ready else Unavailable(reason)
+        return _Ending(reason, "validator_lost", error=error)
 
     async def _on_ready(self, ready: validator_pb2.StreamingJobReady) -> None:
         self._job_uuid = ready.job_uuid
@@ -415,6 +432,10 @@ class Session:
                     raise InvalidArgument(f"unexpected {kind or 'empty'} message in a session")
         except HordeError as exc:
             self._finish(_Ending(exc.message, "client_error", error=exc))
+            return
+        except DecodeError as exc:  # bytes that are no SessionRequest: the client's error
+            message = f"a session message could not be parsed: {exc}"
+            self._finish(_Ending(message, "client_error", error=InvalidArgument(message)))
             return
         except ClockSkew as exc:
             # The client's clock must be fixed before it tries again.
@@ -636,16 +657,43 @@ class Session:
             return
         upload = self._extra.get(name)
         if upload is None:
-            upload = _Upload(asyncio.Queue(maxsize=EXTRA_QUEUE_CHUNKS))
+            under_way = sum(1 for u in self._extra.values() if not u.over)
+            upload = _Upload(over=under_way >= MAX_EXTRA_UPLOADS)
             self._extra[name] = upload
-            self._spawn(self._upload_extra(name, upload))
-        # Waits while the validator takes the chunks before (the client is held back, not
-        # buffered here); dropped once that upload has ended (refused: its outcome was sent).
+            if upload.over:  # refused, once; its chunks are dropped until its last
+                message = (
+                    f"extra data {name} refused: {under_way} uploads are under way in this "
+                    f"session, the most it may have at once"
+                )
+                await self._extra_outcome(
+                    name,
+                    [
+                        streaming_pb2.ExtraDataPlaced(
+                            job_uuid=self._job_uuid, file_name=name, error=message
+                        )
+                    ],
+                    message,
+                )
+            else:
+                upload.task = self._spawn(self._upload_extra(name, upload))
+        # Never waits (the client's requests come on the same stream, and their timestamps
+        # must not age behind a slow upload): buffered up to EXTRA_BUFFER_BYTES, past which the
+        # upload is refused; dropped once the upload has ended (its outcome was sent).
         if not upload.over:
-            await upload.queue.put(data)
+            if upload.queued_bytes + len(data.data) > EXTRA_BUFFER_BYTES:
+                upload.over = True
+                upload.refused = (
+                    f"more than {EXTRA_BUFFER_BYTES} bytes of it arrived ahead of what the "
+                    f"validator took"
+                )
+                assert upload.task is not None
+                upload.task.cancel()
+            else:
+                upload.queued_bytes += len(data.data)
+                upload.queue.put_nowait(data)
         if data.last:
             if not upload.over:
-                await upload.queue.put(None)
+                upload.queue.put_nowait(None)
             del self._extra[name]
 
     async def _upload_extra(self, name: str, upload: _Upload) -> None:
@@ -654,14 +702,29 @@ class Session:
 
         async def chunks() -> AsyncIterator[validator_pb2.AddExtraDataRequest]:
             while (item := await queue.get()) is not None:
+                upload.queued_bytes -= len(item.data)
                 yield validator_pb2.AddExtraDataRequest(job_uuid=job_uuid, data=item)
 
         try:
             await self._place_extra(name, chunks())
+        except asyncio.CancelledError:
+            if not upload.refused:
+                raise
+            # Stopped here (cancelling its call: nothing is placed); the session goes on.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            message = f"extra data {name} refused: {upload.refused}"
+            await self._extra_outcome(
+                name,
+                [streaming_pb2.ExtraDataPlaced(job_uuid=job_uuid, file_name=name, error=message)],
+                message,
+            )
         finally:
             upload.over = True
             while not queue.empty():  # nobody reads them now
                 queue.get_nowait()
+            upload.queued_bytes = 0
 
     async def _place_extra(
         self, name: str, chunks: AsyncIterator[validator_pb2.AddExtraDataRequest]

@@ -114,6 +114,7 @@ async def _start_locked(
         settings.max_inline_input_bytes,
         settings.max_stage_timeout_s,
         admins,
+        settings.spool_min_free_mb * 2**20,
     )
     servicer.streaming = StreamingJobs(
         manager,

@@ -98,8 +98,10 @@ class LiveJob:
     placements: dict[str, asyncio.Future[streaming_pb2.ExtraDataPlaced]] = field(
         default_factory=dict
     )
-    # Set when the validator, shutting down, stops the job: why (its result says so).
+    # Set when the validator, shutting down, stops the job: why (its result says so), and the
+    # event its routing waits on next to `cancel`.
     stopped_by_shutdown: str = ""
+    shutdown: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class JobManager:
@@ -183,6 +185,8 @@ class JobManager:
             job,
             event(job_uuid, common_pb2.JOB_STATE_ACCEPTED, common_pb2.STAGE_ACCEPT, "job accepted"),
         )
+        if self.draining:  # the drain began while this job was being recorded: it ends at once
+            self._stop_for_shutdown(job, 0)
         job.task = asyncio.create_task(self._run(job))
         return job
 
@@ -236,22 +240,25 @@ class JobManager:
                 )
             else:
                 log.info("drained", jobs=len(organic))
-        live = [job for job in self._live.values() if job.task is not None and not job.task.done()]
+        # Not cancelled: each ends through its own routing, which stops on `shutdown` and
+        # returns the result (a task cut inside _finish would lose its stored result).
+        live = [job for job in self._live.values() if job.result is None]
         for job in live:
-            job.stopped_by_shutdown = (
-                f"the validator shut down while the job was in flight (after a drain of "
-                f"{timeout_s:g}s); submit it again"
-                if job.kind == "organic"
-                else "the validator shut down during the session; start a new one"
-            )
-            assert job.task is not None
-            job.task.cancel()
-        for job in live:
-            assert job.task is not None
-            with contextlib.suppress(asyncio.CancelledError):
-                await job.task
+            self._stop_for_shutdown(job, timeout_s)
+        tasks = {job.task for job in live if job.task is not None and not job.task.done()}
+        if tasks:
+            await asyncio.wait(tasks)
         if live:
             log.warning("jobs_stopped_by_shutdown", job_uuids=[job.job_uuid for job in live])
+
+    def _stop_for_shutdown(self, job: LiveJob, drained_s: float) -> None:
+        job.stopped_by_shutdown = (
+            f"the validator shut down while the job was in flight (after a drain of "
+            f"{drained_s:g}s); submit it again"
+            if job.kind == "organic"
+            else "the validator shut down during the session; start a new one"
+        )
+        job.shutdown.set()
 
     async def close(self) -> None:
         """Stop following jobs in flight (shutdown; drain() normally ended them all already):
@@ -312,8 +319,15 @@ class JobManager:
         try:
             await self._store_outputs(job)  # the last batch, before the result says "done"
         except Exception as exc:
-            # Its followers had every byte as it came; the job's result stands.
+            # Its outputs could not be kept for DownloadOutputs (its followers had every byte as
+            # it came): not a completed job, and the validator's fault, not the miner's.
             log.error("job_outputs_not_stored", job_uuid=job.job_uuid, error=repr(exc))
+            if res.state == common_pb2.JOB_STATE_COMPLETED:
+                res.state = common_pb2.JOB_STATE_HORDE_FAILED
+                res.reason = common_pb2.FAILURE_REASON_INTERNAL_ERROR
+                res.stage = common_pb2.STAGE_OUTPUT_UPLOAD
+                res.detail = f"the validator could not store the job's outputs: {exc!r}"
+                res.miner_hotkey = ""
         res.job_uuid = job.job_uuid
         job.result = res
         metrics.JOBS.labels(job.kind, state_name(res.state), reason_name(res.reason)).inc()
@@ -399,8 +413,18 @@ class JobManager:
         stream tells it to stop the job)."""
         route = asyncio.create_task(self._route(job))
         cancelled = asyncio.create_task(job.cancel.wait())
+        shutdown = asyncio.create_task(job.shutdown.wait())
         try:
-            await asyncio.wait({route, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({route, cancelled, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+            if job.shutdown.is_set() and not route.done():
+                # The validator stops (drain()): dropping the miner's call stops the job there.
+                return result(
+                    job.job_uuid,
+                    common_pb2.JOB_STATE_HORDE_FAILED,
+                    common_pb2.FAILURE_REASON_VALIDATOR_RESTARTED,
+                    common_pb2.STAGE_UNSPECIFIED,
+                    job.stopped_by_shutdown,
+                )
             if not route.done():
                 await asyncio.wait({route}, timeout=CANCEL_WAIT_S)
             if route.done():
@@ -419,6 +443,7 @@ class JobManager:
             )
         finally:
             cancelled.cancel()
+            shutdown.cancel()
             if not route.done():
                 route.cancel()
                 # Wait for it to stop without taking its cancellation for ours: a shutdown or
@@ -429,20 +454,6 @@ class JobManager:
         try:
             async with asyncio.timeout(self._deadline_s(job)):
                 res = await self._route_or_cancel(job)
-        except asyncio.CancelledError:
-            if not job.stopped_by_shutdown:
-                raise
-            # The drain's end stopped it (drain()): it ends here, with its own result.
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            res = result(
-                job.job_uuid,
-                common_pb2.JOB_STATE_HORDE_FAILED,
-                common_pb2.FAILURE_REASON_VALIDATOR_RESTARTED,
-                common_pb2.STAGE_UNSPECIFIED,
-                job.stopped_by_shutdown,
-            )
         except TimeoutError:
             if job.cancel.is_set():  # the client had cancelled it: that is how it ended
                 res = result(

@@ -107,9 +107,8 @@ def validate_spec(spec: job_pb2.JobSpec, max_stage_timeout_s: int | None = None)
 
 
 # Inline-input uploads one client may have under way at once (each up to max_inline_input_bytes,
-# spooled to the state_dir's disk), and the disk space an upload must leave free there.
+# spooled to the state_dir's disk, which must keep spool_min_free_mb free).
 MAX_UPLOADS_PER_CLIENT = 4
-SPOOL_MIN_FREE_BYTES = 1024 * 1024 * 1024
 
 
 class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServicer):
@@ -122,7 +121,9 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
         max_input_bytes: int,
         max_stage_timeout_s: int | None = None,
         admins: set[str] | None = None,
+        spool_min_free_bytes: int = 1024 * 1024 * 1024,
     ) -> None:
+        self._spool_min_free = spool_min_free_bytes
         self._manager = manager
         # Identity strings that see every client's jobs (the others see their own).
         self._admins = admins or set()
@@ -187,7 +188,8 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             spool.rmdir()
             yield validator_pb2.SubmitJobResponse(result=res)
             return
-        self._uploads[client] = self._uploads.get(client, 0) + 1
+        uploads = 1 if inline else 0  # (only inline inputs count as uploads)
+        self._uploads[client] = self._uploads.get(client, 0) + uploads
         try:
             await self._spool_inputs(spec, requests, spool)
             # (A drain that began during the upload refuses it here, its spool removed.)
@@ -196,7 +198,7 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             shutil.rmtree(spool, ignore_errors=True)
             raise
         finally:
-            self._uploads[client] -= 1
+            self._uploads[client] -= uploads
             if not self._uploads[client]:
                 del self._uploads[client]
         log.info("job_submitted", job_uuid=job_uuid, image=spec.image, client=client)
@@ -217,7 +219,7 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
     def _upload_refusal(self, client: str, declared: int, all_declared: bool) -> HordeError | None:
         """Why an upload of inline inputs may not start now, if it may not: the client has
         MAX_UPLOADS_PER_CLIENT under way already, or the spool's disk would be left with less
-        than SPOOL_MIN_FREE_BYTES (the database shares it: a full disk stops the validator)."""
+        than spool_min_free_mb (the database shares it: a full disk stops the validator)."""
         under_way = self._uploads.get(client, 0)
         if under_way >= MAX_UPLOADS_PER_CLIENT:
             return ResourceExhausted(
@@ -229,10 +231,10 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             free = shutil.disk_usage(self._manager.spool_dir).free
         except OSError:
             return None  # (the spool itself then says what is wrong)
-        if free - need < SPOOL_MIN_FREE_BYTES:
+        if free - need < self._spool_min_free:
             return Unavailable(
                 f"the validator is short of disk space for inputs ({free // 2**20} MiB free, "
-                f"{need // 2**20} MiB asked, {SPOOL_MIN_FREE_BYTES // 2**20} MiB kept free): "
+                f"{need // 2**20} MiB asked, {self._spool_min_free // 2**20} MiB kept free): "
                 f"try again later"
             )
         return None

@@ -912,10 +912,15 @@ class SpotChecker:
                 or record.spec.output.WhichOneof("target") == "upload"
             ):
                 continue  # inline inputs are not kept; uploaded outputs are not seen
-            out.append(await self._organic_one(record, miner))
+            stored = await self._jobs.outputs(job_uuid)
+            if len(record.result.outputs) and not stored:
+                continue  # its files are no longer kept (output_retention_days): nothing to check
+            out.append(await self._organic_one(record, miner, stored))
         return out
 
-    async def _organic_one(self, record: job_pb2.JobRecord, miner: str) -> CheckReport:
+    async def _organic_one(
+        self, record: job_pb2.JobRecord, miner: str, stored: list[tuple[str, bytes]]
+    ) -> CheckReport:
         assert self._trusted is not None
         trusted = self._trusted
         spec = job_pb2.JobSpec()
@@ -941,10 +946,7 @@ class SpotChecker:
                 f"the trusted re-run ended {common_pb2.JobState.Name(res.state)}: {res.detail}"
             )
         if not report.error and res is not None:
-            theirs = {
-                p: hashlib.sha256(d).hexdigest()
-                for p, d in await self._jobs.outputs(record.job_uuid)
-            }
+            theirs = {p: hashlib.sha256(d).hexdigest() for p, d in stored}
             diff = sorted(p for p in set(ours) | set(theirs) if ours.get(p) != theirs.get(p))
             exit_same = res.exit_code == record.result.exit_code
             passed = not diff and exit_same

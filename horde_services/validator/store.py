@@ -14,6 +14,9 @@ from horde_services.core import lifecycle
 from horde_services.core.db import job_events, job_outputs, jobs, lifecycle_receipts
 from horde_services.core.proto_util import TERMINAL_STATES
 
+# Jobs whose output files one transaction deletes, at most.
+PRUNE_BATCH_JOBS = 200
+
 
 class JobStore:
     def __init__(self, engine: AsyncEngine) -> None:
@@ -88,17 +91,25 @@ class JobStore:
         ended = sa.select(jobs.c.job_uuid).where(
             jobs.c.state.in_(sorted(TERMINAL_STATES)), jobs.c.updated_ns < ended_before_ns
         )
-        async with self.engine.begin() as conn:
-            count = (
-                await conn.execute(
-                    sa.select(sa.func.count(sa.distinct(job_outputs.c.job_uuid))).where(
-                        job_outputs.c.job_uuid.in_(ended)
+        pruned = 0
+        while True:  # a batch of jobs a transaction: job writes wait on no long delete
+            async with self.engine.begin() as conn:
+                batch = [
+                    r.job_uuid
+                    for r in await conn.execute(
+                        sa.select(job_outputs.c.job_uuid)
+                        .where(job_outputs.c.job_uuid.in_(ended))
+                        .distinct()
+                        .limit(PRUNE_BATCH_JOBS)
                     )
-                )
-            ).scalar_one()
-            if count:
-                await conn.execute(job_outputs.delete().where(job_outputs.c.job_uuid.in_(ended)))
-        return int(count)
+                ]
+                if batch:
+                    await conn.execute(
+                        job_outputs.delete().where(job_outputs.c.job_uuid.in_(batch))
+                    )
+            pruned += len(batch)
+            if len(batch) < PRUNE_BATCH_JOBS:
+                return pruned
 
     async def outputs(self, job_uuid: str) -> list[tuple[str, bytes]]:
         async with self.engine.connect() as conn:

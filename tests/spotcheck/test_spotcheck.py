@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,12 @@ import pytest
 from horde.v1 import validator_admin_pb2, validator_admin_pb2_grpc
 from spotcheck_support import SpotNet, demo_llm, labelled
 
+from horde_services.core.db import open_database
 from horde_services.core.identity import Ed25519Signer
 from horde_services.core.metrics import REGISTRY
 from horde_services.core.server import open_channel
 from horde_services.validator.evidence import EvidenceError, verify_record
+from horde_services.validator.store import JobStore
 
 HORDE = str(Path(sys.executable).with_name("horde"))
 DISHONEST_RATE = 0.1
@@ -234,9 +237,13 @@ async def test_only_admins_may_run_spotchecks(spotnet: SpotNet) -> None:
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.parametrize("pruned", [False, True], ids=["kept", "pruned"])
 async def test_organic_jobs_are_cross_checked_on_the_trusted_miner(
-    spotnet: SpotNet, docker: aiodocker.Docker
+    spotnet: SpotNet, docker: aiodocker.Docker, pruned: bool
 ) -> None:
+    """A completed organic job is re-run on the trusted miner and its files compared; one whose
+    files are no longer kept (output_retention_days) is passed over, not held against its
+    miner as a mismatch."""
     await spotnet.start(organic_share=1.0)
     assert spotnet.validator is not None
     ran = await horde(
@@ -257,9 +264,19 @@ async def test_organic_jobs_are_cross_checked_on_the_trusted_miner(
     )
     assert ran.returncode == 0, ran.stdout + ran.stderr
     job = json.loads(ran.stdout)
+    if pruned:
+        url = f"sqlite+aiosqlite:///{spotnet.root / 'validator' / 'validator.db'}"
+        engine = await open_database(url)
+        try:
+            assert await JobStore(engine).prune_outputs(time.time_ns() + 1) == 1
+        finally:
+            await engine.dispose()
     resp = await spotnet.admin().RunSpotCheck(
         validator_admin_pb2.RunSpotCheckRequest(), timeout=180
     )
+    if pruned:
+        assert list(resp.checks) == []
+        return
     (check,) = resp.checks
     assert check.kind == "organic" and check.error == ""
     (verdict,) = check.verdicts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
 from horde.v1 import common_pb2, job_pb2, receipts_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -12,6 +13,7 @@ from horde_services.core import lifecycle
 from horde_services.core.identity import HotkeySigner
 from horde_services.core.proto_util import event, result
 from horde_services.miner.service import ReceiptStore
+from horde_services.validator import store as store_module
 from horde_services.validator.store import JobStore
 
 
@@ -46,21 +48,27 @@ async def test_job_lifecycle_round_trips(engine: AsyncEngine) -> None:
     assert await store.get(str(uuid.uuid4())) is None
 
 
-async def test_outputs_of_jobs_ended_before_the_cutoff_are_pruned(engine: AsyncEngine) -> None:
+async def test_outputs_of_jobs_ended_before_the_cutoff_are_pruned(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PRUNE_BATCH_JOBS", 2)  # several transactions
     store = JobStore(engine)
-    ended, running = str(uuid.uuid4()), str(uuid.uuid4())
-    for job in (ended, running):
+    ended = [str(uuid.uuid4()) for _ in range(5)]
+    running = str(uuid.uuid4())
+    for job in (*ended, running):
         await store.create(job, "ed25519:" + "ab" * 32, "organic", spec())
         await store.put_outputs(job, [("a.txt", b"abc"), ("b.txt", b"de")])
-    await store.finish(
-        result(ended, common_pb2.JOB_STATE_COMPLETED, common_pb2.FAILURE_REASON_UNSPECIFIED)
-    )
-    before = await store.get(ended)
+    for job in ended:
+        await store.finish(
+            result(job, common_pb2.JOB_STATE_COMPLETED, common_pb2.FAILURE_REASON_UNSPECIFIED)
+        )
+    before = await store.get(ended[-1])
     assert before is not None
-    assert await store.prune_outputs(before.updated_ns) == 0  # not ended before that
-    assert len(await store.outputs(ended)) == 2
+    assert await store.prune_outputs(before.updated_ns) == 4  # the last ended not before that
+    assert len(await store.outputs(ended[-1])) == 2
     assert await store.prune_outputs(before.updated_ns + 1) == 1
-    assert await store.outputs(ended) == []
+    assert [await store.outputs(job) for job in ended] == [[]] * 5
+    ended = ended[-1]
     assert len(await store.outputs(running)) == 2  # a job still running keeps its files
     after = await store.get(ended)
     assert after is not None and after.result == before.result  # the record stays whole

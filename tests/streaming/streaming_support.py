@@ -201,12 +201,15 @@ class FakeValidator(validator_pb2_grpc.ValidatorServiceServicer):
         self.extra_refused: dict[str, str] = {}
         self.extra_misplaced = False
         self.extra_hangs = False  # never answers AddExtraData (until the call is cancelled)
+        self.unavailable = ""  # refuses StartStreamingJob UNAVAILABLE with this message
         self.extra_cap: int | None = None  # refuses an upload past this many bytes, as a validator
 
     async def StartStreamingJob(
         self, request: validator_pb2.StartStreamingJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[validator_pb2.StartStreamingJobResponse]:
         self.starts.append(request)
+        if self.unavailable:  # e.g. a validator shutting down
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.unavailable)
         job_uuid = str(uuid.uuid4())
         if self.refuse_with:  # e.g. busy: the job does not start
             yield validator_pb2.StartStreamingJobResponse(

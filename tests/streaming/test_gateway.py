@@ -214,6 +214,32 @@ async def test_a_bad_receipt_in_a_pipeline_ends_it_after_the_good_answers(
     assert len(await stored_receipts(harness, client.job_uuid)) == 4
 
 
+async def test_a_pipeline_holds_back_on_bytes_in_flight(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window of large bodies stays under the gateway's bound on bytes in flight (it ended the
+    session RESOURCE_EXHAUSTED): the pipeline waits for answers first."""
+    monkeypatch.setattr(session_module, "MAX_IN_FLIGHT_BYTES", 2 * 1024 * 1024)
+    monkeypatch.setattr(client_module, "MAX_WINDOW_BYTES", 2 * 1024 * 1024)
+    gate = asyncio.Event()  # answers are held (after their first chunk) until it is set
+    harness.fake_validator.next_behaviour = Behaviour(chunks=2, gate=gate)
+    app = await harness.start_gateway()
+    client, channel = await open_session(harness, app)
+    session = _session_of(app)
+    bodies = [bytes([i]) * (900 * 1024) for i in range(6)]
+
+    async def run() -> list[Any]:
+        return [r async for r in client.pipeline(bodies, window=8)]
+
+    pipeline = asyncio.ensure_future(run())
+    await wait_until(lambda: len(session._pending) == 2, "two requests in flight")
+    gate.set()
+    got = await asyncio.wait_for(pipeline, 30)
+    assert [r.body for r in got] == [answer(b) for b in bodies]
+    await client.close()
+    await channel.close()
+
+
 async def test_a_pipeline_window_must_be_positive(harness: Harness) -> None:
     app = await harness.start_gateway()
     client, channel = await open_session(harness, app)
@@ -424,6 +450,19 @@ async def test_a_job_that_did_not_start_for_want_of_capacity_ends_with_a_status_
     assert info.value.code == code, info.value.reason
     assert info.value.closed is not None and info.value.closed.result.reason == refusal
     assert info.value.reason.startswith("job did not start: rejected "), info.value.reason
+
+
+async def test_a_validator_refusing_for_now_ends_the_session_unavailable(
+    harness: Harness,
+) -> None:
+    """A validator that cannot start the job now (shutting down, say) answers UNAVAILABLE: the
+    client gets that status, to retry on (the session ended OK, saying so only in words)."""
+    harness.fake_validator.unavailable = "the validator is shutting down and takes no new job"
+    app = await harness.start_gateway()
+    with pytest.raises(SessionEnded) as ended:
+        await open_session(harness, app)
+    assert ended.value.code is grpc.StatusCode.UNAVAILABLE, ended.value
+    assert "shutting down" in ended.value.reason
 
 
 @pytest.mark.parametrize(
@@ -671,41 +710,77 @@ async def test_extra_data_goes_through_the_validator(harness: Harness) -> None:
     await channel.close()
 
 
+async def _extra_chunk(client: StreamClient, name: str, offset: int, last: bool = False) -> None:
+    await client._send(
+        gateway_pb2.SessionRequest(
+            extra_data=streaming_pb2.ExtraData(
+                file_name=name, offset=offset, data=b"x" * 65536, last=last
+            )
+        )
+    )
+
+
+def _session_of(app: ServiceApp) -> Any:
+    [servicer] = [d.__self__ for d in app.drainers]  # type: ignore[attr-defined]
+    [session] = servicer._sessions
+    return session
+
+
 async def test_chunks_of_a_refused_upload_are_dropped_not_held(harness: Harness) -> None:
     """An upload the validator refused mid-way (over its cap): the chunks the client goes on
-    sending for it are dropped, and an upload never holds more than EXTRA_QUEUE_CHUNKS (they
-    piled up in the gateway, a GiB for a GiB sent). A retry under the name works after `last`."""
+    sending for it are dropped (they piled up in the gateway, a GiB for a GiB sent). A retry
+    under the name works after `last`."""
     harness.fake_validator.extra_cap = 256 * 1024
     app = await harness.start_gateway()
     events: list[str] = []
     client, channel = await open_session(harness, app, on_event=lambda e: events.append(e.message))
-    [servicer] = [d.__self__ for d in app.drainers]  # type: ignore[attr-defined]
-    [session] = servicer._sessions
-
-    async def chunk(offset: int, last: bool = False) -> None:
-        await client._send(
-            gateway_pb2.SessionRequest(
-                extra_data=streaming_pb2.ExtraData(
-                    file_name="big.bin", offset=offset, data=b"x" * 65536, last=last
-                )
-            )
-        )
-
+    session = _session_of(app)
     for i in range(8):
-        await chunk(i * 65536)
+        await _extra_chunk(client, "big.bin", i * 65536)
+    await wait_until(lambda: "big.bin" in session._extra, "the upload to begin")
     upload = session._extra["big.bin"]
     await wait_until(lambda: upload.over, "the validator's refusal")
     for i in range(8, 200):
-        await chunk(i * 65536)
-        assert upload.queue.qsize() <= session_module.EXTRA_QUEUE_CHUNKS
-    # The session goes on, reads its client (the chunks were not held), and the name is free
-    # again after `last`.
+        await _extra_chunk(client, "big.bin", i * 65536)
+    # The session goes on, reads its client, and held none of those chunks.
     assert (await client.request(b"after")).body == answer(b"after")
+    assert upload.queue.empty() and upload.queued_bytes == 0
     assert any("cap of 262144" in e for e in events), events  # told, once
-    await chunk(200 * 65536, last=True)
+    await _extra_chunk(client, "big.bin", 200 * 65536, last=True)
     harness.fake_validator.extra_cap = None
     placed = await client.add_extra("big.bin", b"small")
     assert placed.size_bytes == 5 and not placed.error
+    await client.close()
+    await channel.close()
+
+
+async def test_a_slow_upload_neither_holds_requests_back_nor_grows_without_bound(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validator takes no chunk (stuck): requests sent meanwhile are answered at once (a
+    gateway waiting on the upload left them to age past the clock skew and refused the
+    client's clock), and an upload past EXTRA_BUFFER_BYTES ahead of the validator is refused,
+    alone, saying why."""
+    monkeypatch.setattr(session_module, "EXTRA_BUFFER_BYTES", 4 * 65536)
+    harness.fake_validator.extra_hangs = True
+    app = await harness.start_gateway()
+    events: list[str] = []
+    client, channel = await open_session(harness, app, on_event=lambda e: events.append(e.message))
+    for i in range(4):
+        await _extra_chunk(client, "slow.bin", i * 65536)
+    assert (await client.request(b"meanwhile")).body == answer(b"meanwhile")
+    upload = _session_of(app)._extra["slow.bin"]
+    # gRPC takes chunks into its own window to the validator, a few MiB, before the rest wait
+    # at the gateway: send until the gateway holds more than it may.
+    for i in range(4, 2000):
+        await _extra_chunk(client, "slow.bin", i * 65536)
+        if upload.over:
+            break
+    assert upload.over, "128 MiB sent, never refused"
+    refused = await client.next_event()
+    assert refused.message.startswith("extra data slow.bin refused: more than 262144 bytes")
+    assert upload.queued_bytes == 0  # let go
+    assert (await client.request(b"after")).body == answer(b"after")
     await client.close()
     await channel.close()
 

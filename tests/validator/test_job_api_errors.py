@@ -58,7 +58,10 @@ class Validator:
 
 
 @pytest.fixture
-async def v(tmp_path: Path) -> AsyncIterator[Validator]:
+async def v(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Validator]:
+    """A validator; `@pytest.mark.settings(key=value)` sets more of its settings."""
+    marker = request.node.get_closest_marker("settings")
+    extra = marker.kwargs if marker is not None else {}
     signer, client = HotkeySigner.generate(), Ed25519Signer.generate()
     roster = tmp_path / "roster.toml"
     write_roster(roster, [Neuron(uid=0, hotkey=signer.identity.ss58, validator_permit=True)])
@@ -70,6 +73,7 @@ async def v(tmp_path: Path) -> AsyncIterator[Validator]:
         allowed_images=[IMAGE],
         streaming_whitelist=[],
         max_inline_input_bytes=CAP,
+        **extra,
     )
     app = await start_validator(settings, signer)
     try:
@@ -608,10 +612,8 @@ async def test_a_client_may_have_only_so_many_uploads_under_way(
     assert answer.result.reason == common_pb2.FAILURE_REASON_IMAGE_NOT_ALLOWED, answer
 
 
-async def test_an_upload_that_would_fill_the_disk_is_refused(
-    v: Validator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(service, "SPOOL_MIN_FREE_BYTES", 2**62)  # more than any disk has
+@pytest.mark.settings(spool_min_free_mb=2**40)  # more than any disk has
+async def test_an_upload_that_would_fill_the_disk_is_refused(v: Validator) -> None:
     data = blob(CHUNK)
     err = await submit_refused(v, spec_with(inline_file("in.bin", len(data), data)), {0: data})
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err
