@@ -510,14 +510,17 @@ async def run(runs: int, build: Path) -> PartResult:
     """Measure in a child process on uvloop, the loop `horde stream` runs on (the benchmark
     runner itself stays on asyncio's loop, which the organic part needs to fork `docker run`);
     the direct and the Horde path are timed from the same child, on the same loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.streaming", str(runs), stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await proc.communicate()
-    lines = out.decode(errors="replace").strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise BenchError(f"the streaming measurement failed (exit status {proc.returncode})")
-    data = json.loads(lines[-1])
+    # The figures come back in a file: a ~300 KB line on stdout was once cut at 128 KiB by
+    # another write to the same pipe.
+    with tempfile.TemporaryDirectory(prefix="horde-bench-figures-") as tmp:
+        figures = Path(tmp) / "figures.json"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.streaming", str(runs), str(figures)
+        )
+        await proc.wait()
+        if proc.returncode != 0 or not figures.exists():
+            raise BenchError(f"the streaming measurement failed (exit status {proc.returncode})")
+        data = json.loads(figures.read_text())
     results = {
         int(sessions): {path: Measure(*m) for path, m in by_path.items()}
         for sessions, by_path in data["results"].items()
@@ -528,7 +531,8 @@ async def run(runs: int, build: Path) -> PartResult:
 def main() -> None:
     from horde_services.core.loop import run as run_loop
 
-    print(json.dumps(run_loop(_measure_here(int(sys.argv[1])))), flush=True)
+    figures = run_loop(_measure_here(int(sys.argv[1])))
+    Path(sys.argv[2]).write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":
