@@ -6,33 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from devnet import dev_network
-from docker_images import ensure_images
+from cli_support import BIN, horde
 
 from horde_services.cli.client import shown
 from horde_services.core.identity import create_key_file, load_key_file
 
-BIN = Path(sys.executable).parent
 BASE = "horde/base:latest"
-
-
-@pytest.fixture(scope="module")
-def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    ensure_images([BASE])
-    with dev_network(tmp_path_factory.mktemp("devnet")) as state:
-        yield state
-
-
-def horde(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "horde"), *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_job_output_comes_out_verbatim_into_a_pipe(dev: Path) -> None:

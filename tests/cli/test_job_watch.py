@@ -8,34 +8,17 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from devnet import dev_network
-from docker_images import ensure_images
+from cli_support import BIN, horde
 
-BIN = Path(sys.executable).parent
 BASE = "horde/base:latest"
 # A job writing /output/a.txt and /output/sub/b.txt.
 WRITES = (
     "import os; os.makedirs('/output/sub'); open('/output/a.txt', 'w').write('A'); "
     "open('/output/sub/b.txt', 'w').write('BB')"
 )
-
-
-@pytest.fixture(scope="module")
-def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    ensure_images([BASE])
-    with dev_network(tmp_path_factory.mktemp("devnet")) as state:
-        yield state
-
-
-def horde(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "horde"), *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def start(*args: str) -> subprocess.Popen[str]:

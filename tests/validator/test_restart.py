@@ -20,13 +20,19 @@ from horde_services.validator.app import start_validator
 from horde_services.validator.store import JobStore
 
 
-async def test_jobs_in_flight_end_as_horde_failed_after_restart(tmp_path: Path) -> None:
+def _validator_settings(tmp_path: Path) -> tuple[HotkeySigner, Ed25519Signer, ValidatorSettings]:
+    """A validator's key, an enrolled client's key, and its settings (state in tmp_path)."""
     validator, client = HotkeySigner.generate(), Ed25519Signer.generate()
     roster = tmp_path / "roster.toml"
     write_roster(roster, [Neuron(uid=0, hotkey=validator.identity.ss58, validator_permit=True)])
     settings = load_settings(
         ValidatorSettings, state_dir=tmp_path, roster_file=roster, clients=[str(client.identity)]
     )
+    return validator, client, settings
+
+
+async def test_jobs_in_flight_end_as_horde_failed_after_restart(tmp_path: Path) -> None:
+    validator, client, settings = _validator_settings(tmp_path)
     # A job the previous validator process left running.
     engine = await open_database(settings.database("validator"))
     store = JobStore(engine)
@@ -54,12 +60,7 @@ async def test_jobs_in_flight_end_as_horde_failed_after_restart(tmp_path: Path) 
 async def test_outputs_past_their_retention_are_said_to_be_gone(tmp_path: Path) -> None:
     """A finished job whose inline output files were pruned: DownloadOutputs says so, rather
     than answering with no files as if the job had made none."""
-    validator, client = HotkeySigner.generate(), Ed25519Signer.generate()
-    roster = tmp_path / "roster.toml"
-    write_roster(roster, [Neuron(uid=0, hotkey=validator.identity.ss58, validator_permit=True)])
-    settings = load_settings(
-        ValidatorSettings, state_dir=tmp_path, roster_file=roster, clients=[str(client.identity)]
-    )
+    validator, client, settings = _validator_settings(tmp_path)
     engine = await open_database(settings.database("validator"))
     store = JobStore(engine)
     pruned, none_made = str(uuid.uuid4()), str(uuid.uuid4())
