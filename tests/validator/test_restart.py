@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -31,6 +33,21 @@ def _validator_settings(tmp_path: Path) -> tuple[HotkeySigner, Ed25519Signer, Va
     return validator, client, settings
 
 
+@contextlib.asynccontextmanager
+async def _serving(
+    settings: ValidatorSettings, validator: HotkeySigner, client: Ed25519Signer
+) -> AsyncIterator[validator_pb2_grpc.ValidatorServiceStub]:
+    """The validator started on `settings`, and a stub for `client` to call it."""
+    app = await start_validator(settings, validator)
+    try:
+        async with open_channel(
+            f"127.0.0.1:{app.port}", signer=client, callee=str(validator.identity)
+        ) as channel:
+            yield validator_pb2_grpc.ValidatorServiceStub(channel)
+    finally:
+        await app.stop(0)
+
+
 async def test_jobs_in_flight_end_as_horde_failed_after_restart(tmp_path: Path) -> None:
     validator, client, settings = _validator_settings(tmp_path)
     # A job the previous validator process left running.
@@ -41,16 +58,9 @@ async def test_jobs_in_flight_end_as_horde_failed_after_restart(tmp_path: Path) 
     await store.add_event(event(job, common_pb2.JOB_STATE_RUNNING, common_pb2.STAGE_EXECUTION))
     await engine.dispose()
 
-    app = await start_validator(settings, validator)
-    try:
-        async with open_channel(
-            f"127.0.0.1:{app.port}", signer=client, callee=str(validator.identity)
-        ) as channel:
-            stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-            got = await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job), timeout=10)
-            watched = [m async for m in stub.WatchJob(validator_pb2.WatchJobRequest(job_uuid=job))]
-    finally:
-        await app.stop(0)
+    async with _serving(settings, validator, client) as stub:
+        got = await stub.GetJob(validator_pb2.GetJobRequest(job_uuid=job), timeout=10)
+        watched = [m async for m in stub.WatchJob(validator_pb2.WatchJobRequest(job_uuid=job))]
     assert got.job.state == common_pb2.JOB_STATE_HORDE_FAILED
     assert got.job.result.reason == common_pb2.FAILURE_REASON_VALIDATOR_RESTARTED
     assert "restarted" in got.job.result.detail
@@ -76,25 +86,14 @@ async def test_outputs_past_their_retention_are_said_to_be_gone(tmp_path: Path) 
     assert await store.prune_outputs(time.time_ns() + 1) == 1
     await engine.dispose()
 
-    app = await start_validator(settings, validator)
-    try:
-        async with open_channel(
-            f"127.0.0.1:{app.port}", signer=client, callee=str(validator.identity)
-        ) as channel:
-            stub = validator_pb2_grpc.ValidatorServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as gone:
-                async for _ in stub.DownloadOutputs(
-                    validator_pb2.DownloadOutputsRequest(job_uuid=pruned)
-                ):
-                    pass
-            made = [
-                m
-                async for m in stub.DownloadOutputs(
-                    validator_pb2.DownloadOutputsRequest(job_uuid=none_made)
-                )
-            ]
-    finally:
-        await app.stop(0)
+    async with _serving(settings, validator, client) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            async for _ in stub.DownloadOutputs(
+                validator_pb2.DownloadOutputsRequest(job_uuid=pruned)
+            ):
+                pass
+        request = validator_pb2.DownloadOutputsRequest(job_uuid=none_made)
+        made = [m async for m in stub.DownloadOutputs(request)]
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no longer kept" in (gone.value.details() or "")
     assert made == []
