@@ -260,6 +260,9 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[miner_pb2.RunJobResponse]:
         validator = current_caller()
+        # Accepted (the validator passed authentication): say so at once, so the validator's
+        # first write never races a refusal (see validator/jobs.py MINER_ACCEPT_WAIT_S).
+        await context.send_initial_metadata(())
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("payload") != "start":
             raise InvalidArgument("the first RunJob message must be `start`")

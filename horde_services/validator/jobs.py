@@ -44,6 +44,9 @@ DEFAULT_TIMEOUTS = {
 # Time the network may add on top of the job's own stage limits before the validator gives up.
 DEADLINE_SLACK_S = 30.0
 CANCEL_WAIT_S = 10.0
+# How long a RunJob call waits for the miner to accept it (its initial metadata) before the
+# job's start goes anyway (a miner too old to send it early).
+MINER_ACCEPT_WAIT_S = 5.0
 # Pauses before writing a job's result again when the database refused it (e.g. a full disk);
 # its followers have the result by then. After the last, the result stays in memory only (the
 # store shows it to readers, and writes it once a later job's result is stored).
@@ -577,26 +580,33 @@ class JobManager:
             while (msg := await outbox.get()) is not None:
                 yield msg
 
-        outbox.put_nowait(
-            miner_pb2.RunJobRequest(
-                start=miner_pb2.RunJobStart(
-                    job_uuid=job.job_uuid,
-                    spec=job.spec,
-                    job_kind=job.kind,
-                    gateway_identity=job.gateway,
-                    image_digest=job.image_digest,
-                )
+        start = miner_pb2.RunJobRequest(
+            start=miner_pb2.RunJobStart(
+                job_uuid=job.job_uuid,
+                spec=job.spec,
+                job_kind=job.kind,
+                gateway_identity=job.gateway,
+                image_digest=job.image_digest,
             )
         )
         job.outbox = outbox
         call = self._directory.stub(miner).RunJob(requests())
         sender: asyncio.Task[None] | None = None
-        canceller = asyncio.create_task(self._watch_cancel(job, outbox))
+        canceller: asyncio.Task[None] | None = None
         stage = common_pb2.STAGE_RESERVATION
         # Whether this miner took the job: anything but a refusal (its first message then is
         # the job-started receipt, sent once it reserved an executor).
         taken = False
         try:
+            # The miner sends its initial metadata once it accepted the call: a refusal (say,
+            # a validator it does not serve) then ends the call with the miner's own status, no
+            # write racing it (grpc.aio reports such a race as "INTERNAL: Internal error from
+            # Core"). A miner that sends none in time gets the job anyway.
+            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+                async with asyncio.timeout(MINER_ACCEPT_WAIT_S):
+                    await call.initial_metadata()
+            outbox.put_nowait(start)
+            canceller = asyncio.create_task(self._watch_cancel(job, outbox))
             async for msg in call:
                 kind = msg.WhichOneof("payload")
                 if kind != "result" and not taken:
@@ -697,7 +707,8 @@ class JobManager:
             )
         finally:
             job.outbox = None
-            canceller.cancel()
+            if canceller is not None:
+                canceller.cancel()
             if sender is not None:
                 sender.cancel()
             with contextlib.suppress(asyncio.QueueFull):

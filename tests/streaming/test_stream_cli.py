@@ -595,11 +595,16 @@ async def test_closed_standard_descriptors_are_no_crash(harness: Harness, tmp_pa
     requests.write_text("one\ntwo\n")
     argv = [HORDE, "stream", *target(harness, app, tmp_path), "--input", str(requests)]
     for closed in (0, 1):
+        # The shell closes it and execs the command (a preexec_fn would run Python in the forked
+        # child of this gRPC process, where gRPC's restarted poller can abort it before exec).
         proc = await asyncio.create_subprocess_exec(
+            "sh",
+            "-c",
+            f'exec "$@" {closed}>&-',
+            "sh",
             *argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=lambda fd=closed: os.close(fd),  # type: ignore[misc]
         )
         out, err = await proc.communicate()
         assert proc.returncode == 0, (closed, err.decode())
