@@ -13,6 +13,7 @@ from horde_services.core.db import open_database
 from horde_services.core.identity import Signer
 from horde_services.core.runtime import ChainPolicy, load_signer, open_chain, parse_identities
 from horde_services.core.server import ServiceRegistration, create_server
+from horde_services.core.statelock import StateLock, lock_dir
 from horde_services.miner.admin import MinerAdminServicer
 from horde_services.miner.link import ExecutorLinkServicer
 from horde_services.miner.pool import ExecutorPool
@@ -21,6 +22,18 @@ from horde_services.miner.service import MinerServicer, ReceiptStore
 
 async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> ServiceApp:
     signer = signer or load_signer(settings, "miner")
+    # One miner per state dir, found out before it opens the database: two would share one
+    # receipt store and each serve the same executors' jobs. Held until the service is closed
+    # (or the process ends, however it ends).
+    lock = lock_dir(settings.state_dir, "miner")
+    try:
+        return await _start_locked(settings, signer, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+async def _start_locked(settings: MinerSettings, signer: Signer, lock: StateLock) -> ServiceApp:
     executors = parse_identities(settings.executors, "executors")
     validators = parse_identities(settings.validators, "validators")
     # The operator's read-only view (`horde miner executors|jobs`): the miner's own key (the key
@@ -94,7 +107,8 @@ async def start_miner(settings: MinerSettings, signer: Signer | None = None) -> 
         signer=signer,
         servers=[server],
         background=[expire_loop],
-        closers=[close_all],
+        # The lock goes last (closers run in reverse): after the database is closed.
+        closers=[lock.aclose, close_all],
         # SIGTERM: no new job (every executor listed as draining), the jobs in flight may finish
         # and report first (up to drain_timeout_s); health is NOT_SERVING meanwhile.
         drainers=[lambda _grace_s: servicer.drain(settings.drain_timeout_s)],

@@ -226,3 +226,37 @@ async def test_an_executor_on_a_held_work_dir_exits_2_before_it_sweeps(
         f"(pid {holder.pid})"
     )
     assert leftover.is_dir()
+
+
+async def test_a_miner_on_a_held_state_dir_is_refused_before_its_database(
+    tmp_path: Path, hold: Hold
+) -> None:
+    """A second miner would share the live one's database; it is refused before it opens it,
+    and a miner that stops gives its directory back. (Gateways may share a database and a
+    state dir on purpose: tests/streaming/test_store.py runs two on one.)"""
+    from horde_services.core.chain import write_roster
+    from horde_services.core.config import MinerSettings
+    from horde_services.miner.app import start_miner
+
+    key = create_key_file(tmp_path / "miner.json", "hotkey")
+    state = tmp_path / "state"
+    roster = write_roster(tmp_path / "roster.toml", [])
+    settings = MinerSettings(key_file=tmp_path / "miner.json", state_dir=state, roster_file=roster)
+    holder = hold(state, "miner")
+    with pytest.raises(ConfigError) as refused:
+        await start_miner(settings, key)
+    assert str(refused.value) == (
+        f"state_dir {state.resolve()} is in use by another miner (pid {holder.pid})"
+    )
+    assert not (state / "miner.db").exists()  # nothing opened
+    assert holder.stdin is not None
+    holder.stdin.close()
+    assert holder.wait(timeout=30) == 0
+    # Free now: it starts, holds the lock while it runs, and gives it back when it stops.
+    app = await start_miner(settings, key)
+    try:
+        with pytest.raises(ConfigError, match=rf"in use by another miner \(pid {os.getpid()}\)$"):
+            lock_dir(state, "miner")
+    finally:
+        await app.stop(0)
+    lock_dir(state, "miner").release()
