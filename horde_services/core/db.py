@@ -7,10 +7,12 @@ touches its own tables. `open_database` upgrades the schema to head before retur
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
@@ -367,3 +369,44 @@ async def open_database(url: str) -> AsyncEngine:
     except (CommandError, sa.exc.SQLAlchemyError, OSError) as exc:
         raise _open_error(where, exc) from None
     return create_engine(url)
+
+
+# How often a service with a database checks it can still reach it, and how long one check may
+# take before the database counts as unreachable.
+PROBE_INTERVAL_S = 5.0
+PROBE_TIMEOUT_S = 5.0
+
+
+async def watch_database(
+    engine: AsyncEngine,
+    set_serving: Callable[[bool, str], Awaitable[None]],
+    *,
+    service: str,
+) -> None:
+    """Run for ever: every PROBE_INTERVAL_S, one `SELECT 1`; while it fails (a PostgreSQL server
+    gone, connections refused, a check taking over PROBE_TIMEOUT_S) the service's health says
+    NOT_SERVING (reason "database"), so a load balancer or an operator's probe sees it before
+    the callers' UNAVAILABLE errors do; SERVING again once a check passes. Logged once each way
+    (`database_unreachable`, `database_reachable_again`)."""
+    log = structlog.get_logger(f"horde.{service}")
+    up = True
+    while True:
+        await asyncio.sleep(PROBE_INTERVAL_S)
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                async with engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+            problem = ""
+        except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
+            problem = (
+                f"no answer in {PROBE_TIMEOUT_S:g}s"
+                if isinstance(exc, TimeoutError)
+                else _first_line(getattr(exc, "orig", None) or exc)
+            )
+        if up and problem:
+            log.error("database_unreachable", error=problem, health="NOT_SERVING")
+        elif not up and not problem:
+            log.info("database_reachable_again", health="SERVING")
+        if up == bool(problem):
+            up = not problem
+            await set_serving(up, "database")

@@ -232,12 +232,21 @@ class RunningServer:
     port: int
     health: HealthServicer
     service_names: list[str]
+    # Why the health service says NOT_SERVING ("stopping", "database", "miner_link",
+    # "receipt_store"): SERVING only when there is no reason left, so one reason clearing (a
+    # database back during a drain) never hides another.
+    down: set[str] = field(default_factory=set)
 
-    async def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool, reason: str = "stopping") -> None:
+        """Clear (`serving`) or set one reason for NOT_SERVING."""
+        if serving:
+            self.down.discard(reason)
+        else:
+            self.down.add(reason)
         status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if self.down
+            else health_pb2.HealthCheckResponse.SERVING
         )
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
@@ -274,6 +283,10 @@ def _storage_trouble(exc: BaseException) -> str | None:
     """Why the database could not do what was asked when the storage is at fault (full,
     read-only, locked, unreachable), else None (a bug is no reason to try again later)."""
     sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded by every service with a database
+    if isinstance(exc, OSError) and _raised_by_database_driver(exc):
+        # A connection the pool could not make (the server gone: refused, timed out): the
+        # driver's OSError, which SQLAlchemy passes on as it is.
+        return "the database server is unreachable or out of resources"
     if sa_exc is None or not isinstance(exc, sa_exc.DBAPIError):
         return None
     orig = getattr(exc, "orig", None)
@@ -290,6 +303,18 @@ def _storage_trouble(exc: BaseException) -> str | None:
     if exc.connection_invalidated or sqlstate.startswith(("08", "53", "57P")):
         return "the database server is unreachable or out of resources"
     return None
+
+
+def _raised_by_database_driver(exc: BaseException) -> bool:
+    """Whether `exc` came up through SQLAlchemy or a database driver (its traceback passes
+    through their code), not from the service's own file or network work."""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.startswith(("sqlalchemy.", "asyncpg.", "aiosqlite.")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

@@ -4,6 +4,7 @@ run jobs."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import shutil
@@ -218,9 +219,9 @@ async def _start_locked(
         tls=settings.tls,
         streaming=streaming,
         # Health says SERVING only while the executor can take jobs: its miner link is up.
-        on_link=server.set_serving,
+        on_link=functools.partial(server.set_serving, reason="miner_link"),
     )
-    await server.set_serving(False)
+    await server.set_serving(False, "miner_link")
 
     async def close_all() -> None:
         await agent.stop_job("the executor is shutting down")

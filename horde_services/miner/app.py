@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from horde.v1 import executor_pb2, executor_pb2_grpc, miner_pb2, miner_pb2_grpc
 
 from horde_services.core.app import ServiceApp
 from horde_services.core.auth import AnyOfPolicy, Authenticator, MethodPolicy, StaticPolicy
 from horde_services.core.config import MinerSettings
-from horde_services.core.db import open_database
+from horde_services.core.db import open_database, watch_database
 from horde_services.core.identity import Signer
 from horde_services.core.runtime import ChainPolicy, load_signer, open_chain, parse_identities
 from horde_services.core.server import ServiceRegistration, create_server
@@ -106,7 +107,10 @@ async def _start_locked(settings: MinerSettings, signer: Signer, lock: StateLock
         name="miner",
         signer=signer,
         servers=[server],
-        background=[expire_loop],
+        background=[
+            expire_loop,
+            functools.partial(watch_database, engine, server.set_serving, service="miner"),
+        ],
         # The lock goes last (closers run in reverse): after the database is closed.
         closers=[lock.aclose, close_all],
         # SIGTERM: no new job (every executor listed as draining), the jobs in flight may finish

@@ -70,7 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if storing:
             log.info("receipts_stored_again")
         if self.server is not None and not self._draining:
-            task = asyncio.ensure_future(self.server.set_serving(storing))
+            task = asyncio.ensure_future(self.server.set_serving(storing, "receipt_store"))
             self._health_tasks.add(task)
             task.add_done_callback(self._health_tasks.discard)
 

@@ -15,7 +15,7 @@ from horde.v1 import (
 from horde_services.core.app import ServiceApp
 from horde_services.core.auth import Authenticator, MethodPolicy, StaticPolicy
 from horde_services.core.config import ValidatorSettings
-from horde_services.core.db import open_database
+from horde_services.core.db import open_database, watch_database
 from horde_services.core.errors import ConfigError
 from horde_services.core.identity import Signer
 from horde_services.core.runtime import load_signer, open_chain, parse_identities
@@ -153,7 +153,8 @@ async def _start_locked(
         await engine.dispose()
 
     background: list[Callable[[], Awaitable[None]]] = [
-        functools.partial(manager.prune_outputs_forever, settings.output_retention_days * 86400)
+        functools.partial(manager.prune_outputs_forever, settings.output_retention_days * 86400),
+        functools.partial(watch_database, engine, server.set_serving, service="validator"),
     ]
     if settings.synthetic.enabled:
         background += [rounds.run_forever, scorer.run_forever]
