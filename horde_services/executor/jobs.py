@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -318,7 +319,7 @@ class OrganicJobRunner:
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(_timeout(spec, "output_upload_s")):
-                files = await self._outputs(ctx, output_dir)
+                files = await self._outputs(ctx, output_dir, res)
         except TimeoutError:
             raise failed(
                 common_pb2.FAILURE_REASON_TIMEOUT,
@@ -576,7 +577,7 @@ class OrganicJobRunner:
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(_timeout(ctx.spec, "output_upload_s")):
-                res.outputs.extend(await self._outputs(ctx, output_dir))
+                res.outputs.extend(await self._outputs(ctx, output_dir, res))
         except JobFailure as exc:
             res.detail += f"; its outputs were not returned: {exc.detail}"
         except TimeoutError:
@@ -587,8 +588,13 @@ class OrganicJobRunner:
             job_pb2.StageTiming(stage=common_pb2.STAGE_OUTPUT_UPLOAD, seconds=time.monotonic() - t0)
         )
 
-    async def _outputs(self, ctx: JobContext, output_dir: Path) -> list[job_pb2.OutputFile]:
-        paths = sorted(p for p in output_dir.rglob("*") if p.is_file() and not p.is_symlink())
+    async def _outputs(
+        self, ctx: JobContext, output_dir: Path, res: job_pb2.JobResult
+    ) -> list[job_pb2.OutputFile]:
+        """Describe (and upload, or send inline) the files under /output. Returned inline, only
+        regular files travel: what else is there (symlinks, fifos, sockets) is named in the
+        result's detail rather than dropped without a word."""
+        paths, others = await asyncio.to_thread(_scan_outputs, output_dir)
         # Hashing up to the output cap is disk and CPU work: off the event loop, which keeps
         # the link's heartbeats going.
         files = await asyncio.to_thread(_describe_outputs, output_dir, paths)
@@ -596,6 +602,15 @@ class OrganicJobRunner:
         if target == "upload":
             await self._upload(ctx.spec.output.upload, output_dir)
             return files
+        if others:
+            shown = ", ".join(others[:NOT_RETURNED_SHOWN])
+            unnamed = len(others) - NOT_RETURNED_SHOWN
+            more = f" and {unnamed} more" if unnamed > 0 else ""
+            note = (
+                f"{len(others)} entr{'y' if len(others) == 1 else 'ies'} under /output "
+                f"not returned (only regular files are): {shown}{more}"
+            )
+            res.detail = f"{res.detail}; {note}" if res.detail else note
         cap = ctx.spec.output.stream.max_bytes if target == "stream" else 0
         total = sum(f.size_bytes for f in files)
         if cap and total > cap:
@@ -669,6 +684,24 @@ class OrganicJobRunner:
             raise failed(
                 common_pb2.FAILURE_REASON_UPLOAD_FAILED, stage, f"upload answered HTTP {status}"
             )
+
+
+NOT_RETURNED_SHOWN = 5  # entries named in the note on what /output held besides files
+
+
+def _scan_outputs(output_dir: Path) -> tuple[list[Path], list[str]]:
+    """The regular files under `output_dir` (sorted), and what else is there that is no
+    directory, each as "PATH (what it is)"."""
+    files: list[Path] = []
+    others: list[str] = []
+    for path in sorted(output_dir.rglob("*")):
+        mode = path.lstat().st_mode
+        if stat.S_ISREG(mode):
+            files.append(path)
+        elif not stat.S_ISDIR(mode):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            others.append(f"{path.relative_to(output_dir)} ({kind})")
+    return files, others
 
 
 def _describe_outputs(output_dir: Path, paths: list[Path]) -> list[job_pb2.OutputFile]:

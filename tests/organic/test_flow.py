@@ -634,6 +634,22 @@ async def test_symlink_out_of_output_is_refused(net: Network) -> None:
     assert run.chunks == [] and list(res.outputs) == []
 
 
+async def test_symlinks_inside_output_are_named_not_dropped_silently(net: Network) -> None:
+    """A symlink inside /output is no file to return inline: the job completes with its files,
+    and its detail names each link it did not return."""
+    script = (
+        "echo ok > /output/fine.txt && ln -s fine.txt /output/alias"
+        " && mkdir /output/d && ln -s ../fine.txt /output/d/up"
+    )
+    run = await net.run_job(spec_for(BASE_IMAGE, ["sh", "-c", script]))
+    res = assert_completed(run)
+    assert_outputs(run, {"fine.txt": b"ok\n"})
+    assert res.detail == (
+        "2 entries under /output not returned (only regular files are): alias (a symlink), "
+        "d/up (a symlink)"
+    )
+
+
 async def test_output_upload_post_form(net: Network, http_server: HttpServer) -> None:
     spec = spec_for(BASE_IMAGE, ["sh", "-c", "echo posted > /output/p.txt"])
     spec.output.upload.url = http_server.url("/upload/form")
