@@ -648,26 +648,28 @@ class OrganicJobRunner:
                 tar.add(output_dir, arcname=".")
 
         await asyncio.to_thread(pack)
-        data = tar_path.read_bytes()
-        # The same address policy as URL inputs, and no redirects (a 3xx is a failed upload).
+        # Sent from the file as it is read (aiohttp reads it off the loop): outputs up to the
+        # output cap never sit in memory whole. The same address policy as URL inputs, and no
+        # redirects (a 3xx is a failed upload).
         guarded = GuardedResolver(DefaultResolver(), self._url_policy)
         try:
             check_url(URL(upload.url), self._url_policy)
-            async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=guarded), headers=dict(upload.headers)
-            ) as session:
-                if upload.method == job_pb2.HTTP_METHOD_POST:
-                    form = aiohttp.FormData()
-                    for key, value in upload.form_fields.items():
-                        form.add_field(key, value)
-                    form.add_field(
-                        "file", data, filename="output.tar", content_type="application/x-tar"
-                    )
-                    async with session.post(upload.url, data=form, allow_redirects=False) as r:
-                        status = r.status
-                else:
-                    async with session.put(upload.url, data=data, allow_redirects=False) as r:
-                        status = r.status
+            with tar_path.open("rb") as data:
+                async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(resolver=guarded), headers=dict(upload.headers)
+                ) as session:
+                    if upload.method == job_pb2.HTTP_METHOD_POST:
+                        form = aiohttp.FormData()
+                        for key, value in upload.form_fields.items():
+                            form.add_field(key, value)
+                        form.add_field(
+                            "file", data, filename="output.tar", content_type="application/x-tar"
+                        )
+                        async with session.post(upload.url, data=form, allow_redirects=False) as r:
+                            status = r.status
+                    else:
+                        async with session.put(upload.url, data=data, allow_redirects=False) as r:
+                            status = r.status
         except NonPublicAddressError as exc:
             raise failed(
                 common_pb2.FAILURE_REASON_UPLOAD_FAILED,
