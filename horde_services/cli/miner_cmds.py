@@ -387,14 +387,27 @@ def _print_jobs(doc: dict[str, Any], as_json: bool) -> None:
     table = Table()
     # Every column folds rather than vanishes on a narrow terminal (ids then span lines); into a
     # pipe every value is whole. The class and the duration are in --json; the note starts
-    # with the kind of a job that is not organic.
-    table.add_column("job", overflow="fold", min_width=18)
-    table.add_column("validator", overflow="fold", min_width=8)
-    table.add_column("executor", overflow="fold", min_width=8)
-    table.add_column("state", min_width=9)
-    table.add_column("started (UTC)", min_width=8)
-    table.add_column("ended (UTC)", min_width=8)
-    table.add_column("note", ratio=1)
+    # with the kind of a job that is not organic. Below WIDE_NOTES terminal columns the note
+    # had no room left (at 80 it vanished): the validator and the executor then share a
+    # column, and the table marks each note [n] and prints it whole below.
+    narrow = terminal and out.width < WIDE_NOTES
+    footnotes: list[str] | None = [] if narrow else None
+    if narrow:
+        # Fixed widths (rich's own fitting left the note out): 79 columns in all.
+        table.add_column("job", overflow="fold", width=18)
+        table.add_column("validator\nexecutor", overflow="fold", width=12)
+        table.add_column("state", overflow="fold", width=9)
+        table.add_column("started (UTC)", overflow="fold", width=8)
+        table.add_column("ended (UTC)", overflow="fold", width=8)
+        table.add_column("note", overflow="fold", width=5)
+    else:
+        table.add_column("job", overflow="fold", min_width=18)
+        table.add_column("validator", overflow="fold", min_width=8)
+        table.add_column("executor", overflow="fold", min_width=8)
+        table.add_column("state", overflow="fold", min_width=9)
+        table.add_column("started (UTC)", min_width=8)
+        table.add_column("ended (UTC)", min_width=8)
+        table.add_column("note", ratio=1)
     for j in jobs:
         # "cancelled: cancelled" says it once; a cancel (a streaming session the client closed,
         # say) is no failure of the miner's: not red.
@@ -414,16 +427,32 @@ def _print_jobs(doc: dict[str, Any], as_json: bool) -> None:
             notes.append("not countersigned")
         if j["detail"]:
             notes.append(j["detail"])
+        validator = text(_short(j["validator"], 12) if terminal else j["validator"])
+        executor = text(
+            _short(j["executor_id"] or "?", 16) if terminal else j["executor_id"] or "?"
+        )
         table.add_row(
             text(j["job_uuid"]),
-            text(_short(j["validator"], 12) if terminal else j["validator"]),
-            text(j["executor_id"] or "?"),
+            *([f"{validator}\n{executor}"] if narrow else [validator, executor]),
             state,
             _when(j["started_ns"], terminal),
             "in flight" if j["in_flight"] else _when(j["ended_ns"], terminal) or "?",
-            text("; ".join(notes)),
+            _note(text("; ".join(notes)), footnotes),
         )
     out.print(table)
+    for n, note in enumerate(footnotes or [], 1):
+        out.print(f"[{n}] {note}", highlight=False)
+
+
+WIDE_NOTES = 140  # terminal columns from which notes fit in the jobs table
+
+
+def _note(note: str, footnotes: list[str] | None) -> str:
+    """The note cell: the note itself, or its footnote mark when notes go below the table."""
+    if footnotes is None or not note:
+        return note
+    footnotes.append(note)
+    return f"[{len(footnotes)}]"
 
 
 def _text(terminal: bool) -> Callable[[str], str]:
