@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -120,6 +121,12 @@ async def start_executor(
         raise
 
 
+def executor_instance(public_key_hex: str, work_dir: Path) -> str:
+    """The label value of an executor's containers, networks and volumes."""
+    place = hashlib.sha256(str(work_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{public_key_hex[:16]}-{place}"
+
+
 async def _start_locked(
     settings: ExecutorSettings,
     signer: Signer,
@@ -129,14 +136,18 @@ async def _start_locked(
 ) -> tuple[ServiceApp, ExecutorAgent]:
     hardware = probe(work_dir)
     klass = executor_class(hardware, settings.executor_class)
-    # One label per executor identity, so executors sharing an engine never sweep each other.
+    # One label per executor (its identity and its work_dir: the work_dir lock makes that pair
+    # one process), so executors sharing an engine never sweep each other, not even two run by
+    # mistake with one key.
     runtime = DockerRuntime(
-        instance=signer.identity.public_key.hex()[:16],
+        instance=executor_instance(signer.identity.public_key.hex(), work_dir),
         wait_cleanup=False,
         job_init=settings.job_init,
     )
     try:
         swept = await runtime.sweep()
+        # What an older version left, labelled by the identity alone.
+        swept += await runtime.sweep(instance=signer.identity.public_key.hex()[:16])
     except (DockerError, aiohttp.ClientError) as exc:
         await runtime.close()
         # Not a configuration error: the engine may come up later (systemd tries again).

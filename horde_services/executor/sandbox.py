@@ -486,16 +486,23 @@ class DockerRuntime:
 
     # ----------------------------------------------------------------------------- sweep
 
-    async def sweep(self, job_uuid: str | None = None, *, all_instances: bool = False) -> int:
+    async def sweep(
+        self,
+        job_uuid: str | None = None,
+        *,
+        all_instances: bool = False,
+        instance: str | None = None,
+    ) -> int:
         """Remove every container, network and volume carrying the Horde label.
 
-        By default only this runtime's instance's objects (``all_instances`` widens it to every
-        Horde object on the engine), and only one job's when ``job_uuid`` is given. Meant for
-        start-up and shutdown, when none of them can be in use; returns how many were removed.
+        By default only this runtime's instance's objects (``instance`` names another one, e.g.
+        the label an older version gave them; ``all_instances`` widens it to every Horde object
+        on the engine), and only one job's when ``job_uuid`` is given. Meant for start-up and
+        shutdown, when none of them can be in use; returns how many were removed.
         """
         labels = [f"{LABEL}=1"]
         if not all_instances:
-            labels.append(f"{INSTANCE_LABEL}={self._instance}")
+            labels.append(f"{INSTANCE_LABEL}={instance or self._instance}")
         if job_uuid is not None:
             labels.append(f"{JOB_LABEL}={job_uuid}")
         removed = 0
