@@ -7,15 +7,16 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import re
 import secrets
 import shlex
 import signal
+import stat
 import sys
 import tarfile
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,19 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
 
 from horde_services.cli.args import checked_target, client_tls
 from horde_services.cli.devenv import DevEnv, DevEnvError
@@ -126,12 +139,79 @@ def shown(text: str, terminal: bool) -> str:
 
 @dataclass
 class Inline:
+    """An inline input: its volume (file name, size and sha256 declared) and where its bytes
+    come from when they are sent, in chunks: the file itself (read again then), or a directory's
+    tar in an unnamed temporary file (gone when closed, or when the command ends however it
+    does)."""
+
     volume: job_pb2.InputVolume
-    data: bytes
+    raw: str  # the --input it comes from
+    size: int
+    path: Path | None = None
+    temp: BinaryIO | None = None
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[BinaryIO]:
+        if self.temp is not None:
+            self.temp.seek(0)
+            yield self.temp
+            return
+        assert self.path is not None
+        with self.path.open("rb") as fh:
+            yield fh
+
+    def close(self) -> None:
+        if self.temp is not None:
+            self.temp.close()
+
+
+def close_inputs(inputs: Iterable[Inline | job_pb2.InputVolume]) -> None:
+    """Let go of inputs' temporary files (directories' tars)."""
+    for item in inputs:
+        if isinstance(item, Inline):
+            item.close()
+
+
+def _digest(fh: BinaryIO) -> tuple[int, str]:
+    """Size and sha256 of what is left in `fh`, read in chunks of CHUNK bytes."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    size = 0
+    while n := fh.readinto(view):  # type: ignore[attr-defined]
+        digest.update(view[:n])
+        size += n
+    return size, digest.hexdigest()
+
+
+# Paths an input may not be (st_mode's file type), named in the message that says so.
+_NOT_INPUTS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_an_input(raw: str, path: Path) -> CliError:
+    """Why `path` (neither a regular file nor a directory) cannot be an input."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return CliError(f"--input {raw}: no such file or directory")
+        return CliError(f"--input {raw}: {exc.strerror or exc}")
+    what = next((name for test, name in _NOT_INPUTS if test(mode)), "a special file")
+    return CliError(
+        f"--input {raw}: {what}, not a regular file or a directory (an input is a file, a "
+        f"directory, or URL#sha256=HEX)"
+    )
 
 
 def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
-    out: list[Inline | job_pb2.InputVolume] = []
+    """The inputs named by --input, checked first (names under /volume, files that exist), then
+    each file hashed and each directory tarred into a temporary file and hashed, reading
+    CHUNK bytes at a time whatever their size: nothing is held in memory whole."""
     names: dict[str, str] = {}  # top-level name under /volume -> the --input it comes from
 
     def claim(name: str, raw: str) -> None:
@@ -142,48 +222,75 @@ def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
                 f"--input {other}"
             )
 
+    planned: list[tuple[str, Path | None]] = []  # (--input, a local path or None for a URL)
     for raw in paths:
         if raw.startswith(("http://", "https://")):
-            url, _, fragment = raw.partition("#")
-            if not fragment.startswith("sha256="):
+            if not raw.partition("#")[2].startswith("sha256="):
                 raise CliError(f"--input {raw}: a URL input needs '#sha256=<hex>'")
-            out.append(job_pb2.InputVolume(url=job_pb2.UrlInput(url=url, sha256=fragment[7:])))
+            planned.append((raw, None))
             continue
         path = Path(raw)
-        if path.is_dir():
-            for child in path.iterdir():
-                claim(child.name, raw)
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
+        try:
+            if path.is_dir():
+                for child in path.iterdir():
+                    claim(child.name, raw)
+            elif path.is_file():
+                claim(path.name, raw)
+            else:
+                raise _not_an_input(raw, path)
+        except OSError as exc:
+            raise CliError(f"--input {raw}: {exc.strerror or exc}") from None
+        planned.append((raw, path))
+
+    out: list[Inline | job_pb2.InputVolume] = []
+    try:
+        for raw, local in planned:
+            if local is None:
+                url, _, fragment = raw.partition("#")
+                out.append(job_pb2.InputVolume(url=job_pb2.UrlInput(url=url, sha256=fragment[7:])))
+                continue
+            try:
+                out.append(_inline(raw, local))
+            except OSError as exc:
+                raise CliError(f"--input {raw}: {_os_error(exc)}") from None
+    except BaseException:
+        close_inputs(out)
+        raise
+    return out
+
+
+def _inline(raw: str, path: Path) -> Inline:
+    if path.is_dir():
+        temp = tempfile.TemporaryFile(prefix="horde-input-", suffix=".tar")
+        try:
+            with tarfile.open(fileobj=temp, mode="w") as tar:
                 for child in sorted(path.iterdir()):
                     tar.add(child, arcname=child.name)
-            data = buf.getvalue()
-            volume = job_pb2.InputVolume(
-                inline_archive=job_pb2.InlineArchive(
-                    format=job_pb2.ARCHIVE_FORMAT_TAR,
-                    size_bytes=len(data),
-                    sha256=hashlib.sha256(data).hexdigest(),
-                )
+            temp.seek(0)
+            size, sha256 = _digest(temp)
+        except BaseException:
+            temp.close()
+            raise
+        volume = job_pb2.InputVolume(
+            inline_archive=job_pb2.InlineArchive(
+                format=job_pb2.ARCHIVE_FORMAT_TAR, size_bytes=size, sha256=sha256
             )
-        elif path.is_file():
-            claim(path.name, raw)
-            data = path.read_bytes()
-            volume = job_pb2.InputVolume(
-                inline_file=job_pb2.InlineFile(
-                    file_name=path.name,
-                    size_bytes=len(data),
-                    sha256=hashlib.sha256(data).hexdigest(),
-                )
-            )
-        else:
-            raise CliError(f"--input {raw}: no such file or directory")
-        out.append(Inline(volume, data))
-    return out
+        )
+        return Inline(volume, raw, size, temp=temp)
+    with path.open("rb") as fh:
+        size, sha256 = _digest(fh)
+    volume = job_pb2.InputVolume(
+        inline_file=job_pb2.InlineFile(file_name=path.name, size_bytes=size, sha256=sha256)
+    )
+    return Inline(volume, raw, size, path=path)
 
 
 async def _requests(
     spec: job_pb2.JobSpec, inline: list[tuple[int, bytes]]
 ) -> AsyncIterator[validator_pb2.SubmitJobRequest]:
+    """The requests of a SubmitJob with its inline inputs in memory, sent without waiting for
+    the validator to accept the upload (benchmarks/organic.py sends jobs with none; `horde job
+    run` uses Upload)."""
     yield validator_pb2.SubmitJobRequest(spec=spec)
     for index, data in inline:
         if not data:
@@ -197,6 +304,79 @@ async def _requests(
                     volume_index=index, data=block, last=offset + len(block) >= len(data)
                 )
             )
+
+
+# How long the client waits for the validator to accept an upload of inline inputs (its initial
+# metadata, validator/service.py UPLOAD_ACCEPTED) before it sends them anyway: a validator too
+# old to say so sends no metadata before it has read them.
+UPLOAD_ACCEPT_WAIT_S = 5.0
+UPLOAD_ACCEPTED = ("horde-upload", "accepted")
+
+
+class Upload:
+    """The requests of a SubmitJob: the spec, then, once the validator has accepted the upload,
+    the inline inputs in chunks of CHUNK bytes read from disk as they are sent. A validator that
+    refuses the job from its spec ends the call (or says "refused") before any chunk is sent:
+    the client sends nothing more and reads the validator's status, not grpc.aio's INTERNAL of a
+    write that raced it."""
+
+    def __init__(self, spec: job_pb2.JobSpec, inline: list[tuple[int, Inline]]) -> None:
+        self.spec = spec
+        self.inline = inline
+        self.call: Any = None  # the SubmitJob call, once made
+        self.sent_chunks = 0
+        self.failed: str | None = None  # an input that could not be read as it was sent
+        # Told the bytes of each chunk sent (a progress display).
+        self.progress: Callable[[int], None] | None = None
+
+    @property
+    def declared(self) -> int:
+        return sum(item.size for _, item in self.inline)
+
+    async def accepted(self) -> bool:
+        """Whether to send the inputs: the validator accepted the upload, or said nothing in
+        UPLOAD_ACCEPT_WAIT_S (an older validator); not when it answered otherwise (a refusal,
+        or a job rejected without reading them) or the call ended."""
+        try:
+            async with asyncio.timeout(UPLOAD_ACCEPT_WAIT_S):
+                metadata = await self.call.initial_metadata()
+        except TimeoutError:
+            return not self.call.done()
+        except grpc.aio.AioRpcError:
+            return False
+        return UPLOAD_ACCEPTED[1] in (metadata.get_all(UPLOAD_ACCEPTED[0]) if metadata else ())
+
+    async def requests(self) -> AsyncIterator[validator_pb2.SubmitJobRequest]:
+        yield validator_pb2.SubmitJobRequest(spec=self.spec)
+        if not self.inline or not await self.accepted():
+            return  # (half-closed: a validator that refused answers at once)
+        for index, item in self.inline:
+            try:
+                async for request in self._chunks(index, item):
+                    yield request
+            except OSError as exc:
+                self.failed = f"--input {item.raw}: {_os_error(exc)}"
+                self.call.cancel()
+                return
+
+    async def _chunks(
+        self, index: int, item: Inline
+    ) -> AsyncIterator[validator_pb2.SubmitJobRequest]:
+        with item.reader() as fh:
+            left = item.size
+            while True:
+                # (A file that shrank since it was hashed ends early: the validator says its
+                # size is not the one declared; one that changed, that its sha256 is not.)
+                block = fh.read(min(CHUNK, left)) if left else b""
+                left = left - len(block) if block else 0
+                yield validator_pb2.SubmitJobRequest(
+                    input_chunk=job_pb2.InputChunk(volume_index=index, data=block, last=not left)
+                )
+                self.sent_chunks += 1
+                if self.progress is not None and block:
+                    self.progress(len(block))
+                if not left:
+                    return
 
 
 def result_json(res: job_pb2.JobResult) -> dict[str, Any]:
@@ -460,31 +640,96 @@ def _detached(cmd: str, job_uuid: str, output_dir: Path | None) -> None:
     )
 
 
+class _OnlyForBytes(ProgressColumn):
+    """A column shown on a transfer's line only (the status line has none)."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task) -> RenderableType:
+        return self.column.render(task) if task.fields.get("transfer") else Text("")
+
+
+class Display:
+    """What a command shows on stderr while it works, when stderr is a terminal and it prints no
+    --json (`enabled`): a status line, and a line counting the bytes of each transfer (an upload
+    of inline inputs, a download of outputs) against its total when known. Nothing otherwise."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._status: TaskID | None = None
+
+    @classmethod
+    def on_stderr(cls, as_json: bool) -> Display:
+        console = Console(stderr=True)
+        return cls(console, console.is_terminal and not as_json)
+
+    @contextlib.contextmanager
+    def showing(self, what: str) -> Iterator[None]:
+        """Show `what` as the status line until the block ends (then the display goes)."""
+        if not self.enabled:
+            yield
+            return
+        if self._progress is not None:  # (showing already: the same display, this status)
+            self.status(what)
+            yield
+            return
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}", markup=False),
+            _OnlyForBytes(BarColumn()),
+            _OnlyForBytes(DownloadColumn()),
+            _OnlyForBytes(TransferSpeedColumn()),
+            console=self.console,
+            transient=True,
+            # What is printed to stdout meanwhile goes above the display only when stdout is
+            # the terminal too (into a pipe or file it goes there as it is).
+            redirect_stdout=sys.stdout.isatty(),
+        )
+        self._status = progress.add_task(what, total=None)
+        self._progress = progress
+        try:
+            with progress:
+                yield
+        finally:
+            self._progress = self._status = None
+
+    def status(self, text: str) -> None:
+        if self._progress is not None and self._status is not None:
+            self._progress.update(self._status, description=text)
+
+    def transfer(self, what: str, total: int | None) -> Callable[[int], None]:
+        """A line counting a transfer's bytes while the display shows; returns what to tell
+        each count of bytes moved (nothing is shown when the display does not show)."""
+        progress = self._progress
+        if progress is None:
+            return lambda n: None
+        task = progress.add_task(what, total=total, transfer=True)
+        return lambda n: progress.advance(task, n)
+
+
 class _Follower:
     """Follows a job's stream: shows its progress (a live line on a terminal, else a line per
     event on stderr; nothing with --json), writes output chunks, keeps the result."""
 
     def __init__(self, as_json: bool, job_uuid: str = "") -> None:
-        self.console = Console(stderr=True)
-        self.live = self.console.is_terminal and not as_json
+        self.display = Display.on_stderr(as_json)
+        self.console = self.display.console
+        self.live = self.display.enabled
         self.as_json = as_json
         self.job_uuid = job_uuid
         self.answered = False  # a message came
         self.result: job_pb2.JobResult | None = None
 
-    @contextlib.contextmanager
-    def showing(self, what: str) -> Iterator[Any]:
-        status = self.console.status(what) if self.live else None
-        if status is not None:
-            status.start()
-        try:
-            yield status
-        finally:
-            if status is not None:
-                status.stop()
+    def showing(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return self.display.showing(what)
 
     async def follow(self, call: AsyncIterator[Any], outputs: Outputs | None, what: str) -> None:
-        with self.showing(what) as status:
+        with self.showing(what):
+            received: Callable[[int], None] | None = None
             async for msg in call:
                 self.answered = True
                 kind = msg.WhichOneof("payload")
@@ -495,11 +740,14 @@ class _Follower:
                         f"{state_name(ev.state)} [{stage_name(ev.stage)}] {ev.message}",
                         self.console.is_terminal,
                     )
-                    if status is not None:
-                        status.update(f"{ev.job_uuid} {text}")
+                    if self.live:
+                        self.display.status(f"{ev.job_uuid} {text}")
                     elif not self.as_json:
                         print(f"{ev.job_uuid} {text}", file=sys.stderr)
                 elif kind == "output_chunk" and outputs is not None:
+                    if received is None:  # (their sizes are listed by the result, after them)
+                        received = self.display.transfer("receiving outputs", None)
+                    received(len(msg.output_chunk.data))
                     outputs.chunk(msg.output_chunk)
                 elif kind == "result":
                     self.result = msg.result
@@ -513,23 +761,42 @@ async def run_job(
     as_json: bool,
 ) -> int:
     """Submit, follow and print one job. Ctrl-C cancels the job (once the validator has accepted
-    it) before the command ends; SIGTERM and SIGHUP leave it running and say how to follow it."""
-    inline: list[tuple[int, bytes]] = []
+    it) before the command ends; SIGTERM and SIGHUP leave it running and say how to follow it.
+    The inputs' temporary files are let go of however it ends."""
+    try:
+        return await _run_job(target, spec, inputs, output_dir, as_json)
+    finally:
+        close_inputs(inputs)
+
+
+async def _run_job(
+    target: Target,
+    spec: job_pb2.JobSpec,
+    inputs: list[Inline | job_pb2.InputVolume],
+    output_dir: Path | None,
+    as_json: bool,
+) -> int:
+    inline: list[tuple[int, Inline]] = []
     for item in inputs:
         if isinstance(item, Inline):
-            inline.append((len(spec.inputs), item.data))
+            inline.append((len(spec.inputs), item))
             spec.inputs.append(item.volume)
         else:
             spec.inputs.append(item)
     follower = _Follower(as_json)
     outputs = Outputs(output_dir) if output_dir is not None else None
+    upload = Upload(spec, inline)
     try:
         async with target.channel() as channel:
             stub = validator_pb2_grpc.ValidatorServiceStub(channel)
             try:
-                await follower.follow(
-                    stub.SubmitJob(_requests(spec, inline)), outputs, "submitting job..."
-                )
+                upload.call = stub.SubmitJob(upload.requests())
+                with follower.showing("submitting job..."):
+                    if inline:
+                        upload.progress = follower.display.transfer(
+                            "uploading inputs", upload.declared
+                        )
+                    await follower.follow(upload.call, outputs, "submitting job...")
             except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP
                 if outputs is not None:
                     outputs.abandon(INTERRUPTED)
@@ -545,6 +812,8 @@ async def run_job(
             elif outputs is not None:
                 outputs.abandon("the stream ended without the job's result")
     except grpc.aio.AioRpcError as exc:
+        if upload.failed is not None:  # (the call was cancelled for it)
+            raise CliError(upload.failed) from None
         job_uuid = follower.job_uuid
         if outputs is not None:
             outputs.abandon(f"the stream broke off ({exc.code().name})")
@@ -588,7 +857,9 @@ async def job_watch(target: Target, job_uuid: str, output_dir: Path | None, as_j
                     outputs.finish(final.outputs, f"the job uploaded it to {final.upload_url}")
                 else:
                     with follower.showing(f"downloading the outputs of job {job_uuid}..."):
-                        await _fetch(stub, job_uuid, outputs, final.outputs)
+                        await _fetch(
+                            stub, job_uuid, outputs, final.outputs, display=follower.display
+                        )
             except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP
                 if outputs is not None:
                     outputs.abandon(INTERRUPTED)
@@ -635,12 +906,18 @@ async def _fetch(
     outputs: Outputs,
     listed: Iterable[job_pb2.OutputFile],
     written: Callable[[str], None] | None = None,
+    display: Display | None = None,
 ) -> None:
     """Download a finished job's outputs (DownloadOutputs) and write those the result lists;
-    `written` is told each one as it is written into place."""
+    `written` is told each one as it is written into place; `display` (while it shows) counts
+    the bytes against the listed outputs' sizes."""
+    listed = list(listed)
     outputs.expect(listed)
+    total = sum(o.size_bytes for o in listed)
+    received = display.transfer("downloading outputs", total) if display else lambda n: None
     call = stub.DownloadOutputs(validator_pb2.DownloadOutputsRequest(job_uuid=job_uuid))
     async for msg in call:
+        received(len(msg.chunk.data))
         path = outputs.chunk(msg.chunk)
         if path is not None and written is not None:
             written(path)
@@ -679,9 +956,11 @@ async def job_download(target: Target, job_uuid: str, output_dir: Path, as_json:
                     "the validator holds none"
                 )
             listed = {o.path: o for o in job.result.outputs}
+            display = Display.on_stderr(as_json)
             try:
                 if listed:
-                    await _fetch(stub, job_uuid, outputs, job.result.outputs, written)
+                    with display.showing(f"downloading the outputs of job {job_uuid}..."):
+                        await _fetch(stub, job_uuid, outputs, job.result.outputs, written, display)
             except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP
                 outputs.abandon(INTERRUPTED)
                 lead = "\n" if _STOP.signum is None else ""

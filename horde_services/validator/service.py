@@ -42,6 +42,15 @@ REFUSED_UPLOAD_DRAIN_BYTES = 256 * 1024 * 1024
 # ...and a client that sends nothing for this long gets the refusal anyway (e.g. one that keeps
 # the stream open after its inputs, to be able to cancel).
 REFUSED_UPLOAD_IDLE_S = 5.0
+# The handshake that spares a client this: once the spec passed every check made from it, the
+# validator sends its initial metadata with ("horde-upload", "accepted") before it reads any input
+# chunk; a refusal made from the spec sends ("horde-upload", "refused") first. A client that waits
+# for this before its first chunk (the CLI) sends no byte of a refused upload: it half-closes on
+# "refused" (or reads the status when the call ended), and the validator answers at once. Older
+# clients, which write their chunks without waiting, still have theirs read and thrown away.
+UPLOAD_METADATA_KEY = "horde-upload"
+UPLOAD_ACCEPTED = (UPLOAD_METADATA_KEY, "accepted")
+UPLOAD_REFUSED = (UPLOAD_METADATA_KEY, "refused")
 # A ListJobs page ends early rather than pass this many bytes of jobs: under gRPC's default
 # 4 MiB receive limit of clients, whatever the jobs' results hold (next_cursor goes on).
 LIST_PAGE_BYTES = 3 * 1024 * 1024
@@ -151,7 +160,7 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             self._manager.refuse_if_draining()
             validate_spec(spec, self._max_stage_timeout_s)
         except (InvalidArgument, Unavailable):
-            await self._discard_upload(requests, first.ByteSize())  # so the client reads why
+            await self._refuse_upload(context, requests, first.ByteSize())  # the client reads why
             raise
         if not spec.executor_class:
             spec.executor_class = self._default_class
@@ -168,12 +177,14 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
                 f"(the spec declares {declared})"
             )
             if declared <= self._read_limit:
-                await self._discard_upload(requests, 0)
+                await self._refuse_upload(context, requests, 0)
+            else:  # (no use reading it: a client that waits for the handshake sent none)
+                await context.send_initial_metadata((UPLOAD_REFUSED,))
             raise refusal
         if inline:
             problem = self._upload_refusal(client, declared, all(i.size_bytes for i in inline))
             if problem is not None:
-                await self._discard_upload(requests, first.ByteSize())
+                await self._refuse_upload(context, requests, first.ByteSize())
                 raise problem
         job_uuid, spool = self._manager.new_spool()
         if spec.image not in self._allowed:
@@ -188,6 +199,9 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             spool.rmdir()
             yield validator_pb2.SubmitJobResponse(result=res)
             return
+        if inline:
+            # Accepted for upload: the client may send its input chunks now.
+            await context.send_initial_metadata((UPLOAD_ACCEPTED,))
         uploads = 1 if inline else 0  # (only inline inputs count as uploads)
         self._uploads[client] = self._uploads.get(client, 0) + uploads
         try:
@@ -316,6 +330,18 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
                 raise InvalidArgument(f"spec.inputs[{i}]: sha256 mismatch")
             if not declared.size_bytes:
                 declared.size_bytes = sizes[i]
+
+    async def _refuse_upload(
+        self,
+        context: grpc.aio.ServicerContext,
+        requests: AsyncIterator[validator_pb2.SubmitJobRequest],
+        read: int,
+    ) -> None:
+        """Before a refusal made from the spec: say so in the initial metadata (a client that
+        waits for the handshake half-closes without sending a chunk), then read and drop what an
+        older client sends meanwhile (_discard_upload)."""
+        await context.send_initial_metadata((UPLOAD_REFUSED,))
+        await self._discard_upload(requests, read)
 
     async def _discard_upload(
         self, requests: AsyncIterator[validator_pb2.SubmitJobRequest], read: int

@@ -16,6 +16,8 @@ import grpc
 import pytest
 from horde.v1 import common_pb2, job_pb2, streaming_pb2, validator_pb2, validator_pb2_grpc
 
+from horde_services.cli import client as cli
+from horde_services.cli.client import Target
 from horde_services.core.app import ServiceApp
 from horde_services.core.chain import Neuron, write_roster
 from horde_services.core.config import ValidatorSettings, load_settings
@@ -39,6 +41,13 @@ class Validator:
     app: ServiceApp
     stub: validator_pb2_grpc.ValidatorServiceStub
     settings: ValidatorSettings
+    client: Ed25519Signer  # an enrolled client (the stub's)
+    identity: str  # the validator's
+
+    @property
+    def target(self) -> Target:
+        """Where the CLI's client code reaches it, as the enrolled client."""
+        return Target(f"127.0.0.1:{self.app.port}", self.identity, self.client)
 
     @property
     def spool(self) -> Path:
@@ -72,15 +81,15 @@ async def v(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Val
         clients=[str(client.identity)],
         allowed_images=[IMAGE],
         streaming_whitelist=[],
-        max_inline_input_bytes=CAP,
-        **extra,
+        **{"max_inline_input_bytes": CAP, **extra},
     )
     app = await start_validator(settings, signer)
     try:
         async with open_channel(
             f"127.0.0.1:{app.port}", signer=client, callee=str(signer.identity)
         ) as channel:
-            yield Validator(app, validator_pb2_grpc.ValidatorServiceStub(channel), settings)
+            stub = validator_pb2_grpc.ValidatorServiceStub(channel)
+            yield Validator(app, stub, settings, client, str(signer.identity))
     finally:
         await app.stop(0)
 
@@ -252,6 +261,141 @@ async def test_upload_of_exactly_the_cap_is_accepted(v: Validator) -> None:
         call.cancel()
     assert isinstance(first, validator_pb2.SubmitJobResponse)
     assert first.event.state == common_pb2.JOB_STATE_ACCEPTED, first
+
+
+# ------------------------------------------------------------------------- the upload handshake
+
+
+def input_file(tmp_path: Path, size: int, name: str = "in.bin") -> cli.Inline:
+    """A file of `size` bytes as the CLI sends it (cli.build_inputs)."""
+    path = tmp_path / name
+    path.write_bytes(blob(size))
+    (item,) = cli.build_inputs([str(path)])
+    assert isinstance(item, cli.Inline)
+    return item
+
+
+async def submit_as_the_cli(
+    v: Validator, spec: job_pb2.JobSpec, items: list[cli.Inline], deadline: float = 30
+) -> tuple[cli.Upload, grpc.aio.AioRpcError | None, list[validator_pb2.SubmitJobResponse]]:
+    """A SubmitJob as `horde job run` makes it (cli.Upload: the spec, then its inline inputs once
+    the validator has accepted the upload), `items` added to the spec's inputs; the upload, the
+    error the call ended with (None when it ended well) and the answers."""
+    inline = []
+    for item in items:
+        inline.append((len(spec.inputs), item))
+        spec.inputs.append(item.volume)
+    upload = cli.Upload(spec, inline)
+    upload.call = v.stub.SubmitJob(upload.requests(), timeout=deadline)
+    answers: list[validator_pb2.SubmitJobResponse] = []
+    try:
+        async for msg in upload.call:
+            answers.append(msg)
+    except grpc.aio.AioRpcError as exc:
+        return upload, exc, answers
+    return upload, None, answers
+
+
+async def test_a_client_that_waits_reads_the_refusal_of_what_it_declares(
+    v: Validator, tmp_path: Path
+) -> None:
+    """Declared far past the read limit, an upload is refused at once, from the spec: a client
+    writing its chunks meanwhile may see grpc.aio's "INTERNAL: Internal error from Core"
+    (test_upload_far_past_the_cap_is_cut_off). The CLI waits for the validator to accept the
+    upload before its first chunk: the validator's status, every time, and no chunk sent."""
+    size = 20 * CAP
+    item = input_file(tmp_path, size)
+    for attempt in range(20):
+        upload, err, answers = await submit_as_the_cli(v, spec_with(), [item])
+        assert err is not None, answers
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (attempt, err)
+        assert err.details() == f"{CAP_REASON} (the spec declares {size})"
+        assert upload.sent_chunks == 0
+    await v.assert_nothing_left()
+
+
+@pytest.mark.settings(spool_min_free_mb=2**40)  # no upload the spec passes fits on the disk
+async def test_a_client_that_waits_sends_no_chunk_of_an_upload_refused_from_its_spec(
+    v: Validator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every refusal made from the spec (validate_spec, the cap, the read limit, the spool's
+    disk) comes before the validator accepts the upload: the CLI sends no
+    chunk, and the refusal comes at once. Neither side waits out a time limit for it: with
+    both set to a minute, a call that relied on one would run past its own 10 s deadline."""
+    monkeypatch.setattr(service, "REFUSED_UPLOAD_IDLE_S", 60.0)
+    monkeypatch.setattr(cli, "UPLOAD_ACCEPT_WAIT_S", 60.0)
+    bad_label = spec_with()
+    bad_label.labels["big"] = "x" * 1025
+    cases = [
+        (
+            bad_label,
+            CAP // 2,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "spec.labels['big']: 1025 characters, at most 1024",
+        ),
+        (
+            spec_with(),
+            CAP + 1,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{CAP_REASON} (the spec declares {CAP + 1})",
+        ),
+        (
+            spec_with(),
+            20 * CAP,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{CAP_REASON} (the spec declares {20 * CAP})",
+        ),
+        (spec_with(), CAP, grpc.StatusCode.UNAVAILABLE, "the validator is short of disk space"),
+    ]
+    for spec, size, code, details in cases:
+        item = input_file(tmp_path, size)
+        upload, err, answers = await submit_as_the_cli(v, spec, [item], deadline=10)
+        assert err is not None, answers
+        assert err.code() == code, (size, err)
+        assert (err.details() or "").startswith(details), err.details()
+        assert upload.sent_chunks == 0
+        item.close()
+    await v.assert_nothing_left()
+
+
+async def test_a_client_that_does_not_wait_still_reads_the_refusal(v: Validator) -> None:
+    """Older clients write their chunks without waiting for the validator to accept the
+    upload: the validator reads and drops them (here more than the stream's flow-control
+    window holds, so the client's writes need it) and answers once they half-close."""
+    data = blob(CAP)
+    spec = spec_with(inline_file("in.bin", len(data), data))
+    spec.labels["big"] = "x" * 1025
+    for _ in range(5):
+        sent: list[int] = []
+        err = await submit_refused(v, spec, {0: data}, sent=sent)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+        assert err.details() == "spec.labels['big']: 1025 characters, at most 1024"
+        assert sum(sent) == len(data)  # every chunk was taken (and thrown away)
+    await v.assert_nothing_left()
+
+
+@pytest.mark.settings(max_inline_input_bytes=4 * cli.CHUNK)
+async def test_the_handshake_accepts_an_upload_and_a_rejection_skips_it(
+    v: Validator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepted, the CLI's inputs arrive whole (here the job is rejected later, for want of a
+    miner, once every byte was read and checked against its sha256). A job rejected from its
+    spec (an image not on the allow-list: a result, not a status) reads no input: no chunk is
+    sent. Neither waits out the CLI's time limit for an answer (a minute here)."""
+    monkeypatch.setattr(cli, "UPLOAD_ACCEPT_WAIT_S", 60.0)
+    items = [input_file(tmp_path, 3 * cli.CHUNK // 2, "a.bin"), input_file(tmp_path, 0, "e")]
+    upload, err, answers = await submit_as_the_cli(v, spec_with(), items, deadline=10)
+    assert err is None, err
+    assert answers[0].event.state == common_pb2.JOB_STATE_ACCEPTED, answers
+    assert answers[-1].result.reason == common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS
+    assert upload.sent_chunks == 2 + 1  # (an empty file: one empty chunk)
+    item = input_file(tmp_path, CAP)
+    upload, err, answers = await submit_as_the_cli(
+        v, spec_with(image="horde/not-allowed:latest"), [item], deadline=10
+    )
+    assert err is None, err
+    assert answers[-1].result.reason == common_pb2.FAILURE_REASON_IMAGE_NOT_ALLOWED, answers
+    assert upload.sent_chunks == 0
 
 
 # ------------------------------------------------------------------------- job uuids in lookups

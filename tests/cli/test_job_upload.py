@@ -1,0 +1,321 @@
+"""`horde job run` with inline inputs, as a user runs it: inputs streamed from disk (a file read
+in chunks as it is sent, a directory tarred into a temporary file that is gone afterwards) with
+the CLI's memory bounded whatever their size, the upload handshake with an older validator that
+does not say it accepted the upload, paths that are no input, and the byte progress of uploads
+and downloads on a terminal (and nowhere else)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import pty
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cli_support import BIN, horde
+from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
+from rich.console import Console
+from validator.test_job_api_errors import IMAGE, Validator
+from validator.test_job_api_errors import v as v  # (the fixture: a real validator)
+
+from horde_services.cli import client as cli
+from horde_services.core.identity import Ed25519Signer, create_key_file, write_key_file
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+    max_rss: int  # bytes, the command's peak resident set
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Ran:
+    """Run a command to its end; what it printed and its peak memory (wait4's ru_maxrss)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Ran(
+            proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024
+        )
+
+
+def run_on_a_terminal(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run a command with its stderr on a terminal (a pty), its stdout into a pipe; its exit
+    status, stdout and what reached the terminal."""
+    master, slave = pty.openpty()
+    seen = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the command's end of the terminal is closed
+                return
+            if not data:
+                return
+            seen.extend(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        term = {**(env or os.environ), "TERM": "xterm", "COLUMNS": "160"}
+        proc = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=slave, text=True, env=term, timeout=120
+        )
+    finally:
+        os.close(slave)
+        reader.join(30)
+        os.close(master)
+    return proc.returncode, proc.stdout, seen.decode(errors="replace")
+
+
+def target_args(v: Validator, tmp_path: Path) -> list[str]:
+    """The validator and the enrolled client's key, as `horde job` options."""
+    key = tmp_path / "client.json"
+    if not key.exists():
+        write_key_file(key, v.client)
+    return ["--validator", v.target.address, "--validator-identity", v.identity, "--key", str(key)]
+
+
+# ------------------------------------------------------------------------ streaming from disk
+
+
+@pytest.mark.settings(max_inline_input_bytes=400 * MiB)
+async def test_a_large_input_is_streamed_with_bounded_memory(v: Validator, tmp_path: Path) -> None:
+    """300 MiB through `horde job run`: hashed, then sent in chunks read from disk as they go;
+    the CLI's peak memory stays far below the input's size, within a few chunks of what it is
+    with an empty input. The validator read and checked all of it (the job, accepted, is
+    rejected only for want of a miner)."""
+    argv = [str(BIN / "horde"), "job", "run", *target_args(v, tmp_path), "--json"]
+    peaks = {}
+    for size in (0, 300 * MiB):
+        path = tmp_path / f"in-{size}.bin"
+        with path.open("wb") as fh:
+            fh.truncate(size)  # sparse: cheap to make, read in full all the same
+        ran = await asyncio.to_thread(
+            run_measured, [*argv, "--input", str(path), IMAGE, "--", "true"]
+        )
+        assert ran.returncode == 1, ran.stderr
+        doc = json.loads(ran.stdout)
+        assert (doc["state"], doc["reason"]) == ("rejected", "no_executor_of_class"), doc
+        assert ran.stderr == ""  # (no progress, no event lines: --json)
+        peaks[size] = ran.max_rss
+    assert peaks[300 * MiB] < 200 * MiB, f"peak RSS {peaks[300 * MiB] // MiB} MiB"
+    grown = peaks[300 * MiB] - peaks[0]
+    assert grown < 64 * MiB, f"{grown // MiB} MiB more than with an empty input"
+    assert list(v.spool.iterdir()) == []
+
+
+CATS = ["/volume/a.txt", "/volume/sub/b.txt", "/volume/c.txt"]
+
+
+def test_a_directory_input_is_tarred_into_a_temporary_file_that_goes(
+    dev: Path, tmp_path: Path
+) -> None:
+    """A directory and a file as inputs, run for real: the job sees both under /volume; the
+    directory's tar was made in the system's temporary directory (TMPDIR) and is gone after."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("alpha\n")
+    (data / "sub" / "b.txt").write_text("beta\n")
+    (tmp_path / "c.txt").write_text("gamma\n")
+    env = {**os.environ, "TMPDIR": str(temp)}
+    out = subprocess.run(
+        [
+            str(BIN / "horde"), "job", "run", "--dev", str(dev), "--json",
+            "--input", str(data), "--input", str(tmp_path / "c.txt"),
+            "horde/base:latest", "--", "sh", "-c", f"cat {' '.join(CATS)}",
+        ],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["stdout"] == "alpha\nbeta\ngamma\n"
+    assert list(temp.iterdir()) == []
+
+
+async def test_a_refused_job_leaves_no_temporary_file(v: Validator, tmp_path: Path) -> None:
+    """Refused from its spec (a label too long), the job's directory input was tarred, not
+    sent, and its tar is gone; the validator's reason comes through."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.bin").write_bytes(os.urandom(3 * MiB))
+    argv = [
+        str(BIN / "horde"), "job", "run", *target_args(v, tmp_path), "--input", str(data),
+        "--label", "k=" + "x" * 1025, IMAGE, "--", "true",
+    ]  # fmt: skip
+    ran = await asyncio.to_thread(run_measured, argv, {**os.environ, "TMPDIR": str(temp)})
+    assert ran.returncode == 1
+    assert ran.stderr == (
+        "horde job run: validator refused the job: INVALID_ARGUMENT: spec.labels['k']: 1025 "
+        "characters, at most 1024\n"
+    )
+    assert list(temp.iterdir()) == []
+
+
+class OldValidator(validator_pb2_grpc.ValidatorServiceServicer):
+    """SubmitJob as a validator from before the upload handshake answers it: it sends nothing
+    (no initial metadata) until it has read every input chunk, then the job's result."""
+
+    def __init__(self) -> None:
+        self.received: dict[int, hashlib._Hash] = {}
+
+    async def SubmitJob(
+        self, request_iterator: AsyncIterator[validator_pb2.SubmitJobRequest], context: Any
+    ) -> AsyncIterator[validator_pb2.SubmitJobResponse]:
+        requests = aiter(request_iterator)
+        spec = (await anext(requests)).spec
+        open_inputs = {i for i, vol in enumerate(spec.inputs) if vol.HasField("inline_file")}
+        while open_inputs:
+            chunk = (await anext(requests)).input_chunk
+            self.received.setdefault(chunk.volume_index, hashlib.sha256()).update(chunk.data)
+            if chunk.last:
+                open_inputs.discard(chunk.volume_index)
+        job = str(uuid.UUID(int=1))
+        yield validator_pb2.SubmitJobResponse(
+            event=job_pb2.JobEvent(job_uuid=job, state=common_pb2.JOB_STATE_ACCEPTED)
+        )
+        yield validator_pb2.SubmitJobResponse(
+            result=job_pb2.JobResult(
+                job_uuid=job, state=common_pb2.JOB_STATE_COMPLETED, exit_code=0
+            )
+        )
+
+
+async def test_an_older_validator_gets_the_inputs_after_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A validator that never says it accepted the upload: the CLI sends the inputs anyway once
+    it has waited UPLOAD_ACCEPT_WAIT_S, and the job runs."""
+    monkeypatch.setattr(cli, "UPLOAD_ACCEPT_WAIT_S", 0.2)
+    old = OldValidator()
+    server = grpc.aio.server()
+    validator_pb2_grpc.add_ValidatorServiceServicer_to_server(old, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        path = tmp_path / "in.bin"
+        path.write_bytes(os.urandom(2 * MiB + 5))
+        target = cli.Target(
+            f"127.0.0.1:{port}",
+            str(Ed25519Signer.generate().identity),
+            Ed25519Signer.generate(),
+        )
+        spec = job_pb2.JobSpec(image=IMAGE, command=["true"])
+        async with asyncio.timeout(30):  # (a client that never sent them would hang here)
+            status = await cli.run_job(target, spec, cli.build_inputs([str(path)]), None, True)
+    finally:
+        await server.stop(0)
+    assert status == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "completed"
+    assert old.received[0].hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------- paths that are no input
+
+
+def test_a_path_that_is_neither_file_nor_directory_is_a_usage_error(tmp_path: Path) -> None:
+    key = tmp_path / "client.json"
+    create_key_file(key, "ed25519")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = [
+        "--validator", "127.0.0.1:1", "--validator-identity", "ed25519:" + "11" * 32,
+        "--key", str(key),
+    ]  # fmt: skip
+    accepted = (
+        "not a regular file or a directory (an input is a file, a directory, or URL#sha256=HEX)"
+    )
+    cases = [
+        ("/dev/null", f"a character device, {accepted}"),
+        (str(fifo), f"a named pipe (FIFO), {accepted}"),
+        (str(tmp_path / "missing"), "no such file or directory"),
+    ]
+    for raw, why in cases:
+        out = horde("job", "run", *target, "--input", raw, IMAGE, "--", "true")
+        assert out.returncode == 2, (raw, out.stderr)
+        assert out.stderr == f"horde job run: --input {raw}: {why}\n"
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def test_the_progress_display_counts_bytes_on_a_terminal() -> None:
+    screen = io.StringIO()
+    display = cli.Display(Console(file=screen, force_terminal=True, width=120), enabled=True)
+    with display.showing("submitting job..."):
+        sent = display.transfer("uploading inputs", 2_000_000)
+        sent(500_000)
+        sent(500_000)
+        received = display.transfer("receiving outputs", None)
+        received(300_000)
+    text = screen.getvalue()
+    assert "uploading inputs" in text and "1.0/2.0 MB" in text, text
+    assert "receiving outputs" in text and "300.0/? kB" in text, text  # (no total known)
+    assert display.transfer("after", 10) is not None  # (not showing: counts nothing, no error)
+
+
+def test_no_progress_off_a_terminal_or_with_json(capsys: pytest.CaptureFixture[str]) -> None:
+    for as_json in (False, True):
+        display = cli.Display.on_stderr(as_json)  # (stderr here is no terminal)
+        assert not display.enabled
+        with display.showing("downloading..."):
+            display.transfer("downloading outputs", 100)(100)
+    assert capsys.readouterr() == ("", "")
+    screen = io.StringIO()
+    display = cli.Display(Console(file=screen, force_terminal=True), enabled=False)  # --json
+    with display.showing("downloading..."):
+        display.transfer("downloading outputs", 100)(100)
+    assert screen.getvalue() == ""
+
+
+async def test_an_upload_shows_its_bytes_on_a_terminal(v: Validator, tmp_path: Path) -> None:
+    path = tmp_path / "in.bin"
+    path.write_bytes(os.urandom(300_000))
+    argv = [str(BIN / "horde"), "job", "run", *target_args(v, tmp_path), "--input", str(path)]
+    status, _, screen = await asyncio.to_thread(run_on_a_terminal, [*argv, IMAGE, "--", "true"])
+    assert status == 1  # (rejected: no miner)
+    assert "uploading inputs" in screen and "300.0/300.0 kB" in screen, screen
+    status, out, screen = await asyncio.to_thread(
+        run_on_a_terminal, [*argv, "--json", IMAGE, "--", "true"]
+    )
+    assert json.loads(out)["reason"] == "no_executor_of_class"
+    assert screen == ""
+
+
+def test_a_download_shows_its_bytes_on_a_terminal(dev: Path, tmp_path: Path) -> None:
+    code = "open('/output/o.bin', 'wb').write(b'x' * 3_000_000)"
+    run = horde(
+        "job", "run", "--dev", str(dev), "--json", "horde/base:latest", "--", "python3", "-c", code
+    )
+    assert run.returncode == 0, run.stderr
+    job_uuid = json.loads(run.stdout)["job_uuid"]
+    for cmd in ("download", "watch"):
+        out_dir = tmp_path / cmd
+        status, out, screen = run_on_a_terminal(
+            [str(BIN / "horde"), "job", cmd, "--dev", str(dev), "--output", str(out_dir), job_uuid]
+        )
+        assert status == 0, screen
+        assert "downloading outputs" in screen and "3.0/3.0 MB" in screen, (cmd, screen)
+        assert (out_dir / "o.bin").stat().st_size == 3_000_000
+        assert "o.bin" in out
