@@ -15,6 +15,7 @@ import structlog
 from horde.v1 import common_pb2, job_pb2, validator_pb2, validator_pb2_grpc
 
 from horde_services.core.errors import (
+    FailedPrecondition,
     HordeError,
     InvalidArgument,
     NotFound,
@@ -22,7 +23,7 @@ from horde_services.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from horde_services.core.proto_util import TERMINAL_STATES, parse_cursor, result
+from horde_services.core.proto_util import TERMINAL_STATES, parse_cursor, result, state_name
 from horde_services.core.server import current_caller
 from horde_services.executor.archive import ArchiveError, clean_member_name
 from horde_services.validator.jobs import JobManager
@@ -430,6 +431,12 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
     ) -> AsyncIterator[validator_pb2.DownloadOutputsResponse]:
         job_uuid = parse_job_uuid(request.job_uuid)
         record = await self._own_record(job_uuid)
+        if record.state not in TERMINAL_STATES:
+            # Not "no files": a job still under way has made none yet that anyone may fetch.
+            raise FailedPrecondition(
+                f"job {job_uuid} has not finished ({state_name(record.state)}): its outputs come "
+                "with its result (WatchJob), or from DownloadOutputs once it has ended"
+            )
         files = await self._store.outputs(job_uuid)
         inline = record.spec.output.WhichOneof("target") != "upload"
         if not files and inline and len(record.result.outputs):

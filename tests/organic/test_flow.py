@@ -567,8 +567,17 @@ async def test_cancel_on_the_submit_stream(net: Network) -> None:
 
 
 async def test_watch_a_running_job(net: Network) -> None:
-    job = net.start_job(spec_for(BASE_IMAGE, ["sh", "-c", "sleep 2; echo watched"]))
+    """WatchJob follows a running job to its result; DownloadOutputs is refused until then
+    (FAILED_PRECONDITION, not an empty answer that reads as "no outputs")."""
+    job = net.start_job(
+        spec_for(BASE_IMAGE, ["sh", "-c", "sleep 2; echo watched; echo out > /output/o.txt"])
+    )
     running = await job.wait_state(S.JOB_STATE_RUNNING)
+    download = validator_pb2.DownloadOutputsRequest(job_uuid=running.job_uuid)
+    with pytest.raises(grpc.aio.AioRpcError) as early:
+        _ = [m async for m in net.client().DownloadOutputs(download, timeout=10)]
+    assert early.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert early.value.details().startswith(f"job {running.job_uuid} has not finished (")
     watched = JobRun()
     request = validator_pb2.WatchJobRequest(job_uuid=running.job_uuid)
     async for msg in net.client().WatchJob(request, timeout=60):
@@ -582,6 +591,8 @@ async def test_watch_a_running_job(net: Network) -> None:
     assert watched.result is not None and watched.result.stdout.data == b"watched\n"
     assert watched.states == submitted.states
     assert watched.states[0] == S.JOB_STATE_ACCEPTED
+    chunks = [m.chunk async for m in net.client().DownloadOutputs(download, timeout=10)]
+    assert [(c.path, c.data) for c in chunks] == [("o.txt", b"out\n")]
 
 
 async def test_nested_and_empty_output_files(net: Network) -> None:

@@ -132,7 +132,8 @@ class ValidatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadOutputs(self, request, context):
-        """Download the output files a finished job returned inline.
+        """Download the output files a finished job returned inline. FAILED_PRECONDITION while the job
+        has not finished; NOT_FOUND once its files are past the validator's output retention.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

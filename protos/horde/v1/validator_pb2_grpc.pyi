@@ -49,7 +49,9 @@ class ValidatorServiceStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_validator_pb2.ListJobsRequest, _validator_pb2.ListJobsResponse]
     """List the caller's jobs (an admin: every job), newest first."""
     DownloadOutputs: _grpc.UnaryStreamMultiCallable[_validator_pb2.DownloadOutputsRequest, _validator_pb2.DownloadOutputsResponse]
-    """Download the output files a finished job returned inline."""
+    """Download the output files a finished job returned inline. FAILED_PRECONDITION while the job
+    has not finished; NOT_FOUND once its files are past the validator's output retention.
+    """
     StartStreamingJob: _grpc.UnaryStreamMultiCallable[_validator_pb2.StartStreamingJobRequest, _validator_pb2.StartStreamingJobResponse]
     """Gateways: start a streaming job for a whitelisted image and follow its start-up."""
     StopStreamingJob: _grpc.UnaryUnaryMultiCallable[_validator_pb2.StopStreamingJobRequest, _validator_pb2.StopStreamingJobResponse]
@@ -80,7 +82,9 @@ class ValidatorServiceAsyncStub(ValidatorServiceStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_validator_pb2.ListJobsRequest, _validator_pb2.ListJobsResponse]  # type: ignore[assignment]
     """List the caller's jobs (an admin: every job), newest first."""
     DownloadOutputs: _aio.UnaryStreamMultiCallable[_validator_pb2.DownloadOutputsRequest, _validator_pb2.DownloadOutputsResponse]  # type: ignore[assignment]
-    """Download the output files a finished job returned inline."""
+    """Download the output files a finished job returned inline. FAILED_PRECONDITION while the job
+    has not finished; NOT_FOUND once its files are past the validator's output retention.
+    """
     StartStreamingJob: _aio.UnaryStreamMultiCallable[_validator_pb2.StartStreamingJobRequest, _validator_pb2.StartStreamingJobResponse]  # type: ignore[assignment]
     """Gateways: start a streaming job for a whitelisted image and follow its start-up."""
     StopStreamingJob: _aio.UnaryUnaryMultiCallable[_validator_pb2.StopStreamingJobRequest, _validator_pb2.StopStreamingJobResponse]  # type: ignore[assignment]
@@ -144,7 +148,9 @@ class ValidatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _validator_pb2.DownloadOutputsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_validator_pb2.DownloadOutputsResponse], _abc.AsyncIterator[_validator_pb2.DownloadOutputsResponse]]:
-        """Download the output files a finished job returned inline."""
+        """Download the output files a finished job returned inline. FAILED_PRECONDITION while the job
+        has not finished; NOT_FOUND once its files are past the validator's output retention.
+        """
 
     @_abc_1.abstractmethod
     def StartStreamingJob(
