@@ -891,12 +891,15 @@ class Session:
 
 def _not_started(res: job_pb2.JobResult, reason: str) -> HordeError | None:
     """The call's status for a job that did not start, when a client may act on it: try again
-    later (no free executor, the miner lost) or not here (no executor of the class). A job
-    refused for its image, or ended another way, leaves the session's normal OK."""
+    later (no free executor, the miner lost), not here (no executor of the class), or mend the
+    spec (the validator found it invalid: the client's error). A job refused for its image, or
+    ended another way, leaves the session's normal OK."""
     if res.reason in _TRY_LATER:
         return Unavailable(reason)
     if res.reason == common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS:
         return FailedPrecondition(reason)
+    if res.reason == common_pb2.FAILURE_REASON_INVALID_SPEC:
+        return InvalidArgument(reason)
     return None
 
 

@@ -168,7 +168,9 @@ class StreamingJobs:
                 # A refused spec is recorded by what identifies it, not stored whole: it may be
                 # the very size or bytes it was refused for.
                 spec = job_pb2.JobSpec(
-                    image=spec.image[:200], executor_class=spec.executor_class[:100]
+                    image=spec.image[:200],
+                    executor_class=spec.executor_class[:100],
+                    labels={"horde.client": spec.labels["horde.client"][:200]},
                 )
             await self._manager.reject(job_uuid, spec, caller, res, kind="streaming")
             yield validator_pb2.StartStreamingJobResponse(result=res)

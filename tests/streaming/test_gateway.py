@@ -432,14 +432,16 @@ async def test_an_image_off_the_whitelist_is_refused(harness: Harness) -> None:
         (common_pb2.FAILURE_REASON_BUSY, grpc.StatusCode.UNAVAILABLE),
         (common_pb2.FAILURE_REASON_MINER_UNREACHABLE, grpc.StatusCode.UNAVAILABLE),
         (common_pb2.FAILURE_REASON_NO_EXECUTOR_OF_CLASS, grpc.StatusCode.FAILED_PRECONDITION),
+        (common_pb2.FAILURE_REASON_INVALID_SPEC, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
 async def test_a_job_that_did_not_start_for_want_of_capacity_ends_with_a_status_to_act_on(
     harness: Harness, refusal: int, code: grpc.StatusCode
 ) -> None:
     """Busy or lost: UNAVAILABLE (try again later); no executor of the class: FAILED_PRECONDITION;
-    the SessionClosed with the job's result and the reason still comes first. (An image off the
-    whitelist stays OK, as the test above says.)"""
+    a spec the validator found invalid (the client's error): INVALID_ARGUMENT. The SessionClosed
+    with the job's result and the reason still comes first. (An image off the whitelist stays
+    OK, as the test above says.)"""
     harness.fake_validator.refuse_with = refusal  # type: ignore[assignment]
     app = await harness.start_gateway()
     channel = channel_to(harness, app)

@@ -702,8 +702,8 @@ async def test_a_page_of_large_jobs_ends_early_and_the_cursor_goes_on(v: Validat
 
 
 async def test_a_refused_streaming_spec_is_not_stored_whole(v: Validator) -> None:
-    """A streaming spec refused for its size is recorded by image and class only: stored whole,
-    it would make every listing of the caller's jobs too large to receive."""
+    """A streaming spec refused for its size is recorded by image, class and client only: stored
+    whole, it would make every listing of the caller's jobs too large to receive."""
     spec = _with(command=["x" * (1024 * 1024)])
     spec.streaming.port = 8000
     call = v.stub.StartStreamingJob(validator_pb2.StartStreamingJobRequest(spec=spec), timeout=30)
@@ -713,6 +713,8 @@ async def test_a_refused_streaming_spec_is_not_stored_whole(v: Validator) -> Non
     assert reply.result.detail.startswith("spec: 10"), reply.result.detail
     (record,) = (await v.stub.ListJobs(validator_pb2.ListJobsRequest(), timeout=10)).jobs
     assert record.spec.image == IMAGE and record.spec.ByteSize() < 1024
+    # Whose it was is kept, as on every streaming job.
+    assert dict(record.spec.labels) == {"horde.client": str(v.client.identity)}
 
 
 # ------------------------------------------------------------------ uploads a validator can hold

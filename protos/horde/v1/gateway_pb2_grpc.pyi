@@ -42,7 +42,8 @@ class GatewayServiceStub:
     beyond the allowed skew or a request or extra data comes before SessionReady. A job that did
     not start ends the call UNAVAILABLE when trying again later may work (no free executor,
     the miner lost: result reason busy, miner_unreachable, executor_lost) and
-    FAILED_PRECONDITION when no miner offers the class; an image off the whitelist ends it OK
+    FAILED_PRECONDITION when no miner offers the class, INVALID_ARGUMENT when the validator found
+    the spec invalid (result reason invalid_spec); an image off the whitelist ends it OK
     (SessionClosed carries the job's result and the reason in each case). A gateway
     shutting down ends open sessions with SessionClosed ("the gateway is shutting down", status
     OK) and refuses new ones with UNAVAILABLE (no SessionClosed).
@@ -64,7 +65,8 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     beyond the allowed skew or a request or extra data comes before SessionReady. A job that did
     not start ends the call UNAVAILABLE when trying again later may work (no free executor,
     the miner lost: result reason busy, miner_unreachable, executor_lost) and
-    FAILED_PRECONDITION when no miner offers the class; an image off the whitelist ends it OK
+    FAILED_PRECONDITION when no miner offers the class, INVALID_ARGUMENT when the validator found
+    the spec invalid (result reason invalid_spec); an image off the whitelist ends it OK
     (SessionClosed carries the job's result and the reason in each case). A gateway
     shutting down ends open sessions with SessionClosed ("the gateway is shutting down", status
     OK) and refuses new ones with UNAVAILABLE (no SessionClosed).
@@ -89,7 +91,8 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         beyond the allowed skew or a request or extra data comes before SessionReady. A job that did
         not start ends the call UNAVAILABLE when trying again later may work (no free executor,
         the miner lost: result reason busy, miner_unreachable, executor_lost) and
-        FAILED_PRECONDITION when no miner offers the class; an image off the whitelist ends it OK
+        FAILED_PRECONDITION when no miner offers the class, INVALID_ARGUMENT when the validator found
+        the spec invalid (result reason invalid_spec); an image off the whitelist ends it OK
         (SessionClosed carries the job's result and the reason in each case). A gateway
         shutting down ends open sessions with SessionClosed ("the gateway is shutting down", status
         OK) and refuses new ones with UNAVAILABLE (no SessionClosed).

@@ -354,9 +354,13 @@ class StartStreamingJobRequest(_message.Message):
     GATEWAY_IDENTITY_FIELD_NUMBER: _builtins.int
     CLIENT_IDENTITY_FIELD_NUMBER: _builtins.int
     gateway_identity: _builtins.str
-    """Identity string of the gateway that will talk to the job proxy."""
+    """Identity string of the gateway that will talk to the job proxy (the job proxy accepts no
+    other); empty: the caller.
+    """
     client_identity: _builtins.str
-    """Identity string of the end client the session serves (for records)."""
+    """Identity string of the end client the session serves (the job's horde.client label); taken
+    only from a gateway in the validator's `gateways` setting, else the caller is the client.
+    """
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec:
         """The job; its image must be on the streaming whitelist and StreamingSpec must be set or implied."""

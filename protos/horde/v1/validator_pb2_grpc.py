@@ -140,7 +140,9 @@ class ValidatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartStreamingJob(self, request, context):
-        """Gateways: start a streaming job for a whitelisted image and follow its start-up.
+        """Gateways: start a streaming job for a whitelisted image and follow its start-up. Any enrolled
+        client may call it and so act as its own gateway (gateway_identity empty: the caller); such a
+        session has no gateway storing its receipts or sampling it for spot checks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,10 @@ class ValidatorServiceStub:
     has not finished; NOT_FOUND once its files are past the validator's output retention.
     """
     StartStreamingJob: _grpc.UnaryStreamMultiCallable[_validator_pb2.StartStreamingJobRequest, _validator_pb2.StartStreamingJobResponse]
-    """Gateways: start a streaming job for a whitelisted image and follow its start-up."""
+    """Gateways: start a streaming job for a whitelisted image and follow its start-up. Any enrolled
+    client may call it and so act as its own gateway (gateway_identity empty: the caller); such a
+    session has no gateway storing its receipts or sampling it for spot checks.
+    """
     StopStreamingJob: _grpc.UnaryUnaryMultiCallable[_validator_pb2.StopStreamingJobRequest, _validator_pb2.StopStreamingJobResponse]
     """Gateways: stop a streaming job."""
     AddExtraData: _grpc.StreamUnaryMultiCallable[_validator_pb2.AddExtraDataRequest, _validator_pb2.AddExtraDataResponse]
@@ -86,7 +89,10 @@ class ValidatorServiceAsyncStub(ValidatorServiceStub):
     has not finished; NOT_FOUND once its files are past the validator's output retention.
     """
     StartStreamingJob: _aio.UnaryStreamMultiCallable[_validator_pb2.StartStreamingJobRequest, _validator_pb2.StartStreamingJobResponse]  # type: ignore[assignment]
-    """Gateways: start a streaming job for a whitelisted image and follow its start-up."""
+    """Gateways: start a streaming job for a whitelisted image and follow its start-up. Any enrolled
+    client may call it and so act as its own gateway (gateway_identity empty: the caller); such a
+    session has no gateway storing its receipts or sampling it for spot checks.
+    """
     StopStreamingJob: _aio.UnaryUnaryMultiCallable[_validator_pb2.StopStreamingJobRequest, _validator_pb2.StopStreamingJobResponse]  # type: ignore[assignment]
     """Gateways: stop a streaming job."""
     AddExtraData: _aio.StreamUnaryMultiCallable[_validator_pb2.AddExtraDataRequest, _validator_pb2.AddExtraDataResponse]  # type: ignore[assignment]
@@ -158,7 +164,10 @@ class ValidatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _validator_pb2.StartStreamingJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_validator_pb2.StartStreamingJobResponse], _abc.AsyncIterator[_validator_pb2.StartStreamingJobResponse]]:
-        """Gateways: start a streaming job for a whitelisted image and follow its start-up."""
+        """Gateways: start a streaming job for a whitelisted image and follow its start-up. Any enrolled
+        client may call it and so act as its own gateway (gateway_identity empty: the caller); such a
+        session has no gateway storing its receipts or sampling it for spot checks.
+        """
 
     @_abc_1.abstractmethod
     def StopStreamingJob(
