@@ -435,7 +435,7 @@ async def test_an_image_off_the_whitelist_is_refused(harness: Harness) -> None:
         (common_pb2.FAILURE_REASON_INVALID_SPEC, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
-async def test_a_job_that_did_not_start_for_want_of_capacity_ends_with_a_status_to_act_on(
+async def test_a_job_that_did_not_start_ends_with_a_status_to_act_on(
     harness: Harness, refusal: int, code: grpc.StatusCode
 ) -> None:
     """Busy or lost: UNAVAILABLE (try again later); no executor of the class: FAILED_PRECONDITION;

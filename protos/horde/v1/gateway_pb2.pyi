@@ -244,7 +244,10 @@ class SessionClosed(_message.Message):
     """True when the session ended because of a bad receipt."""
     @_builtins.property
     def result(self) -> _job_pb2.JobResult:
-        """Final result of the job."""
+        """Final result of the job. Unset (check its presence: an unset result reads as state
+        JOB_STATE_UNSPECIFIED) when the session ended before the job had one, e.g. a client that
+        erred before SessionReady; the job's events carry its job_uuid for a later GetJob.
+        """
 
     def __init__(
         self,
