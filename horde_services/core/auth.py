@@ -142,6 +142,17 @@ class NonceCache:
         return True
 
 
+def timestamp_hint(ts_ns: int, now_ns: int) -> str:
+    """A hint for a timestamp far off the clock because of its unit, not the clock: "" unless
+    it is 0 (never set) or reads as seconds, milliseconds or microseconds of about now."""
+    if ts_ns == 0:
+        return " (it is 0: not set; unix time in nanoseconds is required)"
+    for unit, scale in (("seconds", 10**9), ("milliseconds", 10**6), ("microseconds", 10**3)):
+        if abs(ts_ns * scale - now_ns) < 86400 * 10**9:
+            return f" (it reads as unix {unit}: nanoseconds are required)"
+    return ""
+
+
 class Authenticator:
     """Server side: checks a call's metadata and returns the caller's identity."""
 
@@ -196,7 +207,9 @@ class Authenticator:
             shown = f"{ahead:.1f}s" if ahead < 86400 * 365 else "more than a year"
             raise self._unauth(f"timestamp is {shown} in the future")
         if ts < now - self._skew_ns:
-            raise self._unauth(f"timestamp expired ({(now - ts) / 1e9:.1f}s old)")
+            raise self._unauth(
+                f"timestamp expired ({(now - ts) / 1e9:.1f}s old){timestamp_hint(ts, now)}"
+            )
         if not caller.verify(signing_message(method, md[H_CALLEE], ts, nonce), signature):
             raise self._unauth("bad signature")
         if not self._nonces.check_and_add(f"{caller}/{nonce}", now):

@@ -38,6 +38,7 @@ import nacl.signing
 import structlog
 from horde.v1 import job_proxy_pb2, streaming_pb2
 
+from horde_services.core.auth import timestamp_hint
 from horde_services.core.errors import (
     FailedPrecondition,
     HordeError,
@@ -286,6 +287,7 @@ class JobProxy:
                     raise FailedPrecondition(
                         f"request {frame.seq}: the client clock is {abs(off) / 1e9:.3f} s "
                         f"{direction} the job proxy's (allowed skew {self._skew_ns / 1e9:g} s)"
+                        f"{timestamp_hint(frame.client_timestamp_ns, now)}"
                     )
                 if current is None:
                     if frame.seq != live.next_seq:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from horde.v1 import receipts_pb2
 
+from horde_services.core.auth import timestamp_hint
 from horde_services.core.certificates import CertificateError, verify_certificate
 from horde_services.core.receipts import ReceiptError, StreamReceipt
 
@@ -43,7 +44,7 @@ def check_client_clock(client_ns: int, now_ns: int, skew_ns: int, who: str = "cl
         direction = "ahead of" if off > 0 else "behind"
         raise ClockSkew(
             f"{who} clock is {abs(off) / 1e9:.3f} s {direction} the gateway's "
-            f"(allowed skew {skew_ns / 1e9:g} s)"
+            f"(allowed skew {skew_ns / 1e9:g} s){timestamp_hint(client_ns, now_ns)}"
         )
 
 

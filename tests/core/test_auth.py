@@ -28,6 +28,7 @@ from horde_services.core.auth import (
     StaticPolicy,
     sign_call,
     signing_message,
+    timestamp_hint,
 )
 from horde_services.core.identity import Ed25519Signer, HotkeySigner, Signer
 
@@ -188,6 +189,10 @@ def _expired(s: Served, c: Callers) -> Metadata:
     return signed(c.hotkey, GET_MANIFEST, s.callee, ts=time.time_ns() - SKEW_NS - 5 * 10**9)
 
 
+def _milliseconds(s: Served, c: Callers) -> Metadata:
+    return signed(c.hotkey, GET_MANIFEST, s.callee, ts=time.time_ns() // 10**6)
+
+
 def _future(s: Served, c: Callers) -> Metadata:
     return signed(c.hotkey, GET_MANIFEST, s.callee, ts=time.time_ns() + SKEW_NS + 5 * 10**9)
 
@@ -238,6 +243,7 @@ REFUSALS: dict[str, tuple[Builder, grpc.StatusCode, str]] = {
     "impersonation": (_impersonation, U, "bad signature"),
     "scheme-swap": (_scheme_swap, U, "bad signature"),
     "expired": (_expired, U, "timestamp expired"),
+    "milliseconds": (_milliseconds, U, "(it reads as unix milliseconds: nanoseconds are required)"),
     "future": (_future, U, "in the future"),
     "wrong-callee": (_wrong_callee, U, "signed for another callee"),
     "missing-all": (
@@ -561,3 +567,13 @@ def test_nonce_cache_is_bounded() -> None:
         assert cache.check_and_add(key, now_ns=0)
     assert len(cache._seen) <= 3
     assert not cache.check_and_add("d", now_ns=0)
+
+
+def test_a_timestamp_hint_names_only_a_unit_mistake() -> None:
+    now = time.time_ns()
+    assert timestamp_hint(now - 3 * 10**9, now) == ""  # a clock 3 s behind: no unit mistake
+    assert timestamp_hint(now - 400 * 86400 * 10**9, now) == ""
+    assert "it is 0" in timestamp_hint(0, now)
+    assert "unix seconds" in timestamp_hint(now // 10**9, now)
+    assert "unix milliseconds" in timestamp_hint(now // 10**6, now)
+    assert "unix microseconds" in timestamp_hint(now // 10**3, now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +392,31 @@ async def test_a_client_whose_clock_disagrees_with_the_gateway_is_refused(
     # Nothing reached the job.
     (job,) = harness.fake_proxy.jobs.values()
     assert job.served == 0
+
+
+@pytest.mark.parametrize(
+    ("stamp", "hint"),
+    [
+        (lambda: 0, "(it is 0: not set; unix time in nanoseconds is required)"),
+        (lambda: time.time_ns() // 10**6, "(it reads as unix milliseconds: nanoseconds are"),
+    ],
+    ids=["unset", "milliseconds"],
+)
+async def test_a_request_timestamp_in_the_wrong_unit_says_so(
+    harness: Harness, stamp: Callable[[], int], hint: str
+) -> None:
+    """A client_timestamp_ns left unset, or in milliseconds, is refused as any clock skew, and
+    the reason says what is wrong with it rather than only "53 years behind"."""
+    channel, call = await _ready_raw_session(harness)
+    frame = _first_request(b"hi")
+    frame.request.client_timestamp_ns = stamp()
+    await call.write(frame)
+    msg = await call.read()
+    assert msg.WhichOneof("payload") == "closed"
+    assert msg.closed.reason.startswith("request 1 refused: client clock is "), msg.closed.reason
+    assert hint in msg.closed.reason, msg.closed.reason
+    assert await call.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await channel.close()
 
 
 @pytest.mark.parametrize("end", ["close", "end_of_stream"])
