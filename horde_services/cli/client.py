@@ -43,6 +43,7 @@ from horde_services.cli.devenv import DevEnv, DevEnvError
 from horde_services.core.identity import Signer
 from horde_services.core.proto_util import TERMINAL_STATES, reason_name, stage_name, state_name
 from horde_services.core.server import open_channel
+from horde_services.executor.archive import ArchiveError, check_tar
 
 if TYPE_CHECKING:
     from horde_services.core.config import TLSSettings
@@ -266,6 +267,15 @@ def _inline(raw: str, path: Path) -> Inline:
             with tarfile.open(fileobj=temp, mode="w") as tar:
                 for child in sorted(path.iterdir()):
                     tar.add(child, arcname=child.name)
+            temp.seek(0)
+            try:
+                # What the executor would refuse, found before the upload and the queue.
+                check_tar(temp)
+            except ArchiveError as exc:
+                raise CliError(
+                    f"--input {raw}: {exc} (an input directory may hold files, directories and "
+                    "relative symlinks that stay inside it)"
+                ) from None
             temp.seek(0)
             size, sha256 = _digest(temp)
         except BaseException:

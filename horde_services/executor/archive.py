@@ -401,6 +401,27 @@ def safe_extract_tar(
         return _write_all(entries, target_dir, max_total_bytes, open_member)
 
 
+def check_tar(
+    source: Path | BinaryIO,
+    *,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_files: int = DEFAULT_MAX_FILES,
+) -> None:
+    """Raise ArchiveError for a tar archive safe_extract_tar would refuse for its members (a
+    link out, a device, too many files or bytes), extracting nothing: `horde job run` checks a
+    directory's tar before it uploads it."""
+    with _open_tar(source) as tar:
+        try:
+            members = _iter_tar_members(tar, max_files)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ArchiveError(f"corrupt tar archive: {exc}") from exc
+        raw = [
+            (m.name, _tar_kind(m), m.size if m.isreg() else 0, m.mode, m.linkname, m)
+            for m in members
+        ]
+        _validate(raw, max_total_bytes=max_total_bytes, max_files=max_files, strip_components=0)
+
+
 def _iter_tar_members(tar: tarfile.TarFile, max_files: int) -> list[tarfile.TarInfo]:
     # tar.getmembers() would read every header of a hostile archive with millions of entries
     # into memory; stop one past the cap so _validate can name the offending member.

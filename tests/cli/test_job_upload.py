@@ -257,6 +257,48 @@ def test_a_path_that_is_neither_file_nor_directory_is_a_usage_error(tmp_path: Pa
         assert out.stderr == f"horde job run: --input {raw}: {why}\n"
 
 
+def test_a_directory_the_executor_would_refuse_is_refused_before_the_upload(
+    tmp_path: Path,
+) -> None:
+    """A link out of the directory (or a FIFO in it) would make the job fail at its volume stage
+    after the whole upload and a wait for an executor: the CLI finds it first (nothing is
+    listening at the validator's address here), with the executor's own words, exit 2."""
+    key = tmp_path / "client.json"
+    create_key_file(key, "ed25519")
+    target = [
+        "--validator", "127.0.0.1:1", "--validator-identity", "ed25519:" + "11" * 32,
+        "--key", str(key),
+    ]  # fmt: skip
+    hint = (
+        "(an input directory may hold files, directories and relative symlinks that stay inside it)"
+    )
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "ok.txt").write_text("fine")
+    (outside / "leak").symlink_to("/etc/hostname")
+    escape = tmp_path / "escape"
+    escape.mkdir()
+    (escape / "up").symlink_to("../outside/ok.txt")
+    piped = tmp_path / "piped"
+    piped.mkdir()
+    os.mkfifo(piped / "fifo")
+    for directory, why in [
+        (outside, "symlink leak -> /etc/hostname: absolute target"),
+        (escape, "symlink up -> ../outside/ok.txt: points outside the target"),
+        (piped, "member 'fifo': FIFO not allowed"),
+    ]:
+        out = horde("job", "run", *target, "--input", str(directory), IMAGE, "--", "true")
+        assert out.returncode == 2, (directory, out.stderr)
+        assert out.stderr == f"horde job run: --input {directory}: {why} {hint}\n"
+    # A link that stays inside is fine: the command goes on to the validator (none there).
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    (inside / "a.txt").write_text("a")
+    (inside / "b").symlink_to("a.txt")
+    out = horde("job", "run", *target, "--input", str(inside), IMAGE, "--", "true")
+    assert "--input" not in out.stderr, out.stderr
+
+
 # ------------------------------------------------------------------------------------ progress
 
 
