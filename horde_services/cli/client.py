@@ -4,6 +4,7 @@ download their outputs."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import hashlib
@@ -405,7 +406,22 @@ def result_json(res: job_pb2.JobResult) -> dict[str, Any]:
         "stage_seconds": {stage_name(t.stage): round(t.seconds, 3) for t in res.stage_timings},
         "miner": res.miner_hotkey,
         "executor": res.executor_id,
+        # Output that is no UTF-8 text reads with replacement characters above: its bytes as
+        # they were, in base64 (only then).
+        **{
+            f"{name}_base64": base64.b64encode(data).decode()
+            for name, data in (("stdout", res.stdout.data), ("stderr", res.stderr.data))
+            if not _is_utf8(data)
+        },
     }
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _output_json(o: job_pb2.OutputFile) -> dict[str, Any]:
@@ -1053,11 +1069,16 @@ def print_result(doc: dict[str, Any]) -> None:
     if doc["reason"]:
         line += shown(f" ({_why(doc)})", terminal)
     print(line)
+    if not doc["reason"] and doc["detail"]:  # a completed job's note (e.g. outputs not returned)
+        print(shown(f"note: {doc['detail']}", terminal))
     if doc["exit_code"] is not None:
         print(f"exit code {doc['exit_code']}")
     for stream in ("stdout", "stderr"):
         if doc[stream]:
-            print(f"--- {stream}" + (" (truncated)" if doc[f"{stream}_truncated"] else ""))
+            notes = ["truncated"] if doc[f"{stream}_truncated"] else []
+            if f"{stream}_base64" in doc:
+                notes.append(f"not UTF-8 text: its bytes are {stream}_base64 in --json")
+            print(f"--- {stream}" + (f" ({'; '.join(notes)})" if notes else ""))
             text = shown(doc[stream], terminal)
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
     for o in doc["outputs"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -22,6 +23,32 @@ def test_job_output_comes_out_verbatim_into_a_pipe(dev: Path) -> None:
     out = horde("job", "run", "--dev", str(dev), BASE, "--", "python3", "-c", code)
     assert out.returncode == 0, out.stderr
     assert "x" * 100 + "\na\tb\n\x1b[2Jend\n" in out.stdout  # not re-wrapped, not re-spaced
+
+
+def test_binary_output_is_given_whole_in_base64_and_a_completed_jobs_note_shown(
+    dev: Path,
+) -> None:
+    """Bytes that are no UTF-8 text: the text says so, --json carries them whole in base64
+    (the `stdout` text has replacement characters). A completed job's detail (here: a symlink
+    under /output that is not returned) is shown as a note."""
+    code = (
+        "import os, sys; sys.stdout.buffer.write(bytes(range(256))); "
+        "open('/output/f.txt', 'w').write('f'); os.symlink('f.txt', '/output/alias')"
+    )
+    doc = json.loads(
+        horde("job", "run", "--dev", str(dev), "--json", BASE, "--", "python3", "-c", code).stdout
+    )
+    assert doc["state"] == "completed", doc
+    assert base64.b64decode(doc["stdout_base64"]) == bytes(range(256))
+    assert "stderr_base64" not in doc  # (empty: text)
+    assert "\ufffd" in doc["stdout"]
+    text = horde("job", "run", "--dev", str(dev), BASE, "--", "python3", "-c", code)
+    assert text.returncode == 0, text.stderr
+    assert "--- stdout (not UTF-8 text: its bytes are stdout_base64 in --json)\n" in text.stdout
+    assert (
+        "note: 1 entry under /output not returned (only regular files are): alias (a symlink)\n"
+        in text.stdout
+    )
 
 
 def test_control_characters_are_escaped_on_a_terminal_only() -> None:
