@@ -239,7 +239,7 @@ class SessionClosed(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     BAD_RECEIPT_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Human-readable reason (e.g. "receipt 12: output hash mismatch")."""
+    """Human-readable reason (e.g. "receipt 12: output hash does not match the response received")."""
     bad_receipt: _builtins.bool
     """True when the session ended because of a bad receipt."""
     @_builtins.property

@@ -51,7 +51,7 @@ class _HttpMethod:
 class _HttpMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HttpMethod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     HTTP_METHOD_UNSPECIFIED: _HttpMethod.ValueType  # 0
-    """PUT."""
+    """Unset: uploads with HTTP PUT, exactly as HTTP_METHOD_PUT."""
     HTTP_METHOD_PUT: _HttpMethod.ValueType  # 1
     """HTTP PUT of the raw tar."""
     HTTP_METHOD_POST: _HttpMethod.ValueType  # 2
@@ -61,7 +61,7 @@ class HttpMethod(_HttpMethod, metaclass=_HttpMethodEnumTypeWrapper):
     """HttpMethod is the verb used for an output upload."""
 
 HTTP_METHOD_UNSPECIFIED: HttpMethod.ValueType  # 0
-"""PUT."""
+"""Unset: uploads with HTTP PUT, exactly as HTTP_METHOD_PUT."""
 HTTP_METHOD_PUT: HttpMethod.ValueType  # 1
 """HTTP PUT of the raw tar."""
 HTTP_METHOD_POST: HttpMethod.ValueType  # 2
@@ -456,7 +456,7 @@ class UploadOutput(_message.Message):
     url: _builtins.str
     """Pre-signed URL."""
     method: Global___HttpMethod.ValueType
-    """PUT or POST."""
+    """PUT or POST; unset (HTTP_METHOD_UNSPECIFIED) means PUT."""
     @_builtins.property
     def form_fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra form fields for a POST (sent before the file)."""

@@ -62,11 +62,17 @@ class StreamReceipt(_message.Message):
     JOB_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Format version; always 1."""
+    """Format version: 1 on every receipt Horde signs. Not part of the signed blob; 0 (absent) or
+    any other value makes the receipt invalid: reject it.
+    """
     job_uuid: _builtins.bytes
-    """The job's UUID as its 16 raw bytes."""
+    """The job's UUID as its 16 raw bytes (uuid.UUID(bytes=...)), as in the signed blob; every
+    other message (and the receipt's JSON form) carries a job uuid as its canonical string.
+    """
     seq: _builtins.int
-    """Per-job request number, starting at 1."""
+    """The request number, starting at 1: per session and per job alike (a session has one job),
+    the seq of the StreamRequestFrame it answers.
+    """
     timestamp_from_ns: _builtins.int
     """Unix ns at which the job proxy received the request."""
     timestamp_to_ns: _builtins.int
@@ -115,7 +121,7 @@ class JobCertificatePayload(_message.Message):
     NOT_BEFORE_NS_FIELD_NUMBER: _builtins.int
     NOT_AFTER_NS_FIELD_NUMBER: _builtins.int
     job_uuid: _builtins.str
-    """The job's UUID (canonical string form)."""
+    """The job's UUID (canonical string form, unlike StreamReceipt.job_uuid's 16 bytes)."""
     job_public_key: _builtins.bytes
     """The job's fresh Ed25519 public key (32 bytes)."""
     miner_hotkey: _builtins.str
@@ -161,7 +167,11 @@ class JobCertificate(_message.Message):
     payload: _builtins.bytes
     """Serialized JobCertificatePayload; signatures cover these exact bytes."""
     miner_signature: _builtins.bytes
-    """Miner hotkey signature over "horde.job-certificate.v1\\0" || payload."""
+    """Miner hotkey signature (64 bytes) over "horde.job-certificate.v1\\0" || payload, in the scheme
+    miner_hotkey names: Ed25519, or sr25519 with Substrate's "substrate" signing context; a
+    signature over "<Bytes>" || message || "</Bytes>" is rejected (docs/protocol.md, "Hotkey
+    signatures").
+    """
     def __init__(
         self,
         *,
@@ -195,7 +205,7 @@ class LifecycleReceiptPayload(_message.Message):
     kind: Global___LifecycleReceiptKind.ValueType
     """Started or finished."""
     job_uuid: _builtins.str
-    """The job's UUID."""
+    """The job's UUID (canonical string form)."""
     miner_hotkey: _builtins.str
     """Identity string of the miner's hotkey."""
     validator_hotkey: _builtins.str

@@ -28,7 +28,9 @@ class StreamRequestFrame(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """Per-session request number, starting at 1 and increasing by one."""
+    """Per-session request number, starting at 1 and increasing by one (one job per session: the
+    receipt's per-job seq is the same number).
+    """
     client_timestamp_ns: _builtins.int
     """The sender's clock when it sent the request, unix ns; checked against the receiver's clock."""
     body: _builtins.bytes
