@@ -122,9 +122,10 @@ async def start_executor(
 
 
 def executor_instance(public_key_hex: str, work_dir: Path) -> str:
-    """The label value of an executor's containers, networks and volumes."""
+    """An executor's runtime instance, "KEY@PLACE" (sandbox.py: PLACE_LABEL): its Docker
+    objects are labelled by its key, as ever, and by its work_dir."""
     place = hashlib.sha256(str(work_dir.resolve()).encode()).hexdigest()[:8]
-    return f"{public_key_hex[:16]}-{place}"
+    return f"{public_key_hex[:16]}@{place}"
 
 
 async def _start_locked(
@@ -136,8 +137,8 @@ async def _start_locked(
 ) -> tuple[ServiceApp, ExecutorAgent]:
     hardware = probe(work_dir)
     klass = executor_class(hardware, settings.executor_class)
-    # One label per executor (its identity and its work_dir: the work_dir lock makes that pair
-    # one process), so executors sharing an engine never sweep each other, not even two run by
+    # Labelled by the executor's identity and its work_dir (the work_dir lock makes that pair one
+    # process), so executors sharing an engine never sweep each other, not even two run by
     # mistake with one key.
     runtime = DockerRuntime(
         instance=executor_instance(signer.identity.public_key.hex(), work_dir),
@@ -146,8 +147,6 @@ async def _start_locked(
     )
     try:
         swept = await runtime.sweep()
-        # What an older version left, labelled by the identity alone.
-        swept += await runtime.sweep(instance=signer.identity.public_key.hex()[:16])
     except (DockerError, aiohttp.ClientError) as exc:
         await runtime.close()
         # Not a configuration error: the engine may come up later (systemd tries again).

@@ -54,6 +54,11 @@ ROLE_LABEL = "io.horde.role"
 # test runs) may share one Docker engine.
 INSTANCE_LABEL = "io.horde.executor"
 DEFAULT_INSTANCE = "default"
+# Where within an instance: an executor's instance is its key, and this its work_dir (hashed), so
+# two executors run by mistake with one key never sweep each other's objects. A runtime's
+# instance string carries it after an "@" ("KEY@PLACE"); objects without it (made by an older
+# version) belong to any place of their instance.
+PLACE_LABEL = "io.horde.place"
 
 DEFAULT_HOLDER_IMAGE = "horde/base:latest"
 OUTPUT_PATH = "/output"
@@ -218,7 +223,11 @@ def output_volume_bytes(limits: SandboxLimits) -> int:
 
 
 def _labels(job_uuid: str, role: str, instance: str) -> dict[str, str]:
-    return {LABEL: "1", JOB_LABEL: job_uuid, ROLE_LABEL: role, INSTANCE_LABEL: instance}
+    key, _, place = instance.partition("@")
+    labels = {LABEL: "1", JOB_LABEL: job_uuid, ROLE_LABEL: role, INSTANCE_LABEL: key}
+    if place:
+        labels[PLACE_LABEL] = place
+    return labels
 
 
 def _hardening(limits: SandboxLimits) -> dict[str, Any]:
@@ -373,7 +382,8 @@ class DockerRuntime:
 
         ``instance`` labels everything this runtime creates; sweep() removes only that
         instance's objects. Use a stable id per executor (e.g. its identity) when several
-        executors share a Docker engine."""
+        executors share a Docker engine, with "@PLACE" after it to tell apart runtimes that
+        share the id (an executor: its work_dir; PLACE_LABEL)."""
         self._docker = docker if docker is not None else aiodocker.Docker()
         self._owns_docker = docker is None
         self._holder_image = holder_image
@@ -486,34 +496,44 @@ class DockerRuntime:
 
     # ----------------------------------------------------------------------------- sweep
 
-    async def sweep(
-        self,
-        job_uuid: str | None = None,
-        *,
-        all_instances: bool = False,
-        instance: str | None = None,
-    ) -> int:
+    async def sweep(self, job_uuid: str | None = None, *, all_instances: bool = False) -> int:
         """Remove every container, network and volume carrying the Horde label.
 
-        By default only this runtime's instance's objects (``instance`` names another one, e.g.
-        the label an older version gave them; ``all_instances`` widens it to every Horde object
-        on the engine), and only one job's when ``job_uuid`` is given. Meant for start-up and
-        shutdown, when none of them can be in use; returns how many were removed.
+        By default only this runtime's instance's objects (``all_instances`` widens it to every
+        Horde object on the engine), and only one job's when ``job_uuid`` is given; of its
+        instance, only those of its place (or of none: an older version's), the others counted
+        in the log as `sandbox.sweep_skipped_other_place`. Meant for start-up and shutdown,
+        when none of them can be in use; returns how many were removed.
         """
+        key, _, place = self._instance.partition("@")
         labels = [f"{LABEL}=1"]
         if not all_instances:
-            labels.append(f"{INSTANCE_LABEL}={instance or self._instance}")
+            labels.append(f"{INSTANCE_LABEL}={key}")
         if job_uuid is not None:
             labels.append(f"{JOB_LABEL}={job_uuid}")
+        skipped = 0
+
+        def ours(object_labels: dict[str, str] | None) -> bool:
+            nonlocal skipped
+            other = (object_labels or {}).get(PLACE_LABEL)
+            if all_instances or not other or other == place:
+                return True
+            skipped += 1
+            return False
+
         removed = 0
         containers = await self._docker.containers.list(
             all=True, filters=_filters({"label": labels})
         )
         for container in containers:
-            if await self._delete_container(container.id):
+            if ours(container._container.get("Labels")) and await self._delete_container(
+                container.id
+            ):
                 removed += 1
         networks = await self._docker.networks.list(filters={"label": labels})
         for net in networks:
+            if not ours(net.get("Labels")):
+                continue
             try:
                 async with self._docker._query(f"networks/{net['Id']}", method="DELETE"):
                     pass
@@ -526,10 +546,14 @@ class DockerRuntime:
             "volumes", params={"filters": _filters({"label": labels})}
         )
         for vol in volumes.get("Volumes") or []:
-            if await self._delete_volume(vol["Name"]):
+            if ours(vol.get("Labels")) and await self._delete_volume(vol["Name"]):
                 removed += 1
         if removed:
             log.info("sandbox.swept", removed=removed, job_uuid=job_uuid)
+        if skipped:
+            # Same key, another work_dir: another executor's (or this one's, run from another
+            # work_dir before): left alone.
+            log.warning("sandbox.sweep_skipped_other_place", count=skipped, instance=key)
         return removed
 
     # ----------------------------------------------------------------------------- run

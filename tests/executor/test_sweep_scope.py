@@ -1,6 +1,6 @@
 """Executors sharing a Docker engine sweep only their own objects at start-up, also two run by
-mistake with one key (each on its own work_dir): their labels differ by work_dir. What an older
-version labelled by the key alone is still swept."""
+mistake with one key (each on its own work_dir): their objects are labelled by key and by
+work_dir. What an older version labelled by the key alone is still swept."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import aiodocker
 from horde_services.core.config import ExecutorSettings
 from horde_services.core.identity import Ed25519Signer
 from horde_services.executor.app import executor_instance, start_executor
-from horde_services.executor.sandbox import _labels
+from horde_services.executor.sandbox import INSTANCE_LABEL, PLACE_LABEL, _labels
 
 
 async def _container(docker: aiodocker.Docker, job_uuid: str, instance: str) -> str:
@@ -36,14 +36,16 @@ async def _exists(docker: aiodocker.Docker, container_id: str) -> bool:
     return True
 
 
-def test_the_label_is_the_key_and_the_work_dir(tmp_path: Path) -> None:
+def test_the_labels_are_the_key_and_the_work_dir(tmp_path: Path) -> None:
     key = uuid.uuid4().hex * 2
     (tmp_path / "a").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "a")
     mine = executor_instance(key, tmp_path / "a")
-    assert mine.startswith(key[:16] + "-")
     assert executor_instance(key, tmp_path / "link") == mine  # the same directory
     assert executor_instance(key, tmp_path / "b") != mine
+    labels = _labels("j", "job", mine)
+    assert labels[INSTANCE_LABEL] == key[:16]  # as an older version labelled them
+    assert labels[PLACE_LABEL] == mine.partition("@")[2]
 
 
 async def test_one_key_on_two_work_dirs_never_sweeps_the_other(
@@ -52,7 +54,7 @@ async def test_one_key_on_two_work_dirs_never_sweeps_the_other(
     new_job_uuid: Callable[[], str],
     tmp_path: Path,
 ) -> None:
-    """Executor one runs a job (a container under its label); executor two starts with the same
+    """Executor one runs a job (a container under its labels); executor two starts with the same
     key on another work_dir: its start-up sweep leaves that container alone, and removes the
     one an older version labelled by the key alone."""
     key = Ed25519Signer.generate()  # a fresh key: no other executor's label
@@ -68,8 +70,7 @@ async def test_one_key_on_two_work_dirs_never_sweeps_the_other(
 
     one, agent = await start_executor(settings("one"), key)
     try:
-        label = agent._runner._runtime.instance
-        running = await _container(docker_client, new_job_uuid(), label)
+        running = await _container(docker_client, new_job_uuid(), agent._runner._runtime.instance)
         legacy = await _container(docker_client, new_job_uuid(), key.identity.public_key.hex()[:16])
         two, _ = await start_executor(settings("two"), key)
         await two.stop(0)
