@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import errno
 import hashlib
@@ -42,7 +43,13 @@ from rich.text import Text
 from horde_services.cli.args import checked_target, client_tls
 from horde_services.cli.devenv import DevEnv, DevEnvError
 from horde_services.core.identity import Signer
-from horde_services.core.proto_util import TERMINAL_STATES, reason_name, stage_name, state_name
+from horde_services.core.proto_util import (
+    TERMINAL_STATES,
+    UPLOAD_ACCEPTED,
+    reason_name,
+    stage_name,
+    state_name,
+)
 from horde_services.core.server import open_channel
 from horde_services.executor.archive import ArchiveError, check_tar
 
@@ -318,10 +325,11 @@ async def _requests(
 
 
 # How long the client waits for the validator to accept an upload of inline inputs (its initial
-# metadata, validator/service.py UPLOAD_ACCEPTED) before it sends them anyway: a validator too
-# old to say so sends no metadata before it has read them.
-UPLOAD_ACCEPT_WAIT_S = 5.0
-UPLOAD_ACCEPTED = ("horde-upload", "accepted")
+# metadata, UPLOAD_ACCEPTED) before it sends them anyway: a validator too old to say so sends no
+# metadata before it has read them. Well under such a validator's REFUSED_UPLOAD_IDLE_S (5 s):
+# one that refused from the spec reads and drops the inputs until the client has been idle that
+# long, so a client idle as long raced its end and read INTERNAL instead of the refusal.
+UPLOAD_ACCEPT_WAIT_S = 2.0
 
 
 class Upload:
@@ -353,8 +361,6 @@ class Upload:
                 metadata = await self.call.initial_metadata()
         except TimeoutError:
             return not self.call.done()
-        except grpc.aio.AioRpcError:
-            return False
         return UPLOAD_ACCEPTED[1] in (metadata.get_all(UPLOAD_ACCEPTED[0]) if metadata else ())
 
     async def requests(self) -> AsyncIterator[validator_pb2.SubmitJobRequest]:
@@ -409,16 +415,29 @@ def result_json(res: job_pb2.JobResult) -> dict[str, Any]:
         # Output that is no UTF-8 text reads with replacement characters above: its bytes as
         # they were, in base64 (only then).
         **{
-            f"{name}_base64": base64.b64encode(data).decode()
-            for name, data in (("stdout", res.stdout.data), ("stderr", res.stderr.data))
-            if not _is_utf8(data)
+            f"{name}_base64": base64.b64encode(out.data).decode()
+            for name, out in (("stdout", res.stdout), ("stderr", res.stderr))
+            if not _is_text(out.data, out.truncated)
         },
     }
 
 
-def _is_utf8(data: bytes) -> bool:
+# How the executor marks the middle it left out of a capped stream (sandbox.py, CappedBuffer).
+_OMITTED = re.compile(rb"\n\[\.\.\. horde: \d+ bytes omitted \.\.\.\]\n")
+
+
+def _is_text(data: bytes, truncated: bool) -> bool:
+    """Whether `data` is UTF-8 text; a capped stream's head and tail may each have a character
+    cut where the middle was left out, which does not count."""
+    head, tail = data, b""
+    if truncated:
+        parts = _OMITTED.split(data, maxsplit=1)
+        if len(parts) == 2:
+            head, tail = parts
+            tail = tail[next((i for i, b in enumerate(tail[:4]) if b & 0xC0 != 0x80), 0) :]
     try:
-        data.decode()
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=not truncated)
+        tail.decode()
     except UnicodeDecodeError:
         return False
     return True
@@ -824,6 +843,11 @@ async def _run_job(
                         )
                     await follower.follow(upload.call, outputs, "submitting job...")
             except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP
+                current = asyncio.current_task()
+                if upload.failed is not None and not (current and current.cancelling()):
+                    # The call was cancelled here, for an input that could not be read as it
+                    # was sent (grpc.aio reads a call cancelled on this side as CancelledError).
+                    raise CliError(upload.failed) from None
                 if outputs is not None:
                     outputs.abandon(INTERRUPTED)
                 if _STOP.signum is None:
@@ -838,8 +862,6 @@ async def _run_job(
             elif outputs is not None:
                 outputs.abandon("the stream ended without the job's result")
     except grpc.aio.AioRpcError as exc:
-        if upload.failed is not None:  # (the call was cancelled for it)
-            raise CliError(upload.failed) from None
         job_uuid = follower.job_uuid
         if outputs is not None:
             outputs.abandon(f"the stream broke off ({exc.code().name})")

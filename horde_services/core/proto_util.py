@@ -91,3 +91,10 @@ def result(
     return job_pb2.JobResult(
         job_uuid=job_uuid, state=state, reason=reason, stage=stage, detail=detail
     )
+
+
+# SubmitJob's upload handshake (validator/service.py): the validator's initial metadata says
+# whether it takes the inline inputs the spec declares before the client sends any.
+UPLOAD_METADATA_KEY = "horde-upload"
+UPLOAD_ACCEPTED = (UPLOAD_METADATA_KEY, "accepted")
+UPLOAD_REFUSED = (UPLOAD_METADATA_KEY, "refused")

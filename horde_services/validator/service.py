@@ -23,7 +23,14 @@ from horde_services.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from horde_services.core.proto_util import TERMINAL_STATES, parse_cursor, result, state_name
+from horde_services.core.proto_util import (
+    TERMINAL_STATES,
+    UPLOAD_ACCEPTED,
+    UPLOAD_REFUSED,
+    parse_cursor,
+    result,
+    state_name,
+)
 from horde_services.core.server import current_caller
 from horde_services.executor.archive import ArchiveError, clean_member_name
 from horde_services.validator.jobs import JobManager
@@ -49,9 +56,6 @@ REFUSED_UPLOAD_IDLE_S = 5.0
 # for this before its first chunk (the CLI) sends no byte of a refused upload: it half-closes on
 # "refused" (or reads the status when the call ended), and the validator answers at once. Older
 # clients, which write their chunks without waiting, still have theirs read and thrown away.
-UPLOAD_METADATA_KEY = "horde-upload"
-UPLOAD_ACCEPTED = (UPLOAD_METADATA_KEY, "accepted")
-UPLOAD_REFUSED = (UPLOAD_METADATA_KEY, "refused")
 # A ListJobs page ends early rather than pass this many bytes of jobs: under gRPC's default
 # 4 MiB receive limit of clients, whatever the jobs' results hold (next_cursor goes on).
 LIST_PAGE_BYTES = 3 * 1024 * 1024

@@ -31,6 +31,7 @@ from validator.test_job_api_errors import v as v  # (the fixture: a real validat
 
 from horde_services.cli import client as cli
 from horde_services.core.identity import Ed25519Signer, create_key_file, write_key_file
+from horde_services.validator import service
 
 MiB = 1024 * 1024
 
@@ -231,6 +232,88 @@ async def test_an_older_validator_gets_the_inputs_after_the_wait(
     assert old.received[0].hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class OldRefusingValidator(validator_pb2_grpc.ValidatorServiceServicer):
+    """SubmitJob as a validator from before the upload handshake refuses a spec: it reads and
+    drops the inputs until the client half-closes or has sent nothing for `idle_s`
+    (validator/service.py: REFUSED_UPLOAD_IDLE_S), then ends the call with the refusal."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+
+    async def SubmitJob(
+        self, request_iterator: AsyncIterator[validator_pb2.SubmitJobRequest], context: Any
+    ) -> AsyncIterator[validator_pb2.SubmitJobResponse]:
+        requests = aiter(request_iterator)
+        await anext(requests)
+        try:
+            while await asyncio.wait_for(anext(requests, None), self.idle_s) is not None:
+                pass
+        except TimeoutError:
+            pass
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the spec is refused")
+        yield validator_pb2.SubmitJobResponse()  # (unreachable: makes this a generator)
+
+
+async def test_an_older_validator_s_refusal_reads_as_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older validator refusing from the spec waits for the inputs until the client is idle
+    for its REFUSED_UPLOAD_IDLE_S: the client's wait for a handshake that never comes must be
+    well under that, else the two timers race and the client reads INTERNAL (review: with both
+    at 5 s it did, 6 runs in 6). Scaled down here, in the same proportion."""
+    assert cli.UPLOAD_ACCEPT_WAIT_S <= service.REFUSED_UPLOAD_IDLE_S / 2
+    scale = 0.2
+    monkeypatch.setattr(cli, "UPLOAD_ACCEPT_WAIT_S", cli.UPLOAD_ACCEPT_WAIT_S * scale)
+    server = grpc.aio.server()
+    old = OldRefusingValidator(service.REFUSED_UPLOAD_IDLE_S * scale)
+    validator_pb2_grpc.add_ValidatorServiceServicer_to_server(old, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    path = tmp_path / "in.bin"
+    path.write_bytes(os.urandom(2 * MiB + 5))
+    target = cli.Target(
+        f"127.0.0.1:{port}", str(Ed25519Signer.generate().identity), Ed25519Signer.generate()
+    )
+    try:
+        for _ in range(5):
+            spec = job_pb2.JobSpec(image=IMAGE, command=["true"])
+            with pytest.raises(cli.Refused) as refused:
+                await cli.run_job(target, spec, cli.build_inputs([str(path)]), None, True)
+            assert "INVALID_ARGUMENT: the spec is refused" in str(refused.value), refused.value
+    finally:
+        await server.stop(0)
+
+
+async def test_an_input_that_cannot_be_read_as_it_is_sent_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input gone between its hashing and its upload: one line naming it (exit 2), not the
+    "interrupted" of a Ctrl-C (the call is cancelled for it, which grpc.aio reads as a
+    CancelledError)."""
+    monkeypatch.setattr(cli, "UPLOAD_ACCEPT_WAIT_S", 0.1)
+    server = grpc.aio.server()
+    validator_pb2_grpc.add_ValidatorServiceServicer_to_server(OldValidator(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    path = tmp_path / "in.bin"
+    path.write_bytes(b"x" * 1000)
+    inputs = cli.build_inputs([str(path)])
+    path.unlink()
+    target = cli.Target(
+        f"127.0.0.1:{port}", str(Ed25519Signer.generate().identity), Ed25519Signer.generate()
+    )
+    try:
+        with pytest.raises(cli.CliError) as failed:
+            async with asyncio.timeout(30):
+                await cli.run_job(
+                    target, job_pb2.JobSpec(image=IMAGE, command=["true"]), inputs, None, True
+                )
+    finally:
+        await server.stop(0)
+    assert type(failed.value) is cli.CliError
+    assert str(failed.value) == f"--input {path}: No such file or directory ({path})"
+
+
 # ----------------------------------------------------------------------- paths that are no input
 
 
@@ -361,3 +444,21 @@ def test_a_download_shows_its_bytes_on_a_terminal(dev: Path, tmp_path: Path) -> 
         assert "downloading outputs" in screen and "3.0/3.0 MB" in screen, (cmd, screen)
         assert (out_dir / "o.bin").stat().st_size == 3_000_000
         assert "o.bin" in out
+
+
+def test_capped_text_is_text_where_the_cap_cut_a_character() -> None:
+    """The executor keeps a long stream's head and tail, cut at byte positions: a character cut
+    there does not make text "not UTF-8" (no stdout_base64 for it); bytes that are no text do."""
+    from horde_services.executor.sandbox import CappedBuffer
+
+    for text in ("é" * 5000, "x" + "€" * 3000, "😀" * 3000, "x" + "😀" * 3000):
+        for cap in range(1000, 1008):
+            buffer = CappedBuffer(cap)
+            buffer.feed(text.encode())
+            assert buffer.truncated
+            assert cli._is_text(buffer.getvalue(), truncated=True), (text[:2], cap)
+    binary = CappedBuffer(1000)
+    binary.feed(bytes(range(256)) * 20)
+    assert not cli._is_text(binary.getvalue(), truncated=True)
+    assert not cli._is_text("é".encode()[:1], truncated=False)  # whole: a cut is no text
+    assert cli._is_text("é".encode(), truncated=False)
