@@ -191,28 +191,30 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             if problem is not None:
                 await self._refuse_upload(context, requests, first.ByteSize())
                 raise problem
-        job_uuid, spool = self._manager.new_spool()
-        if spec.image not in self._allowed:
-            res = result(
-                job_uuid,
-                common_pb2.JOB_STATE_REJECTED,
-                common_pb2.FAILURE_REASON_IMAGE_NOT_ALLOWED,
-                common_pb2.STAGE_ACCEPT,
-                f"image {spec.image!r} is not on the validator's allow-list",
-            )
-            await self._manager.reject(job_uuid, spec, client, res)
-            spool.rmdir()
-            yield validator_pb2.SubmitJobResponse(result=res)
-            return
-        if inline:
-            # Accepted for upload: the client may send its input chunks now.
-            await context.send_initial_metadata((UPLOAD_ACCEPTED,))
-        uploads = 1 if inline else 0  # (only inline inputs count as uploads)
+        # Counted from the check above on, with no await between (only inline inputs count as
+        # uploads): concurrent calls of one client cannot all pass it.
+        uploads = 1 if inline else 0
         self._uploads[client] = self._uploads.get(client, 0) + uploads
+        job_uuid, spool = self._manager.new_spool()
+        rejected: job_pb2.JobResult | None = None
         try:
-            await self._spool_inputs(spec, requests, spool)
-            # (A drain that began during the upload refuses it here, its spool removed.)
-            job = await self._manager.submit(job_uuid, spec, client, spool)
+            if spec.image not in self._allowed:
+                rejected = result(
+                    job_uuid,
+                    common_pb2.JOB_STATE_REJECTED,
+                    common_pb2.FAILURE_REASON_IMAGE_NOT_ALLOWED,
+                    common_pb2.STAGE_ACCEPT,
+                    f"image {spec.image!r} is not on the validator's allow-list",
+                )
+                await self._manager.reject(job_uuid, spec, client, rejected)
+                spool.rmdir()
+            else:
+                if inline:
+                    # Accepted for upload: the client may send its input chunks now.
+                    await context.send_initial_metadata((UPLOAD_ACCEPTED,))
+                await self._spool_inputs(spec, requests, spool)
+                # (A drain that began during the upload refuses it here, its spool removed.)
+                job = await self._manager.submit(job_uuid, spec, client, spool)
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
@@ -220,6 +222,9 @@ class ValidatorServicer(StreamingRpcs, validator_pb2_grpc.ValidatorServiceServic
             self._uploads[client] -= uploads
             if not self._uploads[client]:
                 del self._uploads[client]
+        if rejected is not None:
+            yield validator_pb2.SubmitJobResponse(result=rejected)
+            return
         log.info("job_submitted", job_uuid=job_uuid, image=spec.image, client=client)
         watcher = asyncio.create_task(self._watch_cancel(requests, job_uuid))
         try:
