@@ -389,24 +389,30 @@ async def watch_database(
     the callers' UNAVAILABLE errors do; SERVING again once a check passes. Logged once each way
     (`database_unreachable`, `database_reachable_again`)."""
     log = structlog.get_logger(f"horde.{service}")
+    # A connection of its own each time (no pool): a service whose pooled connections are all
+    # busy is loaded, not cut off from its database, and must not read as NOT_SERVING.
+    probe = create_async_engine(engine.url, poolclass=sa.pool.NullPool)
     up = True
-    while True:
-        await asyncio.sleep(PROBE_INTERVAL_S)
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT_S):
-                async with engine.connect() as conn:
-                    await conn.execute(sa.text("SELECT 1"))
-            problem = ""
-        except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
-            problem = (
-                f"no answer in {PROBE_TIMEOUT_S:g}s"
-                if isinstance(exc, TimeoutError)
-                else _first_line(getattr(exc, "orig", None) or exc)
-            )
-        if up and problem:
-            log.error("database_unreachable", error=problem, health="NOT_SERVING")
-        elif not up and not problem:
-            log.info("database_reachable_again", health="SERVING")
-        if up == bool(problem):
-            up = not problem
-            await set_serving(up, "database")
+    try:
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    async with probe.connect() as conn:
+                        await conn.execute(sa.text("SELECT 1"))
+                problem = ""
+            except Exception as exc:  # whatever it is, the database did not answer
+                problem = (
+                    f"no answer in {PROBE_TIMEOUT_S:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else _first_line(getattr(exc, "orig", None) or exc)
+                )
+            if up and problem:
+                log.error("database_unreachable", error=problem, health="NOT_SERVING")
+            elif not up and not problem:
+                log.info("database_reachable_again", health="SERVING")
+            if up == bool(problem):
+                up = not problem
+                await set_serving(up, "database")
+    finally:
+        await probe.dispose()
