@@ -566,18 +566,31 @@ async def test_cancel_on_the_submit_stream(net: Network) -> None:
     await wait_no_job_objects(net.docker, [running.job_uuid], within=20)
 
 
-async def test_watch_a_running_job(net: Network) -> None:
-    """WatchJob follows a running job to its result; DownloadOutputs is refused until then
-    (FAILED_PRECONDITION, not an empty answer that reads as "no outputs")."""
-    job = net.start_job(
-        spec_for(BASE_IMAGE, ["sh", "-c", "sleep 2; echo watched; echo out > /output/o.txt"])
-    )
+async def test_outputs_of_a_running_job_are_refused_until_it_ends(net: Network) -> None:
+    """DownloadOutputs of a job still running is FAILED_PRECONDITION (not an empty answer that
+    reads as "no outputs"); once it has ended it answers."""
+    job = net.start_job(spec_for(BASE_IMAGE, ["sh", "-c", "echo out > /output/o.txt; sleep 600"]))
     running = await job.wait_state(S.JOB_STATE_RUNNING)
     download = validator_pb2.DownloadOutputsRequest(job_uuid=running.job_uuid)
     with pytest.raises(grpc.aio.AioRpcError) as early:
         _ = [m async for m in net.client().DownloadOutputs(download, timeout=10)]
     assert early.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert early.value.details().startswith(f"job {running.job_uuid} has not finished (")
+    assert early.value.details().startswith(f"job {running.job_uuid} has not finished (running)"), (
+        early.value.details()
+    )
+    await net.client().CancelJob(validator_pb2.CancelJobRequest(job_uuid=running.job_uuid))
+    finished = await job.finished()
+    assert finished.result is not None
+    assert finished.result.state == S.JOB_STATE_CANCELLED
+    assert [m async for m in net.client().DownloadOutputs(download, timeout=10)] == []
+
+
+async def test_watch_a_running_job(net: Network) -> None:
+    job = net.start_job(
+        spec_for(BASE_IMAGE, ["sh", "-c", "sleep 2; echo watched; echo out > /output/o.txt"])
+    )
+    running = await job.wait_state(S.JOB_STATE_RUNNING)
+    download = validator_pb2.DownloadOutputsRequest(job_uuid=running.job_uuid)
     watched = JobRun()
     request = validator_pb2.WatchJobRequest(job_uuid=running.job_uuid)
     async for msg in net.client().WatchJob(request, timeout=60):
