@@ -97,7 +97,13 @@ class ValidatorServiceServicer:
 
     def SubmitJob(self, request_iterator, context):
         """Submit a job and follow it: the first request carries the spec, the next ones the bytes of its
-        inline inputs; responses stream lifecycle events, output chunks and finally the result.
+        inline inputs; responses stream lifecycle events, output chunks and finally the result. When
+        the spec declares inline inputs, the validator's initial metadata says whether it takes them
+        ("horde-upload: accepted", sent before it reads any chunk, or "horde-upload: refused", then
+        the call's status says why): wait for it before sending chunks, so a refusal made from the
+        spec is read as itself (a chunk written as the call ends reads as INTERNAL in grpc.aio).
+        Chunks sent without waiting are read and dropped before a refusal (as validators before the
+        handshake did, for at most 256 MiB, until the client is idle 5 s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

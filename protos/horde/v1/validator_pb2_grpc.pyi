@@ -38,7 +38,13 @@ class ValidatorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ValidatorServiceAsyncStub: ...
     SubmitJob: _grpc.StreamStreamMultiCallable[_validator_pb2.SubmitJobRequest, _validator_pb2.SubmitJobResponse]
     """Submit a job and follow it: the first request carries the spec, the next ones the bytes of its
-    inline inputs; responses stream lifecycle events, output chunks and finally the result.
+    inline inputs; responses stream lifecycle events, output chunks and finally the result. When
+    the spec declares inline inputs, the validator's initial metadata says whether it takes them
+    ("horde-upload: accepted", sent before it reads any chunk, or "horde-upload: refused", then
+    the call's status says why): wait for it before sending chunks, so a refusal made from the
+    spec is read as itself (a chunk written as the call ends reads as INTERNAL in grpc.aio).
+    Chunks sent without waiting are read and dropped before a refusal (as validators before the
+    handshake did, for at most 256 MiB, until the client is idle 5 s).
     """
     WatchJob: _grpc.UnaryStreamMultiCallable[_validator_pb2.WatchJobRequest, _validator_pb2.WatchJobResponse]
     """Follow an existing job's events to its result (replays past events first)."""
@@ -74,7 +80,13 @@ class ValidatorServiceAsyncStub(ValidatorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.StreamStreamMultiCallable[_validator_pb2.SubmitJobRequest, _validator_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """Submit a job and follow it: the first request carries the spec, the next ones the bytes of its
-    inline inputs; responses stream lifecycle events, output chunks and finally the result.
+    inline inputs; responses stream lifecycle events, output chunks and finally the result. When
+    the spec declares inline inputs, the validator's initial metadata says whether it takes them
+    ("horde-upload: accepted", sent before it reads any chunk, or "horde-upload: refused", then
+    the call's status says why): wait for it before sending chunks, so a refusal made from the
+    spec is read as itself (a chunk written as the call ends reads as INTERNAL in grpc.aio).
+    Chunks sent without waiting are read and dropped before a refusal (as validators before the
+    handshake did, for at most 256 MiB, until the client is idle 5 s).
     """
     WatchJob: _aio.UnaryStreamMultiCallable[_validator_pb2.WatchJobRequest, _validator_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Follow an existing job's events to its result (replays past events first)."""
@@ -113,7 +125,13 @@ class ValidatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_validator_pb2.SubmitJobResponse], _abc.AsyncIterator[_validator_pb2.SubmitJobResponse]]:
         """Submit a job and follow it: the first request carries the spec, the next ones the bytes of its
-        inline inputs; responses stream lifecycle events, output chunks and finally the result.
+        inline inputs; responses stream lifecycle events, output chunks and finally the result. When
+        the spec declares inline inputs, the validator's initial metadata says whether it takes them
+        ("horde-upload: accepted", sent before it reads any chunk, or "horde-upload: refused", then
+        the call's status says why): wait for it before sending chunks, so a refusal made from the
+        spec is read as itself (a chunk written as the call ends reads as INTERNAL in grpc.aio).
+        Chunks sent without waiting are read and dropped before a refusal (as validators before the
+        handshake did, for at most 256 MiB, until the client is idle 5 s).
         """
 
     @_abc_1.abstractmethod
