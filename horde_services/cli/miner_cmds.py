@@ -393,13 +393,14 @@ def _print_jobs(doc: dict[str, Any], as_json: bool) -> None:
     narrow = terminal and out.width < WIDE_NOTES
     footnotes: list[str] | None = [] if narrow else None
     if narrow:
-        # Fixed widths (rich's own fitting left the note out): 79 columns in all.
+        # Fixed widths (rich's own fitting left the note out): 80 columns in all, the ids
+        # shortened to fit theirs ("5Fabcdefghi...", "ed25519:abc...").
         table.add_column("job", overflow="fold", width=18)
-        table.add_column("validator\nexecutor", overflow="fold", width=12)
+        table.add_column("validator\nexecutor", overflow="fold", width=14)
         table.add_column("state", overflow="fold", width=9)
         table.add_column("started (UTC)", overflow="fold", width=8)
         table.add_column("ended (UTC)", overflow="fold", width=8)
-        table.add_column("note", overflow="fold", width=5)
+        table.add_column("note", overflow="fold", width=4)
     else:
         table.add_column("job", overflow="fold", min_width=18)
         table.add_column("validator", overflow="fold", min_width=8)
@@ -427,9 +428,10 @@ def _print_jobs(doc: dict[str, Any], as_json: bool) -> None:
             notes.append("not countersigned")
         if j["detail"]:
             notes.append(j["detail"])
-        validator = text(_short(j["validator"], 12) if terminal else j["validator"])
+        keep = (11, 11) if narrow else (12, 16)  # the ids' characters that fit their columns
+        validator = text(_short(j["validator"], keep[0]) if terminal else j["validator"])
         executor = text(
-            _short(j["executor_id"] or "?", 16) if terminal else j["executor_id"] or "?"
+            _short(j["executor_id"] or "?", keep[1]) if terminal else j["executor_id"] or "?"
         )
         table.add_row(
             text(j["job_uuid"]),

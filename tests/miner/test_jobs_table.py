@@ -53,6 +53,8 @@ def test_at_80_columns_every_note_is_shown_whole_below_the_table(
     assert max(len(line) for line in out.splitlines()) <= 80
     table, _, notes = out.partition("└")
     assert "note" in table
+    # Each id stays on one line of its cell: shortened to fit, never wrapped.
+    assert "5F" + "a" * 9 + "..." in table and "ed25519:bbb..." in table
     for mark in range(1, 7):  # six jobs with a note, marked [1]..[6] in the table
         assert f"[{mark}]" in table
     words = " ".join(notes.split())
