@@ -19,6 +19,7 @@ import stat
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,8 +182,18 @@ def close_inputs(inputs: Iterable[Inline | job_pb2.InputVolume]) -> None:
             item.close()
 
 
-def _digest(fh: BinaryIO) -> tuple[int, str]:
-    """Size and sha256 of what is left in `fh`, read in chunks of CHUNK bytes."""
+class _Stopped(Exception):
+    """Building the inputs was given up (Ctrl-C, SIGTERM, SIGHUP while they were read)."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise _Stopped
+
+
+def _digest(fh: BinaryIO, stop: threading.Event | None = None) -> tuple[int, str]:
+    """Size and sha256 of what is left in `fh`, read in chunks of CHUNK bytes (given up between
+    two when `stop` is set)."""
     digest = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -190,6 +201,7 @@ def _digest(fh: BinaryIO) -> tuple[int, str]:
     while n := fh.readinto(view):  # type: ignore[attr-defined]
         digest.update(view[:n])
         size += n
+        _check(stop)
     return size, digest.hexdigest()
 
 
@@ -217,10 +229,25 @@ def _not_an_input(raw: str, path: Path) -> CliError:
     )
 
 
-def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
+async def gather_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
+    """build_inputs off the event loop, so that Ctrl-C, SIGTERM and SIGHUP end the command at
+    once, however large the inputs being read (the reading stops at its next chunk, its
+    temporary files closed)."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(build_inputs, paths, stop)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
+def build_inputs(
+    paths: list[str], stop: threading.Event | None = None
+) -> list[Inline | job_pb2.InputVolume]:
     """The inputs named by --input, checked first (names under /volume, files that exist), then
     each file hashed and each directory tarred into a temporary file and hashed, reading
-    CHUNK bytes at a time whatever their size: nothing is held in memory whole."""
+    CHUNK bytes at a time whatever their size: nothing is held in memory whole. Given up (its
+    temporary files closed) once `stop` is set."""
     names: dict[str, str] = {}  # top-level name under /volume -> the --input it comes from
 
     def claim(name: str, raw: str) -> None:
@@ -259,7 +286,7 @@ def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
                 out.append(job_pb2.InputVolume(url=job_pb2.UrlInput(url=url, sha256=fragment[7:])))
                 continue
             try:
-                out.append(_inline(raw, local))
+                out.append(_inline(raw, local, stop))
             except OSError as exc:
                 raise CliError(f"--input {raw}: {_os_error(exc)}") from None
     except BaseException:
@@ -268,13 +295,17 @@ def build_inputs(paths: list[str]) -> list[Inline | job_pb2.InputVolume]:
     return out
 
 
-def _inline(raw: str, path: Path) -> Inline:
+def _inline(raw: str, path: Path, stop: threading.Event | None = None) -> Inline:
+    def unless_stopped(member: tarfile.TarInfo) -> tarfile.TarInfo:
+        _check(stop)
+        return member
+
     if path.is_dir():
         temp = tempfile.TemporaryFile(prefix="horde-input-", suffix=".tar")
         try:
             with tarfile.open(fileobj=temp, mode="w") as tar:
                 for child in sorted(path.iterdir()):
-                    tar.add(child, arcname=child.name)
+                    tar.add(child, arcname=child.name, filter=unless_stopped)
             temp.seek(0)
             try:
                 # What the executor would refuse, found before the upload and the queue.
@@ -285,7 +316,7 @@ def _inline(raw: str, path: Path) -> Inline:
                     "relative symlinks that stay inside it)"
                 ) from None
             temp.seek(0)
-            size, sha256 = _digest(temp)
+            size, sha256 = _digest(temp, stop)
         except BaseException:
             temp.close()
             raise
@@ -296,7 +327,7 @@ def _inline(raw: str, path: Path) -> Inline:
         )
         return Inline(volume, raw, size, temp=temp)
     with path.open("rb") as fh:
-        size, sha256 = _digest(fh)
+        size, sha256 = _digest(fh, stop)
     volume = job_pb2.InputVolume(
         inline_file=job_pb2.InlineFile(file_name=path.name, size_bytes=size, sha256=sha256)
     )

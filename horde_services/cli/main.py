@@ -183,7 +183,7 @@ def _job(args: argparse.Namespace) -> int:
                 spec.timeouts.execution_s = args.timeout
             _output_dir(args.output)
             return await client.run_job(
-                target, spec, client.build_inputs(args.input), args.output, args.json
+                target, spec, await client.gather_inputs(args.input), args.output, args.json
             )
         if args.job_cmd == "watch":
             _output_dir(args.output)

@@ -12,9 +12,11 @@ import io
 import json
 import os
 import pty
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -313,6 +315,41 @@ async def test_an_input_that_cannot_be_read_as_it_is_sent_says_so(
         await server.stop(0)
     assert type(failed.value) is cli.CliError
     assert str(failed.value) == f"--input {path}: No such file or directory ({path})"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_a_large_input_is_read_ends_the_command_at_once(
+    tmp_path: Path, signum: int
+) -> None:
+    """Hashing a 64 GiB input takes minutes: Ctrl-C (or SIGTERM) then ends the command at once
+    (it read on the event loop, which heard the signal only once the whole input was read)."""
+    key = tmp_path / "client.json"
+    create_key_file(key, "ed25519")
+    big = tmp_path / "big.bin"
+    with big.open("wb") as fh:
+        fh.truncate(64 * 2**30)  # sparse
+    argv = [
+        str(BIN / "horde"), "job", "run", "--validator", "127.0.0.1:1",
+        "--validator-identity", "ed25519:" + "11" * 32, "--key", str(key),
+        "--input", str(big), IMAGE, "--", "true",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read = 0
+        deadline = time.monotonic() + 60
+        while read < 256 * MiB:  # the hashing is under way
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the CLI never started reading its input"
+            io_counts = Path(f"/proc/{proc.pid}/io").read_text().split()
+            read = int(io_counts[io_counts.index("rchar:") + 1])
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)  # (the whole input: minutes)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == (130 if signum == signal.SIGINT else 143), err
+    assert list(Path(tempfile.gettempdir()).glob("horde-input-*")) == []
 
 
 # ----------------------------------------------------------------------- paths that are no input
