@@ -839,19 +839,6 @@ async def run_job(
     """Submit, follow and print one job. Ctrl-C cancels the job (once the validator has accepted
     it) before the command ends; SIGTERM and SIGHUP leave it running and say how to follow it.
     The inputs' temporary files are let go of however it ends."""
-    try:
-        return await _run_job(target, spec, inputs, output_dir, as_json)
-    finally:
-        close_inputs(inputs)
-
-
-async def _run_job(
-    target: Target,
-    spec: job_pb2.JobSpec,
-    inputs: list[Inline | job_pb2.InputVolume],
-    output_dir: Path | None,
-    as_json: bool,
-) -> int:
     inline: list[tuple[int, Inline]] = []
     for item in inputs:
         if isinstance(item, Inline):
@@ -908,6 +895,7 @@ async def _run_job(
             ) from None
         raise call_failed(exc, target.address, "validator refused the job") from None
     finally:
+        close_inputs(inputs)
         if outputs is not None:
             outputs.abandon(INTERRUPTED)  # whatever happened, no temporary file stays
     if follower.result is None:

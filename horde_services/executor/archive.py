@@ -376,20 +376,7 @@ def safe_extract_tar(
 ) -> ExtractResult:
     """Extract a (possibly compressed) tar archive into ``target_dir`` safely."""
     with _open_tar(source) as tar:
-        try:
-            members = _iter_tar_members(tar, max_files)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ArchiveError(f"corrupt tar archive: {exc}") from exc
-        raw = [
-            (m.name, _tar_kind(m), m.size if m.isreg() else 0, m.mode, m.linkname, m)
-            for m in members
-        ]
-        entries = _validate(
-            raw,
-            max_total_bytes=max_total_bytes,
-            max_files=max_files,
-            strip_components=strip_components,
-        )
+        entries = _tar_entries(tar, max_total_bytes, max_files, strip_components)
 
         def open_member(entry: _Entry) -> IO[bytes]:
             assert isinstance(entry.source, tarfile.TarInfo)
@@ -411,15 +398,27 @@ def check_tar(
     link out, a device, too many files or bytes), extracting nothing: `horde job run` checks a
     directory's tar before it uploads it."""
     with _open_tar(source) as tar:
-        try:
-            members = _iter_tar_members(tar, max_files)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ArchiveError(f"corrupt tar archive: {exc}") from exc
-        raw = [
-            (m.name, _tar_kind(m), m.size if m.isreg() else 0, m.mode, m.linkname, m)
-            for m in members
-        ]
-        _validate(raw, max_total_bytes=max_total_bytes, max_files=max_files, strip_components=0)
+        _tar_entries(tar, max_total_bytes, max_files, 0)
+
+
+def _tar_entries(
+    tar: tarfile.TarFile, max_total_bytes: int, max_files: int, strip_components: int
+) -> list[_Entry]:
+    """The archive's members, validated (ArchiveError for the first one refused)."""
+    try:
+        members = _iter_tar_members(tar, max_files)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ArchiveError(f"corrupt tar archive: {exc}") from exc
+    raw = [
+        (m.name, _tar_kind(m), m.size if m.isreg() else 0, m.mode, m.linkname, m)
+        for m in members
+    ]
+    return _validate(
+        raw,
+        max_total_bytes=max_total_bytes,
+        max_files=max_files,
+        strip_components=strip_components,
+    )
 
 
 def _iter_tar_members(tar: tarfile.TarFile, max_files: int) -> list[tarfile.TarInfo]:

@@ -7,6 +7,7 @@ and downloads on a terminal (and nowhere else)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -96,6 +97,15 @@ def target_args(v: Validator, tmp_path: Path) -> list[str]:
     if not key.exists():
         write_key_file(key, v.client)
     return ["--validator", v.target.address, "--validator-identity", v.identity, "--key", str(key)]
+
+
+def nowhere(tmp_path: Path) -> list[str]:
+    """`horde job` options naming a validator nobody listens at, with a key made for it: for
+    what the CLI refuses before it calls."""
+    key = tmp_path / "client.json"
+    create_key_file(key, "ed25519")
+    nobody = ["--validator", "127.0.0.1:1", "--validator-identity", "ed25519:" + "11" * 32]
+    return [*nobody, "--key", str(key)]
 
 
 # ------------------------------------------------------------------------ streaming from disk
@@ -206,6 +216,23 @@ class OldValidator(validator_pb2_grpc.ValidatorServiceServicer):
         )
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    servicer: validator_pb2_grpc.ValidatorServiceServicer,
+) -> AsyncIterator[cli.Target]:
+    """`servicer` (a stand-in validator) on a port of its own; a target for the CLI's code."""
+    server = grpc.aio.server()
+    validator_pb2_grpc.add_ValidatorServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield cli.Target(
+            f"127.0.0.1:{port}", str(Ed25519Signer.generate().identity), Ed25519Signer.generate()
+        )
+    finally:
+        await server.stop(0)
+
+
 async def test_an_older_validator_gets_the_inputs_after_the_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -213,23 +240,12 @@ async def test_an_older_validator_gets_the_inputs_after_the_wait(
     it has waited UPLOAD_ACCEPT_WAIT_S, and the job runs."""
     monkeypatch.setattr(cli, "UPLOAD_ACCEPT_WAIT_S", 0.2)
     old = OldValidator()
-    server = grpc.aio.server()
-    validator_pb2_grpc.add_ValidatorServiceServicer_to_server(old, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        path = tmp_path / "in.bin"
-        path.write_bytes(os.urandom(2 * MiB + 5))
-        target = cli.Target(
-            f"127.0.0.1:{port}",
-            str(Ed25519Signer.generate().identity),
-            Ed25519Signer.generate(),
-        )
-        spec = job_pb2.JobSpec(image=IMAGE, command=["true"])
-        async with asyncio.timeout(30):  # (a client that never sent them would hang here)
-            status = await cli.run_job(target, spec, cli.build_inputs([str(path)]), None, True)
-    finally:
-        await server.stop(0)
+    path = tmp_path / "in.bin"
+    path.write_bytes(os.urandom(2 * MiB + 5))
+    spec = job_pb2.JobSpec(image=IMAGE, command=["true"])
+    # (A client that never sent the inputs would hang: the timeout says so.)
+    async with serving(old) as target, asyncio.timeout(30):
+        status = await cli.run_job(target, spec, cli.build_inputs([str(path)]), None, True)
     assert status == 0
     assert json.loads(capsys.readouterr().out)["state"] == "completed"
     assert old.received[0].hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -267,24 +283,14 @@ async def test_an_older_validator_s_refusal_reads_as_itself(
     assert cli.UPLOAD_ACCEPT_WAIT_S <= service.REFUSED_UPLOAD_IDLE_S / 2
     scale = 0.2
     monkeypatch.setattr(cli, "UPLOAD_ACCEPT_WAIT_S", cli.UPLOAD_ACCEPT_WAIT_S * scale)
-    server = grpc.aio.server()
-    old = OldRefusingValidator(service.REFUSED_UPLOAD_IDLE_S * scale)
-    validator_pb2_grpc.add_ValidatorServiceServicer_to_server(old, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     path = tmp_path / "in.bin"
     path.write_bytes(os.urandom(2 * MiB + 5))
-    target = cli.Target(
-        f"127.0.0.1:{port}", str(Ed25519Signer.generate().identity), Ed25519Signer.generate()
-    )
-    try:
+    async with serving(OldRefusingValidator(service.REFUSED_UPLOAD_IDLE_S * scale)) as target:
         for _ in range(5):
             spec = job_pb2.JobSpec(image=IMAGE, command=["true"])
             with pytest.raises(cli.Refused) as refused:
                 await cli.run_job(target, spec, cli.build_inputs([str(path)]), None, True)
             assert "INVALID_ARGUMENT: the spec is refused" in str(refused.value), refused.value
-    finally:
-        await server.stop(0)
 
 
 async def test_an_input_that_cannot_be_read_as_it_is_sent_says_so(
@@ -294,25 +300,14 @@ async def test_an_input_that_cannot_be_read_as_it_is_sent_says_so(
     "interrupted" of a Ctrl-C (the call is cancelled for it, which grpc.aio reads as a
     CancelledError)."""
     monkeypatch.setattr(cli, "UPLOAD_ACCEPT_WAIT_S", 0.1)
-    server = grpc.aio.server()
-    validator_pb2_grpc.add_ValidatorServiceServicer_to_server(OldValidator(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     path = tmp_path / "in.bin"
     path.write_bytes(b"x" * 1000)
     inputs = cli.build_inputs([str(path)])
     path.unlink()
-    target = cli.Target(
-        f"127.0.0.1:{port}", str(Ed25519Signer.generate().identity), Ed25519Signer.generate()
-    )
-    try:
+    spec = job_pb2.JobSpec(image=IMAGE, command=["true"])
+    async with serving(OldValidator()) as target, asyncio.timeout(30):
         with pytest.raises(cli.CliError) as failed:
-            async with asyncio.timeout(30):
-                await cli.run_job(
-                    target, job_pb2.JobSpec(image=IMAGE, command=["true"]), inputs, None, True
-                )
-    finally:
-        await server.stop(0)
+            await cli.run_job(target, spec, inputs, None, True)
     assert type(failed.value) is cli.CliError
     assert str(failed.value) == f"--input {path}: No such file or directory ({path})"
 
@@ -323,16 +318,10 @@ def test_a_signal_while_a_large_input_is_read_ends_the_command_at_once(
 ) -> None:
     """Hashing a 64 GiB input takes minutes: Ctrl-C (or SIGTERM) then ends the command at once
     (it read on the event loop, which heard the signal only once the whole input was read)."""
-    key = tmp_path / "client.json"
-    create_key_file(key, "ed25519")
     big = tmp_path / "big.bin"
     with big.open("wb") as fh:
         fh.truncate(64 * 2**30)  # sparse
-    argv = [
-        str(BIN / "horde"), "job", "run", "--validator", "127.0.0.1:1",
-        "--validator-identity", "ed25519:" + "11" * 32, "--key", str(key),
-        "--input", str(big), IMAGE, "--", "true",
-    ]  # fmt: skip
+    argv = [str(BIN / "horde"), "job", "run", *nowhere(tmp_path), "--input", str(big), IMAGE]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         read = 0
@@ -356,14 +345,9 @@ def test_a_signal_while_a_large_input_is_read_ends_the_command_at_once(
 
 
 def test_a_path_that_is_neither_file_nor_directory_is_a_usage_error(tmp_path: Path) -> None:
-    key = tmp_path / "client.json"
-    create_key_file(key, "ed25519")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    target = [
-        "--validator", "127.0.0.1:1", "--validator-identity", "ed25519:" + "11" * 32,
-        "--key", str(key),
-    ]  # fmt: skip
+    target = nowhere(tmp_path)
     accepted = (
         "not a regular file or a directory (an input is a file, a directory, or URL#sha256=HEX)"
     )
@@ -384,12 +368,7 @@ def test_a_directory_the_executor_would_refuse_is_refused_before_the_upload(
     """A link out of the directory (or a FIFO in it) would make the job fail at its volume stage
     after the whole upload and a wait for an executor: the CLI finds it first (nothing is
     listening at the validator's address here), with the executor's own words, exit 2."""
-    key = tmp_path / "client.json"
-    create_key_file(key, "ed25519")
-    target = [
-        "--validator", "127.0.0.1:1", "--validator-identity", "ed25519:" + "11" * 32,
-        "--key", str(key),
-    ]  # fmt: skip
+    target = nowhere(tmp_path)
     hint = (
         "(an input directory may hold files, directories and relative symlinks that stay inside it)"
     )

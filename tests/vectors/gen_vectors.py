@@ -176,71 +176,48 @@ def certificate_vectors(sigs: Signatures) -> list[dict[str, Any]]:
     def retarget(p: Any) -> None:
         p.endpoint = "198.51.100.9:7301"
 
-    add(
-        "ed25519-valid",
-        "an ed25519 miner hotkey signs the certificate",
-        miner="ed25519 miner hotkey",
-        signer="ed25519 miner hotkey",
-        valid=True,
-    )
+    ed: dict[str, Any] = {"miner": "ed25519 miner hotkey", "signer": "ed25519 miner hotkey"}
+    alice: dict[str, Any] = {"miner": "//Alice", "signer": "//Alice"}
+    add("ed25519-valid", "an ed25519 miner hotkey signs the certificate", **ed, valid=True)
     add(
         "sr25519-valid",
         "an sr25519 miner hotkey (//Alice) signs the certificate",
-        miner="//Alice",
-        signer="//Alice",
+        **alice,
         valid=True,
     )
-    add(
-        "ed25519-tampered-payload",
-        "the endpoint was changed after signing",
-        miner="ed25519 miner hotkey",
-        signer="ed25519 miner hotkey",
-        valid=False,
-        tamper=retarget,
-    )
-    add(
-        "sr25519-tampered-payload",
-        "the endpoint was changed after signing",
-        miner="//Alice",
-        signer="//Alice",
-        valid=False,
-        tamper=retarget,
-    )
+    changed = "the endpoint was changed after signing"
+    add("ed25519-tampered-payload", changed, **ed, valid=False, tamper=retarget)
+    add("sr25519-tampered-payload", changed, **alice, valid=False, tamper=retarget)
     add(
         "ed25519-wrong-key",
         "names the ed25519 miner hotkey but was signed by another ed25519 key",
-        miner="ed25519 miner hotkey",
-        signer="ed25519 other key",
+        **{**ed, "signer": "ed25519 other key"},
         valid=False,
     )
     add(
         "sr25519-wrong-key",
         "names //Alice but was signed by //Bob",
-        miner="//Alice",
-        signer="//Bob",
+        **{**alice, "signer": "//Bob"},
         valid=False,
     )
     add(
         "sr25519-wrapped-message",
         "signed over <Bytes> || domain || payload || </Bytes> (what a browser extension signs)",
-        miner="//Alice",
-        signer="//Alice",
+        **alice,
         valid=False,
         sign_over=lambda m: WRAP_PREFIX + m + WRAP_SUFFIX,
     )
     add(
         "sr25519-no-domain",
         'signed over the payload alone, without "horde.job-certificate.v1\\0"',
-        miner="//Alice",
-        signer="//Alice",
+        **alice,
         valid=False,
         sign_over=lambda m: m[len(CERT_DOMAIN) :],
     )
     add(
         "ed25519-expired",
         "a good signature, checked one nanosecond after not_after_ns",
-        miner="ed25519 miner hotkey",
-        signer="ed25519 miner hotkey",
+        **ed,
         valid=False,
         now_ns=LATE_NS,
     )
@@ -328,67 +305,52 @@ def rpc_vectors(sigs: Signatures) -> list[dict[str, Any]]:
             }
         )
 
-    nonce = "00112233445566778899aabbccddeeff"
-    add(
-        "ed25519-client-valid",
-        "an ed25519 client calls a validator",
-        caller="ed25519 client",
-        signer="ed25519 client",
-        method=LIST_JOBS,
-        callee=validator,
-        nonce=nonce,
-        valid=True,
-    )
+    # Who calls whom: an ed25519 client a validator, an sr25519 validator (//Charlie) a miner.
+    client: dict[str, Any] = {
+        "caller": "ed25519 client",
+        "signer": "ed25519 client",
+        "method": LIST_JOBS,
+        "callee": validator,
+        "nonce": "00112233445566778899aabbccddeeff",
+    }
+    charlie: dict[str, Any] = {
+        "caller": "//Charlie",
+        "signer": "//Charlie",
+        "method": LIST_RECEIPTS,
+        "callee": miner,
+        "nonce": "ffeeddccbbaa99887766554433221100",
+    }
+    add("ed25519-client-valid", "an ed25519 client calls a validator", **client, valid=True)
     add(
         "sr25519-validator-valid",
         "an sr25519 validator (//Charlie) calls a miner (//Alice)",
-        caller="//Charlie",
-        signer="//Charlie",
-        method=LIST_RECEIPTS,
-        callee=miner,
-        nonce="ffeeddccbbaa99887766554433221100",
+        **charlie,
         valid=True,
     )
     add(
         "ed25519-other-method",
         "signed for SubmitJob, presented on ListJobs",
-        caller="ed25519 client",
-        signer="ed25519 client",
-        method=LIST_JOBS,
-        callee=validator,
-        nonce=nonce,
+        **client,
         valid=False,
         signed={"method": SUBMIT_JOB},
     )
     add(
         "ed25519-other-timestamp",
         "signed with timestamp_ns - 1, presented with timestamp_ns",
-        caller="ed25519 client",
-        signer="ed25519 client",
-        method=LIST_JOBS,
-        callee=validator,
-        nonce=nonce,
+        **client,
         valid=False,
         signed={"timestamp_ns": TIMESTAMP_NS - 1},
     )
     add(
         "ed25519-wrong-key",
         "names the client but was signed by another ed25519 key",
-        caller="ed25519 client",
-        signer="ed25519 other key",
-        method=LIST_JOBS,
-        callee=validator,
-        nonce=nonce,
+        **{**client, "signer": "ed25519 other key"},
         valid=False,
     )
     add(
         "sr25519-wrapped-message",
         "//Charlie signed <Bytes> || message || </Bytes>",
-        caller="//Charlie",
-        signer="//Charlie",
-        method=LIST_RECEIPTS,
-        callee=miner,
-        nonce="ffeeddccbbaa99887766554433221100",
+        **charlie,
         valid=False,
         wrap=True,
     )
