@@ -43,6 +43,7 @@ from rich.text import Text
 
 from horde_services.cli.args import checked_target, client_tls
 from horde_services.cli.devenv import DevEnv, DevEnvError
+from horde_services.core.auth import wrong_callee
 from horde_services.core.identity import Signer
 from horde_services.core.proto_util import (
     TERMINAL_STATES,
@@ -91,13 +92,33 @@ def unreachable(service: str, address: str, exc: grpc.aio.AioRpcError) -> str | 
     return f"cannot reach the {service} at {address}"
 
 
+def misaddressed(service: str, address: str, exc: grpc.aio.AioRpcError) -> str | None:
+    """The line for a call the service refused because it is another service than the one the
+    command was told of (its identity, --validator-identity or the dev network's, is not the
+    identity of what answers at the address): a usage problem, exit status 2; else None."""
+    if exc.code() is not grpc.StatusCode.UNAUTHENTICATED:
+        return None
+    found = wrong_callee(exc.details() or "")
+    if found is None:
+        return None
+    given, actual = found
+    return (
+        f"the {service} at {address} is {actual}, not {given}: check the {service}'s identity "
+        f"you gave (--{service}-identity), or the address"
+    )
+
+
 def call_failed(exc: grpc.aio.AioRpcError, address: str, refused: str = "") -> CliError:
     """A failed call as one line: a connection problem (CliError, exit status 2) when nothing
-    answered, else the validator's refusal (Refused, exit status 1), after `refused` if given."""
+    answered or another service did, else the validator's refusal (Refused, exit status 1),
+    after `refused` if given."""
     why = f"{exc.code().name}: {exc.details()}"
     where = unreachable("validator", address, exc)
     if where is not None:
         return CliError(f"{where}: {why}")
+    wrong = misaddressed("validator", address, exc)
+    if wrong is not None:
+        return CliError(wrong)
     return Refused(f"{refused}: {why}" if refused else why)
 
 

@@ -99,7 +99,7 @@ def admin_call(args: argparse.Namespace, name: str, fn: AdminCall) -> int:
     """Run `fn` against the validator's admin service named by --dev or --validator/--key;
     usage and connection problems exit 2 (as `horde job` does), refused or failed calls exit 1
     with the status and its reason."""
-    from horde_services.cli.client import CliError, unreachable, validator_target
+    from horde_services.cli.client import CliError, misaddressed, unreachable, validator_target
 
     prog = f"horde validator {name}"
 
@@ -120,6 +120,10 @@ def admin_call(args: argparse.Namespace, name: str, fn: AdminCall) -> int:
             where = unreachable("validator", target.address, exc)
             if where is not None:
                 print(f"{prog}: {where}: {exc.details()}", file=sys.stderr)
+                return 2
+            wrong = misaddressed("validator", target.address, exc)
+            if wrong is not None:
+                print(f"{prog}: {wrong}", file=sys.stderr)
                 return 2
             print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

@@ -8,6 +8,7 @@ cannot be replayed. The callee then asks its allow policy whether that identity 
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -142,6 +143,18 @@ class NonceCache:
         return True
 
 
+WRONG_CALLEE = "call was signed for another callee"
+_WRONG_CALLEE = re.compile(re.escape(WRONG_CALLEE) + r" \((?P<signed_for>[^)]*)\), not (?P<me>\S+)")
+
+
+def wrong_callee(details: str) -> tuple[str, str] | None:
+    """From a refusal's details, (the identity the call was signed for, the identity of the
+    service that refused it) when the caller named the wrong service; else None. Lets a caller
+    say which of its settings is wrong rather than pass the refusal on."""
+    found = _WRONG_CALLEE.search(details)
+    return (found["signed_for"], found["me"]) if found else None
+
+
 def timestamp_hint(ts_ns: int, now_ns: int) -> str:
     """A hint for a timestamp far off the clock because of its unit, not the clock: "" unless
     it is 0 (never set) or reads as seconds, milliseconds or microseconds of about now."""
@@ -185,9 +198,7 @@ class Authenticator:
         except ValueError as exc:
             raise self._unauth(f"malformed caller identity: {exc}") from None
         if md[H_CALLEE] != str(self.me):
-            raise self._unauth(
-                f"call was signed for another callee ({md[H_CALLEE]}), not {self.me}"
-            )
+            raise self._unauth(f"{WRONG_CALLEE} ({md[H_CALLEE]}), not {self.me}")
         raw_ts = md[H_TIMESTAMP]
         if not (raw_ts.isascii() and raw_ts.isdigit() and len(raw_ts) <= 19):
             raise self._unauth(

@@ -20,6 +20,7 @@ from horde.v1 import (
     synthetic_pb2,
 )
 
+from horde_services.core.auth import wrong_callee
 from horde_services.core.config import TLSSettings
 from horde_services.core.identity import Signer
 from horde_services.core.proto_util import result
@@ -90,6 +91,17 @@ class ExecutorAgent:
                 reason = "miner closed the link"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
+                wrong = wrong_callee(exc.details() or "")
+                if exc.code() is grpc.StatusCode.UNAUTHENTICATED and wrong is not None:
+                    # Not the link's trouble but this executor's setting: say which.
+                    log.error(
+                        "miner_identity_mismatch",
+                        miner=self._address,
+                        miner_identity=wrong[0],
+                        answering=wrong[1],
+                        hint="the miner at miner_address is not the miner_identity set: fix "
+                        "either setting",
+                    )
             self.connected.clear()
             await self._link_changed(False)
             await self._abort_job("link to the miner lost")

@@ -204,6 +204,27 @@ def test_the_validators_refusals_exit_1(dev: Path, tmp_path: Path) -> None:
         assert out.stderr == f"horde job {words[0]}: {lead}{why}\n", words
 
 
+def test_the_wrong_validator_identity_is_a_usage_error_naming_both(dev: Path) -> None:
+    """A validator identity that is not the one answering at the address (a copy-paste slip):
+    exit 2, saying which identity answers there and which option to check, not the validator's
+    "refusal" (exit 1)."""
+    endpoints = json.loads((dev / "endpoints.json").read_text())
+    validator = endpoints["services"]["validator"]
+    wrong = "ed25519:" + "22" * 32
+    target = [
+        "--validator", validator["address"], "--validator-identity", wrong,
+        "--key", endpoints["client_key"],
+    ]  # fmt: skip
+    for words in (["list"], ["run", BASE, "--", "true"]):
+        out = horde("job", words[0], *target, *words[1:])
+        assert out.returncode == 2, (words, out.stderr)
+        assert out.stderr == (
+            f"horde job {words[0]}: the validator at {validator['address']} is "
+            f"{validator['identity']}, not {wrong}: check the validator's identity you gave "
+            "(--validator-identity), or the address\n"
+        ), words
+
+
 def test_labels_are_kept_with_the_job_and_shown(dev: Path) -> None:
     run = horde(
         "job", "run", "--dev", str(dev), "--json", "--label", "team=ml", "--label", "note=a b,c",
