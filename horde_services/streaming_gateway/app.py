@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import structlog
-from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2_grpc
+from horde.v1 import gateway_pb2, gateway_pb2_grpc, validator_pb2, validator_pb2_grpc
 
 from horde_services.core import metrics
 from horde_services.core.app import ServiceApp
@@ -28,7 +30,13 @@ from horde_services.core.server import (
     current_caller,
     open_channel,
 )
-from horde_services.streaming_gateway.session import GatewayDeps, MinerCheck, Session, SessionConfig
+from horde_services.streaming_gateway.session import (
+    GatewayDeps,
+    MinerCheck,
+    Session,
+    SessionConfig,
+    validator_refuses_gateway,
+)
 from horde_services.streaming_gateway.store import GatewayStore, ReceiptWriter, SqlStore
 
 log = structlog.get_logger("horde.gateway")
@@ -38,6 +46,38 @@ MAX_SAMPLES = 1000
 
 
 SHUTDOWN_REASON = "the gateway is shutting down"
+# How often a gateway checks that its validator takes its calls (health says NOT_SERVING, reason
+# "validator", while it does not: sessions could not start).
+VALIDATOR_PROBE_INTERVAL_S = 10.0
+_NO_JOB = str(uuid.UUID(int=0))
+
+
+async def watch_validator(
+    validator: validator_pb2_grpc.ValidatorServiceStub, server: RunningServer
+) -> None:
+    """Run for ever: at start and every VALIDATOR_PROBE_INTERVAL_S, one cheap signed call to
+    the validator (GetJob of no job: NOT_FOUND is the healthy answer). A validator that refuses
+    this gateway (validator_identity is another's, or it does not enrol the gateway) or cannot
+    be reached turns health NOT_SERVING until a check passes, each change logged once."""
+    up = True
+    while True:
+        try:
+            await validator.GetJob(validator_pb2.GetJobRequest(job_uuid=_NO_JOB), timeout=10)
+            problem: str | None = None
+        except grpc.aio.AioRpcError as exc:
+            problem = (
+                None
+                if exc.code() is grpc.StatusCode.NOT_FOUND
+                else validator_refuses_gateway(exc) or f"{exc.code().name}: {exc.details()}"
+            )
+        if problem is not None and up:
+            log.error("validator_unusable", why=problem, health="NOT_SERVING")
+        elif problem is None and not up:
+            log.info("validator_usable_again", health="SERVING")
+        if up != (problem is None):
+            up = problem is None
+            await server.set_serving(up, "validator")
+        await asyncio.sleep(VALIDATOR_PROBE_INTERVAL_S)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -171,6 +211,7 @@ async def start_gateway(
     async def dial_proxy(endpoint: str, identity: str, job_uuid: str) -> ProxyLink:
         return await ProxyLink.connect(endpoint, signer=signer, callee=identity, job_uuid=job_uuid)
 
+    validator_stub = validator_pb2_grpc.ValidatorServiceStub(validator_channel)
     deps = GatewayDeps(
         config=SessionConfig(
             gateway_identity=str(signer.identity),
@@ -181,7 +222,7 @@ async def start_gateway(
             max_time_limit_s=settings.max_session_time_limit_s,
             startup_timeout_s=settings.startup_timeout_s,
         ),
-        validator=validator_pb2_grpc.ValidatorServiceStub(validator_channel),
+        validator=validator_stub,
         dial_proxy=dial_proxy,
         writer=writer,
         miner_check=chain_miner_check(chain) if chain is not None else None,
@@ -228,6 +269,9 @@ async def start_gateway(
         name="gateway",
         signer=signer,
         servers=[server],
+        background=(
+            [functools.partial(watch_validator, validator_stub, server)] if validator else []
+        ),
         closers=[close_all],
         drainers=[servicer.drain],
         grace_s=settings.shutdown_grace_s,

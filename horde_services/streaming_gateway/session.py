@@ -31,6 +31,7 @@ from horde.v1 import (
 )
 
 from horde_services.core import metrics
+from horde_services.core.auth import wrong_callee
 from horde_services.core.errors import (
     FailedPrecondition,
     HordeError,
@@ -185,6 +186,26 @@ def _result_reason(result: job_pb2.JobResult) -> str:
 
 # What connecting may add between a client signing its session's call and the call arriving.
 OPEN_LATENCY_ALLOWANCE_NS = 2_000_000_000
+
+
+def validator_refuses_gateway(exc: grpc.aio.AioRpcError) -> str | None:
+    """Why the validator refuses this gateway itself, when it does (a setting of the gateway's
+    or the validator's to mend: the identity it was given is another's, or it is not enrolled
+    as a client there); None for any other failure."""
+    details = exc.details() or ""
+    if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
+        wrong = wrong_callee(details)
+        if wrong is not None:
+            return (
+                f"validator_identity is {wrong[0]}, but the validator at validator_address is "
+                f"{wrong[1]}"
+            )
+    if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
+        return (
+            f"the validator does not enrol this gateway ({details}): add the gateway's identity "
+            "to the validator's clients"
+        )
+    return None
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError | ProxyError) -> str:
@@ -359,6 +380,16 @@ class Session:
             if exc.code() is grpc.StatusCode.CANCELLED and self._end.done():
                 return
             self._job_ended = True  # the validator stops the job when this call breaks
+            refused = validator_refuses_gateway(exc)
+            if refused is not None and not self._ready:
+                # Not for the client to retry: the gateway's operator must mend a setting.
+                self._log.error("validator_refuses_gateway", why=refused)
+                message = "the gateway is misconfigured: its validator refuses it (its operator "
+                message += "must fix it; see the gateway's log)"
+                self._finish(
+                    _Ending(message, "validator_refused", error=FailedPrecondition(message))
+                )
+                return
             self._finish(self._validator_lost(f"validator: {_rpc_error(exc)}"))
             return
         self._job_ended = True

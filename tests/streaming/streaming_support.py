@@ -384,16 +384,15 @@ class Harness:
     async def start_gateway(
         self, *, database_url: str = "", store: GatewayStore | None = None, **overrides: object
     ) -> ServiceApp:
-        settings = load_settings(
-            GatewaySettings,
-            validator_address=self.validator_address,
-            validator_identity=str(self.validator_signer.identity),
-            clients=[str(self.client.identity)],
-            state_dir=self.root,
-            roster_file=self.root / "roster.toml",
-            database_url=database_url,
-            **overrides,
-        )
+        defaults: dict[str, object] = {
+            "validator_address": self.validator_address,
+            "validator_identity": str(self.validator_signer.identity),
+            "clients": [str(self.client.identity)],
+            "state_dir": self.root,
+            "roster_file": self.root / "roster.toml",
+            "database_url": database_url,
+        }
+        settings = load_settings(GatewaySettings, **{**defaults, **overrides})
         app = await start_gateway(settings, self.gateway_signer, store=store)
         self.gateways.append(app)
         return app

@@ -480,6 +480,32 @@ async def test_a_job_that_did_not_start_ends_with_a_status_to_act_on(
     assert info.value.reason.startswith("job did not start: rejected "), info.value.reason
 
 
+async def test_a_validator_that_refuses_the_gateway_is_the_operators_to_mend(
+    harness: Harness,
+) -> None:
+    """A gateway given another validator's identity: its health goes NOT_SERVING (a balancer
+    sends clients elsewhere) and a session is refused FAILED_PRECONDITION, "misconfigured" (not
+    UNAVAILABLE, which clients retry, nor the identities, which are the operator's to read in
+    the gateway's log)."""
+    from horde_services.core.identity import HotkeySigner
+
+    app = await harness.start_gateway(validator_identity=str(HotkeySigner.generate().identity))
+    app.start_background()  # (the validator watch)
+    async with open_channel(f"127.0.0.1:{app.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        async with asyncio.timeout(30):
+            async for reply in watch:
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+        watch.cancel()
+    with pytest.raises(SessionEnded) as ended:
+        await open_session(harness, app)
+    assert ended.value.code is grpc.StatusCode.FAILED_PRECONDITION, ended.value
+    assert ended.value.reason.startswith("the gateway is misconfigured: its validator refuses it")
+    assert "sr25519:" not in ended.value.reason
+    assert harness.fake_validator.starts == []
+
+
 async def test_a_validator_refusing_for_now_ends_the_session_unavailable(
     harness: Harness,
 ) -> None:
