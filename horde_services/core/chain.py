@@ -398,6 +398,15 @@ class LocalRoster:
         self._loaded_version = version
         self._failed_version = None
         log.info("roster.loaded", path=str(self._path), neurons=len(neurons))
+        silent = [n.uid for n in neurons if not n.validator_permit and not n.endpoint]
+        if silent:
+            # Validators route jobs only to miners that serve an endpoint: these get none.
+            log.warning(
+                "roster.miners_without_endpoint",
+                path=str(self._path),
+                uids=silent,
+                hint='a miner needs endpoint = "host:port" in the roster to be sent jobs',
+            )
         return neurons
 
     def _safe_version(self) -> _FileVersion | None:

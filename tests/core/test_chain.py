@@ -53,6 +53,30 @@ def _edit(path: Path, old: str | None, new: str) -> None:
 # ---- LocalRoster -------------------------------------------------------------------------
 
 
+def test_a_miner_without_an_endpoint_is_warned_of(
+    roster_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A roster miner with no endpoint is sent no job ("no miner offers an executor of class"):
+    loading the roster says which, and what it lacks."""
+    from horde_services.core import chain
+
+    warnings: list[tuple[str, dict[str, Any]]] = []
+
+    class Log:
+        def warning(self, event: str, **fields: Any) -> None:
+            warnings.append((event, fields))
+
+        def __getattr__(self, _level: str) -> Any:
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(chain, "log", Log())
+    LocalRoster(roster_path).reload()
+    ((event, fields),) = warnings
+    assert event == "roster.miners_without_endpoint"
+    assert fields["uids"] == [2]  # the ed25519 miner; the validator (uid 0) needs none
+    assert "endpoint" in fields["hint"]
+
+
 async def test_roster_load(roster_path: Path) -> None:
     roster = LocalRoster(roster_path)
     assert isinstance(roster, ChainAdapter)
