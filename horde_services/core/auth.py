@@ -60,10 +60,11 @@ def sign_call(signer: Signer, method: str, callee: str) -> list[tuple[str, str]]
 class AuthFailure(Exception):
     """Authentication or authorisation failed; `code` is UNAUTHENTICATED or PERMISSION_DENIED."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: str, caller: str = "") -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.caller = caller  # who was refused, when the signature proved it
 
 
 class AllowPolicy(Protocol):
@@ -227,7 +228,7 @@ class Authenticator:
             raise self._unauth("replayed nonce")
         reason = await self.policy.deny_reason(caller, method)
         if reason is not None:
-            raise AuthFailure(grpc.StatusCode.PERMISSION_DENIED, reason)
+            raise AuthFailure(grpc.StatusCode.PERMISSION_DENIED, reason, str(caller))
         return caller
 
     @staticmethod

@@ -95,6 +95,7 @@ class RpcMiddleware(grpc.aio.ServerInterceptor):
             metrics.AUTH_FAILURES.labels(self._service, exc.code.name).inc()
             call.code = exc.code
             call.detail = exc.reason
+            call.caller = exc.caller  # (a refused caller whose signature held is named)
             call.done()
             await context.abort(exc.code, exc.reason)
             raise AssertionError("unreachable") from None

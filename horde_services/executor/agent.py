@@ -159,9 +159,12 @@ class ExecutorAgent:
             except Exception as exc:  # health is a report: never let it break the link
                 log.warning("link_report_failed", error=repr(exc))
 
-    async def _abort_job(self, reason: str) -> None:
+    async def _abort_job(self, reason: str, *, asked: bool = False) -> None:
+        """Stop the running job: a warning, unless its validator `asked` for it (a client's
+        cancel, the normal end of a streaming session)."""
         if self._job is not None and not self._job.done():
-            log.warning("job_aborted", job_uuid=self._job_uuid, reason=reason)
+            level = log.info if asked else log.warning
+            level("job_aborted", job_uuid=self._job_uuid, reason=reason)
             self._job.cancel()
             try:
                 await self._job
@@ -222,7 +225,7 @@ class ExecutorAgent:
                         self._streaming.extra_data(msg.extra_data, send)
                     elif kind == "cancel":
                         if msg.cancel.job_uuid == self._job_uuid:
-                            await self._abort_job(msg.cancel.reason)
+                            await self._abort_job(msg.cancel.reason, asked=True)
                     elif kind == "synthetic_challenge":
                         self._start_synthetic(msg.synthetic_challenge, send)
             finally:

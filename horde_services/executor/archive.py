@@ -410,8 +410,7 @@ def _tar_entries(
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ArchiveError(f"corrupt tar archive: {exc}") from exc
     raw = [
-        (m.name, _tar_kind(m), m.size if m.isreg() else 0, m.mode, m.linkname, m)
-        for m in members
+        (m.name, _tar_kind(m), m.size if m.isreg() else 0, m.mode, m.linkname, m) for m in members
     ]
     return _validate(
         raw,

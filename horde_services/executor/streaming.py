@@ -839,7 +839,9 @@ class StreamingJobRunner:
         finally:
             await asyncio.to_thread(shutil.rmtree, job.job_dir, True)
         if isinstance(res, job_pb2.JobResult) and res.state != common_pb2.JOB_STATE_COMPLETED:
-            bound.info("streaming_ended", state=res.state, detail=res.detail)
+            bound.info(
+                "streaming_ended", state=common_pb2.JobState.Name(res.state), detail=res.detail
+            )
         else:
             bound.info("streaming_ended", detail=reason)
 

@@ -50,6 +50,8 @@ class MinerDirectory:
         self._extra = {str(Identity.parse(k)): v for k, v in extra.items()}
         self._tls = tls if tls is not None and tls.ca_file else None
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        # Miners whose manifest could not be had, by the status it failed with (logged once).
+        self._unavailable: dict[str, grpc.StatusCode] = {}
         # When each executor class was last offered by some miner.
         self._class_seen: dict[str, float] = {}
 
@@ -93,8 +95,14 @@ class MinerDirectory:
             )
         except grpc.aio.AioRpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
-            log.info("manifest_unavailable", miner=miner.identity, error=error)
+            # Once per miner until it answers again (a job waiting for executors asks about
+            # twice a second).
+            if self._unavailable.get(miner.identity) != exc.code():
+                self._unavailable[miner.identity] = exc.code()
+                log.info("manifest_unavailable", miner=miner.identity, error=error)
             return None, error
+        if self._unavailable.pop(miner.identity, None) is not None:
+            log.info("manifest_available_again", miner=miner.identity)
         return resp.manifest, ""
 
     async def candidates(self, executor_class: str) -> Candidates:

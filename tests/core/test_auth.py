@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -282,6 +282,38 @@ async def test_unknown_caller_denial_names_the_identity(served: Served, callers:
         grpc.StatusCode.PERMISSION_DENIED,
         f"{callers.stranger.identity} is not an enrolled caller",
     )
+
+
+async def test_a_refused_callers_rpc_line_names_it(
+    served: Served, callers: Callers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The RPC summary line of a call refused PERMISSION_DENIED names the caller (its signature
+    held: it is who it says), so an operator can enrol it or find it; UNAUTHENTICATED ones, whose
+    claim proved nothing, name none."""
+    from horde_services.core import server
+
+    lines: list[dict[str, Any]] = []
+
+    class Log:
+        def warning(self, event: str, **fields: Any) -> None:
+            if event == "rpc":
+                lines.append(fields)
+
+        def __getattr__(self, _level: str) -> Any:
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(server, "log", Log())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await served.stub(callers.stranger).GetManifest(miner_pb2.GetManifestRequest())
+    with pytest.raises(grpc.aio.AioRpcError):
+        md = _bad_signature(served, callers)
+        await served.stub().GetManifest(miner_pb2.GetManifestRequest(), metadata=md)
+    denied, unauthenticated = lines
+    assert (denied["code"], denied["caller"]) == (
+        "PERMISSION_DENIED",
+        str(callers.stranger.identity),
+    )
+    assert (unauthenticated["code"], unauthenticated["caller"]) == ("UNAUTHENTICATED", "")
 
 
 async def test_refused_streaming_call(served: Served, callers: Callers) -> None:
