@@ -13,7 +13,7 @@ from typing import Any, Literal
 from horde.v1 import job_pb2
 
 from horde_services import __version__
-from horde_services.cli import miner_cmds, spotcheck_cmds, stream, validator_cmds
+from horde_services.cli import health, miner_cmds, spotcheck_cmds, stream, validator_cmds
 from horde_services.cli.args import bounded_int, key_values
 from horde_services.core.config import (
     ExecutorSettings,
@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_receipts_verify)
 
     stream.register(sub)
+    health.register(sub)
     spotcheck_cmds.register(sub)
 
     dev = sub.add_parser("dev", help="local network").add_subparsers(
