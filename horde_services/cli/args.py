@@ -77,6 +77,14 @@ def service_address(value: str, option: str) -> str:
         ) from None
 
 
+def tls_hint(details: str) -> str:
+    """A hint for a plaintext call that a TLS listener cut ("Socket closed"): "" otherwise, or
+    when the CLI speaks TLS already (HORDE_TLS_CA_FILE set)."""
+    if os.environ.get(TLS_ENV["ca_file"]) or "socket closed" not in details.lower():
+        return ""
+    return f" (a TLS listener? set {TLS_ENV['ca_file']} to the CA that signed its certificate)"
+
+
 def client_tls() -> TLSSettings | None:
     """TLS for the CLI's channels from HORDE_TLS_CA_FILE (and HORDE_TLS_CERT_FILE with
     HORDE_TLS_KEY_FILE for mutual TLS); None (plaintext) without a CA. ValueError naming the

@@ -41,7 +41,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from horde_services.cli.args import checked_target, client_tls
+from horde_services.cli.args import checked_target, client_tls, tls_hint
 from horde_services.cli.devenv import DevEnv, DevEnvError
 from horde_services.core.auth import wrong_callee
 from horde_services.core.identity import Signer
@@ -89,7 +89,7 @@ def unreachable(service: str, address: str, exc: grpc.aio.AioRpcError) -> str | 
         return None
     if (exc.details() or "").startswith("the service cannot use its database"):
         return f"the {service} at {address} is unavailable"
-    return f"cannot reach the {service} at {address}"
+    return f"cannot reach the {service} at {address}{tls_hint(exc.details() or '')}"
 
 
 def misaddressed(service: str, address: str, exc: grpc.aio.AioRpcError) -> str | None:

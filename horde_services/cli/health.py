@@ -113,6 +113,7 @@ async def _check(address: str, service: str, wait_s: float, tls: Any) -> tuple[s
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from horde_services.cli.args import tls_hint
     from horde_services.core.channel import open_channel
 
     async with open_channel(address, tls=tls) as channel:
@@ -122,12 +123,13 @@ async def _check(address: str, service: str, wait_s: float, tls: Any) -> tuple[s
             )
         except grpc.aio.AioRpcError as exc:
             code, said = exc.code(), exc.details() or ""
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED or (
+                # (a listener that never answers: gRPC's connect may give up first)
+                code is grpc.StatusCode.UNAVAILABLE and "timed out" in said.lower()
+            ):
                 raise _NoAnswer(f"no answer in time from {address} ({wait_s:g}s)") from None
             if code is grpc.StatusCode.UNAVAILABLE:
-                hint = ""
-                if tls is None and "socket closed" in said.lower():  # what a TLS listener does
-                    hint = " (a TLS listener? set HORDE_TLS_CA_FILE to the CA that signed it)"
+                hint = tls_hint(said) if tls is None else ""  # ("Socket closed": TLS there)
                 raise _NoAnswer(f"cannot reach {address}: UNAVAILABLE: {said}{hint}") from None
             if code is grpc.StatusCode.NOT_FOUND:  # the server does not serve --service
                 return "SERVICE_UNKNOWN", ""

@@ -172,7 +172,20 @@ async def test_a_real_gateway_behind_tls(tmp_path: Path) -> None:
         status, out, err = await horde_health_async(address)  # plaintext to a TLS listener
         assert (status, out) == (2, "")
         assert err.startswith(f"horde health: cannot reach {address}: UNAVAILABLE")
-        assert err.endswith("(a TLS listener? set HORDE_TLS_CA_FILE to the CA that signed it)\n")
+        hint = "(a TLS listener? set HORDE_TLS_CA_FILE to the CA that signed its certificate)\n"
+        assert err.endswith(hint), err
+        # Any command's plaintext call to it gets the hint too (here `horde job status`).
+        argv = [
+            HORDE, "job", "status", "--validator", address,
+            "--validator-identity", app.identity, "--key", str(tmp_path / "gateway.json"),
+            "0d9f3a52-7c8e-4a43-9c3c-2b0b8f6c3e11",
+        ]  # fmt: skip
+        job = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=60
+        )
+        assert job.returncode == 2, job.stderr
+        assert job.stderr.startswith(f"horde job status: cannot reach the validator at {address}")
+        assert hint.strip() in job.stderr, job.stderr
 
         await app.servers[0].set_serving(False, "receipt_store")
         assert await horde_health_async(address, **ca) == (1, "NOT_SERVING\n", "")
