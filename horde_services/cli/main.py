@@ -50,12 +50,8 @@ def _serve(kind: str, config: Path | None, metrics_port: int | None = None) -> i
 
         try:
             serve_metrics(settings.metrics_port)
-        except OSError as exc:
-            print(
-                f"horde {kind}: cannot serve metrics on 127.0.0.1:{settings.metrics_port}: "
-                f"{exc.strerror or exc}",
-                file=sys.stderr,
-            )
+        except ConfigError as exc:  # (names metrics_port and --metrics-port)
+            print(f"horde {kind}: configuration error: {exc}", file=sys.stderr)
             return 2
 
     async def main() -> bool:

@@ -7,10 +7,13 @@ typo in a unit file stops the service instead of being ignored.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -54,6 +57,19 @@ class TLSSettings(BaseModel):
         if value is not None and not value.is_file():
             raise ValueError(f"file not found: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSSettings:
+        # One without the other would leave the listener plaintext (no cert_file) or unable to
+        # load (no key_file): neither is what an operator who set one of them meant.
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = (
+                ("cert_file", "key_file") if self.key_file is None else ("key_file", "cert_file")
+            )
+            raise ValueError(
+                f"TLS needs both cert_file and key_file ({given} is set, {missing} is not)"
+            )
+        return self
 
 
 class AuthSettings(BaseModel):
@@ -117,9 +133,25 @@ class ServiceSettings(BaseSettings):
         return tuple(sources)
 
     def database(self, name: str) -> str:
+        """The service's database URL: database_url, else SQLite file NAME.db in state_dir. The
+        string says which setting gave it (`.setting`), for open_database's messages."""
         if self.database_url:
-            return self.database_url
-        return f"sqlite+aiosqlite:///{(self.state_dir / f'{name}.db').resolve()}"
+            return DatabaseURL(self.database_url, "database_url")
+        return DatabaseURL(
+            f"sqlite+aiosqlite:///{(self.state_dir / f'{name}.db').resolve()}", "state_dir"
+        )
+
+
+class DatabaseURL(str):
+    """A database URL that knows the setting it comes from (`database_url`, or `state_dir` for
+    the default SQLite file), so a database that cannot be opened is blamed on that setting."""
+
+    setting: str
+
+    def __new__(cls, url: str, setting: str) -> DatabaseURL:
+        self = super().__new__(cls, url)
+        self.setting = setting
+        return self
 
 
 class SyntheticClass(BaseModel):
@@ -479,8 +511,10 @@ def _unknown_env(cls: type[ServiceSettings]) -> list[str]:
         path = key[len(prefix) :].lower().split("__")
         for depth, part in enumerate(path):
             if part not in model.model_fields:
-                field = ".".join(path[: depth + 1])
-                problems.append(f"invalid setting '{field}' (from env {key}): unknown setting")
+                problems.append(
+                    f"invalid setting '{'.'.join(path[: depth + 1])}' (from env {key}): "
+                    f"unknown setting{_did_you_mean(cls, path[: depth + 1], env=True)}"
+                )
                 break
             annotation = model.model_fields[part].annotation
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -489,25 +523,74 @@ def _unknown_env(cls: type[ServiceSettings]) -> list[str]:
     return problems
 
 
+def _table_model(annotation: Any) -> tuple[int, type[BaseModel]] | None:
+    """The settings model a field holds: (number of table keys before its fields, model), e.g.
+    (0, TLSSettings) for ``tls``, (1, SyntheticClass) for ``synthetic.classes``; None for a
+    plain value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return 0, annotation
+    origin = get_origin(annotation)
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if origin in (Union, types.UnionType) and len(args) == 1:  # Model | None
+        return _table_model(args[0])
+    if origin is dict and len(args) == 2:
+        inner = _table_model(args[1])
+        if inner is not None:
+            return inner[0] + 1, inner[1]
+    return None
+
+
+def _did_you_mean(cls: type[ServiceSettings], loc: Sequence[str], *, env: bool) -> str:
+    """ " (did you mean 'drain_timeout_s'?)" for an unknown setting at `loc` close to a known one
+    in the same table (with its variable for one from the environment); "" when none is."""
+    model: type[BaseModel] = cls
+    index = 0
+    while index < len(loc) - 1:
+        field = model.model_fields.get(loc[index])
+        found = _table_model(field.annotation) if field is not None else None
+        if found is None:
+            return ""
+        skip, model = found
+        index += 1 + skip
+    if index != len(loc) - 1:
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.75)
+    if not close:
+        return ""
+    name = ".".join([*loc[:-1], close[0]])
+    if not env:
+        return f" (did you mean '{name}'?)"
+    prefix = str(cls.model_config.get("env_prefix", "")).upper()
+    variable = prefix + "__".join([*loc[:-1], close[0]]).upper()
+    return f" (did you mean '{name}', env {variable}?)"
+
+
+# pydantic's prefix for a ValueError raised by a validator: noise in an operator's message.
+_PYDANTIC_PREFIX = re.compile(r"^(Value error|Assertion failed), ")
+
+
 def _describe(exc: ValidationError, cls: type[ServiceSettings], config_file: Path | None) -> str:
     """Each problem with its field and where its value came from: the environment variable
     that set it (it wins over the file), else the config file (naming the variable that would
-    override it)."""
+    override it; an unknown setting has none, and says which known one it may have meant)."""
     prefix = str(cls.model_config.get("env_prefix", "")).upper()
     environ = {key.upper() for key in os.environ}
     parts = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         field = ".".join(loc) or "(root)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown setting"
+        msg = _PYDANTIC_PREFIX.sub("", err["msg"])
         env = prefix + "__".join(loc).upper()
         # The variable itself, or the one that set its whole table (as JSON).
         candidates = (env, prefix + loc[0].upper()) if loc else ()
         from_env = next((name for name in candidates if name in environ), None)
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting" + _did_you_mean(cls, loc, env=from_env is not None)
         if from_env is not None:
             parts.append(f"invalid setting '{field}' (from env {from_env}): {msg}")
+        elif err["type"] == "extra_forbidden":
+            where = f"{config_file}: " if config_file else ""
+            parts.append(f"{where}invalid setting '{field}': {msg}")
         else:
             where = f"{config_file}: " if config_file else ""
             parts.append(f"{where}invalid setting '{field}' (env {env}): {msg}")

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 import structlog
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from alembic.util.exc import CommandError
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
@@ -315,11 +316,14 @@ def describe(url: str) -> str:
 
 
 def create_engine(url: str) -> AsyncEngine:
+    """An engine for `url`. A SQLite file's directory is made when missing, mode 0700 (the
+    service's state is its own, with or without systemd's UMask); an existing one keeps its
+    mode."""
     target = async_url(url)
     if target.get_backend_name() == "sqlite":
         path = target.database
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         engine = create_async_engine(target)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
@@ -353,22 +357,59 @@ def _open_error(where: str, exc: BaseException) -> Exception:
     if isinstance(exc, sa.exc.SQLAlchemyError):
         return DatabaseUnavailable(f"{where}: {_first_line(exc)}")
     assert isinstance(exc, OSError)
+    if isinstance(exc, FileExistsError) and exc.filename is not None:
+        # A file where the SQLite file's directory should be (mkdir's "File exists").
+        return ConfigError(f"{where}: {exc.filename} is not a directory")
     reason = exc.strerror or str(exc) or type(exc).__name__
     if exc.filename is not None:  # a SQLite file's directory that cannot be made
         return ConfigError(f"{where}: {exc.filename}: {reason}")
     return DatabaseUnavailable(f"{where}: {reason}")
 
 
-async def open_database(url: str) -> AsyncEngine:
+async def _revision(engine: AsyncEngine) -> str | None:
+    """The schema revision the database is at (None: no schema yet)."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(
+            lambda sync_conn: MigrationContext.configure(sync_conn).get_current_revision()
+        )
+
+
+async def open_database(url: str, *, setting: str | None = None) -> AsyncEngine:
     """Upgrade the schema to head and return an engine. A database that cannot be opened
     raises ConfigError (unsupported URL, damaged file, no such database, refused
-    credentials: restarting cannot mend these) or DatabaseUnavailable, in one line naming it."""
+    credentials: restarting cannot mend these) or DatabaseUnavailable, in one line naming it.
+
+    A ConfigError names the setting to mend first: `setting`, else the one `url` says it comes
+    from (ServiceSettings.database() gives `state_dir` for the default SQLite file, else
+    `database_url`). An upgrade is logged in one line (`schema_upgraded`, from and to which
+    revision); a database already at head logs nothing."""
     where = describe(url)
+    setting = setting or getattr(url, "setting", None)
+    engine: AsyncEngine | None = None
     try:
+        engine = create_engine(url)
+        before = await _revision(engine)
         await upgrade(url)
+        after = await _revision(engine)
     except (CommandError, sa.exc.SQLAlchemyError, OSError) as exc:
-        raise _open_error(where, exc) from None
-    return create_engine(url)
+        if engine is not None:
+            await engine.dispose()
+        error = _open_error(where, exc)
+        if setting and isinstance(error, ConfigError):
+            error = ConfigError(f"invalid setting '{setting}': {error}")
+        raise error from None
+    except BaseException:
+        if engine is not None:
+            await engine.dispose()
+        raise
+    if after != before:
+        structlog.get_logger("horde.db").info(
+            "schema_upgraded",
+            database=where.removeprefix("database "),
+            from_revision=before or "none (new database)",
+            to_revision=after,
+        )
+    return engine
 
 
 # How often a service with a database checks it can still reach it, and how long one check may

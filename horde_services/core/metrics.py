@@ -13,6 +13,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from horde_services.core.errors import ConfigError
+
 # Horde's own registry, not prometheus_client's default: an application that imports Horde's
 # client helpers and exports its own metrics does not publish Horde's with them. /metrics serves
 # this one, with the usual process, platform and GC collectors.
@@ -130,7 +132,29 @@ SANCTIONS = Counter(
 )
 
 
+class MetricsPortError(ConfigError, OSError):
+    """The metrics port cannot be served (busy, not allowed): a configuration error naming
+    `metrics_port` / `--metrics-port`. Also an OSError whose ``strerror`` names them, for a
+    caller that catches OSError and prints "cannot serve metrics on HOST:PORT: {strerror}"."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        OSError.__init__(
+            self, exc.errno, f"{reason} (invalid setting 'metrics_port', or --metrics-port)"
+        )
+        self.message = (
+            f"invalid setting 'metrics_port' (--metrics-port): cannot serve metrics on "
+            f"{host}:{port}: {reason}"
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
-    """Expose /metrics; port 0 or None disables it."""
+    """Expose /metrics; port 0 or None disables it. MetricsPortError when it cannot."""
     if port:
-        start_http_server(port, addr=host, registry=REGISTRY)
+        try:
+            start_http_server(port, addr=host, registry=REGISTRY)
+        except OSError as exc:
+            raise MetricsPortError(host, port, exc) from None

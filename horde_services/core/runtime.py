@@ -21,23 +21,58 @@ from horde_services.core.identity import (
 NEURON_CACHE_S = 5.0
 
 
+# The kind of key each service signs with (docs/operators.md, "Keys and wallets"): validators and
+# miners are Bittensor hotkeys (registered on the subnet); executors and gateways Ed25519 keys.
+_HOTKEY_SERVICES = ("validator", "miner")
+_ED25519_SERVICES = ("executor", "gateway")
+_ARTICLE = {"validator": "a", "miner": "a", "executor": "an", "gateway": "a"}
+
+
+def _kind_mismatch(service: str, what: str, hotkey: bool) -> str | None:
+    """Why a `what` (a hotkey when `hotkey`) is the wrong kind of key for `service`, or None."""
+    if hotkey and service in _ED25519_SERVICES:
+        need, new = "an ed25519 key", "horde keys new --kind ed25519 --out FILE"
+    elif not hotkey and service in _HOTKEY_SERVICES:
+        need, new = "a hotkey", "horde keys new --kind hotkey --out FILE"
+    else:
+        return None
+    return f"{what}; {_ARTICLE[service]} {service} needs {need} (make one with `{new}`)"
+
+
 def load_signer(settings: ServiceSettings, service: str) -> Signer:
-    """The service's key: a Horde key file, or (validator, miner) a btcli wallet hotkey."""
+    """The service's key: a Horde key file, or (validator, miner) a btcli wallet hotkey. A key
+    of the wrong kind for the service (an ed25519 key file for a validator or miner, a hotkey
+    for an executor or gateway) is a ConfigError: peers would refuse every call it signs."""
     if settings.key_file is not None:
         try:
-            return load_key_file(settings.key_file)
+            signer = load_key_file(settings.key_file)
         except (KeyFileError, OSError) as exc:
             raise ConfigError(f"invalid setting 'key_file': {exc}") from None
+        hotkey = isinstance(signer, HotkeySigner)
+        what = f"{settings.key_file} is {'a hotkey' if hotkey else 'an ed25519 key'} file"
+        problem = _kind_mismatch(service, what, hotkey)
+        if problem is not None:
+            raise ConfigError(f"invalid setting 'key_file': {problem}")
+        return signer
     if settings.wallet_name and settings.wallet_hotkey:
+        problem = _kind_mismatch(service, "a btcli wallet's hotkey is a hotkey", True)
+        if problem is not None:
+            raise ConfigError(f"invalid setting 'wallet_name/wallet_hotkey': {problem}")
         try:
             return load_wallet_hotkey(
                 settings.wallet_name, settings.wallet_hotkey, settings.wallet_path
             )
         except Exception as exc:
             raise ConfigError(f"invalid setting 'wallet_name/wallet_hotkey': {exc}") from None
+    if service in _ED25519_SERVICES:
+        raise ConfigError(
+            f"invalid setting 'key_file': the {service} needs a key; create one with "
+            "`horde keys new --kind ed25519 --out FILE`"
+        )
+    kind = " --kind hotkey" if service in _HOTKEY_SERVICES else ""
     raise ConfigError(
-        f"invalid setting 'key_file': the {service} needs a key "
-        "(key_file, or wallet_name and wallet_hotkey); create one with `horde keys new`"
+        f"invalid setting 'key_file': the {service} needs a key (key_file, or wallet_name and "
+        f"wallet_hotkey); create one with `horde keys new{kind} --out FILE`"
     )
 
 

@@ -46,16 +46,30 @@ class StateLock:
         self.release()
 
 
-def lock_dir(directory: Path, service: str, *, setting: str = "state_dir") -> StateLock:
+def lock_dir(
+    directory: Path, service: str, *, setting: str = "state_dir", private: bool | None = None
+) -> StateLock:
     """Take ``DIRECTORY/<service>.lock`` exclusively (made with the directory when missing).
+
+    A directory made here is made mode 0700 when ``private`` (by default: when ``setting`` is
+    ``state_dir``, whose database, spool and ledger are the service's alone, and should not be
+    world-readable where no systemd UMask protects them); an existing directory keeps its mode.
+    Not so for an executor's ``work_dir``, whose job directories the job containers read.
 
     Raises ConfigError naming ``setting`` when the directory cannot hold the lock file, or
     saying who holds it ("state_dir /x is in use by another validator (pid N)")."""
+    if private is None:
+        private = setting == "state_dir"
     directory = directory.resolve()
     path = directory / f"{service}.lock"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileExistsError:  # a file (or a dangling link) where the directory should be
+        raise ConfigError(
+            f"invalid setting '{setting}': {directory} is not a directory (the {service} keeps "
+            f"its lock file {path.name} there)"
+        ) from None
     except OSError as exc:
         raise ConfigError(
             f"invalid setting '{setting}': {directory}: {exc.strerror or exc} (the {service} "
