@@ -55,6 +55,7 @@ from horde_services.core import metrics
 from horde_services.core.config import SyntheticClass, SyntheticSettings
 from horde_services.core.db import synthetic_results, synthetic_rounds
 from horde_services.core.identity import Identity
+from horde_services.core.latency import gc_paused
 from horde_services.validator.miners import MinerDirectory, MinerRef
 
 log = structlog.get_logger("horde.validator.synthetic")
@@ -284,7 +285,9 @@ class RoundRunner:
             started_ns = time.time_ns()
             t0 = time.monotonic()
             refs = list(miners) if miners is not None else await self._directory.miners()
-            outcomes = await asyncio.gather(*(self._miner(ref, round_) for ref in refs))
+            # (Answers are timed by this clock: no collector pause among them; core/latency.py.)
+            with gc_paused(collect_first=True):
+                outcomes = await asyncio.gather(*(self._miner(ref, round_) for ref in refs))
             report = RoundReport(round_, started_ns, time.monotonic() - t0, tuple(outcomes))
             for outcome in report.miners:
                 for v in outcome.verdicts:
