@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -290,25 +290,17 @@ async def test_a_refused_callers_rpc_line_names_it(
     """The RPC summary line of a call refused PERMISSION_DENIED names the caller (its signature
     held: it is who it says), so an operator can enrol it or find it; UNAUTHENTICATED ones, whose
     claim proved nothing, name none."""
+    from log_support import record_log
+
     from horde_services.core import server
 
-    lines: list[dict[str, Any]] = []
-
-    class Log:
-        def warning(self, event: str, **fields: Any) -> None:
-            if event == "rpc":
-                lines.append(fields)
-
-        def __getattr__(self, _level: str) -> Any:
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(server, "log", Log())
+    logged = record_log(monkeypatch, server, ("warning",))
     with pytest.raises(grpc.aio.AioRpcError):
         await served.stub(callers.stranger).GetManifest(miner_pb2.GetManifestRequest())
     with pytest.raises(grpc.aio.AioRpcError):
         md = _bad_signature(served, callers)
         await served.stub().GetManifest(miner_pb2.GetManifestRequest(), metadata=md)
-    denied, unauthenticated = lines
+    denied, unauthenticated = [fields for _, event, fields in logged if event == "rpc"]
     assert (denied["code"], denied["caller"]) == (
         "PERMISSION_DENIED",
         str(callers.stranger.identity),

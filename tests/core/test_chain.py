@@ -58,20 +58,13 @@ def test_a_miner_without_an_endpoint_is_warned_of(
 ) -> None:
     """A roster miner with no endpoint is sent no job ("no miner offers an executor of class"):
     loading the roster says which, and what it lacks."""
+    from log_support import record_log
+
     from horde_services.core import chain
 
-    warnings: list[tuple[str, dict[str, Any]]] = []
-
-    class Log:
-        def warning(self, event: str, **fields: Any) -> None:
-            warnings.append((event, fields))
-
-        def __getattr__(self, _level: str) -> Any:
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(chain, "log", Log())
+    warnings = record_log(monkeypatch, chain, ("warning",))
     LocalRoster(roster_path).reload()
-    ((event, fields),) = warnings
+    ((_, event, fields),) = warnings
     assert event == "roster.miners_without_endpoint"
     assert fields["uids"] == [2]  # the ed25519 miner; the validator (uid 0) needs none
     assert "endpoint" in fields["hint"]

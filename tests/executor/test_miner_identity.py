@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
+from log_support import record_log
 
 from horde_services.core.chain import write_roster
 from horde_services.core.config import ExecutorSettings, MinerSettings
@@ -33,20 +33,12 @@ async def test_a_wrong_miner_identity_is_named(
     )
     wrong = str(HotkeySigner.generate().identity)
     named = asyncio.Event()
-    errors: list[tuple[str, dict[str, Any]]] = []
-
-    class Log:
-        """The agent's logger: its errors recorded, the rest dropped."""
-
-        def error(self, event: str, **fields: Any) -> None:
-            errors.append((event, fields))
-            if event == "miner_identity_mismatch":
-                named.set()
-
-        def __getattr__(self, _level: str) -> Any:
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(agent, "log", Log())
+    errors = record_log(
+        monkeypatch,
+        agent,
+        ("error",),
+        on=lambda event, _: named.set() if event == "miner_identity_mismatch" else None,
+    )
     try:
         executor, _ = await start_executor(
             ExecutorSettings(
@@ -65,6 +57,6 @@ async def test_a_wrong_miner_identity_is_named(
             await executor.stop(0)
     finally:
         await miner.stop(0)
-    (event, *_) = [fields for name, fields in errors if name == "miner_identity_mismatch"]
+    (event, *_) = [fields for _, name, fields in errors if name == "miner_identity_mismatch"]
     assert (event["miner_identity"], event["answering"]) == (wrong, str(miner_key.identity))
     assert event["miner"] == f"127.0.0.1:{miner.port}"

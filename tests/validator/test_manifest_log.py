@@ -4,9 +4,9 @@ executors asks about twice a second: the validator logged each)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
+from log_support import record_log
 
 from horde_services.core.chain import LocalRoster, write_roster
 from horde_services.core.identity import HotkeySigner
@@ -17,16 +17,7 @@ from horde_services.validator.miners import MinerDirectory, MinerRef
 async def test_an_unreachable_miner_is_logged_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lines: list[tuple[str, dict[str, Any]]] = []
-
-    class Log:
-        def info(self, event: str, **fields: Any) -> None:
-            lines.append((event, fields))
-
-        def __getattr__(self, _level: str) -> Any:
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(miners, "log", Log())
+    lines = record_log(monkeypatch, miners, ("info",))
     roster = LocalRoster(write_roster(tmp_path / "roster.toml", []))
     directory = MinerDirectory(HotkeySigner.generate(), roster, {})
     gone = MinerRef(str(HotkeySigner.generate().identity), "127.0.0.1:1")  # nobody there
@@ -36,5 +27,5 @@ async def test_an_unreachable_miner_is_logged_once(
             assert manifest is None and error.startswith("UNAVAILABLE: ")
     finally:
         await directory.close()
-    assert [event for event, _ in lines] == ["manifest_unavailable"]
-    assert lines[0][1]["miner"] == gone.identity
+    assert [event for _, event, _ in lines] == ["manifest_unavailable"]
+    assert lines[0][2]["miner"] == gone.identity
