@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from horde_services.core.errors import ConfigError
+from horde_services.core.server import HealthCheck
 
 metadata = sa.MetaData(
     naming_convention={
@@ -429,11 +430,16 @@ async def watch_database(
     NOT_SERVING (reason "database"), so a load balancer or an operator's probe sees it before
     the callers' UNAVAILABLE errors do; SERVING again once a check passes. Logged once each way
     (`database_unreachable`, `database_reachable_again`)."""
-    log = structlog.get_logger(f"horde.{service}")
+    health = HealthCheck(
+        set_serving,
+        "database",
+        structlog.get_logger(f"horde.{service}"),
+        lost="database_unreachable",
+        back="database_reachable_again",
+    )
     # A connection of its own each time (no pool): a service whose pooled connections are all
     # busy is loaded, not cut off from its database, and must not read as NOT_SERVING.
     probe = create_async_engine(engine.url, poolclass=sa.pool.NullPool)
-    up = True
     try:
         while True:
             await asyncio.sleep(PROBE_INTERVAL_S)
@@ -441,19 +447,13 @@ async def watch_database(
                 async with asyncio.timeout(PROBE_TIMEOUT_S):
                     async with probe.connect() as conn:
                         await conn.execute(sa.text("SELECT 1"))
-                problem = ""
+                problem = None
             except Exception as exc:  # whatever it is, the database did not answer
                 problem = (
                     f"no answer in {PROBE_TIMEOUT_S:g}s"
                     if isinstance(exc, TimeoutError)
                     else _first_line(getattr(exc, "orig", None) or exc)
                 )
-            if up and problem:
-                log.error("database_unreachable", error=problem, health="NOT_SERVING")
-            elif not up and not problem:
-                log.info("database_reachable_again", health="SERVING")
-            if up == bool(problem):
-                up = not problem
-                await set_serving(up, "database")
+            await health.report(problem)
     finally:
         await probe.dispose()

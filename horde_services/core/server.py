@@ -257,6 +257,30 @@ class RunningServer:
         await self.server.stop(grace)
 
 
+@dataclass
+class HealthCheck:
+    """One reason for NOT_SERVING that a periodic check sets and clears (a database that does
+    not answer, a validator that refuses): `report` each check's problem (None: it passed);
+    health follows, and each change is logged once (`lost` as an error, `back` as info)."""
+
+    set_serving: Callable[[bool, str], Awaitable[None]]
+    reason: str
+    log: Any
+    lost: str
+    back: str
+    up: bool = True
+
+    async def report(self, problem: str | None) -> None:
+        if (problem is None) == self.up:
+            return
+        self.up = problem is None
+        if problem is None:
+            self.log.info(self.back, health="SERVING")
+        else:
+            self.log.error(self.lost, error=problem, health="NOT_SERVING")
+        await self.set_serving(self.up, self.reason)
+
+
 def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
     if not tls.enabled:
         return None

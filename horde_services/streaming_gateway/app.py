@@ -24,6 +24,7 @@ from horde_services.core.proto_util import parse_cursor
 from horde_services.core.proxy_wire import ProxyLink
 from horde_services.core.runtime import load_signer, open_chain, parse_identities
 from horde_services.core.server import (
+    HealthCheck,
     RunningServer,
     ServiceRegistration,
     create_server,
@@ -59,7 +60,9 @@ async def watch_validator(
     the validator (GetJob of no job: NOT_FOUND is the healthy answer). A validator that refuses
     this gateway (validator_identity is another's, or it does not enrol the gateway) or cannot
     be reached turns health NOT_SERVING until a check passes, each change logged once."""
-    up = True
+    health = HealthCheck(
+        server.set_serving, "validator", log, "validator_unusable", "validator_usable_again"
+    )
     while True:
         try:
             await validator.GetJob(validator_pb2.GetJobRequest(job_uuid=_NO_JOB), timeout=10)
@@ -70,13 +73,7 @@ async def watch_validator(
                 if exc.code() is grpc.StatusCode.NOT_FOUND
                 else validator_refuses_gateway(exc) or f"{exc.code().name}: {exc.details()}"
             )
-        if problem is not None and up:
-            log.error("validator_unusable", why=problem, health="NOT_SERVING")
-        elif problem is None and not up:
-            log.info("validator_usable_again", health="SERVING")
-        if up != (problem is None):
-            up = problem is None
-            await server.set_serving(up, "validator")
+        await health.report(problem)
         await asyncio.sleep(VALIDATOR_PROBE_INTERVAL_S)
 
 
@@ -109,7 +106,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._storing = storing
         if storing:
             log.info("receipts_stored_again")
-        if self.server is not None and not self._draining:
+        if self.server is not None:  # (a drain's own reason keeps it NOT_SERVING)
             task = asyncio.ensure_future(self.server.set_serving(storing, "receipt_store"))
             self._health_tasks.add(task)
             task.add_done_callback(self._health_tasks.discard)
